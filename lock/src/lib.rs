@@ -1,0 +1,1 @@
+//! Redis ownership lock.

@@ -1,0 +1,109 @@
+//! In-memory [`DocumentStore`]: for tests, benchmarks and `--database-url memory://`.
+//! It keeps the same epoch and log semantics as the SQL backends.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::{Append, AppendOutcome, DocumentStore, Epoch, LogSeq, StoreError, StoredDocument};
+
+#[derive(Debug, Default)]
+struct Row {
+    epoch: Epoch,
+    snapshot: Option<Vec<u8>>,
+    log: Vec<(LogSeq, Vec<u8>)>,
+    compacted_upto: LogSeq,
+}
+
+/// A process-local store. Contents vanish with the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    // std Mutex: every critical section is short and never awaits.
+    inner: Mutex<(HashMap<String, Row>, LogSeq)>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Row>, &mut LogSeq) -> T) -> T {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (rows, seq) = &mut *guard;
+        f(rows, seq)
+    }
+}
+
+#[async_trait]
+impl DocumentStore for MemoryStore {
+    async fn acquire_epoch(&self, name: &str) -> Result<Epoch, StoreError> {
+        Ok(self.with(|rows, _| {
+            let row = rows.entry(name.to_owned()).or_default();
+            row.epoch += 1;
+            row.epoch
+        }))
+    }
+
+    async fn current_epoch(&self, name: &str) -> Result<Option<Epoch>, StoreError> {
+        Ok(self.with(|rows, _| rows.get(name).map(|r| r.epoch)))
+    }
+
+    async fn load(&self, name: &str) -> Result<StoredDocument, StoreError> {
+        Ok(self.with(|rows, _| match rows.get(name) {
+            None => StoredDocument::default(),
+            Some(row) => StoredDocument {
+                snapshot: row.snapshot.clone(),
+                updates: row.log.iter().map(|(_, u)| u.clone()).collect(),
+                last_seq: row.log.last().map_or(row.compacted_upto, |(s, _)| *s),
+            },
+        }))
+    }
+
+    async fn append(&self, batch: &[Append]) -> Result<Vec<AppendOutcome>, StoreError> {
+        Ok(self.with(|rows, seq| {
+            batch
+                .iter()
+                .map(|item| {
+                    let row = rows.entry(item.name.clone()).or_default();
+                    if row.epoch != item.epoch {
+                        return AppendOutcome::Fenced { current: row.epoch };
+                    }
+                    for u in &item.updates {
+                        *seq += 1;
+                        row.log.push((*seq, u.to_vec()));
+                    }
+                    AppendOutcome::Committed(row.log.last().map_or(row.compacted_upto, |l| l.0))
+                })
+                .collect()
+        }))
+    }
+
+    async fn compact(
+        &self,
+        name: &str,
+        epoch: Epoch,
+        state: &[u8],
+        upto: LogSeq,
+    ) -> Result<(), StoreError> {
+        self.with(|rows, _| {
+            let row = rows.entry(name.to_owned()).or_default();
+            if row.epoch != epoch {
+                return Err(StoreError::Fenced { current: row.epoch, mine: epoch });
+            }
+            row.snapshot = Some(state.to_vec());
+            row.log.retain(|(s, _)| *s > upto);
+            row.compacted_upto = row.compacted_upto.max(upto);
+            Ok(())
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+}
