@@ -1,2 +1,28 @@
-//! Hearth.
+//! Hearth: a Hocuspocus-compatible Yjs collaboration server.
+//!
+//! Layout (see ARCHITECTURE.md):
+//! * [`protocol`] — wire formats, sans-IO.
+//! * [`connection`] — one task per WebSocket (Hocuspocus and y-websocket).
+//! * [`doc`] — one task per document, the registry, group commit, direct connections.
+//! * [`storage`] — the storage trait and its backends.
+//! * [`hooks`] — the extension API.
+//! * [`server`], [`http`], [`config`], [`metrics`], [`auth`].
+
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod doc;
+pub mod hooks;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod request;
+pub mod server;
+mod shared;
 pub mod storage;
+mod test_extension;
+
+pub use config::Config;
+pub use doc::direct::DirectConnection;
+pub use hooks::{Context, Extension, HookError, HookResult};
+pub use server::{Server, ServerError, ServerHandle};

@@ -1,1 +1,86 @@
-fn main() {}
+//! The `hearth` binary: parse configuration, set up logging, serve until SIGTERM/SIGINT, shut
+//! down gracefully, exit 0. Errors at start-up exit with status 64 (configuration) or 1.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use hearth::config::{Cli, Command, Config, LogFormat};
+use hearth::{Server, ServerHandle};
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (Some(Command::Serve) | None) = cli.command;
+    let config = match Config::from_settings(cli.settings) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hearth: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hearth: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearth: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let ready_file = config.ready_file.clone();
+    let server = Server::builder(config)
+        .bind()
+        .await
+        .context("starting the server")?;
+    let addr = server.local_addr();
+    if !ready_file.as_os_str().is_empty() {
+        let tmp = ready_file.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|()| std::fs::rename(&tmp, &ready_file))
+            .with_context(|| format!("writing {}", ready_file.display()))?;
+    }
+    tokio::spawn(on_signal(server.handle()));
+    server.run().await?;
+    Ok(())
+}
+
+async fn on_signal(handle: ServerHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; graceful shutdown only via the API");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    handle.shutdown();
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -90,7 +90,10 @@ impl DocumentStore for MemoryStore {
         self.with(|rows, _| {
             let row = rows.entry(name.to_owned()).or_default();
             if row.epoch != epoch {
-                return Err(StoreError::Fenced { current: row.epoch, mine: epoch });
+                return Err(StoreError::Fenced {
+                    current: row.epoch,
+                    mine: epoch,
+                });
             }
             row.snapshot = Some(state.to_vec());
             row.log.retain(|(s, _)| *s > upto);

@@ -1,0 +1,369 @@
+//! Configuration: CLI flags, `HEARTH_*` environment variables and an optional TOML file.
+//!
+//! Precedence: flag > environment variable > TOML file (`--config`) > default. [`Cli`] only
+//! parses; [`Config::from_cli`] merges and validates into the plain [`Config`] the server uses,
+//! so tests build a `Config` literally. Every setting is listed in `docs/configuration.md`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+/// When a client's update is acknowledged (`SyncStatus(1)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After the database transaction containing the update committed (default).
+    #[default]
+    Durable,
+    /// As soon as the update is applied in memory (Hocuspocus behaviour); stored debounced.
+    Memory,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `hearth` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hearth",
+    version,
+    about = "A Hocuspocus-compatible Yjs collaboration server"
+)]
+pub struct Cli {
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server settings (global: also accepted after a subcommand).
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+}
+
+macro_rules! settings {
+    ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr, env = $env:literal ;)*) => {
+        /// Every setting, as parsed from flags and environment (all optional).
+        #[derive(Debug, Clone, Default, Args)]
+        pub struct Settings {
+            /// Read settings from this TOML file (keys are the long flag names with `_`).
+            #[arg(long, env = "HEARTH_CONFIG", global = true)]
+            pub config: Option<PathBuf>,
+            $( $(#[$doc])* #[arg(long, env = $env, global = true)] pub $name: Option<$ty>, )*
+            /// Enable the built-in test behaviours used by the interop suite (not for production).
+            #[arg(long, hide = true, global = true)]
+            pub test_extension: bool,
+        }
+
+        /// The TOML file's shape (same keys, all optional).
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FileSettings {
+            $( $name: Option<$ty>, )*
+        }
+
+        /// Validated configuration.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( $(#[$doc])* pub $name: $ty, )*
+            /// Built-in test behaviours (interop suite only).
+            pub test_extension: bool,
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Self { $( $name: $default, )* test_extension: false }
+            }
+        }
+
+        impl Config {
+            fn merge(cli: Settings, file: FileSettings) -> Self {
+                let d = Config::default();
+                Self {
+                    $( $name: cli.$name.or(file.$name).unwrap_or(d.$name), )*
+                    test_extension: cli.test_extension,
+                }
+            }
+
+            /// `(flag, env, default)` for every setting, for docs and `--help` checks.
+            pub fn reference() -> Vec<(&'static str, &'static str, String)> {
+                let d = Config::default();
+                vec![ $( (stringify!($name), $env, format!("{:?}", d.$name)), )* ]
+            }
+        }
+    };
+}
+
+settings! {
+    /// Address and port to listen on.
+    listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 1234)), env = "HEARTH_LISTEN";
+    /// This node's id (logs, metrics, cluster ownership). Default: host name.
+    node_id: String = default_node_id(), env = "HEARTH_NODE_ID";
+    /// Storage: `sqlite://PATH`, `postgres://…` or `memory://` (nothing persisted).
+    database_url: String = "sqlite://hearth.db".into(), env = "HEARTH_DATABASE_URL";
+    /// Static token table `token=scope,…` (scope: read-write | read-only | deny; `*` = any other
+    /// token). Unset: every client is read-write.
+    auth_tokens: String = String::new(), env = "HEARTH_AUTH_TOKENS";
+    /// Write the bound `ip:port` to this file once listening (for scripts and tests).
+    ready_file: PathBuf = PathBuf::new(), env = "HEARTH_READY_FILE";
+    /// When updates are acknowledged: `durable` (after commit) or `memory` (on apply).
+    durability: Durability = Durability::Durable, env = "HEARTH_DURABILITY";
+    /// Group-commit window for durable appends, in milliseconds.
+    commit_interval_ms: u64 = 2, env = "HEARTH_COMMIT_INTERVAL_MS";
+    /// Compaction debounce after the last change, in milliseconds.
+    debounce_ms: u64 = 2000, env = "HEARTH_DEBOUNCE_MS";
+    /// Longest time changes wait for compaction, in milliseconds.
+    max_debounce_ms: u64 = 10000, env = "HEARTH_MAX_DEBOUNCE_MS";
+    /// Keep an unused document loaded this long before storing and unloading it (ms).
+    unload_delay_ms: u64 = 0, env = "HEARTH_UNLOAD_DELAY_MS";
+    /// Close a socket (4408) after this long without any inbound frame (ms).
+    idle_timeout_ms: u64 = 60000, env = "HEARTH_IDLE_TIMEOUT_MS";
+    /// Close a socket (4408) that authenticated no document within this time (ms).
+    auth_timeout_ms: u64 = 60000, env = "HEARTH_AUTH_TIMEOUT_MS";
+    /// Send a WebSocket ping frame this often (ms; 0 = never); capped at a third of
+    /// `idle_timeout_ms` so answering clients never time out.
+    ping_interval_ms: u64 = 30000, env = "HEARTH_PING_INTERVAL_MS";
+    /// Send the v4 application Ping (`09`) to v4 providers this often (ms; 0 = never).
+    app_ping_interval_ms: u64 = 0, env = "HEARTH_APP_PING_INTERVAL_MS";
+    /// Largest accepted WebSocket message (bytes); larger closes the socket with 1009.
+    max_message_bytes: usize = 8 << 20, env = "HEARTH_MAX_MESSAGE_BYTES";
+    /// Largest awareness state of one client (bytes).
+    max_awareness_state_bytes: usize = 64 << 10, env = "HEARTH_MAX_AWARENESS_STATE_BYTES";
+    /// Bytes queued for unauthenticated addresses per socket before closing it (4205).
+    preauth_max_bytes: usize = 5 << 20, env = "HEARTH_PREAUTH_MAX_BYTES";
+    /// Frames queued for unauthenticated addresses per socket before closing it (4205).
+    preauth_max_messages: usize = 1000, env = "HEARTH_PREAUTH_MAX_MESSAGES";
+    /// Addresses pending authentication per socket before closing it (4205).
+    preauth_max_documents: usize = 100, env = "HEARTH_PREAUTH_MAX_DOCUMENTS";
+    /// Bytes queued towards one client before it is disconnected as a slow reader.
+    outbound_queue_bytes: usize = 16 << 20, env = "HEARTH_OUTBOUND_QUEUE_BYTES";
+    /// Remove awareness states not renewed within this time (ms).
+    awareness_timeout_ms: u64 = 30000, env = "HEARTH_AWARENESS_TIMEOUT_MS";
+    /// Longest accepted document name (bytes).
+    max_document_name_bytes: usize = 1024, env = "HEARTH_MAX_DOCUMENT_NAME_BYTES";
+    /// How long a graceful shutdown may take before the process exits anyway (ms).
+    shutdown_timeout_ms: u64 = 10000, env = "HEARTH_SHUTDOWN_TIMEOUT_MS";
+    /// Log format: `text` or `json` (level via `RUST_LOG`, default info).
+    log_format: LogFormat = LogFormat::Text, env = "HEARTH_LOG_FORMAT";
+}
+
+/// A configuration problem found at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML file is malformed or has unknown keys.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid setting {name}: {message}")]
+    Invalid {
+        /// Setting name.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "hearth".into())
+}
+
+impl Config {
+    /// Merges flags/env with the optional TOML file and validates.
+    pub fn from_settings(settings: Settings) -> Result<Self, ConfigError> {
+        let file = match &settings.config {
+            None => FileSettings::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+        };
+        let config = Self::merge(settings, file);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A configuration for tests: loopback port 0, in-memory storage, short timers.
+    pub fn for_tests() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            node_id: "test".into(),
+            database_url: "memory://".into(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks ranges and cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |name, message: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                message: message.into(),
+            })
+        };
+        if self.max_debounce_ms < self.debounce_ms {
+            return invalid("max_debounce_ms", "must be >= debounce_ms");
+        }
+        if self.max_message_bytes < 1024 {
+            return invalid("max_message_bytes", "must be at least 1024");
+        }
+        if self.outbound_queue_bytes < self.max_message_bytes {
+            return invalid("outbound_queue_bytes", "must be >= max_message_bytes");
+        }
+        if self.idle_timeout_ms == 0 || self.auth_timeout_ms == 0 {
+            return invalid("idle_timeout_ms", "timeouts must be > 0");
+        }
+        if self.node_id.is_empty()
+            || !self
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return invalid("node_id", "use ASCII letters, digits, '-', '_' or '.'");
+        }
+        if !(self.database_url.starts_with("sqlite:")
+            || self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://")
+            || self.database_url.starts_with("memory:"))
+        {
+            return invalid(
+                "database_url",
+                "expected sqlite://PATH, postgres://… or memory://",
+            );
+        }
+        crate::auth::TokenTable::parse(&self.auth_tokens).map_err(|message| {
+            ConfigError::Invalid {
+                name: "auth_tokens",
+                message,
+            }
+        })?;
+        Ok(())
+    }
+
+    /// How often sockets are pinged: `ping_interval_ms`, but at least three times per idle
+    /// timeout, so a client that answers pings is never closed as idle. `None` = never.
+    pub fn effective_ping_interval(&self) -> Option<Duration> {
+        (self.ping_interval_ms > 0).then(|| {
+            Duration::from_millis(self.ping_interval_ms.min(self.idle_timeout_ms / 3).max(10))
+        })
+    }
+
+    /// `debounce_ms` as a duration.
+    pub fn debounce(&self) -> Duration {
+        Duration::from_millis(self.debounce_ms)
+    }
+    /// `max_debounce_ms` as a duration.
+    pub fn max_debounce(&self) -> Duration {
+        Duration::from_millis(self.max_debounce_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_and_precedence() {
+        let d = Config::default();
+        assert_eq!(d.listen.port(), 1234);
+        assert_eq!(d.database_url, "sqlite://hearth.db");
+        let dir = std::env::temp_dir().join(format!("hearth-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("h.toml");
+        std::fs::write(
+            &file,
+            "debounce_ms = 500\nmax_debounce_ms = 900\nlisten = \"127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:7",
+        ])
+        .unwrap();
+        let c = Config::from_settings(cli.settings).unwrap();
+        assert_eq!(c.listen.port(), 7, "flag beats file");
+        assert_eq!(c.debounce_ms, 500, "file beats default");
+        std::fs::write(&file, "no_such_key = 1\n").unwrap();
+        let cli = Cli::try_parse_from(["hearth", "--config", file.to_str().unwrap()]).unwrap();
+        assert!(matches!(
+            Config::from_settings(cli.settings),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn serve_subcommand_takes_the_same_flags() {
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--durability",
+            "memory",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve)));
+        let c = Config::from_settings(cli.settings).unwrap();
+        assert_eq!(c.durability, Durability::Memory);
+    }
+
+    #[test]
+    fn validation_rejects_bad_values() {
+        let c = Config {
+            max_debounce_ms: 1,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            auth_tokens: "a=superuser".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            database_url: "mysql://x".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,644 @@
+//! The Hocuspocus socket task: per-address authentication state machine (protocol.md §5),
+//! multiplexing (§7), keepalive and limits (§10, §11).
+//!
+//! State per address: **Pending** (frames queue, in order, until the first Auth frame has been
+//! through `on_connect` → `on_authenticate` → load → attach, which runs in its own task so other
+//! addresses on the socket keep flowing) → **Established** (frames go to the document task).
+//! A rejection answers `PermissionDenied` and forgets the address, so a later Auth is evaluated
+//! afresh; the socket stays open.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::outbox::{Outbox, Outgoing, outbox};
+use super::{Ws, close, write_batch};
+use crate::doc::{Attach, ConnId, DocCommand, DocHandle, Framing, WeakDocHandle, next_conn_id};
+use crate::hooks::{
+    AuthPayload, ConnectionOps, ConnectionRef, Context, DocumentPayload, MessagePayload,
+};
+use crate::protocol::lib0::DecodeError;
+use crate::protocol::message::{
+    ClientFrame, ClientMessage, PING_FRAME, ServerMessage, decode_client_frame, kind, split_address,
+};
+use crate::request::RequestInfo;
+use crate::shared::Shared;
+
+struct Pending {
+    queue: Vec<(Bytes, u64, Result<ClientMessage, DecodeError>)>,
+    bytes: usize,
+    establishing: bool,
+}
+
+struct Established {
+    doc: DocHandle,
+    conn: ConnId,
+    name: Arc<str>,
+    context: Arc<Context>,
+}
+
+enum Addr {
+    Pending(Pending),
+    Established(Established),
+}
+
+struct AuthDone {
+    address: String,
+    result: Result<Established, String>,
+}
+
+/// Hook-facing handle of one document connection.
+#[derive(Debug)]
+struct ConnHandle {
+    outbox: Outbox,
+    address: Arc<str>,
+    doc: WeakDocHandle,
+    conn: ConnId,
+    read_only: bool,
+}
+
+impl ConnectionOps for ConnHandle {
+    fn send_stateless(&self, payload: &str) {
+        self.outbox
+            .send(ServerMessage::Stateless(payload).frame(Some(&self.address)));
+    }
+    fn close(&self, reason: &str) {
+        if let Some(doc) = self.doc.upgrade() {
+            doc.send_detached(DocCommand::Detach {
+                conn: self.conn,
+                reply: Some(reason.to_owned()),
+            });
+        }
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+struct Socket {
+    shared: Arc<Shared>,
+    id: Arc<str>,
+    request: Arc<RequestInfo>,
+    outbox: Outbox,
+    addrs: HashMap<String, Addr>,
+    pending_bytes: usize,
+    pending_frames: usize,
+    authenticated_once: bool,
+    provider_v4: bool,
+    opened: Instant,
+    last_inbound: Instant,
+    auth_tx: mpsc::UnboundedSender<AuthDone>,
+}
+
+/// Why the socket task ends.
+enum End {
+    /// The client went away (or the transport failed).
+    Gone,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// Runs one Hocuspocus socket until it closes.
+pub(crate) async fn serve(shared: Arc<Shared>, ws: Ws, request: Arc<RequestInfo>) {
+    let id: Arc<str> = Arc::from(uuid::Uuid::now_v7().to_string());
+    let span = info_span!("socket", socket = %id, node = %shared.config.node_id);
+    run(shared, ws, request, id).instrument(span).await;
+}
+
+async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc<str>) {
+    shared.metrics.sockets.inc();
+    let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
+    let overflow = out_rx.overflow_signal();
+    let (auth_tx, mut auth_rx) = mpsc::unbounded_channel();
+    let now = Instant::now();
+    let mut s = Socket {
+        shared: shared.clone(),
+        id,
+        request,
+        outbox,
+        addrs: HashMap::new(),
+        pending_bytes: 0,
+        pending_frames: 0,
+        authenticated_once: false,
+        provider_v4: false,
+        opened: now,
+        last_inbound: now,
+        auth_tx,
+    };
+    let cfg = &shared.config;
+    let ping_every = cfg.effective_ping_interval();
+    let app_ping_every =
+        (cfg.app_ping_interval_ms > 0).then(|| Duration::from_millis(cfg.app_ping_interval_ms));
+    let tick_every =
+        Duration::from_millis((cfg.idle_timeout_ms.min(cfg.auth_timeout_ms) / 4).clamp(50, 1000));
+    let mut tick = tokio::time::interval(tick_every);
+    let mut next_ping = ping_every.map(|d| now + d);
+    let mut next_app_ping = app_ping_every.map(|d| now + d);
+    debug!(path = %s.request.path, remote = ?s.request.remote_addr, "socket open");
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => {
+                for (address, addr) in s.addrs.drain() {
+                    if let Addr::Established(e) = addr {
+                        s.outbox.send(ServerMessage::Close("Reset Connection").frame(Some(&address)));
+                        e.doc.send_detached(DocCommand::Detach { conn: e.conn, reply: None });
+                    }
+                }
+                while let Some(msg) = out_rx.try_recv() {
+                    if let Err(e) = write_batch(&mut ws, msg, &mut out_rx).await {
+                        debug!(error = %e, "write failed during shutdown");
+                        break;
+                    }
+                }
+                break End::Close(4205, "Reset Connection");
+            }
+            _ = overflow.wait() => {
+                warn!(queued = out_rx.queued_bytes(), "slow reader: outbound queue full, disconnecting");
+                shared.metrics.slow_readers.inc();
+                break End::Close(1013, "Slow Reader");
+            }
+            msg = out_rx.recv() => {
+                let Some(msg) = msg else { break End::Gone };
+                match write_batch(&mut ws, msg, &mut out_rx).await {
+                    Err(e) => { debug!(error = %e, "write failed"); break End::Gone; }
+                    Ok(controls) => {
+                        if let Some(end) = s.on_controls(controls) { break end; }
+                    }
+                }
+            }
+            Some(done) = auth_rx.recv() => {
+                if let Some(end) = s.on_auth_done(done).await { break end; }
+            }
+            inbound = ws.next() => {
+                let end = match inbound {
+                    None => Some(End::Gone),
+                    Some(Err(tungstenite::Error::Capacity(e))) => {
+                        info!(error = %e, "message too big");
+                        Some(End::Close(1009, "Message Too Big"))
+                    }
+                    Some(Err(e)) => { debug!(error = %e, "read failed"); Some(End::Gone) }
+                    Some(Ok(msg)) => {
+                        s.last_inbound = Instant::now();
+                        match msg {
+                            Message::Binary(bytes) => s.on_frame(bytes).await,
+                            Message::Text(_) => {
+                                info!("text frame refused");
+                                Some(End::Close(1003, "Unsupported Data"))
+                            }
+                            Message::Close(_) => Some(End::Gone),
+                            _ => None, // ping (auto-ponged) / pong: liveness only
+                        }
+                    }
+                };
+                if let Some(end) = end { break end; }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if !s.authenticated_once && now.duration_since(s.opened) >= Duration::from_millis(cfg.auth_timeout_ms) {
+                    info!("no document authenticated before the deadline");
+                    break End::Close(4408, "Connection Timeout");
+                }
+                if now.duration_since(s.last_inbound) >= Duration::from_millis(cfg.idle_timeout_ms) {
+                    info!("idle timeout");
+                    for (address, addr) in s.addrs.drain() {
+                        if let Addr::Established(e) = addr {
+                            s.outbox.send(ServerMessage::Close("Connection Timeout").frame(Some(&address)));
+                            e.doc.send_detached(DocCommand::Detach { conn: e.conn, reply: None });
+                        }
+                    }
+                    while let Some(msg) = out_rx.try_recv() {
+                        if write_batch(&mut ws, msg, &mut out_rx).await.is_err() { break; }
+                    }
+                    break End::Close(4408, "Connection Timeout");
+                }
+                if let (Some(at), Some(every)) = (next_ping, ping_every) && now >= at {
+                    next_ping = Some(now + every);
+                    if futures_util::SinkExt::send(&mut ws, Message::Ping(Bytes::new())).await.is_err() { break End::Gone; }
+                }
+                if let (Some(at), Some(every)) = (next_app_ping, app_ping_every) && now >= at {
+                    next_app_ping = Some(now + every);
+                    if s.provider_v4 {
+                        s.outbox.send(Bytes::from_static(&[PING_FRAME]));
+                    }
+                }
+            }
+        }
+    };
+
+    for (_, addr) in s.addrs.drain() {
+        if let Addr::Established(e) = addr {
+            e.doc.send_detached(DocCommand::Detach {
+                conn: e.conn,
+                reply: None,
+            });
+        }
+    }
+    shared.metrics.sockets.dec();
+    if let End::Close(code, reason) = end {
+        shared
+            .metrics
+            .closes
+            .with_label_values(&[&code.to_string()])
+            .inc();
+        debug!(code, reason, "closing socket");
+        close(ws, code, reason).await;
+    } else {
+        debug!("socket gone");
+    }
+}
+
+impl Socket {
+    fn on_controls(&mut self, controls: Vec<Outgoing>) -> Option<End> {
+        for c in controls {
+            match c {
+                Outgoing::DocClosed { address, conn } => {
+                    if matches!(self.addrs.get(&*address), Some(Addr::Established(e)) if e.conn == conn)
+                    {
+                        self.addrs.remove(&*address);
+                    }
+                }
+                Outgoing::CloseSocket { code, reason } => return Some(End::Close(code, reason)),
+                Outgoing::Frame(_) => {}
+            }
+        }
+        None
+    }
+
+    async fn on_frame(&mut self, bytes: Bytes) -> Option<End> {
+        self.shared.metrics.bytes_in.inc_by(bytes.len() as u64);
+        let parsed = match decode_client_frame(bytes.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                info!(error = %e, "unparsable frame");
+                return Some(End::Close(4401, "Unauthorized"));
+            }
+        };
+        let ClientFrame::Addressed {
+            address,
+            kind,
+            body,
+        } = parsed
+        else {
+            return None;
+        };
+        self.shared
+            .metrics
+            .frames_in
+            .with_label_values(&[kind_label(kind)])
+            .inc();
+        match self.addrs.get_mut(&address) {
+            Some(Addr::Established(_)) => self.on_established(&address, bytes, body).await,
+            Some(Addr::Pending(_)) => self.on_pending(address, bytes, kind, body),
+            None => {
+                let pending_docs = self
+                    .addrs
+                    .values()
+                    .filter(|a| matches!(a, Addr::Pending(_)))
+                    .count();
+                if pending_docs >= self.shared.config.preauth_max_documents {
+                    info!(pending_docs, "too many documents pending authentication");
+                    return Some(End::Close(4205, "Reset Connection"));
+                }
+                self.addrs.insert(
+                    address.clone(),
+                    Addr::Pending(Pending {
+                        queue: Vec::new(),
+                        bytes: 0,
+                        establishing: false,
+                    }),
+                );
+                self.on_pending(address, bytes, kind, body)
+            }
+        }
+    }
+
+    fn on_pending(
+        &mut self,
+        address: String,
+        raw: Bytes,
+        kind: u64,
+        body: Result<ClientMessage, DecodeError>,
+    ) -> Option<End> {
+        let Some(Addr::Pending(p)) = self.addrs.get_mut(&address) else {
+            return None;
+        };
+        if kind == kind::AUTH && !p.establishing {
+            let (token, version) = match body {
+                Ok(ClientMessage::Auth { token, version }) => (token, version),
+                _ => {
+                    info!("undecodable auth frame");
+                    return Some(End::Close(4205, "Reset Connection"));
+                }
+            };
+            p.establishing = true;
+            if version
+                .as_deref()
+                .and_then(|v| v.split('.').next())
+                .and_then(|m| m.parse::<u32>().ok())
+                .is_some_and(|m| m >= 4)
+            {
+                self.provider_v4 = true;
+            }
+            let task = authenticate(
+                self.shared.clone(),
+                self.id.clone(),
+                self.request.clone(),
+                self.outbox.clone(),
+                address.clone(),
+                token,
+                version,
+            );
+            let tx = self.auth_tx.clone();
+            tokio::spawn(
+                async move {
+                    let result = task.await;
+                    let _ = tx.send(AuthDone { address, result });
+                }
+                .in_current_span(),
+            );
+            return None;
+        }
+        p.bytes += raw.len();
+        p.queue.push((raw.clone(), kind, body));
+        self.pending_bytes += raw.len();
+        self.pending_frames += 1;
+        let cfg = &self.shared.config;
+        if self.pending_bytes > cfg.preauth_max_bytes
+            || self.pending_frames > cfg.preauth_max_messages
+        {
+            info!(
+                bytes = self.pending_bytes,
+                frames = self.pending_frames,
+                "pre-auth queue limit"
+            );
+            return Some(End::Close(4205, "Reset Connection"));
+        }
+        None
+    }
+
+    async fn on_auth_done(&mut self, done: AuthDone) -> Option<End> {
+        let Some(Addr::Pending(p)) = self.addrs.remove(&done.address) else {
+            // the address vanished meanwhile (cannot happen while pending); undo an attach
+            if let Ok(e) = done.result {
+                e.doc.send_detached(DocCommand::Detach {
+                    conn: e.conn,
+                    reply: None,
+                });
+            }
+            return None;
+        };
+        self.pending_bytes -= p.bytes;
+        self.pending_frames -= p.queue.len();
+        match done.result {
+            Err(reason) => {
+                self.shared
+                    .metrics
+                    .auth
+                    .with_label_values(&["denied"])
+                    .inc();
+                debug!(address = %done.address, %reason, "permission denied");
+                self.outbox
+                    .send(ServerMessage::PermissionDenied(&reason).frame(Some(&done.address)));
+                None
+            }
+            Ok(established) => {
+                self.shared.metrics.auth.with_label_values(&["ok"]).inc();
+                self.authenticated_once = true;
+                let name = established.name.clone();
+                let context = established.context.clone();
+                self.addrs
+                    .insert(done.address.clone(), Addr::Established(established));
+                for (raw, _, body) in p.queue {
+                    if !matches!(self.addrs.get(&done.address), Some(Addr::Established(_))) {
+                        break; // closed by a hook or a CLOSE frame: the rest is dropped
+                    }
+                    if let Some(end) = self.on_established(&done.address, raw, body).await {
+                        return Some(end);
+                    }
+                }
+                let payload = DocumentPayload {
+                    document_name: &name,
+                    context: Some(&context),
+                };
+                if let Err(e) = self.shared.extensions.connected(&payload).await {
+                    // Reference quirk: a rejection from `connected` yields PermissionDenied.
+                    if let Some(Addr::Established(e2)) = self.addrs.remove(&done.address) {
+                        e2.doc.send_detached(DocCommand::Detach {
+                            conn: e2.conn,
+                            reply: None,
+                        });
+                    }
+                    self.outbox.send(
+                        ServerMessage::PermissionDenied(reason_or(&e.reason, "permission-denied"))
+                            .frame(Some(&done.address)),
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    async fn on_established(
+        &mut self,
+        address: &str,
+        raw: Bytes,
+        body: Result<ClientMessage, DecodeError>,
+    ) -> Option<End> {
+        let Some(Addr::Established(e)) = self.addrs.get(address) else {
+            return None;
+        };
+        let (doc, conn) = (e.doc.clone(), e.conn);
+        if !self.shared.extensions.is_empty() {
+            let payload = MessagePayload {
+                document_name: &e.name,
+                frame: &raw,
+                context: &e.context,
+                socket_id: &self.id,
+            };
+            if let Err(err) = self.shared.extensions.before_handle_message(&payload).await {
+                self.close_doc(address, reason_or(&err.reason, "Reset Connection"))
+                    .await;
+                return None;
+            }
+        }
+        let msg = match body {
+            Ok(m) => m,
+            Err(err) => {
+                debug!(address, error = %err, "undecodable frame body");
+                self.close_doc(address, "Reset Connection").await;
+                return None;
+            }
+        };
+        let delivered = match msg {
+            ClientMessage::Sync(msg) => doc.send(DocCommand::Sync { conn, msg }).await,
+            ClientMessage::Awareness(update) => {
+                doc.send(DocCommand::Awareness { conn, update }).await
+            }
+            ClientMessage::QueryAwareness => doc.send(DocCommand::QueryAwareness { conn }).await,
+            ClientMessage::Auth { .. } => {
+                debug!(
+                    address,
+                    "token refresh on an established connection (ignored)"
+                );
+                true
+            }
+            ClientMessage::Stateless(payload) => {
+                doc.send(DocCommand::Stateless { conn, payload }).await
+            }
+            ClientMessage::BroadcastStateless => {
+                info!(
+                    address,
+                    "client sent BroadcastStateless; resetting the document connection"
+                );
+                self.close_doc(address, "Reset Connection").await;
+                true
+            }
+            ClientMessage::Close => {
+                self.addrs.remove(address);
+                doc.send(DocCommand::Detach {
+                    conn,
+                    reply: Some("provider_initiated".into()),
+                })
+                .await
+            }
+            ClientMessage::Ignored(_) => true,
+        };
+        if !delivered {
+            // the document task is gone (fenced, poisoned): reset so the client resyncs
+            self.addrs.remove(address);
+            return Some(End::Close(4205, "Reset Connection"));
+        }
+        None
+    }
+
+    /// Server-side close of one document connection: forget the route now, the document
+    /// task answers `CLOSE(reason)`.
+    async fn close_doc(&mut self, address: &str, reason: &str) {
+        if let Some(Addr::Established(e)) = self.addrs.remove(address) {
+            e.doc
+                .send(DocCommand::Detach {
+                    conn: e.conn,
+                    reply: Some(reason.to_owned()),
+                })
+                .await;
+        }
+    }
+}
+
+fn reason_or<'a>(reason: &'a str, default: &'a str) -> &'a str {
+    if reason.is_empty() { default } else { reason }
+}
+
+fn kind_label(kind: u64) -> &'static str {
+    match kind {
+        0 => "sync",
+        1 => "awareness",
+        2 => "auth",
+        3 => "query_awareness",
+        4 => "sync_reply",
+        5 => "stateless",
+        6 => "broadcast_stateless",
+        7 => "close",
+        _ => "other",
+    }
+}
+
+/// Checks a document name: not empty or blank, no control characters, within the size limit.
+pub(crate) fn valid_document_name(name: &str, max: usize) -> bool {
+    !name.trim().is_empty() && name.len() <= max && !name.chars().any(char::is_control)
+}
+
+/// Auth for one address: hooks, `Authenticated`, load, attach.
+async fn authenticate(
+    shared: Arc<Shared>,
+    socket_id: Arc<str>,
+    request: Arc<RequestInfo>,
+    outbox: Outbox,
+    address: String,
+    token: String,
+    version: Option<String>,
+) -> Result<Established, String> {
+    let (name, _session) = split_address(&address);
+    let mut payload = AuthPayload {
+        document_name: name,
+        token: &token,
+        provider_version: version.as_deref(),
+        request: &request,
+        socket_id: &socket_id,
+        read_only: false,
+        context: Context::new(),
+    };
+    let ext = &shared.extensions;
+    if let Err(e) = ext.on_connect(&mut payload).await {
+        return Err(reason_or(&e.reason, "Forbidden").to_owned());
+    }
+    if let Err(e) = ext.on_authenticate(&mut payload).await {
+        return Err(reason_or(&e.reason, "Forbidden").to_owned());
+    }
+    let read_only = payload.read_only;
+    let context = Arc::new(payload.context);
+    outbox.send(ServerMessage::Authenticated { read_only }.frame(Some(&address)));
+    if !valid_document_name(name, shared.config.max_document_name_bytes) {
+        shared
+            .metrics
+            .auth
+            .with_label_values(&["load_failed"])
+            .inc();
+        return Err("permission-denied".into());
+    }
+    let address: Arc<str> = Arc::from(address.as_str());
+    for _ in 0..10 {
+        let doc = match shared.registry.open(&shared, name, &context).await {
+            Ok(d) => d,
+            Err(e) => {
+                shared
+                    .metrics
+                    .auth
+                    .with_label_values(&["load_failed"])
+                    .inc();
+                return Err(e.reason);
+            }
+        };
+        let conn = next_conn_id();
+        let (tx, rx) = oneshot::channel();
+        let conn_ref = ConnectionRef {
+            inner: Arc::new(ConnHandle {
+                outbox: outbox.clone(),
+                address: address.clone(),
+                doc: doc.downgrade(),
+                conn,
+                read_only,
+            }),
+        };
+        let attach = Attach {
+            conn,
+            outbox: outbox.clone(),
+            framing: Framing::Hocuspocus(address.clone()),
+            read_only,
+            context: context.clone(),
+            socket_id: socket_id.clone(),
+            conn_ref: Some(conn_ref),
+        };
+        if !doc.send(DocCommand::Attach(attach, tx)).await {
+            continue;
+        }
+        if let Ok(Ok(())) = rx.await {
+            return Ok(Established {
+                doc,
+                conn,
+                name: Arc::from(name),
+                context,
+            });
+        }
+    }
+    Err("permission-denied".into())
+}

@@ -1,0 +1,183 @@
+//! The plain y-websocket protocol on `/y/<document>` (protocol.md §14): the document name is the
+//! raw path after the prefix (not percent-decoded), the server opens with its step1, no
+//! SyncStatus, no address prefix. Auth: the `token` query parameter goes through the same
+//! `on_connect`/`on_authenticate` hooks; a rejection sends `02 00 reason` and closes with 4403
+//! (y-websocket ≥ 3.1 then stops reconnecting).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::{Instrument, debug, info, info_span};
+
+use super::hocuspocus::valid_document_name;
+use super::outbox::{Outgoing, outbox};
+use super::{Ws, close, write_batch};
+use crate::doc::{Attach, DocCommand, Framing, next_conn_id};
+use crate::hooks::{AuthPayload, Context};
+use crate::protocol::message::{ServerMessage, YwsMessage, decode_yws_frame};
+use crate::request::RequestInfo;
+use crate::shared::Shared;
+
+/// Runs one y-websocket connection for document `name`.
+pub(crate) async fn serve(shared: Arc<Shared>, ws: Ws, request: Arc<RequestInfo>, name: String) {
+    let id: Arc<str> = Arc::from(uuid::Uuid::now_v7().to_string());
+    let span = info_span!("yws", socket = %id, doc = %name, node = %shared.config.node_id);
+    run(shared, ws, request, name, id).instrument(span).await;
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    mut ws: Ws,
+    request: Arc<RequestInfo>,
+    name: String,
+    id: Arc<str>,
+) {
+    let token = request
+        .query_pairs()
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    let mut payload = AuthPayload {
+        document_name: &name,
+        token: &token,
+        provider_version: None,
+        request: &request,
+        socket_id: &id,
+        read_only: false,
+        context: Context::new(),
+    };
+    let mut denied = shared.extensions.on_connect(&mut payload).await.err();
+    if denied.is_none() {
+        denied = shared.extensions.on_authenticate(&mut payload).await.err();
+    }
+    if let Some(e) = denied {
+        shared.metrics.auth.with_label_values(&["denied"]).inc();
+        let reason = if e.reason.is_empty() {
+            "permission denied".to_owned()
+        } else {
+            e.reason
+        };
+        let _ = futures_util::SinkExt::send(
+            &mut ws,
+            Message::Binary(ServerMessage::YwsPermissionDenied(&reason).frame(None)),
+        )
+        .await;
+        close(ws, 4403, "Forbidden").await;
+        return;
+    }
+    if !valid_document_name(&name, shared.config.max_document_name_bytes) {
+        close(ws, 4400, "Bad Document Name").await;
+        return;
+    }
+    let read_only = payload.read_only;
+    let context = Arc::new(payload.context);
+    let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
+    let overflow = out_rx.overflow_signal();
+    let conn = next_conn_id();
+    let mut doc = None;
+    for _ in 0..10 {
+        let Ok(handle) = shared.registry.open(&shared, &name, &context).await else {
+            break;
+        };
+        let (tx, rx) = oneshot::channel();
+        let attach = Attach {
+            conn,
+            outbox: outbox.clone(),
+            framing: Framing::YWebsocket,
+            read_only,
+            context: context.clone(),
+            socket_id: id.clone(),
+            conn_ref: None,
+        };
+        if handle.send(DocCommand::Attach(attach, tx)).await && matches!(rx.await, Ok(Ok(()))) {
+            doc = Some(handle);
+            break;
+        }
+    }
+    let Some(doc) = doc else {
+        shared
+            .metrics
+            .auth
+            .with_label_values(&["load_failed"])
+            .inc();
+        close(ws, 1011, "Load Failed").await;
+        return;
+    };
+    shared.metrics.auth.with_label_values(&["ok"]).inc();
+    shared.metrics.sockets.inc();
+    let cfg = &shared.config;
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let ping_every = cfg.effective_ping_interval();
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        (cfg.idle_timeout_ms / 4).clamp(50, 1000),
+    ));
+    let mut last_inbound = Instant::now();
+    let mut next_ping = ping_every.map(|d| Instant::now() + d);
+    let end: Option<(u16, &'static str)> = loop {
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => break Some((1012, "Service Restart")),
+            _ = overflow.wait() => {
+                shared.metrics.slow_readers.inc();
+                break Some((1013, "Slow Reader"));
+            }
+            msg = out_rx.recv() => {
+                let Some(msg) = msg else { break None };
+                match write_batch(&mut ws, msg, &mut out_rx).await {
+                    Err(_) => break None,
+                    Ok(controls) => {
+                        if let Some(Outgoing::CloseSocket { code, reason }) = controls.into_iter().find(|c| matches!(c, Outgoing::CloseSocket { .. })) {
+                            break Some((code, reason));
+                        }
+                    }
+                }
+            }
+            inbound = ws.next() => match inbound {
+                None => break None,
+                Some(Err(tungstenite::Error::Capacity(_))) => break Some((1009, "Message Too Big")),
+                Some(Err(_)) => break None,
+                Some(Ok(Message::Binary(bytes))) => {
+                    last_inbound = Instant::now();
+                    shared.metrics.bytes_in.inc_by(bytes.len() as u64);
+                    match decode_yws_frame(bytes) {
+                        Ok(YwsMessage::Sync(msg)) => { doc.send(DocCommand::Sync { conn, msg }).await; }
+                        Ok(YwsMessage::Awareness(update)) => { doc.send(DocCommand::Awareness { conn, update }).await; }
+                        Ok(YwsMessage::QueryAwareness) => { doc.send(DocCommand::QueryAwareness { conn }).await; }
+                        Ok(YwsMessage::Ignored(_)) => {}
+                        Err(e) => debug!(error = %e, "undecodable y-websocket frame (ignored)"),
+                    }
+                }
+                Some(Ok(Message::Close(_))) => break None,
+                Some(Ok(Message::Text(_))) => break Some((1003, "Unsupported Data")),
+                Some(Ok(_)) => last_inbound = Instant::now(),
+            },
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if now.duration_since(last_inbound) >= idle {
+                    info!("idle timeout");
+                    break Some((4408, "Connection Timeout"));
+                }
+                if let (Some(at), Some(every)) = (next_ping, ping_every) && now >= at {
+                    next_ping = Some(now + every);
+                    if futures_util::SinkExt::send(&mut ws, Message::Ping(Bytes::new())).await.is_err() { break None; }
+                }
+            }
+        }
+    };
+    doc.send_detached(DocCommand::Detach { conn, reply: None });
+    shared.metrics.sockets.dec();
+    if let Some((code, reason)) = end {
+        shared
+            .metrics
+            .closes
+            .with_label_values(&[&code.to_string()])
+            .inc();
+        close(ws, code, reason).await;
+    }
+}

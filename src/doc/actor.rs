@@ -1,0 +1,994 @@
+//! The document task: the only code that touches a document's `yrs::Doc` and awareness.
+//!
+//! Data path of one client update: the socket task sends [`DocCommand::Sync`] → the actor
+//! decodes it with the round-trip guard, applies it inside `catch_unwind`, collects the update
+//! the transaction produced (update observer), broadcasts it to every connection (sender
+//! included), queues the sender's `SyncStatus(1)` tagged with the update's log sequence number,
+//! and hands the update to the node's group committer (durable mode). When the commit lands,
+//! every acknowledgement whose sequence number is committed is released, in order per
+//! connection. In memory mode the acknowledgement is released at once and the document is
+//! stored by debounced compaction only.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, error, warn};
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, ReadTxn, StateVector, Transact};
+
+use super::committer::{AppendJob, CommitResult};
+use super::{
+    Attach, ConnId, DocCommand, DocHandle, Framing, TransactError, Unloading, WeakDocHandle,
+};
+use crate::config::Durability;
+use crate::connection::outbox::{Outbox, Outgoing};
+use crate::hooks::{
+    AwarenessPayload, ChangePayload, ConnectionRef, Context, DisconnectPayload, DocumentPayload,
+    StatelessPayload, StorePayload,
+};
+use crate::protocol::awareness::{self, Awareness, Change};
+use crate::protocol::message::{ServerMessage, SyncMessage, frame};
+use crate::protocol::update::{contains_update, decode_guarded, decode_state_vector};
+use crate::shared::Shared;
+use crate::storage::{AppendOutcome, Epoch, LogSeq, StoreError};
+
+const AWARENESS_TICK: Duration = Duration::from_secs(3);
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+struct Conn {
+    outbox: Outbox,
+    framing: Framing,
+    read_only: bool,
+    context: Arc<Context>,
+    socket_id: Arc<str>,
+    conn_ref: Option<ConnectionRef>,
+    awareness_ids: Vec<u64>,
+    /// Acknowledgements waiting for their update's commit: (required lsn, frame, applied at).
+    acks: VecDeque<(u64, Bytes, Instant)>,
+}
+
+/// What a loaded document starts with.
+pub(crate) struct Loaded {
+    pub doc: Doc,
+    pub epoch: Epoch,
+    pub db_seq: LogSeq,
+    pub log_len: usize,
+    /// True when `on_load_document` hooks changed the stored state (compact soon).
+    pub dirty: bool,
+}
+
+enum Exit {
+    Unloaded,
+    Poisoned,
+    Fenced,
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The document task's state.
+pub(crate) struct Actor {
+    name: Arc<str>,
+    shared: Arc<Shared>,
+    doc: Doc,
+    changes: Arc<Mutex<Vec<Vec<u8>>>>,
+    awareness: Awareness,
+    conns: HashMap<ConnId, Conn>,
+    direct: usize,
+    epoch: Epoch,
+    durable: bool,
+    // persistence
+    lsn: u64,
+    committed_lsn: u64,
+    unsent: Vec<(u64, Bytes)>,
+    inflight: Option<(u64, Vec<(u64, Bytes)>)>,
+    db_seq: LogSeq,
+    log_len: usize,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    dirty_since: Option<Instant>,
+    last_change: Instant,
+    last_context: Option<Arc<Context>>,
+    idle_since: Option<Instant>,
+    next_awareness_tick: Instant,
+    internal_tx: mpsc::UnboundedSender<CommitResult>,
+    internal_rx: mpsc::UnboundedReceiver<CommitResult>,
+    me: WeakDocHandle,
+}
+
+impl Actor {
+    /// Starts the task for a loaded document and returns its handle.
+    pub(crate) fn spawn(name: Arc<str>, shared: Arc<Shared>, loaded: Loaded) -> DocHandle {
+        let (tx, rx) = mpsc::channel(1024);
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let sink = changes.clone();
+        let observed = loaded.doc.observe_update_v1("hearth", move |_, e| {
+            sink.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(e.update.clone());
+        });
+        if let Err(e) = observed {
+            error!(doc = %name, error = %e, "cannot observe document updates");
+        }
+        let now = Instant::now();
+        let handle = DocHandle {
+            name: name.clone(),
+            tx,
+        };
+        let actor = Actor {
+            me: handle.downgrade(),
+            name: name.clone(),
+            durable: shared.config.durability == Durability::Durable,
+            shared,
+            doc: loaded.doc,
+            changes,
+            awareness: Awareness::new(),
+            conns: HashMap::new(),
+            direct: 0,
+            epoch: loaded.epoch,
+            lsn: 0,
+            committed_lsn: 0,
+            unsent: Vec::new(),
+            inflight: None,
+            db_seq: loaded.db_seq,
+            log_len: loaded.log_len,
+            retry_at: None,
+            backoff: RETRY_MIN,
+            dirty_since: loaded.dirty.then_some(now),
+            last_change: now,
+            last_context: None,
+            idle_since: Some(now),
+            next_awareness_tick: now + AWARENESS_TICK,
+            internal_tx,
+            internal_rx,
+        };
+        tokio::spawn(actor.run(rx));
+        handle
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<DocCommand>) {
+        self.shared.metrics.documents.inc();
+        debug!(doc = %self.name, epoch = self.epoch, "document task started");
+        let exit = loop {
+            let deadline = self.next_deadline();
+            let step = tokio::select! {
+                biased;
+                Some(result) = self.internal_rx.recv() => self.on_commit_result(result),
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd).await,
+                    None => Some(Exit::Unloaded),
+                },
+                _ = sleep_until(deadline) => self.on_timer(&rx).await,
+            };
+            if let Some(exit) = step {
+                break exit;
+            }
+        };
+        self.finish(exit, rx).await;
+    }
+
+    async fn finish(mut self, exit: Exit, mut rx: mpsc::Receiver<DocCommand>) {
+        // From here on nobody new can reach us: the registry entry is gone or marked unloading.
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            match cmd {
+                DocCommand::Attach(_, reply) | DocCommand::DirectOpen(reply) => {
+                    let _ = reply.send(Err(Unloading));
+                }
+                DocCommand::Transact { done, .. } => {
+                    let _ = done.send(Err(TransactError::Closed));
+                }
+                DocCommand::Flush(done) => {
+                    let _ = done.send(Ok(()));
+                }
+                DocCommand::DirectClose(done) => {
+                    let _ = done.send(());
+                }
+                DocCommand::Shutdown(done) => {
+                    let _ = done.send(());
+                }
+                _ => {}
+            }
+        }
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in conns {
+            if let Some(c) = self.conns.remove(&id) {
+                self.shared.metrics.pending_acks.sub(c.acks.len() as i64);
+                self.shared.metrics.doc_connections.dec();
+            }
+        }
+        if self.dirty_since.is_some() || !self.unsent.is_empty() || self.inflight.is_some() {
+            self.shared.metrics.dirty_documents.dec();
+        }
+        self.shared.registry.remove(&self.name);
+        self.shared.metrics.documents.dec();
+        let payload = DocumentPayload {
+            document_name: &self.name,
+            context: None,
+        };
+        if matches!(exit, Exit::Unloaded | Exit::Shutdown(_))
+            && let Err(e) = self.shared.extensions.after_unload_document(&payload).await
+        {
+            warn!(doc = %self.name, reason = %e, "after_unload_document failed");
+        }
+        debug!(doc = %self.name, "document task stopped");
+        if let Exit::Shutdown(done) = exit {
+            let _ = done.send(());
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut d = far;
+        if !self.awareness.is_empty() {
+            d = d.min(self.next_awareness_tick);
+        }
+        if let Some(since) = self.dirty_since {
+            d = d.min(
+                (self.last_change + self.shared.config.debounce())
+                    .min(since + self.shared.config.max_debounce()),
+            );
+        }
+        if let Some(idle) = self.idle_since {
+            d = d.min(idle + Duration::from_millis(self.shared.config.unload_delay_ms));
+        }
+        if let Some(r) = self.retry_at {
+            d = d.min(r);
+        }
+        d
+    }
+
+    async fn handle(&mut self, cmd: DocCommand) -> Option<Exit> {
+        match cmd {
+            DocCommand::Attach(a, reply) => {
+                self.attach(a);
+                let _ = reply.send(Ok(()));
+            }
+            DocCommand::Sync { conn, msg } => return self.on_sync(conn, msg).await,
+            DocCommand::Awareness { conn, update } => self.on_awareness(conn, update).await,
+            DocCommand::Stateless { conn, payload } => self.on_stateless(conn, payload).await,
+            DocCommand::QueryAwareness { conn } => {
+                if let Some(bytes) = self.awareness.encode_all() {
+                    self.send_to(conn, ServerMessage::Awareness(&bytes));
+                }
+            }
+            DocCommand::Detach { conn, reply } => self.detach(conn, reply).await,
+            DocCommand::BroadcastStateless(payload) => {
+                self.broadcast(&ServerMessage::Stateless(&payload).encode_body(), None);
+            }
+            DocCommand::CloseConnections(reason) => {
+                let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+                for id in ids {
+                    self.detach(id, Some(reason.clone())).await;
+                }
+            }
+            DocCommand::DirectOpen(reply) => {
+                self.direct += 1;
+                self.idle_since = None;
+                let _ = reply.send(Ok(()));
+            }
+            DocCommand::DirectClose(done) => {
+                self.direct = self.direct.saturating_sub(1);
+                let stored = self.flush().await;
+                let _ = done.send(());
+                if let Err(e) = stored {
+                    warn!(doc = %self.name, error = %e, "store after direct connection failed");
+                    if e.is_fenced() {
+                        return Some(self.fence());
+                    }
+                }
+                let payload = DisconnectPayload {
+                    document_name: &self.name,
+                    context: &Context::new(),
+                    socket_id: "server",
+                    clients_count: self.clients_count(),
+                };
+                let _ = self.shared.extensions.on_disconnect(&payload).await;
+                if self.clients_count() == 0 {
+                    // unloadImmediately: unload now rather than after the delay
+                    self.idle_since = Some(
+                        Instant::now() - Duration::from_millis(self.shared.config.unload_delay_ms),
+                    );
+                }
+            }
+            DocCommand::Transact { f, context, done } => {
+                let result = catch_unwind(AssertUnwindSafe(|| f(&self.doc)));
+                if result.is_err() {
+                    let _ = done.send(Err(TransactError::Panicked));
+                    return Some(self.poison("direct transaction panicked"));
+                }
+                self.changes_applied(None, Some(context)).await;
+                let _ = done.send(Ok(()));
+            }
+            DocCommand::Flush(done) => {
+                let r = self.flush().await;
+                let fenced = matches!(&r, Err(e) if e.is_fenced());
+                let _ = done.send(r);
+                if fenced {
+                    return Some(self.fence());
+                }
+            }
+            DocCommand::Shutdown(done) => {
+                let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+                for id in ids {
+                    self.detach(id, Some("Reset Connection".into())).await;
+                }
+                if let Err(e) = self.flush().await {
+                    error!(doc = %self.name, error = %e, "final store at shutdown failed");
+                }
+                return Some(Exit::Shutdown(done));
+            }
+        }
+        None
+    }
+
+    fn attach(&mut self, a: Attach) {
+        let yws = matches!(a.framing, Framing::YWebsocket);
+        let conn = Conn {
+            outbox: a.outbox,
+            framing: a.framing,
+            read_only: a.read_only,
+            context: a.context,
+            socket_id: a.socket_id,
+            conn_ref: a.conn_ref,
+            awareness_ids: Vec::new(),
+            acks: VecDeque::new(),
+        };
+        if yws {
+            // y-websocket: the server opens with its step1
+            let sv = self.doc.transact().state_vector().encode_v1();
+            conn.outbox.send(ServerMessage::SyncStep1(&sv).frame(None));
+        }
+        if let Some(bytes) = self.awareness.encode_all() {
+            conn.outbox
+                .send(ServerMessage::Awareness(&bytes).frame(conn.framing.address()));
+        }
+        self.conns.insert(a.conn, conn);
+        self.shared.metrics.doc_connections.inc();
+        self.idle_since = None;
+    }
+
+    fn clients_count(&self) -> usize {
+        self.conns.len() + self.direct
+    }
+
+    async fn detach(&mut self, id: ConnId, reply: Option<String>) {
+        let Some(conn) = self.conns.remove(&id) else {
+            return;
+        };
+        self.shared.metrics.doc_connections.dec();
+        self.shared.metrics.pending_acks.sub(conn.acks.len() as i64);
+        if let (Some(reason), Framing::Hocuspocus(address)) = (&reply, &conn.framing) {
+            conn.outbox
+                .send(ServerMessage::Close(reason).frame(Some(address)));
+            if reason != "provider_initiated" {
+                conn.outbox.control(Outgoing::DocClosed {
+                    address: address.clone(),
+                    conn: id,
+                });
+            }
+        }
+        let change = self
+            .awareness
+            .remove(conn.awareness_ids.iter().copied(), Instant::now());
+        if !change.is_empty() {
+            self.broadcast_awareness(&change, None).await;
+        }
+        let payload = DisconnectPayload {
+            document_name: &self.name,
+            context: &conn.context,
+            socket_id: &conn.socket_id,
+            clients_count: self.clients_count(),
+        };
+        if let Err(e) = self.shared.extensions.on_disconnect(&payload).await {
+            debug!(doc = %self.name, reason = %e, "on_disconnect rejected");
+        }
+        if self.clients_count() == 0 {
+            self.idle_since = Some(Instant::now());
+        }
+    }
+
+    async fn on_sync(&mut self, id: ConnId, msg: SyncMessage) -> Option<Exit> {
+        let conn = self.conns.get(&id)?;
+        let address = conn.framing.address().map(|a| a.to_owned());
+        let yws = address.is_none();
+        match msg {
+            SyncMessage::Step1(sv) => {
+                let sv = match decode_state_vector(&sv) {
+                    Ok(sv) => sv,
+                    Err(e) => {
+                        debug!(doc = %self.name, conn = id, error = %e, "invalid state vector");
+                        self.shared
+                            .metrics
+                            .updates_rejected
+                            .with_label_values(&["invalid_state_vector"])
+                            .inc();
+                        return None;
+                    }
+                };
+                let encoded = catch_unwind(AssertUnwindSafe(|| {
+                    let txn = self.doc.transact();
+                    (
+                        txn.state_vector().encode_v1(),
+                        txn.encode_state_as_update_v1(&sv),
+                    )
+                }));
+                let Ok((server_sv, diff)) = encoded else {
+                    return Some(self.poison("encoding a sync step2 panicked"));
+                };
+                if !yws {
+                    self.send_to(id, ServerMessage::SyncStep1(&server_sv));
+                }
+                self.send_to(id, ServerMessage::SyncStep2(&diff));
+            }
+            SyncMessage::Step2(update) => return self.on_update(id, update, yws, true).await,
+            SyncMessage::Update(update) => return self.on_update(id, update, yws, false).await,
+        }
+        None
+    }
+
+    async fn on_update(
+        &mut self,
+        id: ConnId,
+        update: Bytes,
+        yws: bool,
+        step2: bool,
+    ) -> Option<Exit> {
+        let read_only = self.conns.get(&id).is_some_and(|c| c.read_only);
+        let decoded = decode_guarded(&update);
+        if read_only {
+            self.shared
+                .metrics
+                .updates_rejected
+                .with_label_values(&["read_only"])
+                .inc();
+            if !yws {
+                // A read-only step2 is acknowledged when the server already has all of it; a
+                // read-only update never is.
+                let contained = step2
+                    && decoded
+                        .as_ref()
+                        .is_ok_and(|u| contains_update(&self.doc.transact(), u));
+                self.queue_ack(id, contained, 0);
+            }
+            return None;
+        }
+        let update = match decoded {
+            Ok(u) => u,
+            Err(e) => {
+                warn!(doc = %self.name, conn = id, error = %e, "refused client update");
+                self.shared
+                    .metrics
+                    .updates_rejected
+                    .with_label_values(&["invalid"])
+                    .inc();
+                if !yws {
+                    self.queue_ack(id, false, 0);
+                }
+                return None;
+            }
+        };
+        let applied = catch_unwind(AssertUnwindSafe(|| {
+            let mut txn = self.doc.transact_mut();
+            txn.apply_update(update)
+        }));
+        match applied {
+            Err(_) => return Some(self.poison("applying a client update panicked")),
+            Ok(Err(e)) => {
+                warn!(doc = %self.name, conn = id, error = %e, "update failed to apply");
+                self.shared
+                    .metrics
+                    .updates_rejected
+                    .with_label_values(&["apply_failed"])
+                    .inc();
+                if !yws {
+                    self.queue_ack(id, false, 0);
+                }
+                return None;
+            }
+            Ok(Ok(())) => {}
+        }
+        let context = self.conns.get(&id).map(|c| c.context.clone());
+        self.changes_applied(Some(id), context).await;
+        if !yws {
+            // Exactly one SyncStatus per update, released once everything applied so far is
+            // committed (which includes this update, if it changed anything).
+            self.queue_ack(id, true, self.lsn);
+        }
+        None
+    }
+
+    /// Collects what the last transaction changed: log, broadcast, hooks.
+    async fn changes_applied(&mut self, origin: Option<ConnId>, context: Option<Arc<Context>>) {
+        let changes = std::mem::take(&mut *self.changes.lock().unwrap_or_else(|p| p.into_inner()));
+        if changes.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        if self.dirty_since.is_none() && self.unsent.is_empty() && self.inflight.is_none() {
+            self.shared.metrics.dirty_documents.inc();
+        }
+        self.dirty_since.get_or_insert(now);
+        self.last_change = now;
+        self.last_context = context.clone();
+        let socket_id = match origin {
+            Some(id) => self.conns.get(&id).map(|c| c.socket_id.clone()),
+            None => Some(Arc::from("server")),
+        };
+        for change in changes {
+            self.shared.metrics.updates_applied.inc();
+            self.lsn += 1;
+            let bytes = Bytes::from(change);
+            if self.durable {
+                self.unsent.push((self.lsn, bytes.clone()));
+            } else {
+                self.committed_lsn = self.lsn;
+            }
+            self.broadcast(&ServerMessage::SyncUpdate(&bytes).encode_body(), None);
+            let payload = ChangePayload {
+                document_name: &self.name,
+                update: &bytes,
+                context: context.as_deref(),
+                socket_id: socket_id.as_deref(),
+            };
+            if let Err(e) = self.shared.extensions.on_change(&payload).await {
+                debug!(doc = %self.name, reason = %e, "on_change rejected");
+            }
+        }
+        self.maybe_commit();
+    }
+
+    fn queue_ack(&mut self, id: ConnId, ok: bool, lsn: u64) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let frame = ServerMessage::SyncStatus(ok).frame(conn.framing.address());
+        conn.acks.push_back((lsn, frame, Instant::now()));
+        self.shared.metrics.pending_acks.inc();
+        self.release_acks_of(id);
+    }
+
+    fn release_acks_of(&mut self, id: ConnId) {
+        let committed = self.committed_lsn;
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        while conn
+            .acks
+            .front()
+            .is_some_and(|(lsn, _, _)| *lsn <= committed)
+        {
+            if let Some((_, frame, at)) = conn.acks.pop_front() {
+                self.shared.metrics.pending_acks.dec();
+                self.shared
+                    .metrics
+                    .ack_seconds
+                    .observe(at.elapsed().as_secs_f64());
+                conn.outbox.send(frame);
+            }
+        }
+    }
+
+    fn release_acks(&mut self) {
+        let ids: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.acks.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.release_acks_of(id);
+        }
+    }
+
+    fn maybe_commit(&mut self) {
+        if !self.durable || self.inflight.is_some() || self.unsent.is_empty() {
+            return;
+        }
+        if self.retry_at.is_some_and(|r| r > Instant::now()) {
+            return;
+        }
+        self.retry_at = None;
+        let batch = std::mem::take(&mut self.unsent);
+        let upto = batch.last().map_or(self.lsn, |(l, _)| *l);
+        let job = AppendJob {
+            name: self.name.to_string(),
+            epoch: self.epoch,
+            updates: batch.iter().map(|(_, b)| b.clone()).collect(),
+            lsn: upto,
+            reply: self.internal_tx.clone(),
+        };
+        self.inflight = Some((upto, batch));
+        self.shared.committer.submit(job);
+    }
+
+    fn on_commit_result(&mut self, result: CommitResult) -> Option<Exit> {
+        let (upto, batch) = self.inflight.take()?;
+        match result.outcome {
+            Ok(AppendOutcome::Committed(seq)) => {
+                self.committed_lsn = upto.max(self.committed_lsn);
+                self.db_seq = seq;
+                self.log_len += batch.len();
+                self.backoff = RETRY_MIN;
+                self.release_acks();
+                if self.unsent.is_empty() && self.dirty_since.is_none() {
+                    self.shared.metrics.dirty_documents.dec();
+                }
+                self.maybe_commit();
+                None
+            }
+            Ok(AppendOutcome::Fenced { current }) => {
+                warn!(doc = %self.name, epoch = self.epoch, current, "append fenced: another owner holds the document");
+                Some(self.fence())
+            }
+            Err(e) => {
+                // Keep everything, withhold the acks, retry with backoff.
+                warn!(doc = %self.name, error = %e, retry_in_ms = self.backoff.as_millis() as u64, "append failed; will retry");
+                let mut restored = batch;
+                restored.append(&mut self.unsent);
+                self.unsent = restored;
+                self.retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(RETRY_MAX);
+                None
+            }
+        }
+    }
+
+    /// Waits until every applied update is committed (durable), then compacts.
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        let deadline = Instant::now()
+            + Duration::from_millis(self.shared.config.shutdown_timeout_ms.max(1000));
+        while self.durable && (self.inflight.is_some() || !self.unsent.is_empty()) {
+            if Instant::now() >= deadline {
+                return Err(StoreError::Database(
+                    "timed out waiting for the commit of pending updates".into(),
+                ));
+            }
+            self.maybe_commit();
+            if self.inflight.is_none() {
+                if let Some(r) = self.retry_at {
+                    sleep_until(r.min(deadline)).await;
+                    self.retry_at = None;
+                }
+                continue;
+            }
+            let Ok(Some(result)) = tokio::time::timeout_at(deadline, self.internal_rx.recv()).await
+            else {
+                continue;
+            };
+            if let Some(Exit::Fenced) = self.on_commit_result(result) {
+                return Err(StoreError::Fenced {
+                    current: self.epoch + 1,
+                    mine: self.epoch,
+                });
+            }
+        }
+        if self.dirty_since.is_some() {
+            self.compact().await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Folds the log into a new snapshot (fenced), running the store hooks.
+    async fn compact(&mut self) -> Result<(), StoreError> {
+        let encoded = catch_unwind(AssertUnwindSafe(|| {
+            self.doc
+                .transact()
+                .encode_state_as_update_v1(&StateVector::default())
+        }));
+        let Ok(state) = encoded else {
+            self.shared.metrics.panics.inc();
+            return Err(StoreError::Corrupt("encoding the document panicked".into()));
+        };
+        let payload = StorePayload {
+            document_name: &self.name,
+            state: &state,
+            last_context: self.last_context.as_deref(),
+            clients_count: self.clients_count(),
+        };
+        if let Err(e) = self.shared.extensions.on_store_document(&payload).await {
+            self.shared.metrics.failed_writes.inc();
+            return Err(StoreError::Database(
+                format!("on_store_document rejected: {e}").into(),
+            ));
+        }
+        let started = Instant::now();
+        let result = self
+            .shared
+            .store
+            .compact(&self.name, self.epoch, &state, self.db_seq)
+            .await;
+        let m = &self.shared.metrics;
+        m.store_seconds
+            .with_label_values(&["compact"])
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(()) => {
+                m.store_ops.with_label_values(&["compact", "ok"]).inc();
+                m.storage_write_ok.set(1);
+                m.compaction_log_len.observe(self.log_len as f64);
+                self.log_len = 0;
+                if self.dirty_since.take().is_some()
+                    && self.unsent.is_empty()
+                    && self.inflight.is_none()
+                {
+                    m.dirty_documents.dec();
+                }
+                debug!(doc = %self.name, bytes = state.len(), "document stored");
+                if let Err(e) = self.shared.extensions.after_store_document(&payload).await {
+                    debug!(doc = %self.name, reason = %e, "after_store_document rejected");
+                }
+            }
+            Err(e) if e.is_fenced() => {
+                m.store_ops.with_label_values(&["compact", "fenced"]).inc();
+                m.fenced_writes.inc();
+            }
+            Err(_) => {
+                m.store_ops.with_label_values(&["compact", "error"]).inc();
+                m.write_outcome(false);
+            }
+        }
+        result
+    }
+
+    async fn on_timer(&mut self, rx: &mpsc::Receiver<DocCommand>) -> Option<Exit> {
+        let now = Instant::now();
+        if now >= self.next_awareness_tick {
+            self.next_awareness_tick = now + AWARENESS_TICK;
+            let timeout = Duration::from_millis(self.shared.config.awareness_timeout_ms);
+            let change = self.awareness.expire(now, timeout);
+            if !change.is_empty() {
+                self.broadcast_awareness(&change, None).await;
+            }
+            self.awareness.gc(now, timeout * 4);
+            self.reap_closed();
+        }
+        if self.retry_at.is_some_and(|r| r <= now) {
+            self.retry_at = None;
+            self.maybe_commit();
+        }
+        if let Some(since) = self.dirty_since
+            && (now >= self.last_change + self.shared.config.debounce()
+                || now >= since + self.shared.config.max_debounce())
+        {
+            match self.compact().await {
+                Ok(()) => {}
+                Err(e) if e.is_fenced() => return Some(self.fence()),
+                Err(e) => {
+                    warn!(doc = %self.name, error = %e, "compaction failed; will retry");
+                    self.last_change = now + self.backoff;
+                    self.backoff = (self.backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+        if let Some(idle) = self.idle_since
+            && now >= idle + Duration::from_millis(self.shared.config.unload_delay_ms)
+            && self.clients_count() == 0
+        {
+            return self.try_unload(rx).await;
+        }
+        None
+    }
+
+    /// Drops connections whose socket task is gone without a detach.
+    fn reap_closed(&mut self) {
+        let dead: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.outbox.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dead {
+            self.send_detached_self(id);
+        }
+    }
+
+    fn send_detached_self(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.remove(&id) {
+            self.shared.metrics.doc_connections.dec();
+            self.shared.metrics.pending_acks.sub(conn.acks.len() as i64);
+            let change = self
+                .awareness
+                .remove(conn.awareness_ids.iter().copied(), Instant::now());
+            if !change.is_empty() {
+                let bytes = self.awareness.encode(change.all());
+                self.broadcast(&ServerMessage::Awareness(&bytes).encode_body(), None);
+            }
+            if self.clients_count() == 0 {
+                self.idle_since = Some(Instant::now());
+            }
+        }
+    }
+
+    async fn try_unload(&mut self, rx: &mpsc::Receiver<DocCommand>) -> Option<Exit> {
+        if let Err(e) = self.flush().await {
+            if e.is_fenced() {
+                return Some(self.fence());
+            }
+            // Never unload with uncommitted changes: keep the document and retry later.
+            warn!(doc = %self.name, error = %e, "store before unload failed; keeping the document loaded");
+            self.idle_since = Some(Instant::now() + self.backoff);
+            self.backoff = (self.backoff * 2).min(RETRY_MAX);
+            return None;
+        }
+        let payload = DocumentPayload {
+            document_name: &self.name,
+            context: None,
+        };
+        if let Err(e) = self
+            .shared
+            .extensions
+            .before_unload_document(&payload)
+            .await
+        {
+            debug!(doc = %self.name, reason = %e, "before_unload_document cancelled the unload");
+            self.idle_since = None;
+            return None;
+        }
+        // Commands that arrived meanwhile (a new attach) cancel the unload.
+        if !rx.is_empty() || self.clients_count() > 0 {
+            self.idle_since = None;
+            return None;
+        }
+        if !self.shared.registry.begin_unload(&self.name) {
+            return None;
+        }
+        debug!(doc = %self.name, "unloading");
+        Some(Exit::Unloaded)
+    }
+
+    fn fence(&mut self) -> Exit {
+        self.shared.metrics.fenced_writes.inc();
+        warn!(doc = %self.name, epoch = self.epoch, "ownership lost (fenced): dropping the document without storing");
+        self.reset_clients();
+        Exit::Fenced
+    }
+
+    fn poison(&mut self, what: &str) -> Exit {
+        self.shared.metrics.panics.inc();
+        error!(doc = %self.name, "{what}; dropping in-memory state, clients will reload from storage");
+        self.reset_clients();
+        Exit::Poisoned
+    }
+
+    /// Closes the sockets of every client so they reconnect and resync (after a fence or poison).
+    fn reset_clients(&mut self) {
+        for conn in self.conns.values() {
+            if let Framing::Hocuspocus(address) = &conn.framing {
+                conn.outbox
+                    .send(ServerMessage::Close("Reset Connection").frame(Some(address)));
+            }
+            conn.outbox.control(Outgoing::CloseSocket {
+                code: 4205,
+                reason: "Reset Connection",
+            });
+        }
+    }
+
+    async fn on_stateless(&mut self, id: ConnId, payload: String) {
+        let Some(conn) = self.conns.get(&id) else {
+            return;
+        };
+        let (Some(connection), Some(me)) = (conn.conn_ref.clone(), self.me.upgrade()) else {
+            return;
+        };
+        let context = conn.context.clone();
+        let document = me.as_ref_for_hooks();
+        let p = StatelessPayload {
+            document_name: &self.name,
+            payload: &payload,
+            connection: &connection,
+            document: &document,
+            context: &context,
+        };
+        if let Err(e) = self.shared.extensions.on_stateless(&p).await {
+            debug!(doc = %self.name, conn = id, reason = %e, "on_stateless rejected");
+        }
+    }
+
+    async fn on_awareness(&mut self, id: ConnId, update: Bytes) {
+        let max = self.shared.config.max_awareness_state_bytes;
+        let entries = match awareness::decode_update(update, max) {
+            Ok(e) => e,
+            Err(e) => {
+                debug!(doc = %self.name, conn = id, error = %e, "refused awareness update");
+                return;
+            }
+        };
+        // A connection may only speak for client ids it introduced or that nobody owns.
+        let entries: Vec<_> = entries
+            .into_iter()
+            .filter(|e| {
+                !self
+                    .conns
+                    .iter()
+                    .any(|(other, c)| *other != id && c.awareness_ids.contains(&e.client))
+            })
+            .collect();
+        let change = self.awareness.apply(entries, Instant::now());
+        if change.is_empty() {
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(&id) {
+            for c in change.added.iter().chain(&change.updated) {
+                if !conn.awareness_ids.contains(c) {
+                    conn.awareness_ids.push(*c);
+                }
+            }
+            conn.awareness_ids.retain(|c| !change.removed.contains(c));
+        }
+        let context = self.conns.get(&id).map(|c| c.context.clone());
+        self.broadcast_awareness(&change, context).await;
+    }
+
+    async fn broadcast_awareness(&mut self, change: &Change, context: Option<Arc<Context>>) {
+        let bytes = self.awareness.encode(change.all());
+        self.broadcast(&ServerMessage::Awareness(&bytes).encode_body(), None);
+        let payload = AwarenessPayload {
+            document_name: &self.name,
+            added: &change.added,
+            updated: &change.updated,
+            removed: &change.removed,
+            context: context.as_deref(),
+        };
+        if let Err(e) = self.shared.extensions.on_awareness_update(&payload).await {
+            debug!(doc = %self.name, reason = %e, "on_awareness_update rejected");
+        }
+    }
+
+    fn send_to(&mut self, id: ConnId, msg: ServerMessage<'_>) {
+        if let Some(conn) = self.conns.get(&id) {
+            if !conn.outbox.send(msg.frame(conn.framing.address())) {
+                self.send_detached_self(id);
+            } else {
+                self.shared.metrics.frames_out.inc();
+            }
+        }
+    }
+
+    /// Sends `body` to every connection (framed per address, each distinct frame built once).
+    fn broadcast(&mut self, body: &[u8], except: Option<ConnId>) {
+        let mut cache: Vec<(Option<Arc<str>>, Bytes)> = Vec::with_capacity(2);
+        let mut dead = Vec::new();
+        for (id, conn) in &self.conns {
+            if Some(*id) == except {
+                continue;
+            }
+            let key = match &conn.framing {
+                Framing::Hocuspocus(a) => Some(a.clone()),
+                Framing::YWebsocket => None,
+            };
+            let framed = match cache.iter().find(|(k, _)| k.as_deref() == key.as_deref()) {
+                Some((_, f)) => f.clone(),
+                None => {
+                    let f = frame(key.as_deref(), body);
+                    cache.push((key, f.clone()));
+                    f
+                }
+            };
+            if conn.outbox.send(framed) {
+                self.shared.metrics.frames_out.inc();
+            } else {
+                dead.push(*id);
+            }
+        }
+        for id in dead {
+            self.send_detached_self(id);
+        }
+    }
+}
+
+impl std::fmt::Debug for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Actor")
+            .field("name", &self.name)
+            .field("conns", &self.conns.len())
+            .finish()
+    }
+}

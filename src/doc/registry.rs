@@ -1,0 +1,300 @@
+//! [`Registry`]: document name → running document task.
+//!
+//! **Invariant:** at most one task per document name. A document loads exactly once even when
+//! many clients arrive together: the first opener starts the load (in its own task, so a
+//! cancelled caller cannot orphan it) and every later opener waits for the same result. An
+//! unloading document blocks new opens until its final store finished, so a load never reads
+//! storage behind an unload that is still writing.
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, ReadTxn, StateVector, Transact};
+
+use super::actor::{Actor, Loaded};
+use super::{DocHandle, LoadError};
+use crate::hooks::{Context, DocumentPayload, LoadPayload};
+use crate::protocol::update::decode_guarded;
+use crate::shared::Shared;
+
+type LoadResult = Option<Result<DocHandle, LoadError>>;
+
+enum Slot {
+    Loading(watch::Receiver<LoadResult>),
+    Ready(DocHandle),
+    Unloading(watch::Sender<()>),
+}
+
+/// The set of loaded documents.
+#[derive(Default)]
+pub struct Registry {
+    slots: Mutex<HashMap<Arc<str>, Slot>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("documents", &self.len())
+            .finish()
+    }
+}
+
+enum Next {
+    Ready(DocHandle),
+    Wait(watch::Receiver<LoadResult>),
+    WaitUnload(watch::Receiver<()>),
+    Load(watch::Sender<LoadResult>, watch::Receiver<LoadResult>),
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Slot>> {
+        // std Mutex: critical sections are map operations only, never an await.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of documents loaded or loading.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no document is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The running document, if loaded (does not load).
+    pub fn get(&self, name: &str) -> Option<DocHandle> {
+        match self.lock().get(name) {
+            Some(Slot::Ready(h)) if !h.is_closed() => Some(h.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every loaded document.
+    pub fn handles(&self) -> Vec<DocHandle> {
+        self.lock()
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(h) => Some(h.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Returns the document's task, loading it first if needed (single-flight).
+    pub(crate) async fn open(
+        &self,
+        shared: &Arc<Shared>,
+        name: &str,
+        context: &Context,
+    ) -> Result<DocHandle, LoadError> {
+        for _ in 0..1000 {
+            let next = {
+                let mut slots = self.lock();
+                match slots.get(name) {
+                    Some(Slot::Ready(h)) if !h.is_closed() => Next::Ready(h.clone()),
+                    Some(Slot::Loading(rx)) => Next::Wait(rx.clone()),
+                    Some(Slot::Unloading(tx)) => Next::WaitUnload(tx.subscribe()),
+                    _ => {
+                        let (tx, rx) = watch::channel(None);
+                        slots.insert(Arc::from(name), Slot::Loading(rx.clone()));
+                        Next::Load(tx, rx)
+                    }
+                }
+            };
+            let mut rx = match next {
+                Next::Ready(h) => return Ok(h),
+                Next::WaitUnload(mut rx) => {
+                    let _ = rx.changed().await;
+                    continue;
+                }
+                Next::Wait(rx) => rx,
+                Next::Load(tx, rx) => {
+                    let shared = shared.clone();
+                    let name: Arc<str> = Arc::from(name);
+                    let context = context.clone();
+                    tokio::spawn(async move {
+                        let result = load(&shared, name.clone(), &context).await;
+                        {
+                            let mut slots = shared.registry.lock();
+                            match &result {
+                                Ok(h) => {
+                                    slots.insert(name, Slot::Ready(h.clone()));
+                                }
+                                Err(_) => {
+                                    slots.remove(&name);
+                                }
+                            }
+                        }
+                        let _ = tx.send(Some(result));
+                    });
+                    rx
+                }
+            };
+            match rx.wait_for(Option::is_some).await {
+                Ok(result) => {
+                    if let Some(r) = result.clone() {
+                        return r;
+                    }
+                }
+                Err(_) => continue, // the loader vanished; try again
+            }
+        }
+        Err(LoadError {
+            reason: "permission-denied".into(),
+        })
+    }
+
+    /// Called by a task that decided to unload: marks the slot so new opens wait. Returns false
+    /// if the slot is not this task's.
+    pub(crate) fn begin_unload(&self, name: &str) -> bool {
+        let mut slots = self.lock();
+        match slots.get(name) {
+            Some(Slot::Ready(_)) => {
+                let (tx, _) = watch::channel(());
+                slots.insert(Arc::from(name), Slot::Unloading(tx));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Called by a stopping task: frees the name (waking openers waiting on an unload).
+    pub(crate) fn remove(&self, name: &str) {
+        let mut slots = self.lock();
+        if matches!(slots.get(name), Some(Slot::Ready(h)) if h.is_closed())
+            || matches!(slots.get(name), Some(Slot::Unloading(_)))
+        {
+            slots.remove(name);
+        }
+    }
+}
+
+/// Loads a document: take the ownership epoch, read storage, apply, run the load hooks, start
+/// the task. Nothing is written on failure (only the epoch advances).
+async fn load(
+    shared: &Arc<Shared>,
+    name: Arc<str>,
+    context: &Context,
+) -> Result<DocHandle, LoadError> {
+    let started = Instant::now();
+    let m = &shared.metrics;
+    let fail = |what: &str, reason: String| {
+        m.loads.with_label_values(&[what]).inc();
+        LoadError { reason }
+    };
+    let denied = "permission-denied".to_owned();
+    let epoch = match shared.store.acquire_epoch(&name).await {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(doc = %name, error = %e, "cannot take the document's epoch");
+            return Err(fail("store_error", denied));
+        }
+    };
+    let stored = match shared.store.load(&name).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(doc = %name, error = %e, "cannot read the document");
+            return Err(fail("store_error", denied));
+        }
+    };
+    m.store_seconds
+        .with_label_values(&["load"])
+        .observe(started.elapsed().as_secs_f64());
+    let doc = Doc::with_client_id(u64::from(rand::random::<u32>()));
+    let parts = stored.snapshot.iter().chain(stored.updates.iter());
+    for (i, bytes) in parts.enumerate() {
+        let applied = decode_guarded(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|u| {
+                catch_unwind(AssertUnwindSafe(|| {
+                    doc.transact_mut()
+                        .apply_update(u)
+                        .map_err(|e| e.to_string())
+                }))
+                .unwrap_or_else(|_| Err("panic while applying".into()))
+            });
+        if let Err(e) = applied {
+            warn!(doc = %name, part = i, error = %e, "stored state does not apply; refusing to serve it");
+            return Err(fail("corrupt", denied));
+        }
+    }
+    let mut dirty = false;
+    if !shared.extensions.is_empty() {
+        let state = if stored.is_empty() {
+            None
+        } else {
+            Some(
+                doc.transact()
+                    .encode_state_as_update_v1(&StateVector::default()),
+            )
+        };
+        let payload = LoadPayload {
+            document_name: &name,
+            context,
+            stored_state: state.as_deref(),
+        };
+        let updates = match shared.extensions.on_load_document(&payload).await {
+            Ok(u) => u,
+            Err(e) => {
+                info!(doc = %name, reason = %e, "on_load_document rejected");
+                return Err(fail(
+                    "hook_rejected",
+                    if e.reason.is_empty() {
+                        denied
+                    } else {
+                        e.reason
+                    },
+                ));
+            }
+        };
+        for update in updates {
+            let before = doc.transact().state_vector().encode_v1();
+            let applied = decode_guarded(&update)
+                .map_err(|e| e.to_string())
+                .and_then(|u| {
+                    catch_unwind(AssertUnwindSafe(|| {
+                        doc.transact_mut()
+                            .apply_update(u)
+                            .map_err(|e| e.to_string())
+                    }))
+                    .unwrap_or_else(|_| Err("panic while applying".into()))
+                });
+            if let Err(e) = applied {
+                warn!(doc = %name, error = %e, "update from on_load_document does not apply");
+                return Err(fail("hook_invalid", denied));
+            }
+            dirty |= doc.transact().state_vector().encode_v1() != before;
+        }
+        let payload = DocumentPayload {
+            document_name: &name,
+            context: Some(context),
+        };
+        if let Err(e) = shared.extensions.after_load_document(&payload).await {
+            return Err(fail(
+                "hook_rejected",
+                if e.reason.is_empty() {
+                    denied
+                } else {
+                    e.reason
+                },
+            ));
+        }
+    }
+    m.loads.with_label_values(&["ok"]).inc();
+    m.load_seconds.observe(started.elapsed().as_secs_f64());
+    debug!(doc = %name, epoch, log = stored.updates.len(), ms = started.elapsed().as_millis() as u64, "document loaded");
+    let loaded = Loaded {
+        doc,
+        epoch,
+        db_seq: stored.last_seq,
+        log_len: stored.updates.len(),
+        dirty,
+    };
+    Ok(Actor::spawn(name, shared.clone(), loaded))
+}

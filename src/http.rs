@@ -1,0 +1,179 @@
+//! The HTTP front: routes, health, metrics and the WebSocket upgrade.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/healthz` | 200 while the process runs |
+//! | `/readyz` | 200 when storage answers and the server is not draining, else 503 |
+//! | `/metrics` | Prometheus text format |
+//! | `/y/<document>` (upgrade) | y-websocket protocol |
+//! | any other path (upgrade) | Hocuspocus protocol |
+//! | any other path (plain) | `on_request` hooks, else 200 `Welcome to Hearth!` |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::debug;
+
+use crate::connection::{hocuspocus, yws};
+use crate::request::RequestInfo;
+use crate::shared::Shared;
+
+/// Path prefix of the y-websocket endpoint.
+pub const YWS_PREFIX: &str = "/y/";
+
+type Body = Full<Bytes>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn request_info(req: &Request<Incoming>, remote: SocketAddr) -> RequestInfo {
+    RequestInfo {
+        path: req.uri().path().to_owned(),
+        query: req.uri().query().unwrap_or_default().to_owned(),
+        headers: req
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| {
+                v.to_str()
+                    .ok()
+                    .map(|v| (k.as_str().to_owned(), v.to_owned()))
+            })
+            .collect(),
+        remote_addr: Some(remote),
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    let has = |name: header::HeaderName, token: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+    };
+    has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
+}
+
+/// Serves one HTTP request.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    remote: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    if !is_upgrade(&req) {
+        return Ok(match path {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => readyz(&shared).await,
+            "/metrics" => {
+                let mut r = text(StatusCode::OK, shared.metrics.render());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            _ => {
+                let info = request_info(&req, remote);
+                match shared.extensions.on_request(&info).await {
+                    Ok(Some(answer)) => {
+                        let mut r = text(
+                            StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK),
+                            answer.body,
+                        );
+                        if let Ok(ct) = HeaderValue::from_str(&answer.content_type) {
+                            r.headers_mut().insert(header::CONTENT_TYPE, ct);
+                        }
+                        r
+                    }
+                    Ok(None) => text(StatusCode::OK, "Welcome to Hearth!"),
+                    Err(e) => text(StatusCode::FORBIDDEN, e.reason),
+                }
+            }
+        });
+    }
+    if shared.draining.load(Ordering::Acquire) {
+        return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "draining"));
+    }
+    let Some(key) = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
+        return Ok(text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
+    };
+    let info = Arc::new(request_info(&req, remote));
+    if let Err(e) = shared.extensions.on_upgrade(&info).await {
+        return Ok(text(StatusCode::FORBIDDEN, e.reason));
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let cfg = &shared.config;
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(8192)
+        .max_write_buffer_size(cfg.outbound_queue_bytes.max(1 << 20) * 2)
+        .max_message_size(Some(cfg.max_message_bytes))
+        .max_frame_size(Some(cfg.max_message_bytes));
+    let task_shared = shared.clone();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+                .await;
+        match info.path.strip_prefix(YWS_PREFIX) {
+            Some(name) => {
+                let name = name.to_owned();
+                yws::serve(task_shared, ws, info, name).await
+            }
+            None => hocuspocus::serve(task_shared, ws, info).await,
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    Ok(r)
+}
+
+async fn readyz(shared: &Shared) -> Response<Body> {
+    if shared.draining.load(Ordering::Acquire) {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+    }
+    match tokio::time::timeout(Duration::from_secs(2), shared.store.ping()).await {
+        Ok(Ok(())) if shared.metrics.failed_writes_recent() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "storage writes failing\n")
+        }
+        Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
+        Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("storage: {e}\n")),
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "storage: timeout\n"),
+    }
+}

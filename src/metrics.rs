@@ -1,0 +1,223 @@
+//! Prometheus metrics, registered into a registry the server owns (never the global default,
+//! so several servers can live in one test process). Document names are never labels.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// Every metric the server records.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Open WebSocket connections.
+    pub sockets: IntGauge,
+    /// Established document connections (client attachments).
+    pub doc_connections: IntGauge,
+    /// Loaded documents.
+    pub documents: IntGauge,
+    /// Frames received, by message type.
+    pub frames_in: IntCounterVec,
+    /// Frames sent.
+    pub frames_out: IntCounter,
+    /// Bytes received in WebSocket messages.
+    pub bytes_in: IntCounter,
+    /// Authentication outcomes (`ok`, `denied`, `load_failed`).
+    pub auth: IntCounterVec,
+    /// Client updates applied (changed the document).
+    pub updates_applied: IntCounter,
+    /// Client updates refused, by reason.
+    pub updates_rejected: IntCounterVec,
+    /// Sockets closed by the server, by close code.
+    pub closes: IntCounterVec,
+    /// Clients disconnected because their outbound queue overflowed.
+    pub slow_readers: IntCounter,
+    /// Panics caught while handling a document (document reset).
+    pub panics: IntCounter,
+    /// Document loads, by result.
+    pub loads: IntCounterVec,
+    /// Load latency.
+    pub load_seconds: Histogram,
+    /// Storage operations, by op and result.
+    pub store_ops: IntCounterVec,
+    /// Storage latency, by op (`append`, `compact`, `load`, `acquire_epoch`).
+    pub store_seconds: HistogramVec,
+    /// Items per group commit.
+    pub commit_batch_items: Histogram,
+    /// Updates per group commit.
+    pub commit_batch_updates: Histogram,
+    /// Client updates applied but not yet acknowledged (durable mode).
+    pub pending_acks: IntGauge,
+    /// Time from applying an update to sending its acknowledgement.
+    pub ack_seconds: Histogram,
+    /// Writes rejected because the writer's epoch is stale.
+    pub fenced_writes: IntCounter,
+    /// Failed storage writes (retried).
+    pub failed_writes: IntCounter,
+    /// Log entries folded by each compaction.
+    pub compaction_log_len: Histogram,
+    /// Documents with changes not yet committed.
+    pub dirty_documents: IntGauge,
+    /// 1 while the last storage write succeeded, 0 after a failure (drives `/readyz`).
+    pub storage_write_ok: IntGauge,
+}
+
+fn buckets_seconds() -> Vec<f64> {
+    vec![
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+}
+
+impl Metrics {
+    /// Creates and registers every metric in a fresh registry.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let gauge = |n: &str, h: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(n, h)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |n: &str, h: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(n, h)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let counter_vec = |n: &str, h: &str, l: &[&str]| -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(n, h), l)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let histogram = |n: &str, h: &str, b: Vec<f64>| -> prometheus::Result<Histogram> {
+            let x = Histogram::with_opts(HistogramOpts::new(n, h).buckets(b))?;
+            registry.register(Box::new(x.clone()))?;
+            Ok(x)
+        };
+        let counts = vec![
+            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
+        ];
+        let store_seconds = HistogramVec::new(
+            HistogramOpts::new("hearth_store_seconds", "Storage operation latency")
+                .buckets(buckets_seconds()),
+            &["op"],
+        )?;
+        registry.register(Box::new(store_seconds.clone()))?;
+        let m = Self {
+            sockets: gauge("hearth_sockets", "Open WebSocket connections")?,
+            doc_connections: gauge(
+                "hearth_document_connections",
+                "Established document connections",
+            )?,
+            documents: gauge("hearth_documents_loaded", "Loaded documents")?,
+            frames_in: counter_vec(
+                "hearth_frames_in_total",
+                "Frames received by type",
+                &["type"],
+            )?,
+            frames_out: counter("hearth_frames_out_total", "Frames sent")?,
+            bytes_in: counter("hearth_bytes_in_total", "Bytes received")?,
+            auth: counter_vec("hearth_auth_total", "Authentication outcomes", &["result"])?,
+            updates_applied: counter(
+                "hearth_updates_applied_total",
+                "Updates that changed a document",
+            )?,
+            updates_rejected: counter_vec(
+                "hearth_updates_rejected_total",
+                "Updates refused",
+                &["reason"],
+            )?,
+            closes: counter_vec(
+                "hearth_socket_closes_total",
+                "Sockets closed by the server",
+                &["code"],
+            )?,
+            slow_readers: counter(
+                "hearth_slow_reader_disconnects_total",
+                "Clients disconnected as slow readers",
+            )?,
+            panics: counter(
+                "hearth_panics_caught_total",
+                "Panics caught in document handling",
+            )?,
+            loads: counter_vec(
+                "hearth_document_loads_total",
+                "Document loads by result",
+                &["result"],
+            )?,
+            load_seconds: histogram(
+                "hearth_document_load_seconds",
+                "Document load latency",
+                buckets_seconds(),
+            )?,
+            store_ops: counter_vec(
+                "hearth_store_ops_total",
+                "Storage operations",
+                &["op", "result"],
+            )?,
+            store_seconds,
+            commit_batch_items: histogram(
+                "hearth_commit_batch_documents",
+                "Documents per group commit",
+                counts.clone(),
+            )?,
+            commit_batch_updates: histogram(
+                "hearth_commit_batch_updates",
+                "Updates per group commit",
+                counts.clone(),
+            )?,
+            pending_acks: gauge(
+                "hearth_pending_acks",
+                "Applied updates awaiting their durable acknowledgement",
+            )?,
+            ack_seconds: histogram(
+                "hearth_ack_seconds",
+                "Apply-to-acknowledgement latency",
+                buckets_seconds(),
+            )?,
+            fenced_writes: counter(
+                "hearth_fenced_writes_total",
+                "Writes rejected by epoch fencing",
+            )?,
+            failed_writes: counter(
+                "hearth_failed_writes_total",
+                "Storage writes that failed (retried)",
+            )?,
+            compaction_log_len: histogram(
+                "hearth_compaction_log_entries",
+                "Log entries folded per compaction",
+                counts,
+            )?,
+            dirty_documents: gauge(
+                "hearth_dirty_documents",
+                "Documents with uncommitted changes",
+            )?,
+            storage_write_ok: gauge(
+                "hearth_storage_write_ok",
+                "1 while storage writes succeed, 0 after a failure",
+            )?,
+            registry,
+        };
+        m.storage_write_ok.set(1);
+        Ok(m)
+    }
+
+    /// True when the last storage write failed (and nothing succeeded since).
+    pub fn failed_writes_recent(&self) -> bool {
+        self.storage_write_ok.get() == 0
+    }
+
+    /// Records the outcome of a storage write.
+    pub fn write_outcome(&self, ok: bool) {
+        self.storage_write_ok.set(i64::from(ok));
+        if !ok {
+            self.failed_writes.inc();
+        }
+    }
+
+    /// Renders the text exposition format.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

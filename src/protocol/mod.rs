@@ -1,0 +1,11 @@
+//! The wire protocols, sans-IO: no tokio tasks, no sockets, no clock reads.
+//!
+//! * [`lib0`] — varUint / varString / varUint8Array.
+//! * [`message`] — Hocuspocus frames (address + type + body) and y-websocket frames.
+//! * [`awareness`] — y-protocols awareness rules.
+//! * [`update`] — guarded decoding of Yjs updates (size caps, round-trip check).
+
+pub mod awareness;
+pub mod lib0;
+pub mod message;
+pub mod update;

@@ -1,0 +1,28 @@
+//! [`Shared`]: the state every task of one server reaches through an `Arc`.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::doc::committer::Committer;
+use crate::doc::registry::Registry;
+use crate::hooks::Extensions;
+use crate::metrics::Metrics;
+use crate::storage::DocumentStore;
+
+/// Server-wide state.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: Config,
+    pub extensions: Extensions,
+    pub store: Arc<dyn DocumentStore>,
+    pub metrics: Metrics,
+    pub registry: Registry,
+    pub committer: Committer,
+    /// Cancelled when the server starts shutting down: sockets close, listeners stop.
+    pub shutdown: CancellationToken,
+    /// True while shutting down (`/readyz` reports not ready).
+    pub draining: AtomicBool,
+}
