@@ -1,1 +1,178 @@
-//! Cross-node envelopes.
+//! Cross-node envelopes for Hearth: msgpack encoding, HMAC authentication, per-link sequence
+//! numbers and the Redis pub/sub transport that carries them between processes.
+//!
+//! **API boundary.** This crate knows nothing about Yjs or the Hocuspocus protocol: client frames
+//! and event payloads are opaque bytes. It doesn't decide ownership either; it carries the
+//! owner epoch the caller gives it.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`ids`] | [`NodeId`], [`Incarnation`], [`NodeAddr`], [`ConnId`], [`RequestId`] |
+//! | [`envelope`] | the data model: [`Envelope`] = [`Header`] + [`Body`] |
+//! | [`codec`] | the wire format, size cap, [`DecodeError`] / [`RejectReason`] |
+//! | [`auth`] | HMAC-SHA256 with a cluster secret ([`Auth`]) |
+//! | [`seq`] | [`SeqTracker`]: gap/duplicate detection per link (pure) |
+//! | [`keys`] | [`doc_tag`] and Redis key/channel names ([`Keys`]) |
+//! | [`transport`] | [`Transport`] over fred pub/sub, [`Inbound`] events |
+//! | [`rpc`] | [`Rpc`]: custom events with reply timeouts |
+//! | [`routes`] | [`RouteCache`]: doc → (owner, epoch) |
+//!
+//! # Usage
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use hearth_proxy::{
+//!     Auth, Body, ConnId, Inbound, NodeAddr, NodeId, Rpc, Session, Transport, TransportConfig,
+//! };
+//!
+//! # async fn run(owner: NodeAddr) -> Result<(), Box<dyn std::error::Error>> {
+//! let me = NodeAddr::fresh(NodeId::new("node0")?);
+//! let mut config = TransportConfig::new("redis://127.0.0.1:6379", "hearth", me);
+//! config.auth = Auth::with_secret(b"a cluster secret of 16+ bytes")?;
+//! if let Some(warning) = config.auth.startup_warning() {
+//!     eprintln!("{warning}");
+//! }
+//! let (transport, mut inbound) = Transport::connect(config).await?;
+//! let rpc = Arc::new(Rpc::new(transport.clone()));
+//!
+//! // Receive loop: dispatch envelopes, resync on loss, count rejections.
+//! let dispatcher = rpc.clone();
+//! tokio::spawn(async move {
+//!     while let Some(event) = inbound.recv().await {
+//!         match event {
+//!             Inbound::Envelope(env) => match env.body {
+//!                 Body::RpcReply(reply) => {
+//!                     dispatcher.on_reply(reply);
+//!                 }
+//!                 _other => { /* route to sessions / document actors */ }
+//!             },
+//!             Inbound::Gap { from, .. } => { /* resync sessions on the link from `from` */ }
+//!             Inbound::Resubscribed | Inbound::Lagged { .. } => { /* resync everything */ }
+//!             Inbound::OutOfOrder { .. } => { /* dropped; count it */ }
+//!             Inbound::Rejected { reason, .. } => { /* envelopes_rejected{reason} += 1 */ }
+//!         }
+//!     }
+//! });
+//!
+//! // Forward a client frame to the owner of "doc-1".
+//! let session = Session { conn: ConnId::generate(), doc: "doc-1".into(), epoch: 7 };
+//! let receivers = transport
+//!     .send(&owner, Body::Frame { session, data: vec![0, 1, 2] })
+//!     .await?;
+//! if receivers == 0 {
+//!     // The owner incarnation is gone: invalidate its routes, reset its sessions.
+//! }
+//!
+//! // A custom event with a deadline.
+//! let reply = rpc.call(&owner, "doc-1", "rename", b"{}".to_vec(), Duration::from_secs(5)).await;
+//! # let _ = reply;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Wire format
+//!
+//! One Redis pub/sub message is one envelope:
+//!
+//! ```text
+//! unsigned:  0x01 | body
+//! signed:    0x02 | key_id: u8 | mac: 32 bytes | body
+//!            mac = HMAC-SHA256(secret[key_id], 0x02 | key_id | body)
+//! ```
+//!
+//! With a cluster secret configured, only signed envelopes with a valid MAC under a known key id
+//! are accepted (constant-time check). Without one, envelopes go out unsigned and anything
+//! well-formed is accepted; [`Auth::startup_warning`] returns the warning to log.
+//!
+//! `body` is one msgpack **map with string keys** (named fields, for debuggability; byte
+//! fields are msgpack `bin` via `serde_bytes`):
+//!
+//! | key | type | meaning |
+//! |---|---|---|
+//! | `v` | u8 | schema version, currently [`SCHEMA_VERSION`] = 1 |
+//! | `t` | str | kind tag (table below) |
+//! | `from` | `{id: str, inc: u64}` | sending process ([`NodeAddr`]) |
+//! | `to` | `{id, inc}` or nil | destination process; nil on broadcasts |
+//! | `seq` | u64 | per-link sequence number, from 1 |
+//! | `s` | `{conn: bin16, doc: str, epoch: i64}` | session, on session kinds only |
+//! | `b` | map | kind-specific body (must come after `v` and `t`) |
+//!
+//! | `t` | direction | `s` | `b` fields |
+//! |---|---|---|---|
+//! | `open` | edge → owner | yes | `path`, `query`, `headers` [[k, v]…], `remote`?, `provider_version`? |
+//! | `frame` | edge → owner | yes | `data` bin (one raw client frame) |
+//! | `out` | owner → edge | yes | `data` bin (one frame for the client) |
+//! | `detach` | edge → owner | yes | `reason` |
+//! | `close_doc` | owner → edge | yes | `code` u16, `reason`, `resync` bool |
+//! | `not_owner` | owner → edge | yes | `holder` {`node`, `epoch`}? |
+//! | `released` | broadcast | no | `doc`, `epoch` |
+//! | `draining` | broadcast | no | `node` |
+//! | `node_down` | broadcast | no | `node` |
+//! | `rpc` | caller → owner | no | `id` {`inc`, `n`}, `doc`, `epoch`?, `name`, `payload` bin, `deadline_ms`, `only_if_open` |
+//! | `rpc_reply` | owner → caller | no | `id`, `ok`, `payload` bin (if ok), `err` {`code`, `msg`, `holder`?} (if not) |
+//! | `keepalive` | either | optional | empty (per attachment with `s`, per node pair without) |
+//!
+//! # Compatibility rules
+//!
+//! * The header keys (`v`, `t`, `from`, `to`, `seq`) keep their meaning in every version; a
+//!   change there needs a new format tag. So a receiver can always read the header of an
+//!   authentic envelope, even of a newer version or an unknown kind, and keep its sequence
+//!   tracking right.
+//! * Unknown `t`, or `v` above [`SCHEMA_VERSION`]: the body is skipped and decoding fails with
+//!   [`DecodeError::UnknownKind`] / [`DecodeError::UnsupportedVersion`], which the caller counts
+//!   and ignores. Decoding never fails the stream.
+//! * Unknown keys, in the header map or in a body, are ignored; missing optional fields decode
+//!   as absent. Adding an optional field is a compatible change; anything else bumps `v`.
+//!
+//! # Delivery
+//!
+//! Redis pub/sub is at-most-once. Every link (sender incarnation → receiver incarnation, and
+//! sender → broadcast) is numbered, and the receiver reports [`Inbound::Gap`],
+//! [`Inbound::OutOfOrder`] (dropped), [`Inbound::Lagged`] and [`Inbound::Resubscribed`] so the
+//! caller can resync the affected sessions. `send` returns the receiver count; 0 means the
+//! destination incarnation is gone.
+//!
+//! # Not done yet
+//!
+//! * **Chunking.** Envelopes over the cap (default 8 MiB, [`DEFAULT_MAX_ENVELOPE_BYTES`]) are
+//!   refused with [`ProxyError::Oversize`]; splitting large frames into `part`/`of` pieces and
+//!   reassembling them is future work. Keep the cap below Redis's
+//!   `client-output-buffer-limit pubsub` (32 MiB hard by default).
+//! * **Replay outside the sequence window.** A captured authentic envelope replayed later is
+//!   dropped by sequence checking on an existing link; there is no timestamp check (we don't
+//!   compare clocks across machines), so a replay to a *fresh* receiver of a broadcast is
+//!   accepted. Broadcasts only carry cache invalidations.
+//! * Confidentiality: the HMAC authenticates, it doesn't encrypt. Anyone who can `SUBSCRIBE`
+//!   can read frames.
+
+#![warn(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod auth;
+pub mod codec;
+pub mod envelope;
+pub mod error;
+pub mod ids;
+pub mod keys;
+pub mod routes;
+pub mod rpc;
+pub mod seq;
+pub mod transport;
+
+pub use auth::{Auth, ClusterKey};
+pub use codec::{Codec, DEFAULT_MAX_ENVELOPE_BYTES, DecodeError, RejectReason};
+pub use envelope::{
+    Body, CloseDoc, Envelope, Header, Holder, Kind, OpenMeta, RpcErrorCode, RpcFailure, RpcReply,
+    RpcRequest, SCHEMA_VERSION, Session,
+};
+pub use error::ProxyError;
+pub use ids::{ConnId, Incarnation, NodeAddr, NodeId, RequestId};
+pub use keys::{Keys, doc_tag};
+pub use routes::{Route, RouteCache};
+pub use rpc::{Call, Rpc, RpcError};
+pub use seq::{LinkId, SeqCheck, SeqTracker};
+pub use transport::{EnvelopeSink, Inbound, PubSubMode, SendReceipt, Transport, TransportConfig};

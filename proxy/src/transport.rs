@@ -1,0 +1,951 @@
+//! The Redis pub/sub transport: per-process inbox channels plus one broadcast channel.
+//!
+//! Layout (one process):
+//!
+//! * a fred `SubscriberClient` subscribed to its inbox `<prefix>:inbox:<node>:<inc>` and to
+//!   `<prefix>:bcast`, with `broadcast_channel_capacity` raised (fred's default of 32 drops
+//!   messages in bursts) and an exponential reconnect policy;
+//! * a separate fred `Client` for `PUBLISH` (a subscribed RESP2 connection can't publish);
+//! * a **writer task** that owns the per-link sequence counters. It drains the bounded outbound
+//!   queue in batches, assigns `seq`, encodes and signs, and sends each batch as one pipeline, so
+//!   sequence order is publish order on one connection and Redis keeps that order per
+//!   subscriber;
+//! * a **reader task** that verifies, decodes, checks the destination and the sequence number of
+//!   every message, and hands [`Inbound`] events to the caller over a bounded channel. If the
+//!   caller is slow, fred's broadcast channel overflows and that surfaces as
+//!   [`Inbound::Lagged`], never silently;
+//! * a **resubscribe task**: after fred reconnects the subscriber it re-issues the
+//!   subscriptions and only *then* emits [`Inbound::Resubscribed`]. (This replaces fred's
+//!   `manage_subscriptions()`, which re-subscribes in a task of its own and can't say when it is
+//!   done; a resync triggered before the subscription is back could lose its own replies.)
+//!
+//! Failure policy: the outbound queue is bounded and a full queue fails fast with
+//! [`ProxyError::Clogged`]; publishes are never retried by fred (a retry could duplicate an
+//! envelope); every Redis command has a timeout. A lost envelope always shows up at the receiver
+//! as a [`Inbound::Gap`] on the next envelope of that link, or as [`Inbound::Resubscribed`] /
+//! [`Inbound::Lagged`] (tail losses), which mean "treat every link as having a gap".
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::clients::SubscriberClient;
+use fred::prelude::{
+    Builder, Client, ClientLike, Config as RedisConfig, EventInterface, PubsubInterface,
+    ReconnectPolicy,
+};
+use fred::types::Message;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::auth::Auth;
+use crate::codec::{Codec, DEFAULT_MAX_ENVELOPE_BYTES, RejectReason};
+use crate::envelope::{Body, Envelope, Header, SCHEMA_VERSION};
+use crate::error::ProxyError;
+use crate::ids::NodeAddr;
+use crate::keys::Keys;
+use crate::seq::{LinkId, SeqCheck, SeqTracker};
+
+/// Which Redis pub/sub commands to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PubSubMode {
+    /// `PUBLISH` / `SUBSCRIBE`. Receiver counts are exact on a single Redis; in Redis Cluster
+    /// they only count the node the command hit.
+    #[default]
+    Classic,
+    /// `SPUBLISH` / `SSUBSCRIBE` (Redis 7+): messages stay on the channel's shard and receiver
+    /// counts are exact in Redis Cluster too. Also works on a single Redis.
+    Sharded,
+}
+
+/// Everything [`Transport::connect`] needs.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// `redis://host:port[/db]` (see fred's `Config::from_url`).
+    pub redis_url: String,
+    /// Key and channel prefix (see [`Keys::new`]).
+    pub prefix: String,
+    /// This process's address (node id plus a fresh incarnation).
+    pub me: NodeAddr,
+    /// Envelope authentication policy.
+    pub auth: Auth,
+    /// Cap on one encoded envelope, both directions. Default 8 MiB.
+    pub max_envelope_bytes: usize,
+    /// Capacity of the inbound event channel handed to the caller. Default 16 384.
+    pub inbound_capacity: usize,
+    /// Capacity of the outbound queue; full → [`ProxyError::Clogged`]. Default 16 384.
+    pub outbound_capacity: usize,
+    /// Most envelopes sent in one pipeline. Default 256.
+    pub max_batch: usize,
+    /// fred's message broadcast capacity for the subscriber. Default 65 536.
+    pub broadcast_channel_capacity: usize,
+    /// Timeout on every Redis command, publishes included. Default 5 s.
+    pub command_timeout: Duration,
+    /// First reconnect delay. Default 50 ms.
+    pub reconnect_min: Duration,
+    /// Largest reconnect delay. Default 2 s.
+    pub reconnect_max: Duration,
+    /// Classic or sharded pub/sub. Default classic.
+    pub pubsub: PubSubMode,
+}
+
+impl TransportConfig {
+    /// A configuration with the defaults listed on each field and no cluster secret.
+    pub fn new(redis_url: impl Into<String>, prefix: impl Into<String>, me: NodeAddr) -> Self {
+        TransportConfig {
+            redis_url: redis_url.into(),
+            prefix: prefix.into(),
+            me,
+            auth: Auth::disabled(),
+            max_envelope_bytes: DEFAULT_MAX_ENVELOPE_BYTES,
+            inbound_capacity: 16_384,
+            outbound_capacity: 16_384,
+            max_batch: 256,
+            broadcast_channel_capacity: 65_536,
+            command_timeout: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(2),
+            pubsub: PubSubMode::Classic,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ProxyError> {
+        let positive = [
+            ("inbound_capacity", self.inbound_capacity),
+            ("outbound_capacity", self.outbound_capacity),
+            ("max_batch", self.max_batch),
+            (
+                "broadcast_channel_capacity",
+                self.broadcast_channel_capacity,
+            ),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ProxyError::Config(format!("{name} must be > 0")));
+            }
+        }
+        if self.max_envelope_bytes < 1024 {
+            return Err(ProxyError::Config(
+                "max_envelope_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.command_timeout.is_zero() || self.reconnect_min.is_zero() {
+            return Err(ProxyError::Config(
+                "command_timeout and reconnect_min must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the transport hands to the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A verified envelope for this process, in sequence (or right after a reported gap).
+    Envelope(Envelope),
+    /// Envelopes `expected..got` from `from` never arrived. The envelope numbered `got` follows
+    /// as [`Inbound::Envelope`]. Resync every session that uses this link.
+    Gap {
+        /// The sender.
+        from: NodeAddr,
+        /// `true` on the sender's broadcast stream, `false` on its stream into our inbox.
+        broadcast: bool,
+        /// The number that was due.
+        expected: u64,
+        /// The number that arrived.
+        got: u64,
+    },
+    /// An envelope repeated or arrived after a later one; it was dropped. If `duplicate` is
+    /// false, its loss was already reported as a gap.
+    OutOfOrder {
+        /// The sender.
+        from: NodeAddr,
+        /// Broadcast stream or inbox stream.
+        broadcast: bool,
+        /// The number that was due.
+        expected: u64,
+        /// The number that arrived.
+        got: u64,
+        /// `true`: seen before; `false`: late.
+        duplicate: bool,
+    },
+    /// The subscriber lost messages inside this process (fred's broadcast channel overflowed
+    /// because the caller didn't keep up). Senders are unknown: treat every link as having a gap.
+    Lagged {
+        /// Messages lost.
+        missed: u64,
+    },
+    /// The subscriber connection was re-established and re-subscribed. Anything published while
+    /// it was down is gone: treat every link as having a gap.
+    Resubscribed,
+    /// An inbound message was rejected (count it as `envelopes_rejected{reason}`).
+    Rejected {
+        /// Metric reason.
+        reason: RejectReason,
+        /// Human-readable detail for debug logs: at most 256 bytes, may quote attacker-chosen
+        /// text.
+        detail: String,
+    },
+}
+
+/// Something that can send a body to another process; implemented by [`Transport`], and by
+/// fakes in tests of code built on top of it (such as [`crate::rpc::Rpc`]).
+pub trait EnvelopeSink: Send + Sync + 'static {
+    /// This process's address.
+    fn local_addr(&self) -> &NodeAddr;
+
+    /// Sends `body` to `to`; resolves to the number of subscribers that received it.
+    fn send_to(
+        &self,
+        to: &NodeAddr,
+        body: Body,
+    ) -> impl Future<Output = Result<u64, ProxyError>> + Send;
+}
+
+/// The outcome of an envelope already queued with [`Transport::start_send`].
+#[derive(Debug)]
+pub struct SendReceipt(oneshot::Receiver<Result<u64, ProxyError>>);
+
+impl SendReceipt {
+    /// Waits for the publish; resolves to the number of subscribers that received the envelope
+    /// (0 = the destination incarnation is gone or not subscribed right now).
+    pub async fn receivers(self) -> Result<u64, ProxyError> {
+        self.0.await.map_err(|_| ProxyError::Closed)?
+    }
+}
+
+struct Outgoing {
+    to: Option<NodeAddr>,
+    body: Body,
+    reply: oneshot::Sender<Result<u64, ProxyError>>,
+}
+
+type TxSeqs = Arc<Mutex<HashMap<Option<NodeAddr>, u64>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections are single map operations; a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A connected transport. Cheap to clone; the background tasks stop and the Redis connections
+/// close when the last clone is dropped (or on [`Transport::shutdown`]).
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    me: NodeAddr,
+    keys: Keys,
+    inbox: String,
+    auth_enabled: bool,
+    outbound: mpsc::Sender<Outgoing>,
+    outbound_capacity: usize,
+    tx_seqs: TxSeqs,
+    rx_seqs: Arc<Mutex<SeqTracker>>,
+    sub: SubscriberClient,
+    publisher: Client,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let sub = self.sub.clone();
+            let publisher = self.publisher.clone();
+            handle.spawn(async move {
+                let _ = sub.quit().await;
+                let _ = publisher.quit().await;
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("me", &self.inner.me)
+            .field("inbox", &self.inner.inbox)
+            .field("auth_enabled", &self.inner.auth_enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    /// Connects both Redis clients, subscribes to this process's inbox and the broadcast
+    /// channel, and starts the background tasks. Returns once the subscriptions are active, so
+    /// anything published to the inbox after this returns is delivered (or reported lost).
+    pub async fn connect(
+        config: TransportConfig,
+    ) -> Result<(Transport, mpsc::Receiver<Inbound>), ProxyError> {
+        config.validate()?;
+        let keys = Keys::new(config.prefix.clone())?;
+        let inbox = keys.inbox(&config.me);
+        let bcast = keys.bcast();
+        let redis_config = RedisConfig::from_url(&config.redis_url)?;
+        let policy = ReconnectPolicy::new_exponential(
+            0,
+            millis_u32(config.reconnect_min),
+            millis_u32(config.reconnect_max),
+            2,
+        );
+
+        let mut builder = Builder::from_config(redis_config);
+        builder.set_policy(policy);
+        let command_timeout = config.command_timeout;
+        builder.with_performance_config(|p| {
+            p.default_command_timeout = command_timeout;
+        });
+        builder.with_connection_config(|c| {
+            c.internal_command_timeout = command_timeout;
+        });
+        let publisher = {
+            let mut b = builder.clone();
+            let buffer = config.outbound_capacity.max(config.max_batch) * 2;
+            b.with_connection_config(|c| {
+                // Never re-send a publish after a connection drop: that could duplicate it.
+                c.max_command_attempts = 1;
+                // No unbounded offline queue while Redis is down.
+                c.max_command_buffer_len = buffer;
+            });
+            b.build()?
+        };
+        let sub = {
+            let mut b = builder.clone();
+            let capacity = config.broadcast_channel_capacity;
+            b.with_performance_config(|p| p.broadcast_channel_capacity = capacity);
+            b.build_subscriber_client()?
+        };
+
+        sub.init().await?;
+        let messages = sub.message_rx();
+        let reconnects = sub.reconnect_rx();
+        let subscribed = subscribe(&sub, config.pubsub, [inbox.clone(), bcast.clone()]).await;
+        let published = match subscribed {
+            Ok(()) => publisher.init().await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = published {
+            let _ = sub.quit().await;
+            return Err(e.into());
+        }
+
+        let (out_tx, out_rx) = mpsc::channel(config.outbound_capacity);
+        let (in_tx, in_rx) = mpsc::channel(config.inbound_capacity);
+        let tx_seqs: TxSeqs = Arc::default();
+        let rx_seqs = Arc::new(Mutex::new(SeqTracker::new()));
+        let codec = Codec::new(config.auth.clone(), config.max_envelope_bytes);
+
+        let writer = Writer {
+            rx: out_rx,
+            publisher: publisher.clone(),
+            codec: codec.clone(),
+            me: config.me.clone(),
+            keys: keys.clone(),
+            bcast: bcast.clone(),
+            seqs: tx_seqs.clone(),
+            max_batch: config.max_batch,
+            mode: config.pubsub,
+            timeout: config.command_timeout + Duration::from_secs(1),
+        };
+        let filter = InboundFilter {
+            codec,
+            me: config.me.clone(),
+            inbox: inbox.clone(),
+            bcast,
+            seqs: rx_seqs.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(writer.run()),
+            tokio::spawn(read_loop(messages, filter, in_tx.clone())),
+            tokio::spawn(resubscribe_loop(
+                sub.clone(),
+                reconnects,
+                in_tx,
+                config.reconnect_min,
+                config.reconnect_max,
+            )),
+        ];
+
+        let transport = Transport {
+            inner: Arc::new(Inner {
+                me: config.me,
+                keys,
+                inbox,
+                auth_enabled: config.auth.is_enabled(),
+                outbound: out_tx,
+                outbound_capacity: config.outbound_capacity,
+                tx_seqs,
+                rx_seqs,
+                sub,
+                publisher,
+                tasks,
+            }),
+        };
+        Ok((transport, in_rx))
+    }
+
+    /// This process's address.
+    pub fn me(&self) -> &NodeAddr {
+        &self.inner.me
+    }
+
+    /// The key/channel builder.
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// This process's inbox channel.
+    pub fn inbox_channel(&self) -> &str {
+        &self.inner.inbox
+    }
+
+    /// Whether envelopes are signed and MACs required.
+    pub fn auth_enabled(&self) -> bool {
+        self.inner.auth_enabled
+    }
+
+    /// Sends `body` to one process and waits for the publish. Returns the number of subscribers
+    /// that received it: **0 means the destination incarnation is gone** (or is reconnecting);
+    /// invalidate its routes and reset its sessions.
+    pub async fn send(&self, to: &NodeAddr, body: Body) -> Result<u64, ProxyError> {
+        self.start_send(to, body)?.receivers().await
+    }
+
+    /// Broadcasts `body` to every process (including, on the wire, this one: the transport
+    /// drops its own broadcasts on receipt). Returns the receiver count.
+    pub async fn broadcast(&self, body: Body) -> Result<u64, ProxyError> {
+        self.enqueue(None, body)?.receivers().await
+    }
+
+    /// Queues `body` for `to` without waiting for the publish. Envelopes queued one after the
+    /// other are published in that order. Fails at once with [`ProxyError::Clogged`] when the
+    /// outbound queue is full.
+    pub fn start_send(&self, to: &NodeAddr, body: Body) -> Result<SendReceipt, ProxyError> {
+        self.enqueue(Some(to.clone()), body)
+    }
+
+    fn enqueue(&self, to: Option<NodeAddr>, body: Body) -> Result<SendReceipt, ProxyError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .outbound
+            .try_send(Outgoing { to, body, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => ProxyError::Clogged,
+                mpsc::error::TrySendError::Closed(_) => ProxyError::Closed,
+            })?;
+        Ok(SendReceipt(rx))
+    }
+
+    /// Forgets the sequence state of both directions for `peer`. Only call this once `peer` is
+    /// known to be dead (its node key expired, or `node_down`): if it is still alive, its next
+    /// envelopes would be judged from scratch, and ours to it would restart at 1 and be dropped.
+    pub fn forget_peer(&self, peer: &NodeAddr) {
+        lock(&self.inner.tx_seqs).remove(&Some(peer.clone()));
+        lock(&self.inner.rx_seqs).forget_node(peer);
+    }
+
+    /// Number of inbound links tracked (a gauge).
+    pub fn inbound_links(&self) -> usize {
+        lock(&self.inner.rx_seqs).len()
+    }
+
+    /// Number of outbound links with a sequence counter (a gauge).
+    pub fn outbound_links(&self) -> usize {
+        lock(&self.inner.tx_seqs).len()
+    }
+
+    /// Envelopes waiting in the outbound queue (a gauge).
+    pub fn outbound_queue_len(&self) -> usize {
+        self.inner.outbound_capacity - self.inner.outbound.capacity()
+    }
+
+    /// Closes both Redis connections and stops the background tasks. The inbound channel
+    /// closes; later sends fail with [`ProxyError::Closed`].
+    pub async fn shutdown(&self) {
+        for task in &self.inner.tasks {
+            task.abort();
+        }
+        let _ = self.inner.sub.quit().await;
+        let _ = self.inner.publisher.quit().await;
+    }
+}
+
+impl EnvelopeSink for Transport {
+    fn local_addr(&self) -> &NodeAddr {
+        self.me()
+    }
+
+    fn send_to(
+        &self,
+        to: &NodeAddr,
+        body: Body,
+    ) -> impl Future<Output = Result<u64, ProxyError>> + Send {
+        let receipt = self.start_send(to, body);
+        async move { receipt?.receivers().await }
+    }
+}
+
+fn millis_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+async fn subscribe<const N: usize>(
+    sub: &SubscriberClient,
+    mode: PubSubMode,
+    channels: [String; N],
+) -> Result<(), fred::error::Error> {
+    for channel in channels {
+        match mode {
+            PubSubMode::Classic => sub.subscribe(channel).await?,
+            PubSubMode::Sharded => sub.ssubscribe(channel).await?,
+        }
+    }
+    Ok(())
+}
+
+// === writer ===
+
+struct Writer {
+    rx: mpsc::Receiver<Outgoing>,
+    publisher: Client,
+    codec: Codec,
+    me: NodeAddr,
+    keys: Keys,
+    bcast: String,
+    seqs: TxSeqs,
+    max_batch: usize,
+    mode: PubSubMode,
+    timeout: Duration,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while let Some(first) = self.rx.recv().await {
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.flush(&mut batch).await;
+        }
+    }
+
+    async fn flush(&mut self, batch: &mut Vec<Outgoing>) {
+        let pipeline = self.publisher.pipeline();
+        let mut waiting = Vec::with_capacity(batch.len());
+        for out in batch.drain(..) {
+            let channel = match &out.to {
+                Some(addr) => self.keys.inbox(addr),
+                None => self.bcast.clone(),
+            };
+            let seq = lock(&self.seqs).get(&out.to).copied().unwrap_or(0) + 1;
+            let env = Envelope {
+                header: Header {
+                    version: SCHEMA_VERSION,
+                    from: self.me.clone(),
+                    to: out.to.clone(),
+                    seq,
+                },
+                body: out.body,
+            };
+            // Encode before committing the number, so a refused envelope leaves no gap.
+            let bytes = match self.codec.encode(&env) {
+                Ok(bytes) => Bytes::from(bytes),
+                Err(e) => {
+                    let _ = out.reply.send(Err(e));
+                    continue;
+                }
+            };
+            let queued: Result<(), fred::error::Error> = match self.mode {
+                PubSubMode::Classic => pipeline.publish(channel, bytes).await,
+                PubSubMode::Sharded => pipeline.spublish(channel, bytes).await,
+            };
+            match queued {
+                Ok(()) => {
+                    lock(&self.seqs).insert(env.header.to, seq);
+                    waiting.push(out.reply);
+                }
+                Err(e) => {
+                    let _ = out.reply.send(Err(e.into()));
+                }
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        let results: Vec<Result<i64, fred::error::Error>> =
+            tokio::time::timeout(self.timeout, pipeline.try_all::<i64>())
+                .await
+                .unwrap_or_default();
+        let mut results = results.into_iter();
+        for reply in waiting {
+            let result = match results.next() {
+                Some(Ok(n)) => Ok(u64::try_from(n).unwrap_or(0)),
+                Some(Err(e)) => Err(ProxyError::Redis(e)),
+                None => Err(ProxyError::Redis(fred::error::Error::new(
+                    fred::error::ErrorKind::Timeout,
+                    "publish pipeline timed out",
+                ))),
+            };
+            let _ = reply.send(result);
+        }
+    }
+}
+
+// === reader ===
+
+/// The per-message receive logic, separated from the Redis plumbing so it can be unit-tested.
+struct InboundFilter {
+    codec: Codec,
+    me: NodeAddr,
+    inbox: String,
+    bcast: String,
+    seqs: Arc<Mutex<SeqTracker>>,
+}
+
+/// Longest `detail` kept in [`Inbound::Rejected`] (error texts can quote attacker input).
+const MAX_DETAIL: usize = 256;
+
+fn rejected(reason: RejectReason, detail: impl Into<String>) -> Inbound {
+    let mut detail = detail.into();
+    if detail.len() > MAX_DETAIL {
+        let mut cut = MAX_DETAIL;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+        detail.push('…');
+    }
+    Inbound::Rejected { reason, detail }
+}
+
+impl InboundFilter {
+    /// Up to two events per message: a gap report and/or the envelope, or one rejection.
+    fn process(&self, channel: &str, bytes: &[u8]) -> [Option<Inbound>; 2] {
+        let on_broadcast = if channel == self.inbox {
+            false
+        } else if channel == self.bcast {
+            true
+        } else {
+            return [
+                Some(rejected(
+                    RejectReason::WrongDestination,
+                    format!("message on unexpected channel {channel:?}"),
+                )),
+                None,
+            ];
+        };
+        let (header, envelope, error) = match self.codec.decode(bytes) {
+            Ok(env) => (env.header.clone(), Some(env), None),
+            Err(e) => match e.header().cloned() {
+                Some(header) => (header, None, Some(e)),
+                None => return [Some(rejected(e.reason(), e.to_string())), None],
+            },
+        };
+        if let Some(problem) = self.destination_problem(&header, on_broadcast) {
+            return [
+                Some(rejected(RejectReason::WrongDestination, problem)),
+                None,
+            ];
+        }
+        if on_broadcast && header.from == self.me {
+            return [None, None];
+        }
+        let link = LinkId {
+            from: header.from.clone(),
+            broadcast: on_broadcast,
+        };
+        let check = lock(&self.seqs).observe(&link, header.seq);
+        let first = match check {
+            SeqCheck::InOrder => None,
+            SeqCheck::Gap { expected, got } => Some(Inbound::Gap {
+                from: header.from,
+                broadcast: on_broadcast,
+                expected,
+                got,
+            }),
+            SeqCheck::Duplicate { got } => {
+                return [
+                    Some(Inbound::OutOfOrder {
+                        from: header.from,
+                        broadcast: on_broadcast,
+                        expected: got.saturating_add(1),
+                        got,
+                        duplicate: true,
+                    }),
+                    None,
+                ];
+            }
+            SeqCheck::Late { expected, got } => {
+                return [
+                    Some(Inbound::OutOfOrder {
+                        from: header.from,
+                        broadcast: on_broadcast,
+                        expected,
+                        got,
+                        duplicate: false,
+                    }),
+                    None,
+                ];
+            }
+        };
+        let second = match (envelope, error) {
+            (Some(env), _) => Some(Inbound::Envelope(env)),
+            (None, Some(e)) => Some(rejected(e.reason(), e.to_string())),
+            (None, None) => None,
+        };
+        [first, second]
+    }
+
+    fn destination_problem(&self, header: &Header, on_broadcast: bool) -> Option<String> {
+        match (&header.to, on_broadcast) {
+            (None, true) => None,
+            (Some(to), false) if to == &self.me => None,
+            (Some(to), false) => Some(format!("addressed to {to}, this is {}", self.me)),
+            (Some(to), true) => Some(format!("unicast to {to} on the broadcast channel")),
+            (None, false) => Some("broadcast envelope on an inbox channel".to_owned()),
+        }
+    }
+}
+
+async fn read_loop(
+    mut messages: broadcast::Receiver<Message>,
+    filter: InboundFilter,
+    out: mpsc::Sender<Inbound>,
+) {
+    loop {
+        let events = match messages.recv().await {
+            Ok(message) => {
+                let channel: &str = &message.channel;
+                match message.value.as_bytes() {
+                    Some(bytes) => filter.process(channel, bytes),
+                    None => [
+                        Some(rejected(
+                            RejectReason::Malformed,
+                            "pub/sub message is not a byte string",
+                        )),
+                        None,
+                    ],
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "pub/sub receiver lagged; reporting a gap on every link"
+                );
+                [Some(Inbound::Lagged { missed }), None]
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        for event in events.into_iter().flatten() {
+            if out.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn resubscribe_loop(
+    sub: SubscriberClient,
+    mut reconnects: broadcast::Receiver<fred::types::config::Server>,
+    out: mpsc::Sender<Inbound>,
+    min_delay: Duration,
+    max_delay: Duration,
+) {
+    loop {
+        match reconnects.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+        let mut delay = min_delay;
+        while let Err(error) = sub.resubscribe_all().await {
+            tracing::warn!(%error, "re-subscribe after reconnect failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(max_delay);
+        }
+        tracing::info!("pub/sub re-subscribed after reconnect; reporting a gap on every link");
+        if out.send(Inbound::Resubscribed).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::envelope::Session;
+    use crate::ids::{ConnId, Incarnation, NodeId};
+
+    fn addr(name: &str, inc: u64) -> NodeAddr {
+        NodeAddr::new(NodeId::new(name).unwrap(), Incarnation(inc))
+    }
+
+    fn filter(auth: Auth) -> InboundFilter {
+        let keys = Keys::new("t").unwrap();
+        let me = addr("me", 1);
+        InboundFilter {
+            codec: Codec::new(auth, DEFAULT_MAX_ENVELOPE_BYTES),
+            inbox: keys.inbox(&me),
+            bcast: keys.bcast(),
+            me,
+            seqs: Arc::default(),
+        }
+    }
+
+    fn frame(from: NodeAddr, to: Option<NodeAddr>, seq: u64) -> Envelope {
+        Envelope {
+            header: Header {
+                version: SCHEMA_VERSION,
+                from,
+                to,
+                seq,
+            },
+            body: Body::Frame {
+                session: Session {
+                    conn: ConnId::generate(),
+                    doc: "d".into(),
+                    epoch: 1,
+                },
+                data: vec![seq as u8],
+            },
+        }
+    }
+
+    #[test]
+    fn in_order_gap_and_duplicate() {
+        let f = filter(Auth::disabled());
+        let codec = f.codec.clone();
+        let peer = addr("peer", 9);
+        let me = Some(f.me.clone());
+        let inbox = f.inbox.clone();
+        let enc = |seq| codec.encode(&frame(peer.clone(), me.clone(), seq)).unwrap();
+
+        let [a, b] = f.process(&inbox, &enc(1));
+        assert!(a.is_none());
+        assert!(matches!(b, Some(Inbound::Envelope(ref e)) if e.header.seq == 1));
+
+        let [a, b] = f.process(&inbox, &enc(3));
+        assert_eq!(
+            a,
+            Some(Inbound::Gap {
+                from: peer.clone(),
+                broadcast: false,
+                expected: 2,
+                got: 3
+            })
+        );
+        assert!(matches!(b, Some(Inbound::Envelope(ref e)) if e.header.seq == 3));
+
+        let [a, b] = f.process(&inbox, &enc(3));
+        assert!(matches!(
+            a,
+            Some(Inbound::OutOfOrder {
+                duplicate: true,
+                got: 3,
+                ..
+            })
+        ));
+        assert!(b.is_none());
+    }
+
+    #[test]
+    fn wrong_incarnation_and_wrong_channel_are_rejected() {
+        let f = filter(Auth::disabled());
+        let peer = addr("peer", 9);
+        let stale_me = addr("me", 2);
+        let bytes = f
+            .codec
+            .encode(&frame(peer.clone(), Some(stale_me), 1))
+            .unwrap();
+        let [a, _] = f.process(&f.inbox, &bytes);
+        assert!(matches!(
+            a,
+            Some(Inbound::Rejected {
+                reason: RejectReason::WrongDestination,
+                ..
+            })
+        ));
+        // A unicast replayed onto the broadcast channel.
+        let bytes = f
+            .codec
+            .encode(&frame(peer.clone(), Some(f.me.clone()), 1))
+            .unwrap();
+        let [a, _] = f.process(&f.bcast, &bytes);
+        assert!(matches!(
+            a,
+            Some(Inbound::Rejected {
+                reason: RejectReason::WrongDestination,
+                ..
+            })
+        ));
+        // A broadcast published into an inbox.
+        let bytes = f.codec.encode(&frame(peer, None, 1)).unwrap();
+        let [a, _] = f.process(&f.inbox, &bytes);
+        assert!(matches!(
+            a,
+            Some(Inbound::Rejected {
+                reason: RejectReason::WrongDestination,
+                ..
+            })
+        ));
+        // Nothing was tracked for rejected envelopes.
+        assert_eq!(lock(&f.seqs).len(), 0);
+    }
+
+    #[test]
+    fn rejection_detail_is_bounded() {
+        let Inbound::Rejected { detail, .. } = rejected(RejectReason::Malformed, "é".repeat(1000))
+        else {
+            panic!("not a rejection")
+        };
+        assert!(detail.len() <= MAX_DETAIL + '…'.len_utf8());
+        assert!(detail.ends_with('…'));
+    }
+
+    #[test]
+    fn own_broadcasts_are_skipped() {
+        let f = filter(Auth::disabled());
+        let bytes = f.codec.encode(&frame(f.me.clone(), None, 1)).unwrap();
+        assert_eq!(f.process(&f.bcast, &bytes), [None, None]);
+        let other = f.codec.encode(&frame(addr("x", 1), None, 50)).unwrap();
+        let [a, b] = f.process(&f.bcast, &other);
+        assert!(a.is_none(), "first broadcast number is accepted as is");
+        assert!(matches!(b, Some(Inbound::Envelope(_))));
+    }
+
+    #[test]
+    fn garbage_and_unsigned_are_rejected_with_reasons() {
+        let f = filter(Auth::with_secret(&[3u8; 32]).unwrap());
+        let [a, b] = f.process(&f.inbox, b"\x02garbage");
+        assert!(matches!(
+            a,
+            Some(Inbound::Rejected {
+                reason: RejectReason::Malformed,
+                ..
+            })
+        ));
+        assert!(b.is_none());
+        let plain = Codec::new(Auth::disabled(), DEFAULT_MAX_ENVELOPE_BYTES)
+            .encode(&frame(addr("x", 1), Some(f.me.clone()), 1))
+            .unwrap();
+        let [a, _] = f.process(&f.inbox, &plain);
+        assert!(matches!(
+            a,
+            Some(Inbound::Rejected {
+                reason: RejectReason::Unsigned,
+                ..
+            })
+        ));
+        assert_eq!(lock(&f.seqs).len(), 0);
+    }
+}
