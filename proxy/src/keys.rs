@@ -17,7 +17,8 @@ pub const MAX_PREFIX_LEN: usize = 64;
 ///
 /// Names such as `a`, `a:lock`, `{a}`, `a*` and `a\0b` get unrelated tags, so they can't collide
 /// with each other's keys, force a Redis Cluster slot, or act as glob patterns.
-/// (`hearth-lock` computes the same tag independently.)
+/// (`hearth-lock::doc_tag` hashes the same way but returns the tag already wrapped in `{…}`;
+/// here the braces are added by [`Keys::doc_key`].)
 pub fn doc_tag(name: &str) -> String {
     let digest = Sha256::digest(name.as_bytes());
     let mut out = String::with_capacity(32);
