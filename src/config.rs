@@ -158,6 +158,9 @@ settings! {
     max_document_name_bytes: usize = 1024, env = "HEARTH_MAX_DOCUMENT_NAME_BYTES";
     /// How long a graceful shutdown may take before the process exits anyway (ms).
     shutdown_timeout_ms: u64 = 10000, env = "HEARTH_SHUTDOWN_TIMEOUT_MS";
+    /// Largest single memory allocation the process makes (bytes); bigger requests fail
+    /// (defends against length-prefix memory bombs in client updates).
+    max_allocation_bytes: usize = crate::alloc::DEFAULT_CAP, env = "HEARTH_MAX_ALLOCATION_BYTES";
     /// Log format: `text` or `json` (level via `RUST_LOG`, default info).
     log_format: LogFormat = LogFormat::Text, env = "HEARTH_LOG_FORMAT";
 }
@@ -365,5 +368,30 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+}
+
+#[cfg(test)]
+mod docs_tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// docs/configuration.md must list every setting's environment variable.
+    #[test]
+    fn configuration_reference_lists_every_setting() {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/configuration.md"
+        ))
+        .unwrap();
+        for (name, env, _) in super::Config::reference() {
+            assert!(
+                doc.contains(&format!("`{env}`")),
+                "docs/configuration.md lacks {env} ({name})"
+            );
+            assert!(
+                doc.contains(&format!("`--{}`", name.replace('_', "-"))),
+                "docs/configuration.md lacks --{name}"
+            );
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! * [`hooks`] — the extension API.
 //! * [`server`], [`http`], [`config`], [`metrics`], [`auth`].
 
+pub mod alloc;
 pub mod auth;
 pub mod config;
 pub mod connection;

@@ -10,6 +10,11 @@ use hearth::{Server, ServerHandle};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+/// Refuses single allocations above a cap, so crafted length prefixes cannot make yrs reserve
+/// gigabytes (see `hearth::alloc`).
+#[global_allocator]
+static ALLOCATOR: hearth::alloc::CappedAllocator = hearth::alloc::CappedAllocator::new();
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (Some(Command::Serve) | None) = cli.command;
@@ -20,6 +25,7 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    ALLOCATOR.set_cap(config.max_allocation_bytes);
     init_tracing(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
