@@ -54,6 +54,21 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (the default).
     Serve,
+    /// Inspect a cluster (needs `HEARTH_REDIS_URL`).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `hearth cluster …`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Print the id of the node that owns DOCUMENT (nothing and exit status 1 when nobody does).
+    Owner {
+        /// Document name.
+        document: String,
+    },
+    /// List the live nodes.
+    Status,
 }
 
 macro_rules! settings {
@@ -161,6 +176,18 @@ settings! {
     /// Largest single memory allocation the process makes (bytes); bigger requests fail
     /// (defends against length-prefix memory bombs in client updates).
     max_allocation_bytes: usize = crate::alloc::DEFAULT_CAP, env = "HEARTH_MAX_ALLOCATION_BYTES";
+    /// Redis URL; setting it turns on the cluster (one owner per document, proxying).
+    redis_url: String = String::new(), env = "HEARTH_REDIS_URL";
+    /// Prefix of every Redis key and channel of this cluster.
+    redis_prefix: String = "hearth".into(), env = "HEARTH_REDIS_PREFIX";
+    /// Ownership lock time-to-live (ms); refreshed every third of it.
+    lock_ttl_ms: u64 = 10000, env = "HEARTH_LOCK_TTL_MS";
+    /// An owner drops a proxied attachment whose edge node was silent this long (ms).
+    proxy_socket_ttl_ms: u64 = 30000, env = "HEARTH_PROXY_SOCKET_TTL_MS";
+    /// How long a custom event waits for the owner's reply (ms).
+    custom_event_ttl_ms: u64 = 30000, env = "HEARTH_CUSTOM_EVENT_TTL_MS";
+    /// Shared secret authenticating cross-node envelopes (HMAC-SHA256; at least 16 bytes).
+    cluster_secret: String = String::new(), env = "HEARTH_CLUSTER_SECRET";
     /// Log format: `text` or `json` (level via `RUST_LOG`, default info).
     log_format: LogFormat = LogFormat::Text, env = "HEARTH_LOG_FORMAT";
 }
@@ -271,6 +298,23 @@ impl Config {
                 "expected sqlite://PATH, postgres://… or memory://",
             );
         }
+        if self.is_cluster() {
+            if self.lock_ttl_ms < 300 {
+                return invalid("lock_ttl_ms", "must be at least 300");
+            }
+            if self.proxy_socket_ttl_ms < 300 {
+                return invalid("proxy_socket_ttl_ms", "must be at least 300");
+            }
+            if !self.cluster_secret.is_empty() && self.cluster_secret.len() < 16 {
+                return invalid("cluster_secret", "must be at least 16 bytes");
+            }
+            if self.database_url.starts_with("memory:") {
+                return invalid(
+                    "database_url",
+                    "a cluster needs a shared database (postgres:// or a shared sqlite file)",
+                );
+            }
+        }
         crate::auth::TokenTable::parse(&self.auth_tokens).map_err(|message| {
             ConfigError::Invalid {
                 name: "auth_tokens",
@@ -286,6 +330,11 @@ impl Config {
         (self.ping_interval_ms > 0).then(|| {
             Duration::from_millis(self.ping_interval_ms.min(self.idle_timeout_ms / 3).max(10))
         })
+    }
+
+    /// True when `redis_url` is set.
+    pub fn is_cluster(&self) -> bool {
+        !self.redis_url.is_empty()
     }
 
     /// `debounce_ms` as a duration.

@@ -173,6 +173,17 @@ pub struct AwarenessPayload<'a> {
     pub context: Option<&'a Context>,
 }
 
+/// Data given to `on_custom_event` (runs on the document's owner).
+#[derive(Debug)]
+pub struct CustomEventPayload<'a> {
+    /// The document the event is about.
+    pub document_name: &'a str,
+    /// The event name.
+    pub name: &'a str,
+    /// Opaque payload from the caller.
+    pub payload: &'a [u8],
+}
+
 /// Data given to `before_handle_message`.
 #[derive(Debug)]
 pub struct MessagePayload<'a> {
@@ -378,6 +389,15 @@ pub trait Extension: Send + Sync + 'static {
         Ok(())
     }
 
+    /// A custom event (`ServerHandle::emit`), run on the node that owns the document. Return
+    /// `Some(reply)` to answer it; the first extension that answers wins.
+    async fn on_custom_event(
+        &self,
+        _payload: &CustomEventPayload<'_>,
+    ) -> Result<Option<Vec<u8>>, HookError> {
+        Ok(None)
+    }
+
     /// Once, at the end of a graceful shutdown.
     async fn on_destroy(&self) -> HookResult {
         Ok(())
@@ -504,6 +524,20 @@ impl Extensions {
     }
     pub(crate) async fn after_unload_document(&self, p: &DocumentPayload<'_>) -> HookResult {
         run_chain!(self, e => e.after_unload_document(p))
+    }
+    pub(crate) async fn on_custom_event(
+        &self,
+        p: &CustomEventPayload<'_>,
+    ) -> Result<Option<Vec<u8>>, HookError> {
+        for e in self.list.iter() {
+            match e.on_custom_event(p).await {
+                Ok(Some(answer)) => return Ok(Some(answer)),
+                Ok(None) => {}
+                Err(err) if err.skip => break,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(None)
     }
     pub(crate) async fn on_destroy(&self) -> HookResult {
         run_chain!(self, e => e.on_destroy())

@@ -10,6 +10,7 @@
 
 pub mod alloc;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod doc;
@@ -23,7 +24,8 @@ mod shared;
 pub mod storage;
 mod test_extension;
 
+pub use cluster::EmitError;
 pub use config::Config;
 pub use doc::direct::DirectConnection;
 pub use hooks::{Context, Extension, HookError, HookResult};
-pub use server::{Server, ServerError, ServerHandle};
+pub use server::{LockDocumentError, Server, ServerError, ServerHandle};

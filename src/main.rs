@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use hearth::config::{Cli, Command, Config, LogFormat};
+use hearth::config::{Cli, ClusterCommand, Command, Config, LogFormat};
 use hearth::{Server, ServerHandle};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -17,7 +17,7 @@ static ALLOCATOR: hearth::alloc::CappedAllocator = hearth::alloc::CappedAllocato
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Some(Command::Serve) | None) = cli.command;
+    let command = cli.command;
     let config = match Config::from_settings(cli.settings) {
         Ok(c) => c,
         Err(e) => {
@@ -27,6 +27,9 @@ fn main() -> ExitCode {
     };
     ALLOCATOR.set_cap(config.max_allocation_bytes);
     init_tracing(config.log_format);
+    if let Some(Command::Cluster(cmd)) = command {
+        return cluster_command(config, cmd);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -42,6 +45,47 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("hearth: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `hearth cluster owner DOC` / `hearth cluster status`.
+fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
+    if !config.is_cluster() {
+        eprintln!("hearth: set HEARTH_REDIS_URL (or --redis-url) to inspect a cluster");
+        return ExitCode::from(64);
+    }
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return ExitCode::FAILURE;
+    };
+    let result = runtime.block_on(async {
+        match cmd {
+            ClusterCommand::Owner { document } => hearth::cluster::owner_of(&config, &document)
+                .await
+                .map(|owner| match owner {
+                    Some(node) => {
+                        println!("{node}");
+                        true
+                    }
+                    None => false,
+                }),
+            ClusterCommand::Status => hearth::cluster::live_nodes(&config).await.map(|nodes| {
+                for (node, incarnation) in &nodes {
+                    println!("{node} {incarnation}");
+                }
+                true
+            }),
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("hearth: {e}");
+            ExitCode::from(2)
         }
     }
 }

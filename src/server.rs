@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::auth::{StaticTokens, TokenTable};
+use crate::cluster::{Cluster, EmitError};
 use crate::config::Config;
 use crate::doc::committer::Committer;
 use crate::doc::direct::DirectConnection;
@@ -52,6 +53,9 @@ pub enum ServerError {
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The cluster (Redis) could not be joined.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Collects configuration, extensions and storage before binding.
@@ -117,6 +121,11 @@ impl ServerBuilder {
             .on_configure(&self.config)
             .await
             .map_err(|e| ServerError::Extension(e.reason))?;
+        let cluster = if self.config.is_cluster() {
+            Some(Cluster::connect(&self.config, &metrics.registry).await?)
+        } else {
+            None
+        };
         let addr = self.config.listen;
         let listener = TcpListener::bind(addr)
             .await
@@ -133,7 +142,11 @@ impl ServerBuilder {
             committer,
             shutdown: CancellationToken::new(),
             draining: Default::default(),
+            cluster: cluster.as_ref().map(|(c, _)| c.clone()),
         });
+        if let Some((c, inbound)) = cluster {
+            c.spawn_tasks(&shared, inbound);
+        }
         if let Some(t) = test_ext {
             t.set_server(Arc::downgrade(&shared));
         }
@@ -220,6 +233,10 @@ impl Server {
 async fn shutdown(shared: &Arc<Shared>) {
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(shared.config.shutdown_timeout_ms);
+    if let Some(c) = &shared.cluster {
+        // peers stop routing here at once instead of waiting for lock expiry
+        c.drain().await;
+    }
     info!("shutting down: closing sockets");
     // sockets react to the cancelled token: CLOSE per document, socket close 4205
     while shared.metrics.sockets.get() > 0 && tokio::time::Instant::now() < deadline {
@@ -238,6 +255,9 @@ async fn shutdown(shared: &Arc<Shared>) {
         if tokio::time::timeout_at(deadline, rx).await.is_err() {
             warn!("a document did not finish storing before the shutdown deadline");
         }
+    }
+    if let Some(c) = &shared.cluster {
+        c.leave().await;
     }
     if let Err(e) = shared.extensions.on_destroy().await {
         warn!(reason = %e, "on_destroy failed");
@@ -270,6 +290,45 @@ impl ServerHandle {
         for h in handles {
             h.send_detached(DocCommand::CloseConnections("Reset Connection".into()));
         }
+    }
+
+    /// Runs custom event `name` on the node that owns `document` (this one, or another through
+    /// the cluster, waiting at most `custom_event_ttl_ms`); `on_custom_event` hooks answer it.
+    pub async fn emit(
+        &self,
+        document: &str,
+        name: &str,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, EmitError> {
+        match &self.shared.cluster {
+            Some(c) => c.emit(&self.shared, document, name, payload).await,
+            None => crate::cluster::emit_local(&self.shared, document, name, &payload).await,
+        }
+    }
+
+    /// Takes ownership of `document` for direct edits: loads it here (claiming its cluster lock
+    /// if nobody holds it) and pins it while the returned connection is open. Fails with
+    /// [`LockDocumentError::Owned`] when another node owns it — send that node a custom event
+    /// instead.
+    pub async fn lock_document(
+        &self,
+        document: &str,
+        context: Context,
+    ) -> Result<DirectConnection, LockDocumentError> {
+        if let Some(c) = &self.shared.cluster {
+            match c.route(&self.shared, document).await {
+                Ok(crate::cluster::Route2::Local) => {}
+                Ok(crate::cluster::Route2::Remote(owner)) => {
+                    return Err(LockDocumentError::Owned {
+                        node: owner.id.as_str().to_owned(),
+                    });
+                }
+                Err(e) => return Err(LockDocumentError::Unavailable(e.to_string())),
+            }
+        }
+        open_direct(&self.shared, document, context)
+            .await
+            .map_err(|e| LockDocumentError::Unavailable(e.reason))
     }
 
     /// Names of the loaded documents.
@@ -309,6 +368,20 @@ pub(crate) async fn open_direct(
     Err(LoadError {
         reason: "document unavailable".into(),
     })
+}
+
+/// Why [`ServerHandle::lock_document`] failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LockDocumentError {
+    /// Another node owns the document.
+    #[error("document is owned by node {node}")]
+    Owned {
+        /// The owner's node id.
+        node: String,
+    },
+    /// The document could not be loaded or the cluster could not be reached.
+    #[error("document unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A weak server reference for extensions built before the server (breaks the Arc cycle).

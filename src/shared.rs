@@ -25,4 +25,6 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// True while shutting down (`/readyz` reports not ready).
     pub draining: AtomicBool,
+    /// Cluster membership, when `redis_url` is set.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }

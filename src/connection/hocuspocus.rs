@@ -18,6 +18,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::cluster::{Cluster, RemoteIn};
+
 use super::outbox::{Outbox, Outgoing, outbox};
 use super::{Ws, close, write_batch};
 use crate::doc::{Attach, ConnId, DocCommand, DocHandle, Framing, WeakDocHandle, next_conn_id};
@@ -30,6 +32,8 @@ use crate::protocol::message::{
 };
 use crate::request::RequestInfo;
 use crate::shared::Shared;
+use hearth_proxy::{NodeAddr, OpenMeta, Session};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 struct Pending {
     queue: Vec<(Bytes, u64, Result<ClientMessage, DecodeError>)>,
@@ -44,9 +48,16 @@ struct Established {
     context: Arc<Context>,
 }
 
+/// An address whose document is owned by another node: frames are forwarded there.
+struct Remote {
+    owner: NodeAddr,
+    session: Session,
+}
+
 enum Addr {
     Pending(Pending),
     Established(Established),
+    Remote(Remote),
 }
 
 struct AuthDone {
@@ -95,6 +106,10 @@ struct Socket {
     opened: Instant,
     last_inbound: Instant,
     auth_tx: mpsc::UnboundedSender<AuthDone>,
+    /// Set by the cluster when an owner answered `Authenticated` for a proxied address.
+    remote_authenticated: Arc<AtomicBool>,
+    /// True for an owner-side socket standing in for a client of another node: never re-route.
+    stand_in: bool,
 }
 
 /// Why the socket task ends.
@@ -131,6 +146,8 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
         opened: now,
         last_inbound: now,
         auth_tx,
+        remote_authenticated: Arc::new(AtomicBool::new(false)),
+        stand_in: false,
     };
     let cfg = &shared.config;
     let ping_every = cfg.effective_ping_interval();
@@ -203,7 +220,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                if !s.authenticated_once && now.duration_since(s.opened) >= Duration::from_millis(cfg.auth_timeout_ms) {
+                if !s.authenticated() && now.duration_since(s.opened) >= Duration::from_millis(cfg.auth_timeout_ms) {
                     info!("no document authenticated before the deadline");
                     break End::Close(4408, "Connection Timeout");
                 }
@@ -234,14 +251,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
         }
     };
 
-    for (_, addr) in s.addrs.drain() {
-        if let Addr::Established(e) = addr {
-            e.doc.send_detached(DocCommand::Detach {
-                conn: e.conn,
-                reply: None,
-            });
-        }
-    }
+    s.detach_all();
     shared.metrics.sockets.dec();
     if let End::Close(code, reason) = end {
         shared
@@ -257,6 +267,75 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
 }
 
 impl Socket {
+    fn authenticated(&self) -> bool {
+        self.authenticated_once || self.remote_authenticated.load(Ordering::Acquire)
+    }
+
+    /// Leaves every document (local: detach; remote: tell the owner).
+    fn detach_all(&mut self) {
+        for (_, addr) in self.addrs.drain() {
+            match addr {
+                Addr::Established(e) => e.doc.send_detached(DocCommand::Detach {
+                    conn: e.conn,
+                    reply: None,
+                }),
+                Addr::Remote(r) => {
+                    if let Some(c) = &self.shared.cluster {
+                        c.detach_remote(&r.owner, &r.session);
+                    }
+                }
+                Addr::Pending(_) => {}
+            }
+        }
+    }
+
+    /// Moves a pending address to its remote owner: `open`, then the queued frames and the Auth
+    /// frame, in arrival order.
+    async fn go_remote(
+        &mut self,
+        address: String,
+        owner: NodeAddr,
+        auth_frame: Bytes,
+    ) -> Option<End> {
+        let cluster = self.shared.cluster.clone()?;
+        let Some(Addr::Pending(p)) = self.addrs.remove(&address) else {
+            return None;
+        };
+        self.pending_bytes -= p.bytes;
+        self.pending_frames -= p.queue.len();
+        let (name, _) = split_address(&address);
+        let meta = OpenMeta {
+            path: self.request.path.clone(),
+            query: self.request.query.clone(),
+            headers: forwarded_headers(&self.request),
+            remote: self.request.remote_addr.map(|a| a.to_string()),
+            provider_version: None,
+        };
+        let Some(session) = cluster
+            .open_remote(
+                &owner,
+                name,
+                meta,
+                self.outbox.clone(),
+                self.remote_authenticated.clone(),
+            )
+            .await
+        else {
+            return Some(End::Close(4205, "Reset Connection"));
+        };
+        debug!(address, owner = %owner, "proxying to the owner");
+        for (raw, _, _) in p.queue {
+            cluster.forward(&owner, &session, raw);
+        }
+        if !cluster.forward(&owner, &session, auth_frame) {
+            cluster.detach_remote(&owner, &session);
+            return Some(End::Close(4205, "Reset Connection"));
+        }
+        self.addrs
+            .insert(address, Addr::Remote(Remote { owner, session }));
+        None
+    }
+
     fn on_controls(&mut self, controls: Vec<Outgoing>) -> Option<End> {
         for c in controls {
             match c {
@@ -297,7 +376,15 @@ impl Socket {
             .inc();
         match self.addrs.get_mut(&address) {
             Some(Addr::Established(_)) => self.on_established(&address, bytes, body).await,
-            Some(Addr::Pending(_)) => self.on_pending(address, bytes, kind, body),
+            Some(Addr::Pending(_)) => self.on_pending(address, bytes, kind, body).await,
+            Some(Addr::Remote(r)) => {
+                let ok = self
+                    .shared
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|c| c.forward(&r.owner, &r.session, bytes));
+                (!ok).then_some(End::Close(4205, "Reset Connection"))
+            }
             None => {
                 let pending_docs = self
                     .addrs
@@ -316,12 +403,12 @@ impl Socket {
                         establishing: false,
                     }),
                 );
-                self.on_pending(address, bytes, kind, body)
+                self.on_pending(address, bytes, kind, body).await
             }
         }
     }
 
-    fn on_pending(
+    async fn on_pending(
         &mut self,
         address: String,
         raw: Bytes,
@@ -340,6 +427,21 @@ impl Socket {
                 }
             };
             p.establishing = true;
+            if !self.stand_in
+                && let Some(cluster) = self.shared.cluster.clone()
+            {
+                let (name, _) = split_address(&address);
+                match cluster.route(&self.shared, name).await {
+                    Ok(crate::cluster::Route2::Local) => {}
+                    Ok(crate::cluster::Route2::Remote(owner)) => {
+                        return self.go_remote(address, owner, raw).await;
+                    }
+                    Err(e) => {
+                        warn!(doc = name, error = %e, "cannot route the document (Redis unavailable?)");
+                        return Some(End::Close(4205, "Reset Connection"));
+                    }
+                }
+            }
             if version
                 .as_deref()
                 .and_then(|v| v.split('.').next())
@@ -386,6 +488,11 @@ impl Socket {
     }
 
     async fn on_auth_done(&mut self, done: AuthDone) -> Option<End> {
+        if done.result.is_err()
+            && let Some(c) = &self.shared.cluster
+        {
+            c.drop_unused_claim(&self.shared, split_address(&done.address).0);
+        }
         let Some(Addr::Pending(p)) = self.addrs.remove(&done.address) else {
             // the address vanished meanwhile (cannot happen while pending); undo an attach
             if let Ok(e) = done.result {
@@ -641,4 +748,131 @@ async fn authenticate(
         }
     }
     Err("permission-denied".into())
+}
+
+/// Request headers worth forwarding to an owner (hooks may read them); cookies and
+/// authorization are included because `on_authenticate` may need them, but hop-by-hop and
+/// WebSocket handshake headers are not.
+fn forwarded_headers(req: &RequestInfo) -> Vec<(String, String)> {
+    const SKIP: [&str; 8] = [
+        "connection",
+        "upgrade",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "host",
+        "content-length",
+        "transfer-encoding",
+    ];
+    req.headers
+        .iter()
+        .filter(|(k, _)| !SKIP.contains(&k.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// Owner side: runs the Hocuspocus state machine for a client attached to another node (the
+/// edge), fed by `frame` envelopes and answering with `out` envelopes.
+pub(crate) fn spawn_remote(
+    shared: Arc<Shared>,
+    cluster: Arc<Cluster>,
+    edge: NodeAddr,
+    session: Session,
+    meta: OpenMeta,
+) -> mpsc::UnboundedSender<RemoteIn> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let id: Arc<str> = Arc::from(session.conn.as_uuid().to_string());
+    let span = info_span!("remote", socket = %id, doc = %session.doc, edge = %edge, node = %shared.config.node_id);
+    tokio::spawn(run_remote(shared, cluster, edge, session, meta, id, rx).instrument(span));
+    tx
+}
+
+async fn run_remote(
+    shared: Arc<Shared>,
+    cluster: Arc<Cluster>,
+    edge: NodeAddr,
+    session: Session,
+    meta: OpenMeta,
+    id: Arc<str>,
+    mut rx: mpsc::UnboundedReceiver<RemoteIn>,
+) {
+    let request = Arc::new(RequestInfo {
+        path: meta.path,
+        query: meta.query,
+        headers: meta.headers,
+        remote_addr: meta.remote.and_then(|r| r.parse().ok()),
+    });
+    let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
+    let overflow = out_rx.overflow_signal();
+    let (auth_tx, mut auth_rx) = mpsc::unbounded_channel();
+    let now = Instant::now();
+    let mut s = Socket {
+        shared: shared.clone(),
+        id,
+        request,
+        outbox,
+        addrs: HashMap::new(),
+        pending_bytes: 0,
+        pending_frames: 0,
+        authenticated_once: false,
+        provider_v4: false,
+        opened: now,
+        last_inbound: now,
+        auth_tx,
+        remote_authenticated: Arc::new(AtomicBool::new(false)),
+        stand_in: true,
+    };
+    debug!("proxied attachment open");
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => break Some(End::Close(4205, "Reset Connection")),
+            _ = overflow.wait() => {
+                shared.metrics.slow_readers.inc();
+                break Some(End::Close(1013, "Slow Reader"));
+            }
+            msg = out_rx.recv() => {
+                let Some(mut msg) = msg else { break None };
+                let mut controls = Vec::new();
+                loop {
+                    match msg {
+                        Outgoing::Frame(f) => {
+                            if !cluster.send_out(&edge, &session, &f) {
+                                break;
+                            }
+                        }
+                        other => controls.push(other),
+                    }
+                    match out_rx.try_recv() {
+                        Some(m) => msg = m,
+                        None => break,
+                    }
+                }
+                if let Some(end) = s.on_controls(controls) { break Some(end); }
+            }
+            Some(done) = auth_rx.recv() => {
+                if let Some(end) = s.on_auth_done(done).await { break Some(end); }
+            }
+            input = rx.recv() => match input {
+                None | Some(RemoteIn::Detach) => break None,
+                Some(RemoteIn::Reset) => break Some(End::Close(4205, "Reset Connection")),
+                Some(RemoteIn::Frame(bytes)) => {
+                    s.last_inbound = Instant::now();
+                    if let Some(end) = s.on_frame(bytes).await { break Some(end); }
+                }
+            },
+        }
+    };
+    // deliver what is queued (e.g. CLOSE frames) before ending the session
+    while let Some(msg) = out_rx.try_recv() {
+        if let Outgoing::Frame(f) = msg {
+            cluster.send_out(&edge, &session, &f);
+        }
+    }
+    s.detach_all();
+    cluster.remote_ended(&edge, session.conn);
+    if let Some(End::Close(code, reason)) = end {
+        debug!(code, reason, "ending proxied attachment");
+        cluster.close_remote(&edge, &session, code, reason);
+    }
 }

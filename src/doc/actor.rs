@@ -61,6 +61,8 @@ pub(crate) struct Loaded {
     pub log_len: usize,
     /// True when `on_load_document` hooks changed the stored state (compact soon).
     pub dirty: bool,
+    /// The ownership lock (cluster mode).
+    pub lease: Option<hearth_lock::LockGuard>,
 }
 
 enum Exit {
@@ -98,6 +100,7 @@ pub(crate) struct Actor {
     internal_tx: mpsc::UnboundedSender<CommitResult>,
     internal_rx: mpsc::UnboundedReceiver<CommitResult>,
     me: WeakDocHandle,
+    lease: Option<hearth_lock::LockGuard>,
 }
 
 impl Actor {
@@ -122,6 +125,7 @@ impl Actor {
         };
         let actor = Actor {
             me: handle.downgrade(),
+            lease: loaded.lease,
             name: name.clone(),
             durable: shared.config.durability == Durability::Durable,
             shared,
@@ -154,10 +158,27 @@ impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<DocCommand>) {
         self.shared.metrics.documents.inc();
         debug!(doc = %self.name, epoch = self.epoch, "document task started");
+        let lease_status = self.lease.as_ref().map(|l| l.status());
+        if self.lease.is_some()
+            && let Some(c) = &self.shared.cluster
+        {
+            c.owned_inc();
+        }
+        let lost = async move {
+            match lease_status {
+                Some(s) => s.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(lost);
         let exit = loop {
             let deadline = self.next_deadline();
             let step = tokio::select! {
                 biased;
+                reason = &mut lost => {
+                    warn!(doc = %self.name, reason = reason.as_str(), "ownership lock lost: stop writing");
+                    Some(self.fence())
+                }
                 Some(result) = self.internal_rx.recv() => self.on_commit_result(result),
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd).await,
@@ -204,6 +225,10 @@ impl Actor {
         }
         if self.dirty_since.is_some() || !self.unsent.is_empty() || self.inflight.is_some() {
             self.shared.metrics.dirty_documents.dec();
+        }
+        if let (Some(lease), Some(cluster)) = (self.lease.take(), self.shared.cluster.clone()) {
+            // compare-and-delete: a lease that is no longer ours is left alone
+            cluster.release(&self.name, self.epoch, lease).await;
         }
         self.shared.registry.remove(&self.name);
         self.shared.metrics.documents.dec();
@@ -297,6 +322,10 @@ impl Actor {
                 }
             }
             DocCommand::Transact { f, context, done } => {
+                if !self.lease_valid() {
+                    let _ = done.send(Err(TransactError::Closed));
+                    return Some(self.fence());
+                }
                 let result = catch_unwind(AssertUnwindSafe(|| f(&self.doc)));
                 if result.is_err() {
                     let _ = done.send(Err(TransactError::Panicked));
@@ -457,6 +486,9 @@ impl Actor {
                 self.queue_ack(id, contained, 0);
             }
             return None;
+        }
+        if !self.lease_valid() {
+            return Some(self.fence());
         }
         let update = match decoded {
             Ok(u) => u,
@@ -841,6 +873,12 @@ impl Actor {
         }
         debug!(doc = %self.name, "unloading");
         Some(Exit::Unloaded)
+    }
+
+    /// False once the ownership lock can no longer be trusted (checked before every write; the
+    /// database epoch still fences anything that slips between this check and the commit).
+    fn lease_valid(&self) -> bool {
+        self.lease.as_ref().is_none_or(|l| l.is_valid())
     }
 
     fn fence(&mut self) -> Exit {

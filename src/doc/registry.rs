@@ -189,14 +189,59 @@ async fn load(
         LoadError { reason }
     };
     let denied = "permission-denied".to_owned();
-    let epoch = match shared.store.acquire_epoch(&name).await {
+    // Cluster: the ownership lock first (the claim made when the client was routed here).
+    let lease = match &shared.cluster {
+        None => None,
+        Some(c) => match c.lease_for_load(&name).await {
+            Ok(Some(g)) => Some(g),
+            Ok(None) => {
+                info!(doc = %name, "another node owns the document; not loading it here");
+                return Err(fail("not_owner", "not-owner".into()));
+            }
+            Err(e) => {
+                warn!(doc = %name, error = %e, "cannot take the ownership lock");
+                return Err(fail("lock_error", denied));
+            }
+        },
+    };
+    match load_state(shared, &name, context, started).await {
+        Ok(mut loaded) => {
+            loaded.lease = lease;
+            Ok(Actor::spawn(name, shared.clone(), loaded))
+        }
+        Err(e) => {
+            if let Some(g) = lease {
+                tokio::spawn(async move {
+                    let _ = g.release().await;
+                });
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Epoch, storage, load hooks: everything of a load but the lease.
+async fn load_state(
+    shared: &Arc<Shared>,
+    name: &Arc<str>,
+    context: &Context,
+    started: Instant,
+) -> Result<Loaded, LoadError> {
+    let m = &shared.metrics;
+    let fail = |what: &str, reason: String| {
+        m.loads.with_label_values(&[what]).inc();
+        LoadError { reason }
+    };
+    let denied = "permission-denied".to_owned();
+    // The database epoch fences every earlier owner from this moment on.
+    let epoch = match shared.store.acquire_epoch(name).await {
         Ok(e) => e,
         Err(e) => {
             warn!(doc = %name, error = %e, "cannot take the document's epoch");
             return Err(fail("store_error", denied));
         }
     };
-    let stored = match shared.store.load(&name).await {
+    let stored = match shared.store.load(name).await {
         Ok(s) => s,
         Err(e) => {
             warn!(doc = %name, error = %e, "cannot read the document");
@@ -235,7 +280,7 @@ async fn load(
             )
         };
         let payload = LoadPayload {
-            document_name: &name,
+            document_name: name,
             context,
             stored_state: state.as_deref(),
         };
@@ -272,7 +317,7 @@ async fn load(
             dirty |= doc.transact().state_vector().encode_v1() != before;
         }
         let payload = DocumentPayload {
-            document_name: &name,
+            document_name: name,
             context: Some(context),
         };
         if let Err(e) = shared.extensions.after_load_document(&payload).await {
@@ -289,12 +334,12 @@ async fn load(
     m.loads.with_label_values(&["ok"]).inc();
     m.load_seconds.observe(started.elapsed().as_secs_f64());
     debug!(doc = %name, epoch, log = stored.updates.len(), ms = started.elapsed().as_millis() as u64, "document loaded");
-    let loaded = Loaded {
+    Ok(Loaded {
         doc,
         epoch,
         db_seq: stored.last_seq,
         log_len: stored.updates.len(),
         dirty,
-    };
-    Ok(Actor::spawn(name, shared.clone(), loaded))
+        lease: None,
+    })
 }

@@ -1,0 +1,1050 @@
+//! The cluster seam: one owner per document (`hearth-lock`), client frames proxied to the owner
+//! over Redis (`hearth-proxy`). The only module that imports both crates.
+//!
+//! * **Routing** ([`Cluster::route`]): a document loaded or claimed here is local; a cached
+//!   route points at its owner; otherwise `SET NX` decides — the winner claims the lock (the
+//!   claim becomes the document task's lease when it loads), everybody else proxies.
+//! * **Edge side**: a socket whose document is owned elsewhere sends `open` and then every raw
+//!   client frame for that address to the owner; `out` envelopes come back as frames for the
+//!   client. Anything that breaks the link (owner gone, `not_owner`, sequence gap) closes the
+//!   client's socket with 4205 so the provider reconnects through the load balancer and resyncs.
+//! * **Owner side**: each `open` becomes a remote socket running the same Hocuspocus state
+//!   machine as a local one (`connection::hocuspocus::spawn_remote`), so auth, read-only, acks,
+//!   awareness, stateless and close codes are identical. It lives until `detach`, the edge's
+//!   silence for `proxy_socket_ttl_ms`, a gap on the link, or ownership loss.
+//! * **Fencing**: the lock only routes; correctness comes from the database epoch every write
+//!   carries (see `storage`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::{Builder, ClientLike, KeysInterface, ReconnectPolicy};
+use fred::types::{Expiration, config::Config as RedisConfig};
+use hearth_lock::{Acquire, HolderId, LockClient, LockGuard, LockTiming};
+use hearth_proxy::{
+    Auth, Body, CloseDoc, ConnId, Inbound, Incarnation, NodeAddr, NodeId, OpenMeta, Route,
+    RouteCache, Rpc, RpcError, RpcErrorCode, RpcFailure, RpcRequest, Session, Transport,
+    TransportConfig,
+};
+use prometheus::{IntCounterVec, IntGauge, Opts};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::connection::outbox::{Outbox, Outgoing};
+use crate::hooks::CustomEventPayload;
+use crate::shared::Shared;
+
+/// Errors of the cluster layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Redis could not be reached or answered an error.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// Lock layer error.
+    #[error("lock: {0}")]
+    Lock(#[from] hearth_lock::LockError),
+    /// Proxy layer error.
+    #[error("proxy: {0}")]
+    Proxy(#[from] hearth_proxy::ProxyError),
+    /// A lock holder value this build cannot turn into a node address.
+    #[error("unexpected lock holder {0}")]
+    Holder(String),
+}
+
+/// Where a document is served.
+#[derive(Debug, Clone)]
+pub(crate) enum Route2 {
+    /// Here.
+    Local,
+    /// By this process.
+    Remote(NodeAddr),
+}
+
+/// Input to an owner-side remote socket.
+#[derive(Debug)]
+pub(crate) enum RemoteIn {
+    /// A raw client frame.
+    Frame(Bytes),
+    /// The edge detached (client gone).
+    Detach,
+    /// The link lost envelopes: reset the client.
+    Reset,
+}
+
+struct EdgeSession {
+    owner: NodeAddr,
+    doc: String,
+    outbox: Outbox,
+    authenticated: Arc<AtomicBool>,
+}
+
+/// Cluster metrics, registered into the server's registry.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterMetrics {
+    owned: IntGauge,
+    owner_sessions: IntGauge,
+    edge_sessions: IntGauge,
+    envelopes_in: IntCounterVec,
+    envelopes_out: IntCounterVec,
+    rejected: IntCounterVec,
+    resyncs: IntCounterVec,
+    routes: IntCounterVec,
+    lock_ops: IntCounterVec,
+    lock_losses: IntCounterVec,
+}
+
+impl ClusterMetrics {
+    fn register(r: &prometheus::Registry) -> prometheus::Result<Self> {
+        let g = |n: &str, h: &str| -> prometheus::Result<IntGauge> {
+            let x = IntGauge::new(n, h)?;
+            r.register(Box::new(x.clone()))?;
+            Ok(x)
+        };
+        let c = |n: &str, h: &str, l: &[&str]| -> prometheus::Result<IntCounterVec> {
+            let x = IntCounterVec::new(Opts::new(n, h), l)?;
+            r.register(Box::new(x.clone()))?;
+            Ok(x)
+        };
+        Ok(Self {
+            owned: g(
+                "hearth_cluster_owned_documents",
+                "Documents this node holds the ownership lock for",
+            )?,
+            owner_sessions: g(
+                "hearth_cluster_proxied_attachments",
+                "Clients of other nodes attached to documents owned here",
+            )?,
+            edge_sessions: g(
+                "hearth_cluster_remote_attachments",
+                "Clients here attached to documents owned elsewhere",
+            )?,
+            envelopes_in: c(
+                "hearth_cluster_envelopes_in_total",
+                "Envelopes received by kind",
+                &["kind"],
+            )?,
+            envelopes_out: c(
+                "hearth_cluster_envelopes_out_total",
+                "Envelopes sent by kind",
+                &["kind"],
+            )?,
+            rejected: c(
+                "hearth_cluster_envelopes_rejected_total",
+                "Envelopes rejected by reason",
+                &["reason"],
+            )?,
+            resyncs: c(
+                "hearth_cluster_resyncs_total",
+                "Client resets forced by link problems",
+                &["reason"],
+            )?,
+            routes: c(
+                "hearth_cluster_route_lookups_total",
+                "Route look-ups by outcome",
+                &["outcome"],
+            )?,
+            lock_ops: c(
+                "hearth_cluster_lock_ops_total",
+                "Lock operations by op and result",
+                &["op", "result"],
+            )?,
+            lock_losses: c(
+                "hearth_cluster_lock_losses_total",
+                "Ownership locks lost, by reason",
+                &["reason"],
+            )?,
+        })
+    }
+}
+
+struct Observer(ClusterMetrics);
+
+impl hearth_lock::LockObserver for Observer {
+    fn on_acquire(&self, _latency: Duration, outcome: hearth_lock::AcquireOutcome) {
+        self.0
+            .lock_ops
+            .with_label_values(&["acquire", &format!("{outcome:?}").to_lowercase()])
+            .inc();
+    }
+    fn on_refresh(&self, _latency: Duration, outcome: hearth_lock::RefreshOutcome) {
+        self.0
+            .lock_ops
+            .with_label_values(&["refresh", &format!("{outcome:?}").to_lowercase()])
+            .inc();
+    }
+    fn on_lost(&self, resource: &str, reason: &hearth_lock::LossReason) {
+        warn!(
+            doc = resource,
+            reason = reason.as_str(),
+            "ownership lock lost"
+        );
+        self.0
+            .lock_losses
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+}
+
+/// The running cluster membership of this process.
+pub struct Cluster {
+    me: NodeAddr,
+    holder: HolderId,
+    lock: LockClient,
+    transport: Transport,
+    rpc: Rpc,
+    routes: RouteCache,
+    redis: fred::clients::Client,
+    node_key: String,
+    lock_ttl: Duration,
+    proxy_ttl: Duration,
+    event_ttl: Duration,
+    claims: Mutex<HashMap<String, LockGuard>>,
+    owner_sessions: Mutex<HashMap<(NodeAddr, ConnId), mpsc::UnboundedSender<RemoteIn>>>,
+    edge_sessions: Mutex<HashMap<ConnId, EdgeSession>>,
+    peers_seen: Mutex<HashMap<NodeAddr, Instant>>,
+    pub(crate) metrics: ClusterMetrics,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // std Mutex: every critical section is a map operation, nothing awaits under it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A fred client with reconnects (fred does not reconnect without a policy).
+pub(crate) async fn redis_client(url: &str) -> Result<fred::clients::Client, ClusterError> {
+    let config = RedisConfig::from_url(url).map_err(|e| ClusterError::Redis(e.to_string()))?;
+    let client = Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2000, 2))
+        .build()
+        .map_err(|e| ClusterError::Redis(e.to_string()))?;
+    client
+        .init()
+        .await
+        .map_err(|e| ClusterError::Redis(e.to_string()))?;
+    Ok(client)
+}
+
+fn holder_addr(h: &HolderId) -> Result<NodeAddr, ClusterError> {
+    let id = NodeId::new(h.node_id()).map_err(|_| ClusterError::Holder(h.to_string()))?;
+    let inc =
+        u64::from_str_radix(h.nonce(), 16).map_err(|_| ClusterError::Holder(h.to_string()))?;
+    Ok(NodeAddr::new(id, Incarnation(inc)))
+}
+
+fn static_reason(code: u16) -> &'static str {
+    match code {
+        1009 => "Message Too Big",
+        1013 => "Slow Reader",
+        4401 => "Unauthorized",
+        4403 => "Forbidden",
+        4408 => "Connection Timeout",
+        _ => "Reset Connection",
+    }
+}
+
+fn kind_of(body: &Body) -> &'static str {
+    match body {
+        Body::Open { .. } => "open",
+        Body::Frame { .. } => "frame",
+        Body::Out { .. } => "out",
+        Body::Detach { .. } => "detach",
+        Body::CloseDoc { .. } => "close_doc",
+        Body::NotOwner { .. } => "not_owner",
+        Body::Released { .. } => "released",
+        Body::Draining { .. } => "draining",
+        Body::NodeDown { .. } => "node_down",
+        Body::Rpc(_) => "rpc",
+        Body::RpcReply(_) => "rpc_reply",
+        Body::Keepalive { .. } => "keepalive",
+    }
+}
+
+/// True when `frame` (server → client) is an `Authenticated` message.
+fn is_authenticated_frame(frame: &[u8]) -> bool {
+    let mut r = crate::protocol::lib0::Reader::new(Bytes::copy_from_slice(frame));
+    r.read_var_string().is_ok() && r.read_var_uint() == Ok(2) && r.read_var_uint() == Ok(2)
+}
+
+impl Cluster {
+    /// Connects to Redis, subscribes this node's inbox and registers the metrics.
+    pub(crate) async fn connect(
+        config: &Config,
+        registry: &prometheus::Registry,
+    ) -> Result<(Arc<Self>, mpsc::Receiver<Inbound>), ClusterError> {
+        let node_id = NodeId::new(config.node_id.clone())?;
+        let me = NodeAddr::fresh(node_id.clone());
+        let holder = HolderId::from_parts(config.node_id.clone(), me.inc.to_string())?;
+        let auth = if config.cluster_secret.is_empty() {
+            Auth::disabled()
+        } else {
+            Auth::with_secret(config.cluster_secret.as_bytes())?
+        };
+        if let Some(w) = auth.startup_warning() {
+            warn!("{w}");
+        }
+        let mut tc = TransportConfig::new(
+            config.redis_url.clone(),
+            config.redis_prefix.clone(),
+            me.clone(),
+        );
+        tc.auth = auth;
+        tc.max_envelope_bytes = config.max_message_bytes.max(1 << 20) + 4096;
+        let (transport, inbound) = Transport::connect(tc).await?;
+        let redis = redis_client(&config.redis_url).await?;
+        let metrics = ClusterMetrics::register(registry)
+            .map_err(|e| ClusterError::Redis(format!("metrics: {e}")))?;
+        let lock_ttl = Duration::from_millis(config.lock_ttl_ms);
+        let lock = LockClient::new(
+            redis.clone(),
+            config.redis_prefix.clone(),
+            holder.clone(),
+            LockTiming::from_ttl(lock_ttl)?,
+        )?
+        .with_observer(Arc::new(Observer(metrics.clone())));
+        let node_key = transport.keys().node_key(&node_id);
+        let cluster = Arc::new(Cluster {
+            rpc: Rpc::new(transport.clone()),
+            me,
+            holder,
+            lock,
+            transport,
+            routes: RouteCache::new(100_000),
+            redis,
+            node_key,
+            lock_ttl,
+            proxy_ttl: Duration::from_millis(config.proxy_socket_ttl_ms),
+            event_ttl: Duration::from_millis(config.custom_event_ttl_ms),
+            claims: Mutex::new(HashMap::new()),
+            owner_sessions: Mutex::new(HashMap::new()),
+            edge_sessions: Mutex::new(HashMap::new()),
+            peers_seen: Mutex::new(HashMap::new()),
+            metrics,
+        });
+        cluster.refresh_node_key().await;
+        info!(node = %cluster.me, "joined the cluster");
+        Ok((cluster, inbound))
+    }
+
+    /// This process's cluster address.
+    pub fn me(&self) -> &NodeAddr {
+        &self.me
+    }
+
+    async fn refresh_node_key(&self) {
+        let ttl = i64::try_from(self.lock_ttl.as_millis()).unwrap_or(i64::MAX);
+        let r: Result<(), _> = self
+            .redis
+            .set(
+                &self.node_key,
+                self.me.inc.to_string(),
+                Some(Expiration::PX(ttl)),
+                None,
+                false,
+            )
+            .await;
+        if let Err(e) = r {
+            debug!(error = %e, "node key refresh failed");
+        }
+    }
+
+    /// Decides where `doc` is served, claiming its lock when nobody holds it.
+    pub(crate) async fn route(&self, shared: &Shared, doc: &str) -> Result<Route2, ClusterError> {
+        if shared.registry.get(doc).is_some() || lock_map(&self.claims).contains_key(doc) {
+            self.metrics.routes.with_label_values(&["local"]).inc();
+            return Ok(Route2::Local);
+        }
+        if let Some(r) = self.routes.get(doc)
+            && r.owner != self.me
+        {
+            self.metrics.routes.with_label_values(&["cached"]).inc();
+            return Ok(Route2::Remote(r.owner));
+        }
+        match self.lock.try_acquire(doc).await? {
+            Acquire::Acquired(guard) => {
+                self.metrics.routes.with_label_values(&["claimed"]).inc();
+                debug!(doc, "claimed ownership");
+                lock_map(&self.claims).insert(doc.to_owned(), guard);
+                Ok(Route2::Local)
+            }
+            Acquire::HeldBy(h) if h == self.holder => Ok(Route2::Local),
+            Acquire::HeldBy(h) => {
+                self.metrics.routes.with_label_values(&["remote"]).inc();
+                let owner = holder_addr(&h)?;
+                self.routes.insert(
+                    doc,
+                    Route {
+                        owner: owner.clone(),
+                        epoch: 0,
+                    },
+                );
+                Ok(Route2::Remote(owner))
+            }
+        }
+    }
+
+    /// The lease for a document about to load here: the claim made by [`Cluster::route`], or a
+    /// fresh acquisition. `None` when another node owns it.
+    pub(crate) async fn lease_for_load(
+        &self,
+        doc: &str,
+    ) -> Result<Option<LockGuard>, ClusterError> {
+        if let Some(g) = lock_map(&self.claims).remove(doc) {
+            return Ok(Some(g));
+        }
+        match self.lock.try_acquire(doc).await? {
+            Acquire::Acquired(g) => Ok(Some(g)),
+            Acquire::HeldBy(_) => Ok(None),
+        }
+    }
+
+    /// Releases a claim that no document task took (e.g. the client failed to authenticate).
+    pub(crate) fn drop_unused_claim(&self, shared: &Shared, doc: &str) {
+        if shared.registry.get(doc).is_some() {
+            return;
+        }
+        if let Some(g) = lock_map(&self.claims).remove(doc) {
+            tokio::spawn(async move {
+                let _ = g.release().await;
+            });
+        }
+    }
+
+    /// Called by a document task that took a lease.
+    pub(crate) fn owned_inc(&self) {
+        self.metrics.owned.inc();
+    }
+
+    /// Called by a stopping document task: release the lease (compare-and-delete) and tell
+    /// every node to forget the route.
+    pub(crate) async fn release(&self, doc: &str, epoch: i64, lease: LockGuard) {
+        self.metrics.owned.dec();
+        match lease.release().await {
+            Ok(_) => self
+                .metrics
+                .lock_ops
+                .with_label_values(&["release", "ok"])
+                .inc(),
+            Err(e) => {
+                self.metrics
+                    .lock_ops
+                    .with_label_values(&["release", "error"])
+                    .inc();
+                debug!(doc, error = %e, "lock release failed (it will expire)");
+            }
+        }
+        self.send_broadcast(Body::Released {
+            doc: doc.to_owned(),
+            epoch,
+        })
+        .await;
+    }
+
+    async fn send_broadcast(&self, body: Body) {
+        let kind = kind_of(&body);
+        self.metrics.envelopes_out.with_label_values(&[kind]).inc();
+        if let Err(e) = self.transport.broadcast(body).await {
+            debug!(error = %e, kind, "broadcast failed");
+        }
+    }
+
+    /// Queues an envelope to `to` without waiting (in order per destination).
+    fn post(&self, to: &NodeAddr, body: Body) -> bool {
+        let kind = kind_of(&body);
+        self.metrics.envelopes_out.with_label_values(&[kind]).inc();
+        match self.transport.start_send(to, body) {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(to = %to, error = %e, kind, "cannot queue envelope");
+                false
+            }
+        }
+    }
+
+    /// Sends and waits for the publish; returns the receiver count (0 = destination gone).
+    async fn send(&self, to: &NodeAddr, body: Body) -> u64 {
+        let kind = kind_of(&body);
+        self.metrics.envelopes_out.with_label_values(&[kind]).inc();
+        self.transport.send(to, body).await.unwrap_or(0)
+    }
+
+    // === edge side ===
+
+    /// Attaches a client address to a remote owner: registers the session and sends `open`.
+    /// Returns the session, or `None` when the owner is unreachable (route invalidated).
+    pub(crate) async fn open_remote(
+        &self,
+        owner: &NodeAddr,
+        doc: &str,
+        meta: OpenMeta,
+        outbox: Outbox,
+        authenticated: Arc<AtomicBool>,
+    ) -> Option<Session> {
+        let session = Session {
+            conn: ConnId::generate(),
+            doc: doc.to_owned(),
+            epoch: 0,
+        };
+        lock_map(&self.edge_sessions).insert(
+            session.conn,
+            EdgeSession {
+                owner: owner.clone(),
+                doc: doc.to_owned(),
+                outbox,
+                authenticated,
+            },
+        );
+        self.metrics.edge_sessions.inc();
+        if self
+            .send(
+                owner,
+                Body::Open {
+                    session: session.clone(),
+                    meta,
+                },
+            )
+            .await
+            == 0
+        {
+            warn!(doc, owner = %owner, "owner unreachable; forgetting the route");
+            self.routes.invalidate(doc);
+            self.forget_edge(&session.conn);
+            return None;
+        }
+        Some(session)
+    }
+
+    /// Forwards a raw client frame to the owner.
+    pub(crate) fn forward(&self, owner: &NodeAddr, session: &Session, frame: Bytes) -> bool {
+        self.post(
+            owner,
+            Body::Frame {
+                session: session.clone(),
+                data: frame.to_vec(),
+            },
+        )
+    }
+
+    /// The client left: tell the owner and forget the session.
+    pub(crate) fn detach_remote(&self, owner: &NodeAddr, session: &Session) {
+        if self.forget_edge(&session.conn) {
+            self.post(
+                owner,
+                Body::Detach {
+                    session: session.clone(),
+                    reason: "client gone".into(),
+                },
+            );
+        }
+    }
+
+    fn forget_edge(&self, conn: &ConnId) -> bool {
+        let removed = lock_map(&self.edge_sessions).remove(conn).is_some();
+        if removed {
+            self.metrics.edge_sessions.dec();
+        }
+        removed
+    }
+
+    /// Resets (closes with 4205) every client here attached to a document owned by `owner`.
+    fn reset_edges_of(&self, owner: Option<&NodeAddr>, reason: &str) {
+        let victims: Vec<EdgeSession> = {
+            let mut map = lock_map(&self.edge_sessions);
+            let keys: Vec<ConnId> = map
+                .iter()
+                .filter(|(_, s)| owner.is_none_or(|o| &s.owner == o))
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter().filter_map(|k| map.remove(&k)).collect()
+        };
+        for s in victims {
+            self.metrics.edge_sessions.dec();
+            self.metrics.resyncs.with_label_values(&[reason]).inc();
+            self.routes.invalidate(&s.doc);
+            s.outbox.control(Outgoing::CloseSocket {
+                code: 4205,
+                reason: "Reset Connection",
+            });
+        }
+    }
+
+    // === owner side ===
+
+    async fn on_open(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        from: NodeAddr,
+        session: Session,
+        meta: OpenMeta,
+    ) {
+        let owns = match self.route(shared, &session.doc).await {
+            Ok(Route2::Local) => true,
+            Ok(Route2::Remote(_)) | Err(_) => false,
+        };
+        if !owns || shared.draining.load(Ordering::Acquire) {
+            debug!(doc = %session.doc, edge = %from, "refusing open: not the owner");
+            self.post(
+                &from,
+                Body::NotOwner {
+                    session,
+                    holder: None,
+                },
+            );
+            return;
+        }
+        let key = (from.clone(), session.conn);
+        let tx = crate::connection::hocuspocus::spawn_remote(
+            shared.clone(),
+            self.clone(),
+            from,
+            session,
+            meta,
+        );
+        lock_map(&self.owner_sessions).insert(key, tx);
+        self.metrics.owner_sessions.inc();
+    }
+
+    /// Sends a frame to a remote client (owner side).
+    pub(crate) fn send_out(&self, edge: &NodeAddr, session: &Session, frame: &Bytes) -> bool {
+        self.post(
+            edge,
+            Body::Out {
+                session: session.clone(),
+                data: frame.to_vec(),
+            },
+        )
+    }
+
+    /// Ends a remote client's session with a close code (owner side).
+    pub(crate) fn close_remote(&self, edge: &NodeAddr, session: &Session, code: u16, reason: &str) {
+        self.post(
+            edge,
+            Body::CloseDoc {
+                session: session.clone(),
+                close: CloseDoc {
+                    code,
+                    reason: reason.to_owned(),
+                    resync: true,
+                },
+            },
+        );
+    }
+
+    /// A remote socket task ended.
+    pub(crate) fn remote_ended(&self, edge: &NodeAddr, conn: ConnId) {
+        if lock_map(&self.owner_sessions)
+            .remove(&(edge.clone(), conn))
+            .is_some()
+        {
+            self.metrics.owner_sessions.dec();
+        }
+    }
+
+    fn reset_owner_sessions_of(&self, edge: Option<&NodeAddr>, reason: &str) {
+        let victims: Vec<mpsc::UnboundedSender<RemoteIn>> = lock_map(&self.owner_sessions)
+            .iter()
+            .filter(|((e, _), _)| edge.is_none_or(|x| e == x))
+            .map(|(_, tx)| tx.clone())
+            .collect();
+        for tx in victims {
+            self.metrics.resyncs.with_label_values(&[reason]).inc();
+            let _ = tx.send(RemoteIn::Reset);
+        }
+    }
+
+    // === custom events ===
+
+    async fn on_rpc(self: Arc<Self>, shared: Arc<Shared>, from: NodeAddr, req: RpcRequest) {
+        let owned = shared.registry.get(&req.doc).is_some()
+            || lock_map(&self.claims).contains_key(&req.doc);
+        let result = if !owned && req.only_if_open {
+            Err(RpcFailure {
+                code: RpcErrorCode::NotOwner,
+                msg: "document not open here".into(),
+                holder: None,
+            })
+        } else {
+            match self.route(&shared, &req.doc).await {
+                Ok(Route2::Local) => run_event(&shared, &req.doc, &req.name, &req.payload).await,
+                _ => Err(RpcFailure {
+                    code: RpcErrorCode::NotOwner,
+                    msg: "not the owner".into(),
+                    holder: None,
+                }),
+            }
+        };
+        self.drop_unused_claim(&shared, &req.doc);
+        if let Err(e) = self.rpc.reply(&from, &req, result).await {
+            debug!(error = %e, "custom event reply failed");
+        }
+    }
+
+    /// Runs a custom event on the owner of `doc` (here or remotely).
+    pub(crate) async fn emit(
+        &self,
+        shared: &Arc<Shared>,
+        doc: &str,
+        name: &str,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, EmitError> {
+        for _ in 0..2 {
+            match self
+                .route(shared, doc)
+                .await
+                .map_err(|e| EmitError::Unavailable(e.to_string()))?
+            {
+                Route2::Local => {
+                    let r = run_event(shared, doc, name, &payload)
+                        .await
+                        .map_err(EmitError::from_failure);
+                    self.drop_unused_claim(shared, doc);
+                    return r;
+                }
+                Route2::Remote(owner) => match self
+                    .rpc
+                    .call(&owner, doc, name, payload.clone(), self.event_ttl)
+                    .await
+                {
+                    Ok(v) => return Ok(v),
+                    Err(RpcError::NotOwner { .. }) | Err(RpcError::Unreachable) => {
+                        self.routes.invalidate(doc);
+                        continue;
+                    }
+                    Err(RpcError::Timeout) => return Err(EmitError::Timeout),
+                    Err(RpcError::Remote { code, msg }) => {
+                        return Err(EmitError::from_failure(RpcFailure {
+                            code,
+                            msg,
+                            holder: None,
+                        }));
+                    }
+                    Err(e) => return Err(EmitError::Unavailable(e.to_string())),
+                },
+            }
+        }
+        Err(EmitError::Unavailable("ownership kept moving".into()))
+    }
+
+    // === background ===
+
+    /// Starts the inbound dispatcher and the keepalive/reaper loop.
+    pub(crate) fn spawn_tasks(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        mut inbound: mpsc::Receiver<Inbound>,
+    ) {
+        let (me, sh) = (self.clone(), shared.clone());
+        tokio::spawn(async move {
+            while let Some(ev) = inbound.recv().await {
+                me.dispatch(&sh, ev).await;
+            }
+        });
+        let (me, sh) = (self.clone(), Arc::downgrade(shared));
+        tokio::spawn(async move {
+            let period = (me.lock_ttl.min(me.proxy_ttl) / 3).max(Duration::from_millis(100));
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Some(shared) = sh.upgrade() else { break };
+                if shared.shutdown.is_cancelled() {
+                    break;
+                }
+                me.housekeeping().await;
+            }
+        });
+    }
+
+    async fn housekeeping(&self) {
+        self.refresh_node_key().await;
+        // edge → owners: one keepalive per owner; no receiver means the owner is gone
+        let owners: Vec<NodeAddr> = {
+            let map = lock_map(&self.edge_sessions);
+            let mut v: Vec<NodeAddr> = map.values().map(|s| s.owner.clone()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        for owner in owners {
+            if self.send(&owner, Body::Keepalive { session: None }).await == 0 {
+                warn!(owner = %owner, "owner unreachable; resetting its clients here");
+                self.routes.invalidate_node(&owner);
+                self.reset_edges_of(Some(&owner), "owner_gone");
+            }
+        }
+        // owner: reap sessions of edges that went silent
+        let now = Instant::now();
+        let edges: Vec<NodeAddr> = {
+            let map = lock_map(&self.owner_sessions);
+            let mut v: Vec<NodeAddr> = map.keys().map(|(e, _)| e.clone()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        for edge in edges {
+            let seen = lock_map(&self.peers_seen).get(&edge).copied();
+            if seen.is_none_or(|t| now.duration_since(t) > self.proxy_ttl) {
+                info!(edge = %edge, "edge silent past proxy_socket_ttl; dropping its attachments");
+                self.reset_owner_sessions_of(Some(&edge), "edge_silent");
+            }
+        }
+    }
+
+    async fn dispatch(self: &Arc<Self>, shared: &Arc<Shared>, ev: Inbound) {
+        match ev {
+            Inbound::Envelope(env) => {
+                let from = env.header.from.clone();
+                self.metrics
+                    .envelopes_in
+                    .with_label_values(&[kind_of(&env.body)])
+                    .inc();
+                lock_map(&self.peers_seen).insert(from.clone(), Instant::now());
+                match env.body {
+                    Body::Open { session, meta } => self.on_open(shared, from, session, meta).await,
+                    Body::Frame { session, data } => {
+                        let tx = lock_map(&self.owner_sessions)
+                            .get(&(from.clone(), session.conn))
+                            .cloned();
+                        match tx {
+                            Some(tx) => {
+                                let _ = tx.send(RemoteIn::Frame(Bytes::from(data)));
+                            }
+                            None => self.close_remote(&from, &session, 4205, "Reset Connection"),
+                        }
+                    }
+                    Body::Detach { session, .. } => {
+                        let tx = lock_map(&self.owner_sessions)
+                            .get(&(from, session.conn))
+                            .cloned();
+                        if let Some(tx) = tx {
+                            let _ = tx.send(RemoteIn::Detach);
+                        }
+                    }
+                    Body::Out { session, data } => {
+                        let map = lock_map(&self.edge_sessions);
+                        if let Some(s) = map.get(&session.conn) {
+                            if is_authenticated_frame(&data) {
+                                s.authenticated.store(true, Ordering::Release);
+                            }
+                            s.outbox.send(Bytes::from(data));
+                        }
+                    }
+                    Body::CloseDoc { session, close } => {
+                        let s = lock_map(&self.edge_sessions).remove(&session.conn);
+                        if let Some(s) = s {
+                            self.metrics.edge_sessions.dec();
+                            s.outbox.control(Outgoing::CloseSocket {
+                                code: close.code,
+                                reason: static_reason(close.code),
+                            });
+                        }
+                    }
+                    Body::NotOwner { session, .. } => {
+                        self.routes.invalidate(&session.doc);
+                        let s = lock_map(&self.edge_sessions).remove(&session.conn);
+                        if let Some(s) = s {
+                            self.metrics.edge_sessions.dec();
+                            self.metrics.resyncs.with_label_values(&["not_owner"]).inc();
+                            s.outbox.control(Outgoing::CloseSocket {
+                                code: 4205,
+                                reason: "Reset Connection",
+                            });
+                        }
+                    }
+                    Body::Released { doc, .. } => {
+                        self.routes.invalidate(&doc);
+                    }
+                    Body::Draining { node } | Body::NodeDown { node } => {
+                        self.routes.invalidate_node(&node);
+                    }
+                    Body::Rpc(req) => {
+                        tokio::spawn(self.clone().on_rpc(shared.clone(), from, req));
+                    }
+                    Body::RpcReply(reply) => {
+                        self.rpc.on_reply(reply);
+                    }
+                    Body::Keepalive { .. } => {}
+                }
+            }
+            Inbound::Gap { from, .. } => {
+                warn!(from = %from, "envelopes lost on the link; resetting affected clients");
+                self.reset_edges_of(Some(&from), "gap");
+                self.reset_owner_sessions_of(Some(&from), "gap");
+            }
+            Inbound::Lagged { missed } => {
+                warn!(
+                    missed,
+                    "inbound envelopes dropped; resetting every proxied client"
+                );
+                self.reset_edges_of(None, "lagged");
+                self.reset_owner_sessions_of(None, "lagged");
+            }
+            Inbound::Resubscribed => {
+                warn!("resubscribed after a Redis reconnect; resetting every proxied client");
+                self.reset_edges_of(None, "resubscribed");
+                self.reset_owner_sessions_of(None, "resubscribed");
+            }
+            Inbound::OutOfOrder { .. } => {
+                self.metrics
+                    .rejected
+                    .with_label_values(&["out_of_order"])
+                    .inc();
+            }
+            Inbound::Rejected { reason, detail } => {
+                debug!(reason = reason.as_str(), %detail, "envelope rejected");
+                self.metrics
+                    .rejected
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+            }
+        }
+    }
+
+    /// Graceful leave: tell peers, reset proxied clients, stop the node key.
+    pub(crate) async fn drain(&self) {
+        self.send_broadcast(Body::Draining {
+            node: self.me.clone(),
+        })
+        .await;
+    }
+
+    /// Final step of a shutdown: release unused claims, remove the node key, close Redis links.
+    pub(crate) async fn leave(&self) {
+        let claims: Vec<LockGuard> = lock_map(&self.claims).drain().map(|(_, g)| g).collect();
+        for g in claims {
+            let _ = g.release().await;
+        }
+        let _: Result<(), _> = self.redis.del(&self.node_key).await;
+        self.transport.shutdown().await;
+    }
+}
+
+/// Runs `on_custom_event` hooks locally.
+async fn run_event(
+    shared: &Shared,
+    doc: &str,
+    name: &str,
+    payload: &[u8],
+) -> Result<Vec<u8>, RpcFailure> {
+    let p = CustomEventPayload {
+        document_name: doc,
+        name,
+        payload,
+    };
+    match shared.extensions.on_custom_event(&p).await {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => Err(RpcFailure {
+            code: RpcErrorCode::NoHandler,
+            msg: format!("no handler for {name}"),
+            holder: None,
+        }),
+        Err(e) => Err(RpcFailure {
+            code: RpcErrorCode::HandlerError,
+            msg: e.reason,
+            holder: None,
+        }),
+    }
+}
+
+/// Why a custom event failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EmitError {
+    /// No extension handles this event name.
+    #[error("no handler for this event")]
+    NoHandler,
+    /// The handler rejected.
+    #[error("handler failed: {0}")]
+    Handler(String),
+    /// The owner did not answer within `custom_event_ttl_ms`.
+    #[error("timed out waiting for the owner")]
+    Timeout,
+    /// Redis or the owner could not be reached.
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl EmitError {
+    fn from_failure(f: RpcFailure) -> Self {
+        match f.code {
+            RpcErrorCode::NoHandler => EmitError::NoHandler,
+            RpcErrorCode::HandlerError => EmitError::Handler(f.msg),
+            other => EmitError::Unavailable(format!("{other:?}: {}", f.msg)),
+        }
+    }
+}
+
+/// Runs a custom event where no cluster is configured.
+pub(crate) async fn emit_local(
+    shared: &Shared,
+    doc: &str,
+    name: &str,
+    payload: &[u8],
+) -> Result<Vec<u8>, EmitError> {
+    run_event(shared, doc, name, payload)
+        .await
+        .map_err(EmitError::from_failure)
+}
+
+/// `hearth cluster owner DOC`: the owning node's id, if any.
+pub async fn owner_of(config: &Config, doc: &str) -> Result<Option<String>, ClusterError> {
+    let redis = redis_client(&config.redis_url).await?;
+    let lock = LockClient::new(
+        redis,
+        config.redis_prefix.clone(),
+        HolderId::new("cli")?,
+        LockTiming::default(),
+    )?;
+    Ok(lock.holder(doc).await?.map(|h| h.node_id().to_owned()))
+}
+
+/// `hearth cluster status`: live nodes as (node id, incarnation).
+pub async fn live_nodes(config: &Config) -> Result<Vec<(String, String)>, ClusterError> {
+    use fred::interfaces::KeysInterface as _;
+    let redis = redis_client(&config.redis_url).await?;
+    let keys = hearth_proxy::Keys::new(config.redis_prefix.clone())?;
+    let probe = keys.node_key(&NodeId::new("x")?);
+    let prefix = probe.strip_suffix('x').unwrap_or(&probe).to_owned();
+    let mut cursor = "0".to_owned();
+    let mut out = Vec::new();
+    for _ in 0..10_000 {
+        let (next, batch): (String, Vec<String>) = redis
+            .custom(
+                fred::cmd!("SCAN"),
+                vec![
+                    cursor.clone(),
+                    "MATCH".into(),
+                    format!("{prefix}*"),
+                    "COUNT".into(),
+                    "500".into(),
+                ],
+            )
+            .await
+            .map_err(|e| ClusterError::Redis(e.to_string()))?;
+        for key in batch {
+            let inc: Option<String> = redis
+                .get(&key)
+                .await
+                .map_err(|e| ClusterError::Redis(e.to_string()))?;
+            if let (Some(id), Some(inc)) = (key.strip_prefix(&prefix), inc) {
+                out.push((id.to_owned(), inc));
+            }
+        }
+        if next == "0" {
+            break;
+        }
+        cursor = next;
+    }
+    out.sort();
+    Ok(out)
+}
