@@ -6,7 +6,9 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Append, AppendOutcome, DocumentStore, Epoch, LogSeq, StoreError, StoredDocument};
+use super::{
+    Append, AppendOutcome, DocumentStore, Epoch, LogSeq, StoreError, StoredDocument, check_name,
+};
 
 #[derive(Debug, Default)]
 struct Row {
@@ -39,6 +41,7 @@ impl MemoryStore {
 #[async_trait]
 impl DocumentStore for MemoryStore {
     async fn acquire_epoch(&self, name: &str) -> Result<Epoch, StoreError> {
+        check_name(name)?;
         Ok(self.with(|rows, _| {
             let row = rows.entry(name.to_owned()).or_default();
             row.epoch += 1;
@@ -47,10 +50,12 @@ impl DocumentStore for MemoryStore {
     }
 
     async fn current_epoch(&self, name: &str) -> Result<Option<Epoch>, StoreError> {
+        check_name(name)?;
         Ok(self.with(|rows, _| rows.get(name).map(|r| r.epoch)))
     }
 
     async fn load(&self, name: &str) -> Result<StoredDocument, StoreError> {
+        check_name(name)?;
         Ok(self.with(|rows, _| match rows.get(name) {
             None => StoredDocument::default(),
             Some(row) => StoredDocument {
@@ -62,11 +67,18 @@ impl DocumentStore for MemoryStore {
     }
 
     async fn append(&self, batch: &[Append]) -> Result<Vec<AppendOutcome>, StoreError> {
+        for item in batch {
+            check_name(&item.name)?;
+        }
         Ok(self.with(|rows, seq| {
             batch
                 .iter()
                 .map(|item| {
-                    let row = rows.entry(item.name.clone()).or_default();
+                    // A document that was never acquired has no row and epoch 0, which is
+                    // never issued: fenced, and nothing (not even the row) is created.
+                    let Some(row) = rows.get_mut(&item.name) else {
+                        return AppendOutcome::Fenced { current: 0 };
+                    };
                     if row.epoch != item.epoch {
                         return AppendOutcome::Fenced { current: row.epoch };
                     }
@@ -87,8 +99,14 @@ impl DocumentStore for MemoryStore {
         state: &[u8],
         upto: LogSeq,
     ) -> Result<(), StoreError> {
+        check_name(name)?;
         self.with(|rows, _| {
-            let row = rows.entry(name.to_owned()).or_default();
+            let Some(row) = rows.get_mut(name) else {
+                return Err(StoreError::Fenced {
+                    current: 0,
+                    mine: epoch,
+                });
+            };
             if row.epoch != epoch {
                 return Err(StoreError::Fenced {
                     current: row.epoch,

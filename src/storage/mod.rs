@@ -11,13 +11,16 @@
 //! epoch at commit time. Backends enforce it; callers never pre-check.
 
 pub mod memory;
+pub mod sql;
 
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use memory::MemoryStore;
+pub use sql::{SqlOptions, SqlStore, Synchronous};
 
 /// An ownership term of one document, issued by the database. Strictly increasing per document.
 pub type Epoch = i64;
@@ -85,6 +88,10 @@ pub enum StoreError {
     /// Stored bytes are not what this version of Hearth wrote (or the migration failed).
     #[error("storage corrupt or incompatible: {0}")]
     Corrupt(String),
+    /// The request or the configuration is invalid (unknown URL scheme, unparsable URL, a
+    /// document name no backend can store). Retrying the same call is pointless.
+    #[error("invalid storage request or configuration: {0}")]
+    Invalid(String),
 }
 
 impl StoreError {
@@ -92,6 +99,18 @@ impl StoreError {
     pub fn is_fenced(&self) -> bool {
         matches!(self, StoreError::Fenced { .. })
     }
+}
+
+/// Rejects document names that some backend cannot store, so that every backend accepts the
+/// same names: a NUL character (PostgreSQL `TEXT` cannot hold it). The server validates names
+/// more strictly at the edge (reliability.md §5.3); this is the storage layer's own guard.
+pub fn check_name(name: &str) -> Result<(), StoreError> {
+    if name.contains('\0') {
+        return Err(StoreError::Invalid(
+            "document name contains a NUL character".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A persistence backend. Implementations must be cheap to share (`Arc<dyn DocumentStore>`).
@@ -112,7 +131,9 @@ pub trait DocumentStore: Send + Sync + fmt::Debug + 'static {
 
     /// Group commit: appends every item's updates in **one** transaction. Items whose epoch is
     /// stale are skipped and reported as [`AppendOutcome::Fenced`]; the others commit. An `Err`
-    /// means nothing was committed.
+    /// means nothing was committed, with one unavoidable exception: if the connection breaks
+    /// while the database is committing, the outcome is unknown. Re-appending is safe then,
+    /// because applying the same Yjs update twice is a no-op.
     async fn append(&self, batch: &[Append]) -> Result<Vec<AppendOutcome>, StoreError>;
 
     /// Compaction: replaces the snapshot with `state` and deletes log entries with
@@ -132,12 +153,17 @@ pub trait DocumentStore: Send + Sync + fmt::Debug + 'static {
     fn backend(&self) -> &'static str;
 }
 
-/// Opens the backend named by a `database_url` (`memory://`, `sqlite://PATH`, `postgres://…`).
-pub async fn open_store(url: &str) -> Result<std::sync::Arc<dyn DocumentStore>, StoreError> {
+/// Opens the backend named by `url`'s scheme:
+///
+/// * `memory://` (anything after the scheme is ignored): a fresh [`MemoryStore`];
+/// * `sqlite://PATH` or `sqlite:PATH`: [`SqlStore`] on SQLite (file created if missing);
+/// * `postgres://…` or `postgresql://…`: [`SqlStore`] on PostgreSQL.
+///
+/// SQL backends apply their embedded migrations before this returns. `opts` is ignored for
+/// `memory://`.
+pub async fn open_store(url: &str, opts: SqlOptions) -> Result<Arc<dyn DocumentStore>, StoreError> {
     if url.starts_with("memory:") {
-        return Ok(std::sync::Arc::new(MemoryStore::new()));
+        return Ok(Arc::new(MemoryStore::new()));
     }
-    Err(StoreError::Corrupt(format!(
-        "storage backend for {url} is not available in this build yet"
-    )))
+    Ok(Arc::new(SqlStore::connect(url, opts).await?))
 }
