@@ -40,6 +40,9 @@ use crate::storage::{AppendOutcome, Epoch, LogSeq, StoreError};
 const AWARENESS_TICK: Duration = Duration::from_secs(3);
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// A freshly loaded document waits this long for its first connection before it may unload
+/// (the opener's `Attach` is on its way; unloading first would make it load again).
+const LOAD_GRACE: Duration = Duration::from_secs(2);
 
 struct Conn {
     outbox: Outbox,
@@ -101,6 +104,8 @@ pub(crate) struct Actor {
     internal_rx: mpsc::UnboundedReceiver<CommitResult>,
     me: WeakDocHandle,
     lease: Option<hearth_lock::LockGuard>,
+    /// Whether this document is currently counted in `hearth_dirty_documents`.
+    counted_dirty: bool,
 }
 
 impl Actor {
@@ -126,6 +131,7 @@ impl Actor {
         let actor = Actor {
             me: handle.downgrade(),
             lease: loaded.lease,
+            counted_dirty: false,
             name: name.clone(),
             durable: shared.config.durability == Durability::Durable,
             shared,
@@ -146,7 +152,7 @@ impl Actor {
             dirty_since: loaded.dirty.then_some(now),
             last_change: now,
             last_context: None,
-            idle_since: Some(now),
+            idle_since: Some(now + LOAD_GRACE),
             next_awareness_tick: now + AWARENESS_TICK,
             internal_tx,
             internal_rx,
@@ -186,6 +192,7 @@ impl Actor {
                 },
                 _ = sleep_until(deadline) => self.on_timer(&rx).await,
             };
+            self.sync_dirty_gauge();
             if let Some(exit) = step {
                 break exit;
             }
@@ -223,7 +230,7 @@ impl Actor {
                 self.shared.metrics.doc_connections.dec();
             }
         }
-        if self.dirty_since.is_some() || !self.unsent.is_empty() || self.inflight.is_some() {
+        if self.counted_dirty {
             self.shared.metrics.dirty_documents.dec();
         }
         if let (Some(lease), Some(cluster)) = (self.lease.take(), self.shared.cluster.clone()) {
@@ -469,6 +476,7 @@ impl Actor {
         step2: bool,
     ) -> Option<Exit> {
         let read_only = self.conns.get(&id).is_some_and(|c| c.read_only);
+        let raw = update.clone();
         let decoded = decode_guarded(&update);
         if read_only {
             self.shared
@@ -527,6 +535,18 @@ impl Actor {
         }
         let context = self.conns.get(&id).map(|c| c.context.clone());
         self.changes_applied(Some(id), context).await;
+        // An update yrs parked because its dependencies are missing produced no change, yet it
+        // is acknowledged: log the raw update too, so a replay after a crash parks it again.
+        let parked = self.durable
+            && catch_unwind(AssertUnwindSafe(|| {
+                self.doc.transact().has_missing_updates()
+            }))
+            .unwrap_or(false);
+        if parked {
+            self.lsn += 1;
+            self.unsent.push((self.lsn, raw));
+            self.maybe_commit();
+        }
         if !yws {
             // Exactly one SyncStatus per update, released once everything applied so far is
             // committed (which includes this update, if it changed anything).
@@ -542,9 +562,6 @@ impl Actor {
             return;
         }
         let now = Instant::now();
-        if self.dirty_since.is_none() && self.unsent.is_empty() && self.inflight.is_none() {
-            self.shared.metrics.dirty_documents.inc();
-        }
         self.dirty_since.get_or_insert(now);
         self.last_change = now;
         self.last_context = context.clone();
@@ -648,9 +665,6 @@ impl Actor {
                 self.log_len += batch.len();
                 self.backoff = RETRY_MIN;
                 self.release_acks();
-                if self.unsent.is_empty() && self.dirty_since.is_none() {
-                    self.shared.metrics.dirty_documents.dec();
-                }
                 self.maybe_commit();
                 None
             }
@@ -746,12 +760,7 @@ impl Actor {
                 m.storage_write_ok.set(1);
                 m.compaction_log_len.observe(self.log_len as f64);
                 self.log_len = 0;
-                if self.dirty_since.take().is_some()
-                    && self.unsent.is_empty()
-                    && self.inflight.is_none()
-                {
-                    m.dirty_documents.dec();
-                }
+                self.dirty_since = None;
                 debug!(doc = %self.name, bytes = state.len(), "document stored");
                 if let Err(e) = self.shared.extensions.after_store_document(&payload).await {
                     debug!(doc = %self.name, reason = %e, "after_store_document rejected");
@@ -873,6 +882,21 @@ impl Actor {
         }
         debug!(doc = %self.name, "unloading");
         Some(Exit::Unloaded)
+    }
+
+    /// Keeps `hearth_dirty_documents` equal to the number of documents with uncommitted or
+    /// uncompacted changes.
+    fn sync_dirty_gauge(&mut self) {
+        let dirty =
+            self.dirty_since.is_some() || !self.unsent.is_empty() || self.inflight.is_some();
+        if dirty != self.counted_dirty {
+            if dirty {
+                self.shared.metrics.dirty_documents.inc();
+            } else {
+                self.shared.metrics.dirty_documents.dec();
+            }
+            self.counted_dirty = dirty;
+        }
     }
 
     /// False once the ownership lock can no longer be trusted (checked before every write; the
