@@ -164,6 +164,21 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
         tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => {
+                // Apply what the client already sent (kernel or WebSocket buffers) before the
+                // documents store: read until the socket is quiet for a moment.
+                let drain_until = Instant::now() + Duration::from_millis(1000);
+                loop {
+                    let quiet = (Instant::now() + Duration::from_millis(50)).min(drain_until);
+                    match tokio::time::timeout_at(quiet, ws.next()).await {
+                        Ok(Some(Ok(Message::Binary(bytes)))) => {
+                            if s.on_frame(bytes).await.is_some() {
+                                break;
+                            }
+                        }
+                        Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) | Err(_) => break,
+                        Ok(Some(Ok(_))) => {}
+                    }
+                }
                 for (address, addr) in s.addrs.drain() {
                     if let Addr::Established(e) = addr {
                         s.outbox.send(ServerMessage::Close("Reset Connection").frame(Some(&address)));
@@ -826,7 +841,15 @@ async fn run_remote(
     let end = loop {
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => break Some(End::Close(4205, "Reset Connection")),
+            _ = shared.shutdown.cancelled() => {
+                // frames the edge already forwarded are applied before the documents store
+                while let Ok(RemoteIn::Frame(bytes)) = rx.try_recv() {
+                    if s.on_frame(bytes).await.is_some() {
+                        break;
+                    }
+                }
+                break Some(End::Close(4205, "Reset Connection"));
+            }
             _ = overflow.wait() => {
                 shared.metrics.slow_readers.inc();
                 break Some(End::Close(1013, "Slow Reader"));

@@ -106,6 +106,8 @@ pub(crate) struct Actor {
     lease: Option<hearth_lock::LockGuard>,
     /// Whether this document is currently counted in `hearth_dirty_documents`.
     counted_dirty: bool,
+    /// After a failed compaction: (next attempt, current backoff).
+    compact_retry: Option<(Instant, Duration)>,
 }
 
 impl Actor {
@@ -132,6 +134,7 @@ impl Actor {
             me: handle.downgrade(),
             lease: loaded.lease,
             counted_dirty: false,
+            compact_retry: None,
             name: name.clone(),
             durable: shared.config.durability == Durability::Durable,
             shared,
@@ -260,11 +263,8 @@ impl Actor {
         if !self.awareness.is_empty() {
             d = d.min(self.next_awareness_tick);
         }
-        if let Some(since) = self.dirty_since {
-            d = d.min(
-                (self.last_change + self.shared.config.debounce())
-                    .min(since + self.shared.config.max_debounce()),
-            );
+        if let Some(due) = self.compaction_due() {
+            d = d.min(due);
         }
         if let Some(idle) = self.idle_since {
             d = d.min(idle + Duration::from_millis(self.shared.config.unload_delay_ms));
@@ -794,17 +794,19 @@ impl Actor {
             self.retry_at = None;
             self.maybe_commit();
         }
-        if let Some(since) = self.dirty_since
-            && (now >= self.last_change + self.shared.config.debounce()
-                || now >= since + self.shared.config.max_debounce())
-        {
+        if self.compaction_due().is_some_and(|due| now >= due) {
             match self.compact().await {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.compact_retry = None;
+                }
                 Err(e) if e.is_fenced() => return Some(self.fence()),
                 Err(e) => {
-                    warn!(doc = %self.name, error = %e, "compaction failed; will retry");
-                    self.last_change = now + self.backoff;
-                    self.backoff = (self.backoff * 2).min(RETRY_MAX);
+                    // back off: the next attempt waits, however overdue the debounce is
+                    let delay = self
+                        .compact_retry
+                        .map_or(RETRY_MIN, |(_, d)| (d * 2).min(RETRY_MAX));
+                    warn!(doc = %self.name, error = %e, retry_in_ms = delay.as_millis() as u64, "compaction failed; will retry");
+                    self.compact_retry = Some((Instant::now() + delay, delay));
                 }
             }
         }
@@ -882,6 +884,18 @@ impl Actor {
         }
         debug!(doc = %self.name, "unloading");
         Some(Exit::Unloaded)
+    }
+
+    /// When the next compaction is due: debounce after the last change, at the latest
+    /// max-debounce after the first uncompacted one, never before a pending retry time.
+    fn compaction_due(&self) -> Option<Instant> {
+        let since = self.dirty_since?;
+        let due = (self.last_change + self.shared.config.debounce())
+            .min(since + self.shared.config.max_debounce());
+        Some(match self.compact_retry {
+            Some((at, _)) => due.max(at),
+            None => due,
+        })
     }
 
     /// Keeps `hearth_dirty_documents` equal to the number of documents with uncommitted or

@@ -13,7 +13,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{SqlSafeStr, Sqlite, Transaction};
+use sqlx::{SqlSafeStr, Sqlite, SqliteConnection, Transaction};
 
 use super::{LoadRow, SqlOptions, Synchronous, assemble, db_err, migrate_err};
 use crate::storage::{Append, AppendOutcome, Epoch, LogSeq, StoreError, StoredDocument};
@@ -86,11 +86,35 @@ pub(super) async fn connect(url: &str, opts: &SqlOptions) -> Result<Pools, Store
 }
 
 /// A write transaction holding the database write lock from its first statement.
-async fn begin_write(p: &Pools) -> Result<Transaction<'static, Sqlite>, StoreError> {
-    p.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+async fn begin_write(conn: &mut SqliteConnection) -> Result<Transaction<'_, Sqlite>, StoreError> {
+    sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE")
+        .await
+        .map_err(db_err)
+}
+
+/// Runs a write on the single writer connection. After a database error the connection is
+/// closed instead of returned to the pool: when SQLite rolled back by itself (e.g. a disk I/O
+/// error in COMMIT), the connection's transaction bookkeeping is wrong and every later BEGIN
+/// would fail until the process restarted.
+macro_rules! with_writer {
+    ($p:expr, |$conn:ident| $body:expr) => {{
+        let mut pooled = $p.writer.acquire().await.map_err(db_err)?;
+        let result = {
+            let $conn: &mut SqliteConnection = &mut pooled;
+            $body.await
+        };
+        if matches!(result, Err(StoreError::Database(_))) {
+            pooled.close_on_drop();
+        }
+        result
+    }};
 }
 
 pub(super) async fn acquire_epoch(p: &Pools, name: &str) -> Result<Epoch, StoreError> {
+    with_writer!(p, |conn| acquire_epoch_on(conn, name))
+}
+
+async fn acquire_epoch_on(conn: &mut SqliteConnection, name: &str) -> Result<Epoch, StoreError> {
     sqlx::query_scalar(
         "INSERT INTO documents (name, epoch) VALUES ($1, 1) \
          ON CONFLICT (name) DO UPDATE SET epoch = documents.epoch + 1, \
@@ -98,7 +122,7 @@ pub(super) async fn acquire_epoch(p: &Pools, name: &str) -> Result<Epoch, StoreE
          RETURNING epoch",
     )
     .bind(name)
-    .fetch_one(&p.writer)
+    .fetch_one(conn)
     .await
     .map_err(db_err)
 }
@@ -126,7 +150,14 @@ pub(super) async fn load(p: &Pools, name: &str) -> Result<StoredDocument, StoreE
 }
 
 pub(super) async fn append(p: &Pools, batch: &[Append]) -> Result<Vec<AppendOutcome>, StoreError> {
-    let mut tx = begin_write(p).await?;
+    with_writer!(p, |conn| append_on(conn, batch))
+}
+
+async fn append_on(
+    conn: &mut SqliteConnection,
+    batch: &[Append],
+) -> Result<Vec<AppendOutcome>, StoreError> {
+    let mut tx = begin_write(conn).await?;
     let mut out = Vec::with_capacity(batch.len());
     for item in batch {
         let row: Option<(Epoch, LogSeq)> =
@@ -182,7 +213,17 @@ pub(super) async fn compact(
     state: &[u8],
     upto: LogSeq,
 ) -> Result<(), StoreError> {
-    let mut tx = begin_write(p).await?;
+    with_writer!(p, |conn| compact_on(conn, name, epoch, state, upto))
+}
+
+async fn compact_on(
+    conn: &mut SqliteConnection,
+    name: &str,
+    epoch: Epoch,
+    state: &[u8],
+    upto: LogSeq,
+) -> Result<(), StoreError> {
+    let mut tx = begin_write(conn).await?;
     let updated = sqlx::query(
         "UPDATE documents SET snapshot = $3, snapshot_seq = MAX(snapshot_seq, $4), \
              updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
