@@ -1,0 +1,271 @@
+//! A private `redis-server` for one test: a free loopback port, no persistence, output to
+//! `<scratch>/redis-<port>.log`. [`RedisProcess::restart`] brings it back on the same port with
+//! no data (what a Redis restart without persistence looks like to the nodes).
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep, timeout};
+
+use super::{Scratch, free_port, signal, tail};
+
+/// `$HEARTH_TEST_REDIS_SERVER`, else `/usr/bin/redis-server`.
+pub fn redis_server_bin() -> PathBuf {
+    std::env::var_os("HEARTH_TEST_REDIS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/redis-server"))
+}
+
+/// A running `redis-server` (SIGKILLed on drop).
+#[derive(Debug)]
+pub struct RedisProcess {
+    port: u16,
+    dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisProcess {
+    /// Starts `redis-server --port P --save "" --appendonly no --bind 127.0.0.1` on a free port
+    /// and waits (≤ 10 s) until it answers PING.
+    pub async fn start(scratch: &Scratch) -> anyhow::Result<RedisProcess> {
+        let port = free_port()?;
+        let dir = scratch.join(&format!("redis-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        let log = scratch.join(&format!("redis-{port}.log"));
+        let mut r = RedisProcess {
+            port,
+            dir,
+            log,
+            child: None,
+        };
+        r.launch().await?;
+        Ok(r)
+    }
+
+    async fn launch(&mut self) -> anyhow::Result<()> {
+        let bin = redis_server_bin();
+        if !bin.is_file() {
+            bail!(
+                "{} not found (install redis-server or set HEARTH_TEST_REDIS_SERVER)",
+                bin.display()
+            );
+        }
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        writeln!(
+            log,
+            "===== [testbed] redis-server on port {} =====",
+            self.port
+        )?;
+        let err = log.try_clone()?;
+        let child = Command::new(&bin)
+            .args(["--port", &self.port.to_string()])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Resp::Simple(s)) = self.command(&["PING"]).await
+                && s == "PONG"
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!(
+                    "redis-server exited with {status}; log {}:\n{}",
+                    self.log.display(),
+                    tail(&self.log, 20)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "redis-server on port {} did not answer PING within 10 s",
+                    self.port
+                );
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:P`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL and reap (the data is gone).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = signal(c.id(), libc::SIGCONT);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP (clients' commands hang until [`cont`](Self::cont)).
+    pub fn stop(&self) -> anyhow::Result<()> {
+        let c = self.child.as_ref().context("redis-server is not running")?;
+        Ok(signal(c.id(), libc::SIGSTOP)?)
+    }
+
+    /// SIGCONT.
+    pub fn cont(&self) -> anyhow::Result<()> {
+        let c = self.child.as_ref().context("redis-server is not running")?;
+        Ok(signal(c.id(), libc::SIGCONT)?)
+    }
+
+    /// Kills the server and starts an empty one on the same port.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.launch().await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    self.kill();
+                    sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs one command over a fresh connection (≤ 5 s), e.g. `&["GET", key]`.
+    pub async fn command(&self, args: &[&str]) -> anyhow::Result<Resp> {
+        let fut = async {
+            let mut s = TcpStream::connect(("127.0.0.1", self.port)).await?;
+            let mut req = format!("*{}\r\n", args.len()).into_bytes();
+            for a in args {
+                req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+                req.extend_from_slice(a.as_bytes());
+                req.extend_from_slice(b"\r\n");
+            }
+            s.write_all(&req).await?;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                if let Some((v, _)) = Resp::parse(&buf)? {
+                    return Ok(v);
+                }
+                let n = s.read(&mut chunk).await?;
+                if n == 0 {
+                    bail!("redis closed the connection");
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        timeout(Duration::from_secs(5), fut)
+            .await
+            .context("redis command timed out")?
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("[testbed] redis log: {}", self.log.display());
+        }
+    }
+}
+
+/// A RESP2 reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    /// `+OK`.
+    Simple(String),
+    /// `-ERR …`.
+    Error(String),
+    /// `:n`.
+    Int(i64),
+    /// `$n …` (`None` for the null bulk string).
+    Bulk(Option<Vec<u8>>),
+    /// `*n …` (`None` for the null array).
+    Array(Option<Vec<Resp>>),
+}
+
+impl Resp {
+    /// The reply as text, if it is a simple or bulk string.
+    pub fn as_str(&self) -> Option<String> {
+        match self {
+            Resp::Simple(s) => Some(s.clone()),
+            Resp::Bulk(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        }
+    }
+
+    /// Parses one reply from the front of `buf`: `None` if incomplete, else the value and the
+    /// bytes it used.
+    pub fn parse(buf: &[u8]) -> anyhow::Result<Option<(Resp, usize)>> {
+        let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let Some(&tag) = buf.first() else {
+            return Ok(None);
+        };
+        let line = std::str::from_utf8(&buf[1..end])?;
+        let after = end + 2;
+        Ok(Some(match tag {
+            b'+' => (Resp::Simple(line.to_string()), after),
+            b'-' => (Resp::Error(line.to_string()), after),
+            b':' => (Resp::Int(line.parse()?), after),
+            b'$' => {
+                let n: i64 = line.parse()?;
+                if n < 0 {
+                    (Resp::Bulk(None), after)
+                } else {
+                    let n = n as usize;
+                    if buf.len() < after + n + 2 {
+                        return Ok(None);
+                    }
+                    (
+                        Resp::Bulk(Some(buf[after..after + n].to_vec())),
+                        after + n + 2,
+                    )
+                }
+            }
+            b'*' => {
+                let n: i64 = line.parse()?;
+                if n < 0 {
+                    (Resp::Array(None), after)
+                } else {
+                    let mut items = Vec::new();
+                    let mut pos = after;
+                    for _ in 0..n {
+                        let Some((v, used)) = Resp::parse(&buf[pos..])? else {
+                            return Ok(None);
+                        };
+                        items.push(v);
+                        pos += used;
+                    }
+                    (Resp::Array(Some(items)), pos)
+                }
+            }
+            other => bail!("unexpected RESP tag {other:#x}"),
+        }))
+    }
+}

@@ -1,0 +1,170 @@
+//! Process and fault harness for the multi-process persistence and cluster tests
+//! (reliability.md §4.1). Everything here talks to `hearth` only through sockets, signals and
+//! files, like a real deployment.
+//!
+//! * [`node`] — [`NodeProcess`]: one `hearth` process (start, SIGKILL, SIGTERM, SIGSTOP/SIGCONT,
+//!   restart on the same port, `/readyz`, log file kept per test).
+//! * [`redis`] — [`RedisProcess`]: a private `redis-server` on a free port.
+//! * [`pg`] — [`PgDatabase`] (a fresh database on a shared server) and [`PgCluster`] (a private
+//!   PostgreSQL cluster this test may stop and start).
+//! * [`lb`] — [`Lb`]: a round-robin TCP load balancer over a mutable backend list.
+//! * [`client`] — [`TestClient`]: a raw Hocuspocus client with a `yrs::Doc` that records every
+//!   marker it sent and which of them were acknowledged.
+//! * [`db`] — reading and corrupting stored rows (SQLite or PostgreSQL) from a test.
+//! * [`workload`] — seeded writer tasks and the lost/phantom/duplicate set checker.
+//!
+//! Every wait is bounded; every child process is killed when its handle drops. Handles print
+//! where their logs are when they drop (libtest shows that only for failing tests), plus the
+//! last log lines of a node when the test panics.
+//!
+//! Scratch files live in `<target>/test-scratch/<test>/`, wiped when the same test starts again.
+
+// `harness` is the bench's `src/harness.rs`; this module's files live in `src/harness/` too.
+#[path = "client.rs"]
+pub mod client;
+#[path = "db.rs"]
+pub mod db;
+#[path = "lb.rs"]
+pub mod lb;
+#[path = "node.rs"]
+pub mod node;
+#[path = "pg.rs"]
+pub mod pg;
+#[path = "redis.rs"]
+pub mod redis;
+#[path = "workload.rs"]
+pub mod workload;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+pub use client::{ClientOptions, Snapshot, TestClient};
+pub use lb::Lb;
+pub use node::{NodeProcess, NodeSpec};
+pub use pg::{PgCluster, PgDatabase};
+pub use redis::RedisProcess;
+pub use workload::{History, Verdict, Writers};
+
+/// Default bound for "this should happen soon" waits in tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The workspace root (the directory holding the top-level `Cargo.toml`).
+pub fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The cargo target directory (`$CARGO_TARGET_DIR`, else `<workspace>/target`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("target"))
+}
+
+/// A per-test scratch directory, `<target>/test-scratch/<test>/`.
+///
+/// Created empty (a leftover from an earlier run is removed first) and kept after the test, so
+/// the logs of a failed run can be read; the next run of the same test removes it. Its path is
+/// printed when the handle drops (libtest shows that output only for failing tests).
+#[derive(Debug)]
+pub struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    /// Creates (or empties) the scratch directory of test `name`.
+    pub fn new(name: &str) -> anyhow::Result<Scratch> {
+        let dir = target_dir().join("test-scratch").join(name);
+        if dir.exists() {
+            remove_tree(&dir);
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Scratch { dir })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Captured by the test harness: shown only for failing tests (or with --nocapture).
+        eprintln!(
+            "[testbed] scratch files (logs, databases): {}",
+            self.dir.display()
+        );
+    }
+}
+
+/// Removes a directory tree, clearing immutable attributes a test may have set on files in it.
+fn remove_tree(dir: &Path) {
+    if std::fs::remove_dir_all(dir).is_ok() {
+        return;
+    }
+    let _ = std::process::Command::new("chattr")
+        .arg("-R")
+        .arg("-i")
+        .arg(dir)
+        .stderr(std::process::Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The seed for a randomised test: `$HEARTH_TEST_SEED`, else a fresh random one. Printed, so a
+/// failing run can be repeated.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("HEARTH_TEST_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("[testbed] {test}: seed {seed} (repeat with HEARTH_TEST_SEED={seed})");
+    seed
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, release it).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// True when this process runs as root (file permissions do not stop root).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the process's effective uid.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Sends `sig` to `pid`.
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "pid out of range"))?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The last `n` lines of a text file (for failure messages).
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
