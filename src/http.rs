@@ -5,6 +5,7 @@
 //! | `/healthz` | 200 while the process runs |
 //! | `/readyz` | 200 when storage answers and the server is not draining, else 503 |
 //! | `/metrics` | Prometheus text format |
+//! | `/cluster/owned` | names of the documents loaded here, one per line (in a cluster: the ones this node owns) |
 //! | `/y/<document>` (upgrade) | y-websocket protocol |
 //! | any other path (upgrade) | Hocuspocus protocol |
 //! | any other path (plain) | `on_request` hooks, else 200 `Welcome to Hearth!` |
@@ -84,6 +85,19 @@ pub(crate) async fn handle(
         return Ok(match path {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => readyz(&shared).await,
+            "/cluster/owned" => {
+                // this node's own view: the documents it serves (and, in a cluster, holds the lock for)
+                let mut names: Vec<String> = shared
+                    .registry
+                    .handles()
+                    .iter()
+                    .map(|h| h.name().to_owned())
+                    .collect();
+                names.sort();
+                let mut body = names.join("\n");
+                body.push('\n');
+                text(StatusCode::OK, body)
+            }
             "/metrics" => {
                 let mut r = text(StatusCode::OK, shared.metrics.render());
                 r.headers_mut().insert(
