@@ -21,7 +21,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -142,8 +141,8 @@ pub(crate) async fn handle(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let cfg = &shared.config;
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(8192)
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
         .max_write_buffer_size(cfg.outbound_queue_bytes.max(1 << 20) * 2)
         .max_message_size(Some(cfg.max_message_bytes))
         .max_frame_size(Some(cfg.max_message_bytes));
@@ -156,9 +155,11 @@ pub(crate) async fn handle(
                 return;
             }
         };
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
-                .await;
+        let Some(io) = crate::connection::into_io(upgraded) else {
+            debug!("upgraded connection is not a TCP stream");
+            return;
+        };
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
         match info.path.strip_prefix(YWS_PREFIX) {
             Some(name) => {
                 let name = name.to_owned();

@@ -91,7 +91,10 @@ impl ServerBuilder {
         self.config.validate()?;
         let store = match self.store.take() {
             Some(s) => s,
-            None => storage::open_store(&self.config.database_url, storage::SqlOptions::default()).await?,
+            None => {
+                storage::open_store(&self.config.database_url, storage::SqlOptions::default())
+                    .await?
+            }
         };
         let table = TokenTable::parse(&self.config.auth_tokens).map_err(|m| {
             crate::config::ConfigError::Invalid {

@@ -105,7 +105,8 @@ struct Socket {
     provider_v4: bool,
     opened: Instant,
     last_inbound: Instant,
-    auth_tx: mpsc::UnboundedSender<AuthDone>,
+    /// Boxed: the channel allocates a block of 32 slots up front, for every socket.
+    auth_tx: mpsc::UnboundedSender<Box<AuthDone>>,
     /// Set by the cluster when an owner answered `Authenticated` for a proxied address.
     remote_authenticated: Arc<AtomicBool>,
     /// True for an owner-side socket standing in for a client of another node: never re-route.
@@ -171,7 +172,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                     let quiet = (Instant::now() + Duration::from_millis(50)).min(drain_until);
                     match tokio::time::timeout_at(quiet, ws.next()).await {
                         Ok(Some(Ok(Message::Binary(bytes)))) => {
-                            if s.on_frame(bytes).await.is_some() {
+                            if Box::pin(s.on_frame(bytes)).await.is_some() {
                                 break;
                             }
                         }
@@ -208,7 +209,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                 }
             }
             Some(done) = auth_rx.recv() => {
-                if let Some(end) = s.on_auth_done(done).await { break end; }
+                if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break end; }
             }
             inbound = ws.next() => {
                 let end = match inbound {
@@ -221,7 +222,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                     Some(Ok(msg)) => {
                         s.last_inbound = Instant::now();
                         match msg {
-                            Message::Binary(bytes) => s.on_frame(bytes).await,
+                            Message::Binary(bytes) => Box::pin(s.on_frame(bytes)).await,
                             Message::Text(_) => {
                                 info!("text frame refused");
                                 Some(End::Close(1003, "Unsupported Data"))
@@ -275,7 +276,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
             .with_label_values(&[&code.to_string()])
             .inc();
         debug!(code, reason, "closing socket");
-        close(ws, code, reason).await;
+        Box::pin(close(ws, code, reason)).await;
     } else {
         debug!("socket gone");
     }
@@ -446,10 +447,10 @@ impl Socket {
                 && let Some(cluster) = self.shared.cluster.clone()
             {
                 let (name, _) = split_address(&address);
-                match cluster.route(&self.shared, name).await {
+                match Box::pin(cluster.route(&self.shared, name)).await {
                     Ok(crate::cluster::Route2::Local) => {}
                     Ok(crate::cluster::Route2::Remote(owner)) => {
-                        return self.go_remote(address, owner, raw).await;
+                        return Box::pin(self.go_remote(address, owner, raw)).await;
                     }
                     Err(e) => {
                         warn!(doc = name, error = %e, "cannot route the document (Redis unavailable?)");
@@ -478,7 +479,7 @@ impl Socket {
             tokio::spawn(
                 async move {
                     let result = task.await;
-                    let _ = tx.send(AuthDone { address, result });
+                    let _ = tx.send(Box::new(AuthDone { address, result }));
                 }
                 .in_current_span(),
             );
@@ -844,7 +845,7 @@ async fn run_remote(
             _ = shared.shutdown.cancelled() => {
                 // frames the edge already forwarded are applied before the documents store
                 while let Ok(RemoteIn::Frame(bytes)) = rx.try_recv() {
-                    if s.on_frame(bytes).await.is_some() {
+                    if Box::pin(s.on_frame(bytes)).await.is_some() {
                         break;
                     }
                 }
@@ -874,14 +875,14 @@ async fn run_remote(
                 if let Some(end) = s.on_controls(controls) { break Some(end); }
             }
             Some(done) = auth_rx.recv() => {
-                if let Some(end) = s.on_auth_done(done).await { break Some(end); }
+                if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break Some(end); }
             }
             input = rx.recv() => match input {
                 None | Some(RemoteIn::Detach) => break None,
                 Some(RemoteIn::Reset) => break Some(End::Close(4205, "Reset Connection")),
                 Some(RemoteIn::Frame(bytes)) => {
                     s.last_inbound = Instant::now();
-                    if let Some(end) = s.on_frame(bytes).await { break Some(end); }
+                    if let Some(end) = Box::pin(s.on_frame(bytes)).await { break Some(end); }
                 }
             },
         }

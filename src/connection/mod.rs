@@ -23,8 +23,80 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use self::outbox::{OutboxReceiver, Outgoing};
 
+/// The transport under a WebSocket: the raw TCP stream, preceded by whatever bytes hyper had
+/// already read past the handshake (usually none).
+#[derive(Debug)]
+pub struct Io {
+    prefix: bytes::Bytes,
+    tcp: tokio::net::TcpStream,
+}
+
 /// The WebSocket type every connection task works on.
-pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
+pub type Ws = WebSocketStream<Io>;
+
+/// Unwraps hyper's upgraded connection to the raw TCP stream. Keeping `Upgraded` would keep
+/// hyper's 8 KiB read buffer (and a boxed IO) alive for the socket's whole life.
+pub(crate) fn into_io(upgraded: Upgraded) -> Option<Io> {
+    let parts = upgraded.downcast::<TokioIo<tokio::net::TcpStream>>().ok()?;
+    // copy the (rare) leftover so the shared read buffer can be freed
+    let prefix = bytes::Bytes::copy_from_slice(&parts.read_buf);
+    Some(Io {
+        prefix,
+        tcp: parts.io.into_inner(),
+    })
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
 
 /// How many queued frames are written before one flush.
 const WRITE_BATCH: usize = 64;
