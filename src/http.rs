@@ -143,7 +143,7 @@ pub(crate) async fn handle(
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(cfg.outbound_queue_bytes.max(1 << 20) * 2)
+        .max_write_buffer_size(usize::MAX) // bounded by the outbox instead; a frame may be any size
         .max_message_size(Some(cfg.max_message_bytes))
         .max_frame_size(Some(cfg.max_message_bytes));
     let task_shared = shared.clone();

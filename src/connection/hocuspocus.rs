@@ -21,7 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::cluster::{Cluster, RemoteIn};
 
 use super::outbox::{Outbox, Outgoing, outbox};
-use super::{Ws, close, write_batch};
+use super::{Written, Ws, close, write_batch, write_guarded};
 use crate::doc::{Attach, ConnId, DocCommand, DocHandle, Framing, WeakDocHandle, next_conn_id};
 use crate::hooks::{
     AuthPayload, ConnectionOps, ConnectionRef, Context, DocumentPayload, MessagePayload,
@@ -201,11 +201,17 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
             }
             msg = out_rx.recv() => {
                 let Some(msg) = msg else { break End::Gone };
-                match write_batch(&mut ws, msg, &mut out_rx).await {
-                    Err(e) => { debug!(error = %e, "write failed"); break End::Gone; }
-                    Ok(controls) => {
+                match write_guarded(&mut ws, msg, &mut out_rx, &overflow, &shared.shutdown).await {
+                    Written::Done(Err(e)) => { debug!(error = %e, "write failed"); break End::Gone; }
+                    Written::Done(Ok(controls)) => {
                         if let Some(end) = s.on_controls(controls) { break end; }
                     }
+                    Written::Overflow => {
+                        warn!(queued = out_rx.queued_bytes(), "slow reader: outbound queue full, disconnecting");
+                        shared.metrics.slow_readers.inc();
+                        break End::Close(1013, "Slow Reader");
+                    }
+                    Written::Shutdown => break End::Close(4205, "Reset Connection"),
                 }
             }
             Some(done) = auth_rx.recv() => {
@@ -479,7 +485,17 @@ impl Socket {
             tokio::spawn(
                 async move {
                     let result = task.await;
-                    let _ = tx.send(Box::new(AuthDone { address, result }));
+                    if let Err(mpsc::error::SendError(done)) =
+                        tx.send(Box::new(AuthDone { address, result }))
+                    {
+                        // the socket closed while this was running: undo the attach
+                        if let Ok(e) = done.result {
+                            e.doc.send_detached(DocCommand::Detach {
+                                conn: e.conn,
+                                reply: None,
+                            });
+                        }
+                    }
                 }
                 .in_current_span(),
             );

@@ -125,11 +125,48 @@ pub(crate) async fn write_batch(
     Ok(controls)
 }
 
-/// Sends a close frame (bounded in time) and drops the socket.
+/// How a guarded write ended.
+pub(crate) enum Written {
+    /// The batch was written (controls to act on), or the transport failed.
+    Done(Result<Vec<Outgoing>, tokio_tungstenite::tungstenite::Error>),
+    /// The outbox overflowed while the write was blocked: a slow reader.
+    Overflow,
+    /// The server is shutting down while the write was blocked.
+    Shutdown,
+}
+
+/// [`write_batch`], abandoned when the outbox overflows or the server shuts down meanwhile: a
+/// client that stopped reading blocks the write forever, and must still be disconnected.
+pub(crate) async fn write_guarded(
+    ws: &mut Ws,
+    first: Outgoing,
+    rx: &mut OutboxReceiver,
+    overflow: &outbox::OverflowSignal,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Written {
+    tokio::select! {
+        r = write_batch(ws, first, rx) => Written::Done(r),
+        _ = overflow.wait() => Written::Overflow,
+        _ = shutdown.cancelled() => Written::Shutdown,
+    }
+}
+
+/// Completes a close handshake (bounded in time): sends the close frame, then reads and discards
+/// until the client's close reply arrives, so the client sees our code rather than a reset.
 pub(crate) async fn close(mut ws: Ws, code: u16, reason: &str) {
     let frame = CloseFrame {
         code: CloseCode::from(code),
         reason: reason.to_owned().into(),
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+    let handshake = async {
+        if ws.close(Some(frame)).await.is_err() {
+            return;
+        }
+        while let Some(Ok(msg)) = futures_util::StreamExt::next(&mut ws).await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), handshake).await;
 }

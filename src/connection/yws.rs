@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::hocuspocus::valid_document_name;
 use super::outbox::{Outgoing, outbox};
-use super::{Ws, close, write_batch};
+use super::{Written, Ws, close, write_guarded};
 use crate::doc::{Attach, DocCommand, Framing, next_conn_id};
 use crate::hooks::{AuthPayload, Context};
 use crate::protocol::message::{ServerMessage, YwsMessage, decode_yws_frame};
@@ -129,9 +129,14 @@ async fn run(
             }
             msg = out_rx.recv() => {
                 let Some(msg) = msg else { break None };
-                match write_batch(&mut ws, msg, &mut out_rx).await {
-                    Err(_) => break None,
-                    Ok(controls) => {
+                match write_guarded(&mut ws, msg, &mut out_rx, &overflow, &shared.shutdown).await {
+                    Written::Done(Err(_)) => break None,
+                    Written::Overflow => {
+                        shared.metrics.slow_readers.inc();
+                        break Some((1013, "Slow Reader"));
+                    }
+                    Written::Shutdown => break Some((1012, "Service Restart")),
+                    Written::Done(Ok(controls)) => {
                         if let Some(Outgoing::CloseSocket { code, reason }) = controls.into_iter().find(|c| matches!(c, Outgoing::CloseSocket { .. })) {
                             break Some((code, reason));
                         }

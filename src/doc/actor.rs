@@ -260,7 +260,8 @@ impl Actor {
     fn next_deadline(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let mut d = far;
-        if !self.awareness.is_empty() {
+        if !self.awareness.is_empty() || !self.conns.is_empty() {
+            // awareness expiry, and reaping connections whose socket vanished without a detach
             d = d.min(self.next_awareness_tick);
         }
         if let Some(due) = self.compaction_due() {
