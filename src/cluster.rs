@@ -360,6 +360,12 @@ impl Cluster {
         }
     }
 
+    fn heard_from_within(&self, node: &NodeAddr, within: Duration) -> bool {
+        lock_map(&self.peers_seen)
+            .get(node)
+            .is_some_and(|t| t.elapsed() < within)
+    }
+
     /// Decides where `doc` is served, claiming its lock when nobody holds it.
     pub(crate) async fn route(&self, shared: &Shared, doc: &str) -> Result<Route2, ClusterError> {
         if shared.registry.get(doc).is_some() || lock_map(&self.claims).contains_key(doc) {
@@ -369,8 +375,13 @@ impl Cluster {
         if let Some(r) = self.routes.get(doc)
             && r.owner != self.me
         {
-            self.metrics.routes.with_label_values(&["cached"]).inc();
-            return Ok(Route2::Remote(r.owner));
+            // Trust a cached route only while the owner is heard from (owners keepalive their
+            // edges); a frozen or partitioned owner's routes are re-resolved through the lock.
+            if self.heard_from_within(&r.owner, self.lock_ttl) {
+                self.metrics.routes.with_label_values(&["cached"]).inc();
+                return Ok(Route2::Remote(r.owner));
+            }
+            self.routes.invalidate(doc);
         }
         match self.lock.try_acquire(doc).await? {
             Acquire::Acquired(guard) => {
@@ -782,6 +793,33 @@ impl Cluster {
                 self.routes.invalidate_node(&owner);
                 self.reset_edges_of(Some(&owner), "owner_gone");
             }
+        }
+        // edge: an owner that stopped talking for longer than its lock could live (frozen,
+        // partitioned) no longer owns anything it had; reset its clients here so they re-route
+        let owners_now: Vec<NodeAddr> = {
+            let map = lock_map(&self.edge_sessions);
+            let mut v: Vec<NodeAddr> = map.values().map(|s| s.owner.clone()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        for owner in owners_now {
+            if !self.heard_from_within(&owner, self.lock_ttl) {
+                warn!(owner = %owner, "owner silent for longer than the lock TTL; resetting its clients here");
+                self.routes.invalidate_node(&owner);
+                self.reset_edges_of(Some(&owner), "owner_silent");
+            }
+        }
+        // owner → edges: keepalive, so edges can tell a live owner from a frozen one
+        let edges_now: Vec<NodeAddr> = {
+            let map = lock_map(&self.owner_sessions);
+            let mut v: Vec<NodeAddr> = map.keys().map(|(e, _)| e.clone()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        for edge in &edges_now {
+            self.post(edge, Body::Keepalive { session: None });
         }
         // owner: reap sessions of edges that went silent
         let now = Instant::now();

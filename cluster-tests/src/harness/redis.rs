@@ -6,6 +6,7 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -156,12 +157,18 @@ impl RedisProcess {
 
     /// Runs one command over a fresh connection (≤ 5 s), e.g. `&["GET", key]`.
     pub async fn command(&self, args: &[&str]) -> anyhow::Result<Resp> {
+        let raw: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.command_bytes(&raw).await
+    }
+
+    /// [`command`](Self::command) with binary-safe arguments (e.g. `PUBLISH` of raw bytes).
+    pub async fn command_bytes(&self, args: &[&[u8]]) -> anyhow::Result<Resp> {
         let fut = async {
             let mut s = TcpStream::connect(("127.0.0.1", self.port)).await?;
             let mut req = format!("*{}\r\n", args.len()).into_bytes();
             for a in args {
                 req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-                req.extend_from_slice(a.as_bytes());
+                req.extend_from_slice(a);
                 req.extend_from_slice(b"\r\n");
             }
             s.write_all(&req).await?;
@@ -181,6 +188,81 @@ impl RedisProcess {
         timeout(Duration::from_secs(5), fut)
             .await
             .context("redis command timed out")?
+    }
+}
+
+impl RedisProcess {
+    /// Subscribes to `channel` on a connection of its own and collects every message published
+    /// there from now on (returns once Redis confirmed the subscription, ≤ 5 s).
+    pub async fn subscribe(&self, channel: &str) -> anyhow::Result<Subscription> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await?;
+        let req = format!(
+            "*2\r\n$9\r\nSUBSCRIBE\r\n${}\r\n{channel}\r\n",
+            channel.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let (confirmed_tx, confirmed_rx) = tokio::sync::oneshot::channel();
+        let sink = messages.clone();
+        let task = tokio::spawn(async move {
+            let mut confirmed = Some(confirmed_tx);
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 8192];
+            loop {
+                while let Ok(Some((v, used))) = Resp::parse(&buf) {
+                    buf.drain(..used);
+                    if let Resp::Array(Some(items)) = v {
+                        match items.as_slice() {
+                            [Resp::Bulk(Some(kind)), _, Resp::Bulk(Some(payload))]
+                                if kind == b"message" =>
+                            {
+                                sink.lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(payload.clone());
+                            }
+                            [Resp::Bulk(Some(kind)), ..] if kind == b"subscribe" => {
+                                if let Some(tx) = confirmed.take() {
+                                    let _ = tx.send(());
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        timeout(Duration::from_secs(5), confirmed_rx)
+            .await
+            .context("SUBSCRIBE not confirmed within 5 s")?
+            .context("subscriber connection ended")?;
+        Ok(Subscription { messages, task })
+    }
+}
+
+/// A `SUBSCRIBE` connection collecting messages (see [`RedisProcess::subscribe`]); closed on drop.
+#[derive(Debug)]
+pub struct Subscription {
+    messages: Arc<Mutex<Vec<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscription {
+    /// The payloads received so far, in order.
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        self.messages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -12,6 +12,10 @@
 //!   marker it sent and which of them were acknowledged.
 //! * [`db`] — reading and corrupting stored rows (SQLite or PostgreSQL) from a test.
 //! * [`workload`] — seeded writer tasks and the lost/phantom/duplicate set checker.
+//! * [`cluster`] — [`Cluster`]: N nodes on one database and one Redis behind a balancer, with the
+//!   ops-surface queries (lock holders, `/cluster/owned`, metrics, `hearth cluster owner`,
+//!   epochs and stored rows), [`Reconnector`] and the convergence wait.
+//! * [`raw`] — [`RawSocket`]: a frame-by-frame client recording what the server sends.
 //!
 //! Every wait is bounded; every child process is killed when its handle drops. Handles print
 //! where their logs are when they drop (libtest shows that only for failing tests), plus the
@@ -22,6 +26,8 @@
 // `harness` is the bench's `src/harness.rs`; this module's files live in `src/harness/` too.
 #[path = "client.rs"]
 pub mod client;
+#[path = "cluster.rs"]
+pub mod cluster;
 #[path = "db.rs"]
 pub mod db;
 #[path = "lb.rs"]
@@ -30,6 +36,8 @@ pub mod lb;
 pub mod node;
 #[path = "pg.rs"]
 pub mod pg;
+#[path = "raw.rs"]
+pub mod raw;
 #[path = "redis.rs"]
 pub mod redis;
 #[path = "workload.rs"]
@@ -42,9 +50,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 pub use client::{ClientOptions, Snapshot, TestClient};
+pub use cluster::{
+    Cluster, ClusterSpec, LockHolder, Metrics, Reconnector, marker_hits, probe_writable,
+    wait_all_acked, wait_converged,
+};
 pub use lb::Lb;
 pub use node::{NodeProcess, NodeSpec};
 pub use pg::{PgCluster, PgDatabase};
+pub use raw::RawSocket;
 pub use redis::RedisProcess;
 pub use workload::{History, Verdict, Writers};
 

@@ -44,7 +44,12 @@ fn migrator() -> Migrator {
 }
 
 pub(super) async fn connect(url: &str, opts: &SqlOptions) -> Result<PgPool, StoreError> {
-    let connect = PgConnectOptions::from_str(url).map_err(db_err)?;
+    // A paused or partitioned owner must not hold a document's row lock (taken by `append`)
+    // for long: PostgreSQL aborts its idle transaction after 5 s, so the next owner's
+    // `acquire_epoch` proceeds. Safe: the aborted batch was never acknowledged.
+    let connect = PgConnectOptions::from_str(url)
+        .map_err(db_err)?
+        .options([("idle_in_transaction_session_timeout", "5000")]);
     let pool = PgPoolOptions::new()
         .max_connections(opts.max_connections.max(1))
         .acquire_timeout(opts.acquire_timeout)
