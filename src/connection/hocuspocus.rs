@@ -133,23 +133,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
     let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
     let overflow = out_rx.overflow_signal();
     let (auth_tx, mut auth_rx) = mpsc::unbounded_channel();
-    let now = Instant::now();
-    let mut s = Socket {
-        shared: shared.clone(),
-        id,
-        request,
-        outbox,
-        addrs: HashMap::new(),
-        pending_bytes: 0,
-        pending_frames: 0,
-        authenticated_once: false,
-        provider_v4: false,
-        opened: now,
-        last_inbound: now,
-        auth_tx,
-        remote_authenticated: Arc::new(AtomicBool::new(false)),
-        stand_in: false,
-    };
+    let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, false);
     let cfg = &shared.config;
     let ping_every = cfg.effective_ping_interval();
     let app_ping_every =
@@ -157,8 +141,8 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
     let tick_every =
         Duration::from_millis((cfg.idle_timeout_ms.min(cfg.auth_timeout_ms) / 4).clamp(50, 1000));
     let mut tick = tokio::time::interval(tick_every);
-    let mut next_ping = ping_every.map(|d| now + d);
-    let mut next_app_ping = app_ping_every.map(|d| now + d);
+    let mut next_ping = ping_every.map(|d| s.opened + d);
+    let mut next_app_ping = app_ping_every.map(|d| s.opened + d);
     debug!(path = %s.request.path, remote = ?s.request.remote_addr, "socket open");
 
     let end = loop {
@@ -289,6 +273,33 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
 }
 
 impl Socket {
+    fn new(
+        shared: Arc<Shared>,
+        id: Arc<str>,
+        request: Arc<RequestInfo>,
+        outbox: Outbox,
+        auth_tx: mpsc::UnboundedSender<Box<AuthDone>>,
+        stand_in: bool,
+    ) -> Self {
+        let now = Instant::now();
+        Socket {
+            shared,
+            id,
+            request,
+            outbox,
+            addrs: HashMap::new(),
+            pending_bytes: 0,
+            pending_frames: 0,
+            authenticated_once: false,
+            provider_v4: false,
+            opened: now,
+            last_inbound: now,
+            auth_tx,
+            remote_authenticated: Arc::new(AtomicBool::new(false)),
+            stand_in,
+        }
+    }
+
     fn authenticated(&self) -> bool {
         self.authenticated_once || self.remote_authenticated.load(Ordering::Acquire)
     }
@@ -837,23 +848,7 @@ async fn run_remote(
     let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
     let overflow = out_rx.overflow_signal();
     let (auth_tx, mut auth_rx) = mpsc::unbounded_channel();
-    let now = Instant::now();
-    let mut s = Socket {
-        shared: shared.clone(),
-        id,
-        request,
-        outbox,
-        addrs: HashMap::new(),
-        pending_bytes: 0,
-        pending_frames: 0,
-        authenticated_once: false,
-        provider_v4: false,
-        opened: now,
-        last_inbound: now,
-        auth_tx,
-        remote_authenticated: Arc::new(AtomicBool::new(false)),
-        stand_in: true,
-    };
+    let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, true);
     debug!("proxied attachment open");
     let end = loop {
         tokio::select! {
