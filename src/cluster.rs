@@ -777,60 +777,48 @@ impl Cluster {
         });
     }
 
+    /// Distinct owners of the documents this node's clients are proxied to.
+    fn owners_of_edge_sessions(&self) -> Vec<NodeAddr> {
+        let mut v: Vec<NodeAddr> = lock_map(&self.edge_sessions)
+            .values()
+            .map(|s| s.owner.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Distinct edges whose clients are attached to documents owned here.
+    fn edges_of_owner_sessions(&self) -> Vec<NodeAddr> {
+        let mut v: Vec<NodeAddr> = lock_map(&self.owner_sessions)
+            .keys()
+            .map(|(e, _)| e.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     async fn housekeeping(&self) {
         self.refresh_node_key().await;
-        // edge → owners: one keepalive per owner; no receiver means the owner is gone
-        let owners: Vec<NodeAddr> = {
-            let map = lock_map(&self.edge_sessions);
-            let mut v: Vec<NodeAddr> = map.values().map(|s| s.owner.clone()).collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        for owner in owners {
+        for owner in self.owners_of_edge_sessions() {
+            // edge → owner keepalive: no receiver means the owner is gone
             if self.send(&owner, Body::Keepalive { session: None }).await == 0 {
                 warn!(owner = %owner, "owner unreachable; resetting its clients here");
                 self.routes.invalidate_node(&owner);
                 self.reset_edges_of(Some(&owner), "owner_gone");
-            }
-        }
-        // edge: an owner that stopped talking for longer than its lock could live (frozen,
-        // partitioned) no longer owns anything it had; reset its clients here so they re-route
-        let owners_now: Vec<NodeAddr> = {
-            let map = lock_map(&self.edge_sessions);
-            let mut v: Vec<NodeAddr> = map.values().map(|s| s.owner.clone()).collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        for owner in owners_now {
-            if !self.heard_from_within(&owner, self.lock_ttl) {
+            } else if !self.heard_from_within(&owner, self.lock_ttl) {
+                // an owner silent for longer than its lock could live (frozen, partitioned) no
+                // longer owns anything it had; reset its clients here so they re-route
                 warn!(owner = %owner, "owner silent for longer than the lock TTL; resetting its clients here");
                 self.routes.invalidate_node(&owner);
                 self.reset_edges_of(Some(&owner), "owner_silent");
             }
         }
-        // owner → edges: keepalive, so edges can tell a live owner from a frozen one
-        let edges_now: Vec<NodeAddr> = {
-            let map = lock_map(&self.owner_sessions);
-            let mut v: Vec<NodeAddr> = map.keys().map(|(e, _)| e.clone()).collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        for edge in &edges_now {
-            self.post(edge, Body::Keepalive { session: None });
-        }
-        // owner: reap sessions of edges that went silent
         let now = Instant::now();
-        let edges: Vec<NodeAddr> = {
-            let map = lock_map(&self.owner_sessions);
-            let mut v: Vec<NodeAddr> = map.keys().map(|(e, _)| e.clone()).collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        for edge in edges {
+        for edge in self.edges_of_owner_sessions() {
+            // owner → edge keepalive, so edges can tell a live owner from a frozen one
+            self.post(&edge, Body::Keepalive { session: None });
             let seen = lock_map(&self.peers_seen).get(&edge).copied();
             if seen.is_none_or(|t| now.duration_since(t) > self.proxy_ttl) {
                 info!(edge = %edge, "edge silent past proxy_socket_ttl; dropping its attachments");
