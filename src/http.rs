@@ -160,12 +160,16 @@ pub(crate) async fn handle(
             return;
         };
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
+        // The socket lives in a task of its own: this task's state (the upgrade, the handshake)
+        // would otherwise stay allocated beside it for the socket's whole life.
         match info.path.strip_prefix(YWS_PREFIX) {
             Some(name) => {
                 let name = name.to_owned();
-                yws::serve(task_shared, ws, info, name).await
+                tokio::spawn(yws::serve(task_shared, ws, info, name));
             }
-            None => hocuspocus::serve(task_shared, ws, info).await,
+            None => {
+                tokio::spawn(hocuspocus::serve(task_shared, ws, info));
+            }
         }
     });
     let mut r = Response::new(Full::new(Bytes::new()));

@@ -20,8 +20,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cluster::{Cluster, RemoteIn};
 
-use super::outbox::{Outbox, Outgoing, outbox};
-use super::{Written, Ws, close, write_batch, write_guarded};
+use super::outbox::{Outbox, OutboxReceiver, Outgoing, outbox};
+use super::queue::{QueueSender, queue};
+use super::{Stop, Ws, close, flush_final, guarded, stop_signal, write_batch, write_ping};
+use crate::doc::registry::NOT_OWNER;
 use crate::doc::{Attach, ConnId, DocCommand, DocHandle, Framing, WeakDocHandle, next_conn_id};
 use crate::hooks::{
     AuthPayload, ConnectionOps, ConnectionRef, Context, DocumentPayload, MessagePayload,
@@ -105,8 +107,8 @@ struct Socket {
     provider_v4: bool,
     opened: Instant,
     last_inbound: Instant,
-    /// Boxed: the channel allocates a block of 32 slots up front, for every socket.
-    auth_tx: mpsc::UnboundedSender<Box<AuthDone>>,
+    /// Auth results from the per-address auth tasks (boxed: they are large and rare).
+    auth_tx: QueueSender<Box<AuthDone>>,
     /// Set by the cluster when an owner answered `Authenticated` for a proxied address.
     remote_authenticated: Arc<AtomicBool>,
     /// True for an owner-side socket standing in for a client of another node: never re-route.
@@ -131,74 +133,55 @@ pub(crate) async fn serve(shared: Arc<Shared>, ws: Ws, request: Arc<RequestInfo>
 async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc<str>) {
     shared.metrics.sockets.inc();
     let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
-    let overflow = out_rx.overflow_signal();
-    let (auth_tx, mut auth_rx) = mpsc::unbounded_channel();
+    let stop = stop_signal(shared.shutdown.clone(), out_rx.overflow_signal());
+    tokio::pin!(stop);
+    let (auth_tx, mut auth_rx) = queue();
     let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, false);
     let cfg = &shared.config;
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let auth_deadline = s.opened + Duration::from_millis(cfg.auth_timeout_ms);
     let ping_every = cfg.effective_ping_interval();
     let app_ping_every =
         (cfg.app_ping_interval_ms > 0).then(|| Duration::from_millis(cfg.app_ping_interval_ms));
-    let tick_every =
-        Duration::from_millis((cfg.idle_timeout_ms.min(cfg.auth_timeout_ms) / 4).clamp(50, 1000));
-    let mut tick = tokio::time::interval(tick_every);
     let mut next_ping = ping_every.map(|d| s.opened + d);
     let mut next_app_ping = app_ping_every.map(|d| s.opened + d);
+    // One timer per socket, armed for the earliest of its deadlines and re-armed only when it
+    // fires: an idle socket wakes once per ping interval, not on a fixed tick.
+    let next_deadline = |s: &Socket, next_ping: Option<Instant>, next_app_ping: Option<Instant>| {
+        let mut at = s.last_inbound + idle;
+        if !s.authenticated() {
+            at = at.min(auth_deadline);
+        }
+        next_ping
+            .into_iter()
+            .chain(next_app_ping)
+            .fold(at, Instant::min)
+    };
+    let mut timer = Box::pin(tokio::time::sleep_until(next_deadline(
+        &s,
+        next_ping,
+        next_app_ping,
+    )));
     debug!(path = %s.request.path, remote = ?s.request.remote_addr, "socket open");
 
     let end = loop {
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => {
-                // Apply what the client already sent (kernel or WebSocket buffers) before the
-                // documents store: read until the socket is quiet for a moment.
-                let drain_until = Instant::now() + Duration::from_millis(1000);
-                loop {
-                    let quiet = (Instant::now() + Duration::from_millis(50)).min(drain_until);
-                    match tokio::time::timeout_at(quiet, ws.next()).await {
-                        Ok(Some(Ok(Message::Binary(bytes)))) => {
-                            if Box::pin(s.on_frame(bytes)).await.is_some() {
-                                break;
-                            }
-                        }
-                        Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) | Err(_) => break,
-                        Ok(Some(Ok(_))) => {}
-                    }
-                }
-                for (address, addr) in s.addrs.drain() {
-                    if let Addr::Established(e) = addr {
-                        s.outbox.send(ServerMessage::Close("Reset Connection").frame(Some(&address)));
-                        e.doc.send_detached(DocCommand::Detach { conn: e.conn, reply: None });
-                    }
-                }
-                while let Some(msg) = out_rx.try_recv() {
-                    if let Err(e) = write_batch(&mut ws, msg, &mut out_rx).await {
-                        debug!(error = %e, "write failed during shutdown");
-                        break;
-                    }
-                }
-                break End::Close(4205, "Reset Connection");
-            }
-            _ = overflow.wait() => {
-                warn!(queued = out_rx.queued_bytes(), "slow reader: outbound queue full, disconnecting");
-                shared.metrics.slow_readers.inc();
-                break End::Close(1013, "Slow Reader");
-            }
+            why = &mut stop => match why {
+                Stop::Shutdown => break Box::pin(s.shut_down(&mut ws, &mut out_rx)).await,
+                Stop::Overflow => break s.slow_reader(&out_rx),
+            },
             msg = out_rx.recv() => {
-                let Some(msg) = msg else { break End::Gone };
-                match write_guarded(&mut ws, msg, &mut out_rx, &overflow, &shared.shutdown).await {
-                    Written::Done(Err(e)) => { debug!(error = %e, "write failed"); break End::Gone; }
-                    Written::Done(Ok(controls)) => {
+                match guarded(write_batch(&mut ws, msg, &mut out_rx), stop.as_mut()).await {
+                    Ok(Err(e)) => { debug!(error = %e, "write failed"); break End::Gone; }
+                    Ok(Ok(controls)) => {
                         if let Some(end) = s.on_controls(controls) { break end; }
                     }
-                    Written::Overflow => {
-                        warn!(queued = out_rx.queued_bytes(), "slow reader: outbound queue full, disconnecting");
-                        shared.metrics.slow_readers.inc();
-                        break End::Close(1013, "Slow Reader");
-                    }
-                    Written::Shutdown => break End::Close(4205, "Reset Connection"),
+                    Err(Stop::Overflow) => break s.slow_reader(&out_rx),
+                    Err(Stop::Shutdown) => break End::Close(4205, "Reset Connection"),
                 }
             }
-            Some(done) = auth_rx.recv() => {
+            done = auth_rx.recv() => {
                 if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break end; }
             }
             inbound = ws.next() => {
@@ -224,28 +207,24 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                 };
                 if let Some(end) = end { break end; }
             }
-            _ = tick.tick() => {
+            () = &mut timer => {
                 let now = Instant::now();
-                if !s.authenticated() && now.duration_since(s.opened) >= Duration::from_millis(cfg.auth_timeout_ms) {
+                if !s.authenticated() && now >= auth_deadline {
                     info!("no document authenticated before the deadline");
                     break End::Close(4408, "Connection Timeout");
                 }
-                if now.duration_since(s.last_inbound) >= Duration::from_millis(cfg.idle_timeout_ms) {
+                if now.duration_since(s.last_inbound) >= idle {
                     info!("idle timeout");
-                    for (address, addr) in s.addrs.drain() {
-                        if let Addr::Established(e) = addr {
-                            s.outbox.send(ServerMessage::Close("Connection Timeout").frame(Some(&address)));
-                            e.doc.send_detached(DocCommand::Detach { conn: e.conn, reply: None });
-                        }
-                    }
-                    while let Some(msg) = out_rx.try_recv() {
-                        if write_batch(&mut ws, msg, &mut out_rx).await.is_err() { break; }
-                    }
-                    break End::Close(4408, "Connection Timeout");
+                    break Box::pin(s.idle_timeout(&mut ws, &mut out_rx)).await;
                 }
                 if let (Some(at), Some(every)) = (next_ping, ping_every) && now >= at {
                     next_ping = Some(now + every);
-                    if futures_util::SinkExt::send(&mut ws, Message::Ping(Bytes::new())).await.is_err() { break End::Gone; }
+                    match guarded(write_ping(&mut ws), stop.as_mut()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break End::Gone,
+                        Err(Stop::Overflow) => break s.slow_reader(&out_rx),
+                        Err(Stop::Shutdown) => break End::Close(4205, "Reset Connection"),
+                    }
                 }
                 if let (Some(at), Some(every)) = (next_app_ping, app_ping_every) && now >= at {
                     next_app_ping = Some(now + every);
@@ -253,6 +232,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                         s.outbox.send(Bytes::from_static(&[PING_FRAME]));
                     }
                 }
+                timer.as_mut().reset(next_deadline(&s, next_ping, next_app_ping));
             }
         }
     };
@@ -273,12 +253,65 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
 }
 
 impl Socket {
+    /// The outbox overflowed: the client does not read fast enough.
+    fn slow_reader(&self, out_rx: &OutboxReceiver) -> End {
+        warn!(
+            queued = out_rx.queued_bytes(),
+            "slow reader: outbound queue full, disconnecting"
+        );
+        self.shared.metrics.slow_readers.inc();
+        End::Close(1013, "Slow Reader")
+    }
+
+    /// Server shutdown: apply what the client already sent (kernel or WebSocket buffers) before
+    /// the documents store, then CLOSE every document and reset the socket.
+    async fn shut_down(&mut self, ws: &mut Ws, out_rx: &mut OutboxReceiver) -> End {
+        // read until the socket is quiet for a moment
+        let drain_until = Instant::now() + Duration::from_millis(1000);
+        loop {
+            let quiet = (Instant::now() + Duration::from_millis(50)).min(drain_until);
+            match tokio::time::timeout_at(quiet, ws.next()).await {
+                Ok(Some(Ok(Message::Binary(bytes)))) => {
+                    if Box::pin(self.on_frame(bytes)).await.is_some() {
+                        break;
+                    }
+                }
+                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) | Err(_) => break,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+        self.close_all_docs("Reset Connection");
+        flush_final(ws, out_rx).await;
+        End::Close(4205, "Reset Connection")
+    }
+
+    /// Idle timeout: CLOSE every document, then the socket.
+    async fn idle_timeout(&mut self, ws: &mut Ws, out_rx: &mut OutboxReceiver) -> End {
+        self.close_all_docs("Connection Timeout");
+        flush_final(ws, out_rx).await;
+        End::Close(4408, "Connection Timeout")
+    }
+
+    /// Queues CLOSE for every established document and detaches from it.
+    fn close_all_docs(&mut self, reason: &'static str) {
+        for (address, addr) in self.addrs.drain() {
+            if let Addr::Established(e) = addr {
+                self.outbox
+                    .send(ServerMessage::Close(reason).frame(Some(&address)));
+                e.doc.send_detached(DocCommand::Detach {
+                    conn: e.conn,
+                    reply: None,
+                });
+            }
+        }
+    }
+
     fn new(
         shared: Arc<Shared>,
         id: Arc<str>,
         request: Arc<RequestInfo>,
         outbox: Outbox,
-        auth_tx: mpsc::UnboundedSender<Box<AuthDone>>,
+        auth_tx: QueueSender<Box<AuthDone>>,
         stand_in: bool,
     ) -> Self {
         let now = Instant::now();
@@ -496,9 +529,7 @@ impl Socket {
             tokio::spawn(
                 async move {
                     let result = task.await;
-                    if let Err(mpsc::error::SendError(done)) =
-                        tx.send(Box::new(AuthDone { address, result }))
-                    {
+                    if let Err(done) = tx.send(Box::new(AuthDone { address, result })) {
                         // the socket closed while this was running: undo the attach
                         if let Ok(e) = done.result {
                             e.doc.send_detached(DocCommand::Detach {
@@ -549,6 +580,12 @@ impl Socket {
         self.pending_bytes -= p.bytes;
         self.pending_frames -= p.queue.len();
         match done.result {
+            Err(reason) if reason == NOT_OWNER && self.shared.cluster.is_some() => {
+                // Ownership moved between routing and loading (e.g. this node just lost the
+                // lock): not a denial. The client reconnects and is routed afresh.
+                info!(address = %done.address, "document owned elsewhere since routing; resetting");
+                Some(End::Close(4205, "Reset Connection"))
+            }
             Err(reason) => {
                 self.shared
                     .metrics
@@ -846,14 +883,19 @@ async fn run_remote(
         remote_addr: meta.remote.and_then(|r| r.parse().ok()),
     });
     let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
-    let overflow = out_rx.overflow_signal();
-    let (auth_tx, mut auth_rx) = mpsc::unbounded_channel();
+    let stop = stop_signal(shared.shutdown.clone(), out_rx.overflow_signal());
+    tokio::pin!(stop);
+    let (auth_tx, mut auth_rx) = queue();
     let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, true);
     debug!("proxied attachment open");
     let end = loop {
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => {
+            why = &mut stop => {
+                if let Stop::Overflow = why {
+                    shared.metrics.slow_readers.inc();
+                    break Some(End::Close(1013, "Slow Reader"));
+                }
                 // frames the edge already forwarded are applied before the documents store
                 while let Ok(RemoteIn::Frame(bytes)) = rx.try_recv() {
                     if Box::pin(s.on_frame(bytes)).await.is_some() {
@@ -862,12 +904,7 @@ async fn run_remote(
                 }
                 break Some(End::Close(4205, "Reset Connection"));
             }
-            _ = overflow.wait() => {
-                shared.metrics.slow_readers.inc();
-                break Some(End::Close(1013, "Slow Reader"));
-            }
-            msg = out_rx.recv() => {
-                let Some(mut msg) = msg else { break None };
+            mut msg = out_rx.recv() => {
                 let mut controls = Vec::new();
                 loop {
                     match msg {
@@ -885,7 +922,7 @@ async fn run_remote(
                 }
                 if let Some(end) = s.on_controls(controls) { break Some(end); }
             }
-            Some(done) = auth_rx.recv() => {
+            done = auth_rx.recv() => {
                 if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break Some(end); }
             }
             input = rx.recv() => match input {

@@ -9,6 +9,7 @@
 
 pub mod hocuspocus;
 pub mod outbox;
+pub mod queue;
 pub mod yws;
 
 use std::time::Duration;
@@ -19,16 +20,26 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
 use self::outbox::{OutboxReceiver, Outgoing};
+use tracing::debug;
 
 /// The transport under a WebSocket: the raw TCP stream, preceded by whatever bytes hyper had
 /// already read past the handshake (usually none).
+///
+/// Outgoing data frames bypass tungstenite's write buffer: [`write_batch`] formats a whole batch
+/// into [`Io`]'s own out buffer (one `send` per batch) and the buffer is freed once written, so
+/// an idle socket holds no write buffer however large its last frame was. Anything tungstenite
+/// writes (pongs, close frames) drains the out buffer first, so frames never interleave.
 #[derive(Debug)]
 pub struct Io {
     prefix: bytes::Bytes,
     tcp: tokio::net::TcpStream,
+    /// Formatted frames not yet written, from `out_pos` on.
+    out: Vec<u8>,
+    out_pos: usize,
 }
 
 /// The WebSocket type every connection task works on.
@@ -43,7 +54,57 @@ pub(crate) fn into_io(upgraded: Upgraded) -> Option<Io> {
     Some(Io {
         prefix,
         tcp: parts.io.into_inner(),
+        out: Vec::new(),
+        out_pos: 0,
     })
+}
+
+/// Out buffers up to this capacity are kept for the next batch; larger ones are freed.
+const KEEP_OUT_CAPACITY: usize = 0;
+
+impl Io {
+    /// Appends one unmasked, unfragmented server frame to the out buffer.
+    fn queue(&mut self, opcode: OpCode, payload: &[u8]) {
+        let header = FrameHeader {
+            opcode,
+            ..FrameHeader::default()
+        };
+        self.out
+            .reserve(header.len(payload.len() as u64) + payload.len());
+        // writing into a Vec cannot fail
+        let _ = header.format(payload.len() as u64, &mut self.out);
+        self.out.extend_from_slice(payload);
+    }
+
+    /// Bytes queued and not yet written.
+    fn queued(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Writes the out buffer. Cancel-safe: progress is recorded after every write.
+    fn poll_drain(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while self.out_pos < self.out.len() {
+            let n = std::task::ready!(tokio::io::AsyncWrite::poll_write(
+                std::pin::Pin::new(&mut self.tcp),
+                cx,
+                &self.out[self.out_pos..]
+            ))?;
+            if n == 0 {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.out_pos += n;
+        }
+        if self.out.capacity() > KEEP_OUT_CAPACITY {
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
+        self.out_pos = 0;
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 impl tokio::io::AsyncRead for Io {
@@ -68,6 +129,7 @@ impl tokio::io::AsyncWrite for Io {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_drain(cx))?;
         std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
 
@@ -76,6 +138,7 @@ impl tokio::io::AsyncWrite for Io {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_drain(cx))?;
         std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
     }
 
@@ -87,6 +150,7 @@ impl tokio::io::AsyncWrite for Io {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_drain(cx))?;
         std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
@@ -94,30 +158,36 @@ impl tokio::io::AsyncWrite for Io {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_drain(cx))?;
         std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
-/// How many queued frames are written before one flush.
+/// How many queued frames are written with one `send` at most.
 const WRITE_BATCH: usize = 64;
+/// How many bytes are formatted for one `send` before more frames are taken from the outbox.
+const WRITE_BATCH_BYTES: usize = 64 << 10;
 
-/// Writes `first` and whatever else is ready in the outbox, then flushes once. Control
-/// messages are returned for the caller to act on (in order after the frames before them).
+/// Writes `first` and whatever else is ready in the outbox with one `send`. Control messages
+/// are returned for the caller to act on (in order after the frames before them).
 pub(crate) async fn write_batch(
     ws: &mut Ws,
     first: Outgoing,
     rx: &mut OutboxReceiver,
 ) -> Result<Vec<Outgoing>, tokio_tungstenite::tungstenite::Error> {
+    // tungstenite's own buffer (a pong) goes first; after this, it is empty
+    ws.flush().await?;
+    let io = ws.get_mut();
     let mut controls = Vec::new();
     let mut next = Some(first);
     let mut n = 0;
     while let Some(msg) = next.take() {
         match msg {
-            Outgoing::Frame(f) => ws.feed(Message::Binary(f)).await?,
+            Outgoing::Frame(f) => io.queue(OpCode::Data(Data::Binary), &f),
             other => controls.push(other),
         }
         n += 1;
-        if n < WRITE_BATCH {
+        if n < WRITE_BATCH && io.queued() < WRITE_BATCH_BYTES {
             next = rx.try_recv();
         }
     }
@@ -125,30 +195,60 @@ pub(crate) async fn write_batch(
     Ok(controls)
 }
 
-/// How a guarded write ended.
-pub(crate) enum Written {
-    /// The batch was written (controls to act on), or the transport failed.
-    Done(Result<Vec<Outgoing>, tokio_tungstenite::tungstenite::Error>),
-    /// The outbox overflowed while the write was blocked: a slow reader.
-    Overflow,
-    /// The server is shutting down while the write was blocked.
-    Shutdown,
+/// Writes a WebSocket ping (through the same out buffer as the frames).
+pub(crate) async fn write_ping(ws: &mut Ws) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    ws.flush().await?;
+    ws.get_mut().queue(OpCode::Control(Control::Ping), &[]);
+    ws.flush().await
 }
 
-/// [`write_batch`], abandoned when the outbox overflows or the server shuts down meanwhile: a
-/// client that stopped reading blocks the write forever, and must still be disconnected.
-pub(crate) async fn write_guarded(
-    ws: &mut Ws,
-    first: Outgoing,
-    rx: &mut OutboxReceiver,
-    overflow: &outbox::OverflowSignal,
-    shutdown: &tokio_util::sync::CancellationToken,
-) -> Written {
+/// Why a socket must drop whatever it is waiting for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stop {
+    /// The server is shutting down.
+    Shutdown,
+    /// The outbox overflowed: a slow reader.
+    Overflow,
+}
+
+/// Resolves when the server shuts down or the socket's outbox overflows. Each socket creates it
+/// once and keeps it pinned, so the waits are registered once, not on every wake-up.
+pub(crate) async fn stop_signal(
+    shutdown: tokio_util::sync::CancellationToken,
+    overflow: outbox::OverflowSignal,
+) -> Stop {
     tokio::select! {
-        r = write_batch(ws, first, rx) => Written::Done(r),
-        _ = overflow.wait() => Written::Overflow,
-        _ = shutdown.cancelled() => Written::Shutdown,
+        biased;
+        _ = shutdown.cancelled() => Stop::Shutdown,
+        _ = overflow.wait() => Stop::Overflow,
     }
+}
+
+/// Runs `op` (a write), abandoned when `stop` fires meanwhile: a client that stopped reading
+/// blocks a write forever, and must still be disconnected. `stop` must not have fired yet.
+pub(crate) async fn guarded<T>(
+    op: impl std::future::Future<Output = T>,
+    stop: std::pin::Pin<&mut impl std::future::Future<Output = Stop>>,
+) -> Result<T, Stop> {
+    tokio::select! {
+        biased;
+        r = op => Ok(r),
+        s = stop => Err(s),
+    }
+}
+
+/// Writes what is still queued before a socket closes, bounded in time (the client may have
+/// stopped reading).
+pub(crate) async fn flush_final(ws: &mut Ws, rx: &mut OutboxReceiver) {
+    let flush = async {
+        while let Some(msg) = rx.try_recv() {
+            if let Err(e) = write_batch(ws, msg, rx).await {
+                debug!(error = %e, "final write failed");
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
 }
 
 /// Completes a close handshake (bounded in time): sends the close frame, then reads and discards

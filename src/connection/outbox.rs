@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
+
+use super::queue::{QueueReceiver, QueueSender, queue};
 
 /// Something for the socket task to do, in order with the frames.
 #[derive(Debug)]
@@ -42,14 +44,14 @@ struct Shared {
 /// Sender side; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Outgoing>,
+    tx: QueueSender<Outgoing>,
     shared: Arc<Shared>,
 }
 
 /// Receiver side, owned by the socket task.
 #[derive(Debug)]
 pub struct OutboxReceiver {
-    rx: mpsc::UnboundedReceiver<Outgoing>,
+    rx: QueueReceiver<Outgoing>,
     shared: Arc<Shared>,
 }
 
@@ -72,7 +74,7 @@ impl OverflowSignal {
 
 /// Creates a queue that holds at most `limit` bytes of frames.
 pub fn outbox(limit: usize) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = queue();
     let shared = Arc::new(Shared {
         queued: AtomicUsize::new(0),
         limit,
@@ -129,8 +131,8 @@ impl Outbox {
 }
 
 impl OutboxReceiver {
-    /// The next message; `None` when every sender is gone.
-    pub async fn recv(&mut self) -> Option<Outgoing> {
+    /// The next message. Cancel-safe.
+    pub async fn recv(&mut self) -> Outgoing {
         let msg = self.rx.recv().await;
         self.account(&msg);
         msg
@@ -138,13 +140,15 @@ impl OutboxReceiver {
 
     /// A message if one is ready now.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        let msg = self.rx.try_recv().ok();
-        self.account(&msg);
+        let msg = self.rx.try_recv();
+        if let Some(m) = &msg {
+            self.account(m);
+        }
         msg
     }
 
-    fn account(&self, msg: &Option<Outgoing>) {
-        if let Some(Outgoing::Frame(f)) = msg {
+    fn account(&self, msg: &Outgoing) {
+        if let Outgoing::Frame(f) = msg {
             self.shared.queued.fetch_sub(f.len(), Ordering::AcqRel);
         }
     }
@@ -184,7 +188,7 @@ mod tests {
         .await
         .unwrap();
         assert!(!tx.send(Bytes::from_static(b"1")), "stays refused");
-        assert!(matches!(rx.recv().await, Some(Outgoing::Frame(_))));
+        assert!(matches!(rx.recv().await, Outgoing::Frame(_)));
         assert_eq!(rx.queued_bytes(), 6);
     }
 

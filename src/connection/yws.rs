@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -16,7 +15,7 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::hocuspocus::valid_document_name;
 use super::outbox::{Outgoing, outbox};
-use super::{Written, Ws, close, write_guarded};
+use super::{Stop, Ws, close, guarded, stop_signal, write_batch, write_ping};
 use crate::doc::{Attach, DocCommand, Framing, next_conn_id};
 use crate::hooks::{AuthPayload, Context};
 use crate::protocol::message::{ServerMessage, YwsMessage, decode_yws_frame};
@@ -78,7 +77,8 @@ async fn run(
     let read_only = payload.read_only;
     let context = Arc::new(payload.context);
     let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
-    let overflow = out_rx.overflow_signal();
+    let stop = stop_signal(shared.shutdown.clone(), out_rx.overflow_signal());
+    tokio::pin!(stop);
     let conn = next_conn_id();
     let mut doc = None;
     for _ in 0..10 {
@@ -114,29 +114,35 @@ async fn run(
     let cfg = &shared.config;
     let idle = Duration::from_millis(cfg.idle_timeout_ms);
     let ping_every = cfg.effective_ping_interval();
-    let mut tick = tokio::time::interval(Duration::from_millis(
-        (cfg.idle_timeout_ms / 4).clamp(50, 1000),
-    ));
     let mut last_inbound = Instant::now();
     let mut next_ping = ping_every.map(|d| Instant::now() + d);
+    // one timer, armed for the earliest deadline and re-armed when it fires
+    let next_deadline = |last_inbound: Instant, next_ping: Option<Instant>| {
+        next_ping.map_or(last_inbound + idle, |p| p.min(last_inbound + idle))
+    };
+    let mut timer = Box::pin(tokio::time::sleep_until(next_deadline(
+        last_inbound,
+        next_ping,
+    )));
     let end: Option<(u16, &'static str)> = loop {
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => break Some((1012, "Service Restart")),
-            _ = overflow.wait() => {
-                shared.metrics.slow_readers.inc();
-                break Some((1013, "Slow Reader"));
-            }
+            why = &mut stop => match why {
+                Stop::Shutdown => break Some((1012, "Service Restart")),
+                Stop::Overflow => {
+                    shared.metrics.slow_readers.inc();
+                    break Some((1013, "Slow Reader"));
+                }
+            },
             msg = out_rx.recv() => {
-                let Some(msg) = msg else { break None };
-                match write_guarded(&mut ws, msg, &mut out_rx, &overflow, &shared.shutdown).await {
-                    Written::Done(Err(_)) => break None,
-                    Written::Overflow => {
+                match guarded(write_batch(&mut ws, msg, &mut out_rx), stop.as_mut()).await {
+                    Ok(Err(_)) => break None,
+                    Err(Stop::Overflow) => {
                         shared.metrics.slow_readers.inc();
                         break Some((1013, "Slow Reader"));
                     }
-                    Written::Shutdown => break Some((1012, "Service Restart")),
-                    Written::Done(Ok(controls)) => {
+                    Err(Stop::Shutdown) => break Some((1012, "Service Restart")),
+                    Ok(Ok(controls)) => {
                         if let Some(Outgoing::CloseSocket { code, reason }) = controls.into_iter().find(|c| matches!(c, Outgoing::CloseSocket { .. })) {
                             break Some((code, reason));
                         }
@@ -162,7 +168,7 @@ async fn run(
                 Some(Ok(Message::Text(_))) => break Some((1003, "Unsupported Data")),
                 Some(Ok(_)) => last_inbound = Instant::now(),
             },
-            _ = tick.tick() => {
+            () = &mut timer => {
                 let now = Instant::now();
                 if now.duration_since(last_inbound) >= idle {
                     info!("idle timeout");
@@ -170,8 +176,17 @@ async fn run(
                 }
                 if let (Some(at), Some(every)) = (next_ping, ping_every) && now >= at {
                     next_ping = Some(now + every);
-                    if futures_util::SinkExt::send(&mut ws, Message::Ping(Bytes::new())).await.is_err() { break None; }
+                    match guarded(write_ping(&mut ws), stop.as_mut()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break None,
+                        Err(Stop::Overflow) => {
+                            shared.metrics.slow_readers.inc();
+                            break Some((1013, "Slow Reader"));
+                        }
+                        Err(Stop::Shutdown) => break Some((1012, "Service Restart")),
+                    }
                 }
+                timer.as_mut().reset(next_deadline(last_inbound, next_ping));
             }
         }
     };

@@ -175,6 +175,9 @@ impl Registry {
     }
 }
 
+/// The load failure when another node took the document between routing and loading.
+pub(crate) const NOT_OWNER: &str = "not-owner";
+
 /// Loads a document: take the ownership epoch, read storage, apply, run the load hooks, start
 /// the task. Nothing is written on failure (only the epoch advances).
 async fn load(
@@ -196,7 +199,7 @@ async fn load(
             Ok(Some(g)) => Some(g),
             Ok(None) => {
                 info!(doc = %name, "another node owns the document; not loading it here");
-                return Err(fail("not_owner", "not-owner".into()));
+                return Err(fail("not_owner", NOT_OWNER.into()));
             }
             Err(e) => {
                 warn!(doc = %name, error = %e, "cannot take the ownership lock");

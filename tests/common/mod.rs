@@ -588,7 +588,7 @@ impl RawClient {
     }
 
     /// Sends an update and waits for its SyncStatus(1) and its echo (either order), skipping
-    /// awareness frames. Returns the echoed update.
+    /// awareness frames and application pings. Returns the echoed update.
     pub async fn edit(&mut self, address: &str, u: &[u8]) -> Vec<u8> {
         self.send(update(address, u)).await;
         let mut acked = false;
@@ -597,6 +597,9 @@ impl RawClient {
         while !(acked && echo.is_some()) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let f = self.recv_frame(left).await;
+            if f.msg == Msg::Ping {
+                continue;
+            }
             assert_eq!(f.address, address, "{f:?}");
             match f.msg {
                 Msg::SyncStatus(1) if !acked => acked = true,
