@@ -878,3 +878,25 @@ async fn sqlite_uses_wal_in_both_synchronous_modes() {
     assert_eq!(n, 2);
     c.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_creating_one_sqlite_file_both_start() {
+    // Two nodes started together on a new file race to migrate it; both must come up.
+    for round in 0..10 {
+        let dir = TempDir::new();
+        let url = format!(
+            "sqlite://{}",
+            dir.path.join(format!("race{round}.db")).display()
+        );
+        let (a, b) = tokio::join!(
+            SqlStore::connect(&url, SqlOptions::default()),
+            SqlStore::connect(&url, SqlOptions::default())
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let e = a.acquire_epoch("x").await.unwrap();
+        committed(a.append(&[item("x", e, &[b"u"])]).await.unwrap()[0]);
+        assert!(b.acquire_epoch("x").await.unwrap() > e);
+        a.close().await;
+        b.close().await;
+    }
+}

@@ -35,6 +35,9 @@ CREATE TABLE document_updates (
 CREATE INDEX document_updates_name_seq ON document_updates (name, seq);
 ";
 
+/// How often opening a SQLite file is retried after a database error (see `connect`).
+const MIGRATE_ATTEMPTS: u64 = 5;
+
 fn migrator() -> Migrator {
     Migrator::with_migrations(vec![Migration::new(
         1,
@@ -58,7 +61,25 @@ impl Pools {
     }
 }
 
+/// Opens the pools, retrying briefly on database errors: sqlx takes no lock while it migrates
+/// SQLite, so processes opening a new file together race (switching to WAL or creating the
+/// tables fails with "database is locked" or "table already exists"); once the winner has
+/// committed, the others find the file set up.
 pub(super) async fn connect(url: &str, opts: &SqlOptions) -> Result<Pools, StoreError> {
+    let mut attempt = 0;
+    loop {
+        match connect_once(url, opts).await {
+            Err(e @ StoreError::Database(_)) if attempt < MIGRATE_ATTEMPTS => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "opening SQLite raced another process; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn connect_once(url: &str, opts: &SqlOptions) -> Result<Pools, StoreError> {
     let connect = SqliteConnectOptions::from_str(url)
         .map_err(db_err)?
         .create_if_missing(true)
@@ -75,7 +96,11 @@ pub(super) async fn connect(url: &str, opts: &SqlOptions) -> Result<Pools, Store
         .connect_with(connect.clone())
         .await
         .map_err(db_err)?;
-    migrator().run(&writer).await.map_err(migrate_err)?;
+    migrator().run(&writer).await.map_err(|e| match e {
+        // another process migrating the new file at the same moment: retryable
+        sqlx::migrate::MigrateError::ExecuteMigration(e, _) => db_err(e),
+        other => migrate_err(other),
+    })?;
     let reader = SqlitePoolOptions::new()
         .max_connections(opts.max_connections.max(1))
         .acquire_timeout(opts.acquire_timeout)
