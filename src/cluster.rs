@@ -21,13 +21,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::prelude::{Builder, ClientLike, KeysInterface, ReconnectPolicy};
-use fred::types::{Expiration, config::Config as RedisConfig};
+use fred::prelude::{Builder, ClientLike, ReconnectPolicy};
+use fred::types::config::Config as RedisConfig;
 use hearth_lock::{Acquire, HolderId, LockClient, LockGuard, LockTiming};
 use hearth_proxy::{
-    Auth, Body, CloseDoc, ConnId, Inbound, Incarnation, NodeAddr, NodeId, OpenMeta, Route,
-    RouteCache, Rpc, RpcError, RpcErrorCode, RpcFailure, RpcRequest, Session, Transport,
-    TransportConfig,
+    Body, CloseDoc, ConnId, Inbound, Incarnation, NodeAddr, NodeId, OpenMeta, Route, RouteCache,
+    Rpc, RpcErrorCode, RpcFailure, RpcRequest, Session, Transport,
 };
 use prometheus::{IntCounterVec, IntGauge, Opts};
 use tokio::sync::mpsc;
@@ -38,6 +37,10 @@ use crate::config::Config;
 use crate::connection::outbox::{Outbox, Outgoing};
 use crate::hooks::CustomEventPayload;
 use crate::shared::Shared;
+
+mod emit;
+mod presence;
+pub use emit::{EMITTER_NODE_ID, RemoteEmitError, emit_remote};
 
 /// Errors of the cluster layer.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +57,18 @@ pub enum ClusterError {
     /// A lock holder value this build cannot turn into a node address.
     #[error("unexpected lock holder {0}")]
     Holder(String),
+    /// Another live process already runs with this node id (docs/cluster.md, "Node ids").
+    #[error(
+        "node id {node:?} is in use by a live process (incarnation {incarnation}, still \
+         subscribed to its inbox); give every node its own HEARTH_NODE_ID, or stop the other \
+         process first"
+    )]
+    NodeIdInUse {
+        /// The node id.
+        node: String,
+        /// The incarnation holding it.
+        incarnation: String,
+    },
 }
 
 /// Where a document is served.
@@ -198,8 +213,7 @@ pub struct Cluster {
     transport: Transport,
     rpc: Rpc,
     routes: RouteCache,
-    redis: fred::clients::Client,
-    node_key: String,
+    presence: presence::Presence,
     lock_ttl: Duration,
     proxy_ttl: Duration,
     event_ttl: Duration,
@@ -269,6 +283,7 @@ fn kind_of(body: &Body) -> &'static str {
         Body::Rpc(_) => "rpc",
         Body::RpcReply(_) => "rpc_reply",
         Body::Keepalive { .. } => "keepalive",
+        Body::Part { .. } => "part",
     }
 }
 
@@ -285,23 +300,15 @@ impl Cluster {
         registry: &prometheus::Registry,
     ) -> Result<(Arc<Self>, mpsc::Receiver<Inbound>), ClusterError> {
         let node_id = NodeId::new(config.node_id.clone())?;
-        let me = NodeAddr::fresh(node_id.clone());
+        let me = NodeAddr::fresh(node_id);
         let holder = HolderId::from_parts(config.node_id.clone(), me.inc.to_string())?;
-        let auth = if config.cluster_secret.is_empty() {
-            Auth::disabled()
-        } else {
-            Auth::with_secret(config.cluster_secret.as_bytes())?
-        };
-        if let Some(w) = auth.startup_warning() {
+        let mut tc = emit::transport_config(config, me.clone())?;
+        tc.reassembly = hearth_proxy::ReassemblyLimits::new(
+            config.max_proxied_frame_bytes.max(config.max_message_bytes),
+        );
+        if let Some(w) = tc.auth.startup_warning() {
             warn!("{w}");
         }
-        let mut tc = TransportConfig::new(
-            config.redis_url.clone(),
-            config.redis_prefix.clone(),
-            me.clone(),
-        );
-        tc.auth = auth;
-        tc.max_envelope_bytes = config.max_message_bytes.max(1 << 20) + 4096;
         let (transport, inbound) = Transport::connect(tc).await?;
         let redis = redis_client(&config.redis_url).await?;
         let metrics = ClusterMetrics::register(registry)
@@ -314,7 +321,8 @@ impl Cluster {
             LockTiming::from_ttl(lock_ttl)?,
         )?
         .with_observer(Arc::new(Observer(metrics.clone())));
-        let node_key = transport.keys().node_key(&node_id);
+        let presence =
+            presence::Presence::register(redis.clone(), transport.keys(), &me, lock_ttl).await?;
         let cluster = Arc::new(Cluster {
             rpc: Rpc::new(transport.clone()),
             me,
@@ -322,8 +330,7 @@ impl Cluster {
             lock,
             transport,
             routes: RouteCache::new(100_000),
-            redis,
-            node_key,
+            presence,
             lock_ttl,
             proxy_ttl: Duration::from_millis(config.proxy_socket_ttl_ms),
             event_ttl: Duration::from_millis(config.custom_event_ttl_ms),
@@ -333,7 +340,6 @@ impl Cluster {
             peers_seen: Mutex::new(HashMap::new()),
             metrics,
         });
-        cluster.refresh_node_key().await;
         info!(node = %cluster.me, "joined the cluster");
         Ok((cluster, inbound))
     }
@@ -344,20 +350,7 @@ impl Cluster {
     }
 
     async fn refresh_node_key(&self) {
-        let ttl = i64::try_from(self.lock_ttl.as_millis()).unwrap_or(i64::MAX);
-        let r: Result<(), _> = self
-            .redis
-            .set(
-                &self.node_key,
-                self.me.inc.to_string(),
-                Some(Expiration::PX(ttl)),
-                None,
-                false,
-            )
-            .await;
-        if let Err(e) = r {
-            debug!(error = %e, "node key refresh failed");
-        }
+        self.presence.refresh().await;
     }
 
     fn heard_from_within(&self, node: &NodeAddr, within: Duration) -> bool {
@@ -627,15 +620,35 @@ impl Cluster {
         self.metrics.owner_sessions.inc();
     }
 
-    /// Sends a frame to a remote client (owner side).
+    /// Sends a frame to a remote client (owner side). A frame beyond `max_proxied_frame_bytes`
+    /// cannot cross: the client is reset instead (it may reconnect to this node directly).
     pub(crate) fn send_out(&self, edge: &NodeAddr, session: &Session, frame: &Bytes) -> bool {
-        self.post(
-            edge,
-            Body::Out {
-                session: session.clone(),
-                data: frame.to_vec(),
-            },
-        )
+        let body = Body::Out {
+            session: session.clone(),
+            data: frame.to_vec(),
+        };
+        match self.transport.start_send(edge, body) {
+            Ok(_) => {
+                self.metrics.envelopes_out.with_label_values(&["out"]).inc();
+                true
+            }
+            Err(hearth_proxy::ProxyError::FrameTooLarge { size, max }) => {
+                warn!(
+                    edge = %edge,
+                    doc = %session.doc,
+                    size,
+                    max,
+                    "frame for a client on another node exceeds max_proxied_frame_bytes; \
+                     resetting the client"
+                );
+                self.reset_session(edge, session, "frame_too_large");
+                false
+            }
+            Err(e) => {
+                warn!(to = %edge, error = %e, kind = "out", "cannot queue envelope");
+                false
+            }
+        }
     }
 
     /// Ends a remote client's session with a close code (owner side).
@@ -675,6 +688,39 @@ impl Cluster {
         }
     }
 
+    /// Resets the one proxied client of `session` on the link with `peer`: here at the edge
+    /// (close 4205), or its attachment here at the owner (ends with 4205). False when it is
+    /// already gone.
+    fn reset_session(&self, peer: &NodeAddr, session: &Session, reason: &str) -> bool {
+        let edge = {
+            let mut map = lock_map(&self.edge_sessions);
+            if map.get(&session.conn).is_some_and(|s| &s.owner == peer) {
+                map.remove(&session.conn)
+            } else {
+                None
+            }
+        };
+        if let Some(s) = edge {
+            self.metrics.edge_sessions.dec();
+            self.metrics.resyncs.with_label_values(&[reason]).inc();
+            s.outbox.control(Outgoing::CloseSocket {
+                code: 4205,
+                reason: "Reset Connection",
+            });
+            return true;
+        }
+        let attached = lock_map(&self.owner_sessions)
+            .get(&(peer.clone(), session.conn))
+            .cloned();
+        match attached {
+            Some(tx) if tx.send(RemoteIn::Reset).is_ok() => {
+                self.metrics.resyncs.with_label_values(&[reason]).inc();
+                true
+            }
+            _ => false,
+        }
+    }
+
     // === custom events ===
 
     async fn on_rpc(self: Arc<Self>, shared: Arc<Shared>, from: NodeAddr, req: RpcRequest) {
@@ -710,6 +756,7 @@ impl Cluster {
         name: &str,
         payload: Vec<u8>,
     ) -> Result<Vec<u8>, EmitError> {
+        let mut last = EmitError::Unavailable("ownership kept moving".into());
         for _ in 0..2 {
             match self
                 .route(shared, doc)
@@ -723,29 +770,22 @@ impl Cluster {
                     self.drop_unused_claim(shared, doc);
                     return r;
                 }
-                Route2::Remote(owner) => match self
-                    .rpc
-                    .call(&owner, doc, name, payload.clone(), self.event_ttl)
-                    .await
-                {
-                    Ok(v) => return Ok(v),
-                    Err(RpcError::NotOwner { .. }) | Err(RpcError::Unreachable) => {
-                        self.routes.invalidate(doc);
-                        continue;
+                Route2::Remote(owner) => {
+                    let r = self
+                        .rpc
+                        .call(&owner, doc, name, payload.clone(), self.event_ttl)
+                        .await;
+                    match emit::settle(r, &owner) {
+                        std::ops::ControlFlow::Break(r) => return r,
+                        std::ops::ControlFlow::Continue(why) => {
+                            self.routes.invalidate(doc);
+                            last = why;
+                        }
                     }
-                    Err(RpcError::Timeout) => return Err(EmitError::Timeout),
-                    Err(RpcError::Remote { code, msg }) => {
-                        return Err(EmitError::from_failure(RpcFailure {
-                            code,
-                            msg,
-                            holder: None,
-                        }));
-                    }
-                    Err(e) => return Err(EmitError::Unavailable(e.to_string())),
-                },
+                }
             }
         }
-        Err(EmitError::Unavailable("ownership kept moving".into()))
+        Err(last)
     }
 
     // === background ===
@@ -900,7 +940,24 @@ impl Cluster {
                     Body::RpcReply(reply) => {
                         self.rpc.on_reply(reply);
                     }
-                    Body::Keepalive { .. } => {}
+                    // the transport reassembles parts; it never delivers one
+                    Body::Keepalive { .. } | Body::Part { .. } => {}
+                }
+            }
+            Inbound::FrameDropped {
+                from,
+                session,
+                reason,
+            } => {
+                if self.reset_session(&from, &session, reason.as_str()) {
+                    warn!(
+                        from = %from,
+                        doc = %session.doc,
+                        reason = reason.as_str(),
+                        "a frame sent in parts was dropped before it was complete; resetting its client"
+                    );
+                } else {
+                    debug!(from = %from, reason = reason.as_str(), "dropped part of a frame for a session already gone");
                 }
             }
             Inbound::Gap { from, .. } => {
@@ -951,7 +1008,7 @@ impl Cluster {
         for g in claims {
             let _ = g.release().await;
         }
-        let _: Result<(), _> = self.redis.del(&self.node_key).await;
+        self.presence.release().await;
         self.transport.shutdown().await;
     }
 }
@@ -1024,13 +1081,7 @@ pub(crate) async fn emit_local(
 
 /// `hearth cluster owner DOC`: the owning node's id, if any.
 pub async fn owner_of(config: &Config, doc: &str) -> Result<Option<String>, ClusterError> {
-    let redis = redis_client(&config.redis_url).await?;
-    let lock = LockClient::new(
-        redis,
-        config.redis_prefix.clone(),
-        HolderId::new("cli")?,
-        LockTiming::default(),
-    )?;
+    let lock = emit::reader_lock(config, redis_client(&config.redis_url).await?)?;
     Ok(lock.holder(doc).await?.map(|h| h.node_id().to_owned()))
 }
 

@@ -54,7 +54,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (the default).
     Serve,
-    /// Inspect a cluster (needs `HEARTH_REDIS_URL`).
+    /// Inspect a cluster or send it a custom event (needs `HEARTH_REDIS_URL`).
     #[command(subcommand)]
     Cluster(ClusterCommand),
 }
@@ -69,6 +69,19 @@ pub enum ClusterCommand {
     },
     /// List the live nodes.
     Status,
+    /// Run custom event EVENT on the node that owns DOCUMENT and write its reply payload to
+    /// stdout as is. Exit status: 0 answered; 1 nobody owns DOCUMENT, no handler for EVENT, or
+    /// the handler failed; 2 no reply within `custom_event_ttl_ms`, or Redis or the owner
+    /// unreachable. Uses the same Redis URL, prefix and cluster secret as the nodes.
+    Emit {
+        /// Document name.
+        document: String,
+        /// Event name (what `on_custom_event` hooks see as `name`).
+        event: String,
+        /// Payload sent with the event (default: empty); `-` reads it from standard input.
+        #[arg(long, allow_hyphen_values = true)]
+        payload: Option<String>,
+    },
 }
 
 macro_rules! settings {
@@ -184,6 +197,9 @@ settings! {
     lock_ttl_ms: u64 = 10000, env = "HEARTH_LOCK_TTL_MS";
     /// An owner drops a proxied attachment whose edge node was silent this long (ms).
     proxy_socket_ttl_ms: u64 = 30000, env = "HEARTH_PROXY_SOCKET_TTL_MS";
+    /// Largest frame proxied between nodes (bytes; at least `max_message_bytes`): bounds the
+    /// owner's sync answer to a client on another node and the memory reassembling it there.
+    max_proxied_frame_bytes: usize = 64 << 20, env = "HEARTH_MAX_PROXIED_FRAME_BYTES";
     /// How long a custom event waits for the owner's reply (ms).
     custom_event_ttl_ms: u64 = 30000, env = "HEARTH_CUSTOM_EVENT_TTL_MS";
     /// Shared secret authenticating cross-node envelopes (HMAC-SHA256; at least 16 bytes).
@@ -281,12 +297,16 @@ impl Config {
             return invalid("idle_timeout_ms", "timeouts must be > 0");
         }
         if self.node_id.is_empty()
+            || self.node_id.len() > hearth_proxy::MAX_NODE_ID_LEN
             || !self
                 .node_id
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         {
-            return invalid("node_id", "use ASCII letters, digits, '-', '_' or '.'");
+            return invalid(
+                "node_id",
+                "use 1 to 64 ASCII letters, digits, '-', '_' or '.'",
+            );
         }
         if !(self.database_url.starts_with("sqlite:")
             || self.database_url.starts_with("postgres://")

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `hearth cluster owner DOC` / `hearth cluster status`.
+/// `hearth cluster owner DOC` / `hearth cluster status` / `hearth cluster emit DOC EVENT`.
 fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
     if !config.is_cluster() {
         eprintln!("hearth: set HEARTH_REDIS_URL (or --redis-url) to inspect a cluster");
@@ -61,6 +61,14 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
     else {
         return ExitCode::FAILURE;
     };
+    if let ClusterCommand::Emit {
+        document,
+        event,
+        payload,
+    } = cmd
+    {
+        return runtime.block_on(emit_command(&config, &document, &event, payload.as_deref()));
+    }
     let result = runtime.block_on(async {
         match cmd {
             ClusterCommand::Owner { document } => hearth::cluster::owner_of(&config, &document)
@@ -78,6 +86,8 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
                 }
                 true
             }),
+            // handled above: it has exit statuses of its own
+            ClusterCommand::Emit { .. } => Ok(false),
         }
     });
     match result {
@@ -86,6 +96,44 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
         Err(e) => {
             eprintln!("hearth: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `hearth cluster emit DOC EVENT [--payload P|-]`: the reply on stdout, byte for byte. Exit
+/// status 0 answered, 1 definitive failure (no owner, no handler, handler failed), 2 transient
+/// failure (timeout, Redis or the owner unreachable); docs/cluster.md.
+async fn emit_command(
+    config: &Config,
+    document: &str,
+    event: &str,
+    payload: Option<&str>,
+) -> ExitCode {
+    let payload = match payload {
+        None => Vec::new(),
+        Some("-") => {
+            let mut buf = Vec::new();
+            if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf) {
+                eprintln!("hearth: reading the payload from stdin: {e}");
+                return ExitCode::from(1);
+            }
+            buf
+        }
+        Some(p) => p.as_bytes().to_vec(),
+    };
+    match hearth::cluster::emit_remote(config, document, event, payload).await {
+        Ok(reply) => {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out.write_all(&reply).and_then(|()| out.flush()) {
+                eprintln!("hearth: writing the reply: {e}");
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hearth: custom event {event:?} on {document:?}: {e}");
+            ExitCode::from(if e.is_transient() { 2 } else { 1 })
         }
     }
 }

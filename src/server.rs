@@ -30,6 +30,8 @@ use crate::metrics::Metrics;
 use crate::shared::Shared;
 use crate::storage::{self, DocumentStore};
 
+/// How long a shutting-down node tries to release its cluster locks and presence.
+const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -260,7 +262,17 @@ async fn shutdown(shared: &Arc<Shared>) {
         }
     }
     if let Some(c) = &shared.cluster {
-        c.leave().await;
+        // Releasing locks needs Redis; when it is unreachable the locks expire on their own
+        // (lock_ttl), so the exit is not held up for longer than this.
+        if tokio::time::timeout(LEAVE_TIMEOUT, c.leave())
+            .await
+            .is_err()
+        {
+            warn!(
+                timeout_ms = LEAVE_TIMEOUT.as_millis() as u64,
+                "could not release cluster locks in time (Redis unreachable?); they expire after lock_ttl"
+            );
+        }
     }
     if let Err(e) = shared.extensions.on_destroy().await {
         warn!(reason = %e, "on_destroy failed");

@@ -6,16 +6,24 @@
 //!   `CLOSE("Reset Connection")` for every connection of the document; `direct:X` → a direct
 //!   connection inserts `X` at index 0 of the text `t`; `loads` → `loads:N`, the number of
 //!   `on_load_document` runs for this document.
+//! * custom events (`on_custom_event`, `hearth cluster emit`), each answered by the node that
+//!   runs it: `whoami` → this node's id; `append` → a direct connection pushes the payload (as a
+//!   string) onto the `Y.Array` `log`, the marker array of the cluster tests' client, stores the
+//!   document and replies with this node's id; `slow` → sleeps for the payload's number of
+//!   milliseconds (default 5000, at most 60 000), then replies with this node's id; `fail` →
+//!   the handler rejects with `failed-on-purpose`; any other event is left to other extensions.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use yrs::{Text, Transact};
+use yrs::{Array, Text, Transact};
 
+use crate::config::Config;
 use crate::hooks::{
-    AuthPayload, Context, Extension, HookError, HookResult, LoadPayload, StatelessPayload,
+    AuthPayload, Context, CustomEventPayload, Extension, HookError, HookResult, LoadPayload,
+    StatelessPayload,
 };
 use crate::server::WeakServer;
 use crate::shared::Shared;
@@ -24,8 +32,12 @@ use crate::shared::Shared;
 #[derive(Debug, Default)]
 pub struct TestExtension {
     server: OnceLock<WeakServer>,
+    node_id: OnceLock<String>,
     loads: Mutex<HashMap<String, u64>>,
 }
+
+/// Longest `slow` custom event.
+const MAX_SLOW: Duration = Duration::from_secs(60);
 
 impl TestExtension {
     pub(crate) fn new() -> Arc<Self> {
@@ -45,6 +57,53 @@ impl Extension for TestExtension {
 
     fn priority(&self) -> i32 {
         1000
+    }
+
+    async fn on_configure(&self, config: &Config) -> HookResult {
+        let _ = self.node_id.set(config.node_id.clone());
+        Ok(())
+    }
+
+    async fn on_custom_event(
+        &self,
+        p: &CustomEventPayload<'_>,
+    ) -> Result<Option<Vec<u8>>, HookError> {
+        let me = self.node_id.get().cloned().unwrap_or_default().into_bytes();
+        match p.name {
+            "whoami" => Ok(Some(me)),
+            "fail" => Err(HookError::reject("failed-on-purpose")),
+            "slow" => {
+                let ms = std::str::from_utf8(p.payload)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(5000);
+                tokio::time::sleep(Duration::from_millis(ms).min(MAX_SLOW)).await;
+                Ok(Some(me))
+            }
+            "append" => {
+                // Not a document hook: this runs outside the document's task, so it may wait for
+                // work on the same document.
+                let text = String::from_utf8_lossy(p.payload).into_owned();
+                let Some(server) = self.server.get().cloned() else {
+                    return Err(HookError::reject("server not ready"));
+                };
+                let conn = server
+                    .open_direct_connection(p.document_name, Context::new())
+                    .await
+                    .map_err(|e| HookError::reject(e.reason))?;
+                let applied = conn
+                    .transact(move |doc| {
+                        let log = doc.get_or_insert_array("log");
+                        let mut txn = doc.transact_mut();
+                        log.push_back(&mut txn, text);
+                    })
+                    .await;
+                conn.disconnect().await;
+                applied.map_err(|e| HookError::reject(e.to_string()))?;
+                Ok(Some(me))
+            }
+            _ => Ok(None),
+        }
     }
 
     async fn on_authenticate(&self, payload: &mut AuthPayload<'_>) -> HookResult {

@@ -10,8 +10,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ConnId, NodeAddr, RequestId};
 
-/// The schema version this build writes, and the highest it reads.
-pub const SCHEMA_VERSION: u8 = 1;
+/// The highest schema version this build reads and writes.
+///
+/// Each envelope is stamped with the lowest version that defines its kind ([`Kind::since`]):
+/// version 1 for every kind of the first schema, version 2 for `part` (frames split across
+/// envelopes). A version-1 node therefore still reads every envelope of a version-2 node except
+/// parts, which it counts as `unsupported_version` and skips with its sequence tracking intact.
+pub const SCHEMA_VERSION: u8 = 2;
 
 /// The lowest schema version this build reads.
 pub const MIN_SCHEMA_VERSION: u8 = 1;
@@ -177,6 +182,22 @@ pub struct RpcReply {
     pub result: Result<Vec<u8>, RpcFailure>,
 }
 
+/// One piece of a `frame` or `out` whose envelope would exceed the size cap (`part` on the
+/// wire; see [`crate::chunk`]). The pieces of one frame travel in order on one link, numbered
+/// from 0, the last one flagged; the receiving transport reassembles them and delivers the
+/// whole frame as the original kind, so callers never see a part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// The kind of the whole frame: [`Kind::Frame`] or [`Kind::Out`] (`k`).
+    pub of: Kind,
+    /// Position of this piece, from 0 (`n`).
+    pub index: u32,
+    /// Whether this is the final piece (`last`).
+    pub last: bool,
+    /// This piece of the frame's bytes (`data`).
+    pub data: Vec<u8>,
+}
+
 /// What an envelope says. Variants with a `session` are session envelopes: the session travels
 /// in the header map (`s`), the rest in the body map (`b`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,6 +270,14 @@ pub enum Body {
         /// The attachment, or `None` for a node-pair keepalive.
         session: Option<Session>,
     },
+    /// One piece of a large `frame` or `out` (schema version 2). `part`. The transport splits
+    /// and reassembles these itself: callers neither send nor receive them.
+    Part {
+        /// The session of the whole frame.
+        session: Session,
+        /// The piece.
+        part: Part,
+    },
 }
 
 /// The envelope kind (`t` on the wire).
@@ -278,11 +307,13 @@ pub enum Kind {
     RpcReply,
     /// `keepalive`
     Keepalive,
+    /// `part` (since schema version 2)
+    Part,
 }
 
 impl Kind {
     /// Every kind this build knows.
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Open,
         Kind::Frame,
         Kind::Out,
@@ -295,6 +326,7 @@ impl Kind {
         Kind::Rpc,
         Kind::RpcReply,
         Kind::Keepalive,
+        Kind::Part,
     ];
 
     /// The wire tag.
@@ -312,6 +344,16 @@ impl Kind {
             Kind::Rpc => "rpc",
             Kind::RpcReply => "rpc_reply",
             Kind::Keepalive => "keepalive",
+            Kind::Part => "part",
+        }
+    }
+
+    /// The schema version that introduced this kind; envelopes of this kind are stamped with
+    /// it (`v`), so nodes of an older version still read every kind they know.
+    pub fn since(self) -> u8 {
+        match self {
+            Kind::Part => 2,
+            _ => 1,
         }
     }
 
@@ -324,7 +366,13 @@ impl Kind {
     pub fn requires_session(self) -> bool {
         matches!(
             self,
-            Kind::Open | Kind::Frame | Kind::Out | Kind::Detach | Kind::CloseDoc | Kind::NotOwner
+            Kind::Open
+                | Kind::Frame
+                | Kind::Out
+                | Kind::Detach
+                | Kind::CloseDoc
+                | Kind::NotOwner
+                | Kind::Part
         )
     }
 }
@@ -345,6 +393,7 @@ impl Body {
             Body::Rpc(_) => Kind::Rpc,
             Body::RpcReply(_) => Kind::RpcReply,
             Body::Keepalive { .. } => Kind::Keepalive,
+            Body::Part { .. } => Kind::Part,
         }
     }
 
@@ -356,7 +405,8 @@ impl Body {
             | Body::Out { session, .. }
             | Body::Detach { session, .. }
             | Body::CloseDoc { session, .. }
-            | Body::NotOwner { session, .. } => Some(session),
+            | Body::NotOwner { session, .. }
+            | Body::Part { session, .. } => Some(session),
             Body::Keepalive { session } => session.as_ref(),
             Body::Released { .. }
             | Body::Draining { .. }

@@ -10,12 +10,22 @@ pub enum ProxyError {
     /// Bad configuration (prefix, secret, limits).
     #[error("invalid proxy configuration: {0}")]
     Config(String),
-    /// The encoded envelope would exceed the configured cap. Chunking is not implemented yet.
+    /// The encoded envelope would exceed the configured cap, and it is not a `frame` or `out`
+    /// (those are sent in parts), or even an empty part would exceed it.
     #[error("envelope of {size} bytes exceeds the {max}-byte cap")]
     Oversize {
         /// Encoded size.
         size: usize,
         /// Configured cap.
+        max: usize,
+    },
+    /// A `frame` or `out` larger than the largest frame peers reassemble
+    /// ([`crate::chunk::ReassemblyLimits::max_frame_bytes`]); nothing was sent.
+    #[error("frame of {size} bytes exceeds the {max}-byte limit of proxied frames")]
+    FrameTooLarge {
+        /// Frame size.
+        size: usize,
+        /// Configured limit.
         max: usize,
     },
     /// msgpack serialization failed (should not happen for well-formed values).

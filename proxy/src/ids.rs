@@ -17,7 +17,8 @@ pub const MAX_NODE_ID_LEN: usize = 64;
 
 /// A configured, stable, human-readable node name (`node0`, `collab-a`, …).
 ///
-/// Guarantees: 1 to [`MAX_NODE_ID_LEN`] bytes of ASCII letters, digits, `-` and `_`. No `:`,
+/// Guarantees: 1 to [`MAX_NODE_ID_LEN`] bytes of ASCII letters, digits, `-`, `_` and `.` (host
+/// names are the usual node ids). No `:`,
 /// `{`, `}`, glob characters or whitespace can appear, so the id can be embedded in channel and key
 /// names as is. Validation also runs when an id is decoded from an envelope.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -32,7 +33,7 @@ impl NodeId {
             && id.len() <= MAX_NODE_ID_LEN
             && id
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if valid {
             Ok(NodeId(id))
         } else {
@@ -190,6 +191,7 @@ mod tests {
             "node0",
             "collab-a",
             "x_y-Z9",
+            "node1.example.com",
             &"n".repeat(MAX_NODE_ID_LEN),
         ] {
             assert!(NodeId::new(ok).is_ok(), "{ok:?} should be valid");

@@ -14,6 +14,7 @@
 //! | [`codec`] | the wire format, size cap, [`DecodeError`] / [`RejectReason`] |
 //! | [`auth`] | HMAC-SHA256 with a cluster secret ([`Auth`]) |
 //! | [`seq`] | [`SeqTracker`]: gap/duplicate detection per link (pure) |
+//! | [`chunk`] | frames larger than one envelope: [`split`], [`Reassembler`] (pure) |
 //! | [`keys`] | [`doc_tag`] and Redis key/channel names ([`Keys`]) |
 //! | [`transport`] | [`Transport`] over fred pub/sub, [`Inbound`] events |
 //! | [`rpc`] | [`Rpc`]: custom events with reply timeouts |
@@ -51,6 +52,7 @@
 //!                 _other => { /* route to sessions / document actors */ }
 //!             },
 //!             Inbound::Gap { from, .. } => { /* resync sessions on the link from `from` */ }
+//!             Inbound::FrameDropped { session, .. } => { /* resync that session */ }
 //!             Inbound::Resubscribed | Inbound::Lagged { .. } => { /* resync everything */ }
 //!             Inbound::OutOfOrder { .. } => { /* dropped; count it */ }
 //!             Inbound::Rejected { reason, .. } => { /* envelopes_rejected{reason} += 1 */ }
@@ -93,7 +95,7 @@
 //!
 //! | key | type | meaning |
 //! |---|---|---|
-//! | `v` | u8 | schema version, currently [`SCHEMA_VERSION`] = 1 |
+//! | `v` | u8 | schema version that defines the kind ([`Kind::since`]): 1, or 2 for `part`; this build reads up to [`SCHEMA_VERSION`] = 2 |
 //! | `t` | str | kind tag (table below) |
 //! | `from` | `{id: str, inc: u64}` | sending process ([`NodeAddr`]) |
 //! | `to` | `{id, inc}` or nil | destination process; nil on broadcasts |
@@ -115,6 +117,7 @@
 //! | `rpc` | caller → owner | no | `id` {`inc`, `n`}, `doc`, `epoch`?, `name`, `payload` bin, `deadline_ms`, `only_if_open` |
 //! | `rpc_reply` | owner → caller | no | `id`, `ok`, `payload` bin (if ok), `err` {`code`, `msg`, `holder`?} (if not) |
 //! | `keepalive` | either | optional | empty (per attachment with `s`, per node pair without) |
+//! | `part` (v2) | either | yes | `k` (`frame` or `out`), `n` u32 (piece index from 0), `last` bool, `data` bin (a piece of the frame) |
 //!
 //! # Compatibility rules
 //!
@@ -127,6 +130,21 @@
 //!   and ignores. Decoding never fails the stream.
 //! * Unknown keys, in the header map or in a body, are ignored; missing optional fields decode
 //!   as absent. Adding an optional field is a compatible change; anything else bumps `v`.
+//! * A writer stamps each envelope with the version that introduced its kind, not with its own
+//!   [`SCHEMA_VERSION`]: a version-1 node keeps reading every v1 kind from a version-2 node and
+//!   only skips (and counts) `part`s, so a rolling upgrade loses nothing that used to work.
+//!
+//! # Large frames
+//!
+//! A `frame` or `out` whose envelope would exceed the cap is sent as `part` envelopes of about
+//! the cap's size, consecutive on its link, each numbered and (with a secret) signed like any
+//! other envelope. The receiving transport reassembles them per (link, connection id) and
+//! delivers the whole frame as the original kind; callers never see a part. A gap on the link
+//! discards the unfinished frame (its session is reset because of the gap anyway). Frames above
+//! [`ReassemblyLimits::max_frame_bytes`] are refused when sent ([`ProxyError::FrameTooLarge`]);
+//! on the receiving side that bound, the number of unfinished frames and the bytes they hold are
+//! enforced, and whatever is dropped is reported as [`Inbound::FrameDropped`] so the caller can
+//! reset the session. See [`chunk`].
 //!
 //! # Delivery
 //!
@@ -138,10 +156,14 @@
 //!
 //! # Not done yet
 //!
-//! * **Chunking.** Envelopes over the cap (default 8 MiB, [`DEFAULT_MAX_ENVELOPE_BYTES`]) are
-//!   refused with [`ProxyError::Oversize`]; splitting large frames into `part`/`of` pieces and
-//!   reassembling them is future work. Keep the cap below Redis's
-//!   `client-output-buffer-limit pubsub` (32 MiB hard by default).
+//! * **Flow control for parts.** The parts of one frame are published back to back. For a
+//!   subscriber that reads slower than they are published, Redis buffers them up to
+//!   `client-output-buffer-limit pubsub` (32 MiB hard by default) and then drops the subscriber,
+//!   which surfaces as [`Inbound::Resubscribed`]. Frames close to that size need the Redis limit
+//!   raised where edges can fall behind.
+//! * **Other large kinds.** Only `frame` and `out` are split; an `rpc` or `rpc_reply` over the
+//!   cap (default 8 MiB, [`DEFAULT_MAX_ENVELOPE_BYTES`]) is refused with
+//!   [`ProxyError::Oversize`].
 //! * **Replay outside the sequence window.** A captured authentic envelope replayed later is
 //!   dropped by sequence checking on an existing link; there is no timestamp check (we don't
 //!   compare clocks across machines), so a replay to a *fresh* receiver of a broadcast is
@@ -153,6 +175,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod auth;
+pub mod chunk;
 pub mod codec;
 pub mod envelope;
 pub mod error;
@@ -164,13 +187,14 @@ pub mod seq;
 pub mod transport;
 
 pub use auth::{Auth, ClusterKey};
+pub use chunk::{DropReason, Reassembler, Reassembly, ReassemblyLimits, split};
 pub use codec::{Codec, DEFAULT_MAX_ENVELOPE_BYTES, DecodeError, RejectReason};
 pub use envelope::{
-    Body, CloseDoc, Envelope, Header, Holder, Kind, OpenMeta, RpcErrorCode, RpcFailure, RpcReply,
-    RpcRequest, SCHEMA_VERSION, Session,
+    Body, CloseDoc, Envelope, Header, Holder, Kind, OpenMeta, Part, RpcErrorCode, RpcFailure,
+    RpcReply, RpcRequest, SCHEMA_VERSION, Session,
 };
 pub use error::ProxyError;
-pub use ids::{ConnId, Incarnation, NodeAddr, NodeId, RequestId};
+pub use ids::{ConnId, Incarnation, MAX_NODE_ID_LEN, NodeAddr, NodeId, RequestId};
 pub use keys::{Keys, doc_tag};
 pub use routes::{Route, RouteCache};
 pub use rpc::{Call, Rpc, RpcError};

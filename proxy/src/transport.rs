@@ -9,10 +9,11 @@
 //! * a **writer task** that owns the per-link sequence counters. It drains the bounded outbound
 //!   queue in batches, assigns `seq`, encodes and signs, and sends each batch as one pipeline, so
 //!   sequence order is publish order on one connection and Redis keeps that order per
-//!   subscriber;
+//!   subscriber. A `frame` or `out` whose envelope would exceed the cap is split into `part`
+//!   envelopes ([`crate::chunk`]) with consecutive numbers, published back to back;
 //! * a **reader task** that verifies, decodes, checks the destination and the sequence number of
-//!   every message, and hands [`Inbound`] events to the caller over a bounded channel. If the
-//!   caller is slow, fred's broadcast channel overflows and that surfaces as
+//!   every message, reassembles parts, and hands [`Inbound`] events to the caller over a bounded
+//!   channel. If the caller is slow, fred's broadcast channel overflows and that surfaces as
 //!   [`Inbound::Lagged`], never silently;
 //! * a **resubscribe task**: after fred reconnects the subscriber it re-issues the
 //!   subscriptions and only *then* emits [`Inbound::Resubscribed`]. (This replaces fred's
@@ -41,8 +42,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::auth::Auth;
+use crate::chunk::{self, DropReason, Reassembler, Reassembly, ReassemblyLimits};
 use crate::codec::{Codec, DEFAULT_MAX_ENVELOPE_BYTES, RejectReason};
-use crate::envelope::{Body, Envelope, Header, SCHEMA_VERSION};
+use crate::envelope::{Body, Envelope, Header, Kind, Part, Session};
 use crate::error::ProxyError;
 use crate::ids::NodeAddr;
 use crate::keys::Keys;
@@ -71,8 +73,12 @@ pub struct TransportConfig {
     pub me: NodeAddr,
     /// Envelope authentication policy.
     pub auth: Auth,
-    /// Cap on one encoded envelope, both directions. Default 8 MiB.
+    /// Cap on one encoded envelope, both directions. Default 8 MiB. A `frame` or `out` that
+    /// doesn't fit travels in parts of about this size.
     pub max_envelope_bytes: usize,
+    /// Bounds on frames sent in parts: the largest frame sent or reassembled, and what the
+    /// receiver holds while reassembling. Give every process of a cluster the same limits.
+    pub reassembly: ReassemblyLimits,
     /// Capacity of the inbound event channel handed to the caller. Default 16 384.
     pub inbound_capacity: usize,
     /// Capacity of the outbound queue; full → [`ProxyError::Clogged`]. Default 16 384.
@@ -100,6 +106,7 @@ impl TransportConfig {
             me,
             auth: Auth::disabled(),
             max_envelope_bytes: DEFAULT_MAX_ENVELOPE_BYTES,
+            reassembly: ReassemblyLimits::default(),
             inbound_capacity: 16_384,
             outbound_capacity: 16_384,
             max_batch: 256,
@@ -120,6 +127,11 @@ impl TransportConfig {
                 "broadcast_channel_capacity",
                 self.broadcast_channel_capacity,
             ),
+            (
+                "reassembly.max_frame_bytes",
+                self.reassembly.max_frame_bytes,
+            ),
+            ("reassembly.max_partials", self.reassembly.max_partials),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -129,6 +141,11 @@ impl TransportConfig {
         if self.max_envelope_bytes < 1024 {
             return Err(ProxyError::Config(
                 "max_envelope_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.reassembly.max_buffered_bytes < self.reassembly.max_frame_bytes {
+            return Err(ProxyError::Config(
+                "reassembly.max_buffered_bytes must be >= reassembly.max_frame_bytes".into(),
             ));
         }
         if self.command_timeout.is_zero() || self.reconnect_min.is_zero() {
@@ -180,6 +197,18 @@ pub enum Inbound {
     /// The subscriber connection was re-established and re-subscribed. Anything published while
     /// it was down is gone: treat every link as having a gap.
     Resubscribed,
+    /// A frame sent in parts was dropped before it was complete: a reassembly bound was hit,
+    /// or its pieces didn't follow each other (see [`crate::chunk`]). The session missed a
+    /// frame: reset it. (After an [`Inbound::Gap`], the rest of a frame cut by the gap shows up
+    /// here too, with [`DropReason::Sequence`].)
+    FrameDropped {
+        /// The sender.
+        from: NodeAddr,
+        /// The session the frame belonged to.
+        session: Session,
+        /// Why (metric label [`DropReason::as_str`]).
+        reason: DropReason,
+    },
     /// An inbound message was rejected (count it as `envelopes_rejected{reason}`).
     Rejected {
         /// Metric reason.
@@ -216,10 +245,12 @@ impl SendReceipt {
     }
 }
 
+type Reply = oneshot::Sender<Result<u64, ProxyError>>;
+
 struct Outgoing {
     to: Option<NodeAddr>,
     body: Body,
-    reply: oneshot::Sender<Result<u64, ProxyError>>,
+    reply: Reply,
 }
 
 type TxSeqs = Arc<Mutex<HashMap<Option<NodeAddr>, u64>>>;
@@ -245,6 +276,8 @@ struct Inner {
     outbound_capacity: usize,
     tx_seqs: TxSeqs,
     rx_seqs: Arc<Mutex<SeqTracker>>,
+    parts: Arc<Mutex<Reassembler>>,
+    max_frame_bytes: usize,
     sub: SubscriberClient,
     publisher: Client,
     tasks: Vec<JoinHandle<()>>,
@@ -339,6 +372,7 @@ impl Transport {
         let (in_tx, in_rx) = mpsc::channel(config.inbound_capacity);
         let tx_seqs: TxSeqs = Arc::default();
         let rx_seqs = Arc::new(Mutex::new(SeqTracker::new()));
+        let parts = Arc::new(Mutex::new(Reassembler::new(config.reassembly)));
         let codec = Codec::new(config.auth.clone(), config.max_envelope_bytes);
 
         let writer = Writer {
@@ -359,6 +393,7 @@ impl Transport {
             inbox: inbox.clone(),
             bcast,
             seqs: rx_seqs.clone(),
+            parts: parts.clone(),
         };
         let tasks = vec![
             tokio::spawn(writer.run()),
@@ -366,6 +401,7 @@ impl Transport {
             tokio::spawn(resubscribe_loop(
                 sub.clone(),
                 reconnects,
+                parts.clone(),
                 in_tx,
                 config.reconnect_min,
                 config.reconnect_max,
@@ -382,6 +418,8 @@ impl Transport {
                 outbound_capacity: config.outbound_capacity,
                 tx_seqs,
                 rx_seqs,
+                parts,
+                max_frame_bytes: config.reassembly.max_frame_bytes,
                 sub,
                 publisher,
                 tasks,
@@ -425,12 +463,21 @@ impl Transport {
 
     /// Queues `body` for `to` without waiting for the publish. Envelopes queued one after the
     /// other are published in that order. Fails at once with [`ProxyError::Clogged`] when the
-    /// outbound queue is full.
+    /// outbound queue is full, and with [`ProxyError::FrameTooLarge`] for a `frame` or `out`
+    /// beyond the reassembly limit.
     pub fn start_send(&self, to: &NodeAddr, body: Body) -> Result<SendReceipt, ProxyError> {
         self.enqueue(Some(to.clone()), body)
     }
 
     fn enqueue(&self, to: Option<NodeAddr>, body: Body) -> Result<SendReceipt, ProxyError> {
+        if let Body::Frame { data, .. } | Body::Out { data, .. } = &body
+            && data.len() > self.inner.max_frame_bytes
+        {
+            return Err(ProxyError::FrameTooLarge {
+                size: data.len(),
+                max: self.inner.max_frame_bytes,
+            });
+        }
         let (reply, rx) = oneshot::channel();
         self.inner
             .outbound
@@ -448,6 +495,17 @@ impl Transport {
     pub fn forget_peer(&self, peer: &NodeAddr) {
         lock(&self.inner.tx_seqs).remove(&Some(peer.clone()));
         lock(&self.inner.rx_seqs).forget_node(peer);
+        lock(&self.inner.parts).forget_node(peer);
+    }
+
+    /// Frames being reassembled from parts right now (a gauge).
+    pub fn partial_frames(&self) -> usize {
+        lock(&self.inner.parts).len()
+    }
+
+    /// Bytes held by frames being reassembled (a gauge).
+    pub fn partial_frame_bytes(&self) -> usize {
+        lock(&self.inner.parts).buffered_bytes()
     }
 
     /// Number of inbound links tracked (a gauge).
@@ -541,45 +599,53 @@ impl Writer {
 
     async fn flush(&mut self, batch: &mut Vec<Outgoing>) {
         let pipeline = self.publisher.pipeline();
-        let mut waiting = Vec::with_capacity(batch.len());
+        // Per outgoing body: where to send its result (`None` once an error was sent) and how
+        // many publishes (one, or one per part) it queued.
+        let mut waiting: Vec<(Option<Reply>, usize)> = Vec::with_capacity(batch.len());
         for out in batch.drain(..) {
             let channel = match &out.to {
                 Some(addr) => self.keys.inbox(addr),
                 None => self.bcast.clone(),
             };
-            let seq = lock(&self.seqs).get(&out.to).copied().unwrap_or(0) + 1;
-            let env = Envelope {
-                header: Header {
-                    version: SCHEMA_VERSION,
-                    from: self.me.clone(),
-                    to: out.to.clone(),
-                    seq,
-                },
-                body: out.body,
-            };
-            // Encode before committing the number, so a refused envelope leaves no gap.
-            let bytes = match self.codec.encode(&env) {
-                Ok(bytes) => Bytes::from(bytes),
+            let first = lock(&self.seqs).get(&out.to).copied().unwrap_or(0) + 1;
+            // Encode before committing the numbers, so a refused envelope leaves no gap.
+            let encoded = match self.encode(out.to.clone(), first, out.body) {
+                Ok(encoded) => encoded,
                 Err(e) => {
                     let _ = out.reply.send(Err(e));
                     continue;
                 }
             };
-            let queued: Result<(), fred::error::Error> = match self.mode {
-                PubSubMode::Classic => pipeline.publish(channel, bytes).await,
-                PubSubMode::Sharded => pipeline.spublish(channel, bytes).await,
-            };
-            match queued {
-                Ok(()) => {
-                    lock(&self.seqs).insert(env.header.to, seq);
-                    waiting.push(out.reply);
+            let mut queued = 0usize;
+            let mut failed = None;
+            for bytes in encoded {
+                let result: Result<(), fred::error::Error> = match self.mode {
+                    PubSubMode::Classic => pipeline.publish(channel.clone(), bytes).await,
+                    PubSubMode::Sharded => pipeline.spublish(channel.clone(), bytes).await,
+                };
+                match result {
+                    Ok(()) => queued += 1,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
-                Err(e) => {
+            }
+            if queued > 0 {
+                let last = first.saturating_add(u64::try_from(queued - 1).unwrap_or(u64::MAX));
+                lock(&self.seqs).insert(out.to, last);
+            }
+            match failed {
+                None => waiting.push((Some(out.reply), queued)),
+                Some(e) => {
+                    // Parts already queued still go out (the receiver drops the unfinished frame
+                    // when the next envelope on the link doesn't continue it).
                     let _ = out.reply.send(Err(e.into()));
+                    waiting.push((None, queued));
                 }
             }
         }
-        if waiting.is_empty() {
+        if waiting.iter().all(|(_, n)| *n == 0) {
             return;
         }
         let results: Vec<Result<i64, fred::error::Error>> =
@@ -587,19 +653,119 @@ impl Writer {
                 .await
                 .unwrap_or_default();
         let mut results = results.into_iter();
-        for reply in waiting {
-            let result = match results.next() {
-                Some(Ok(n)) => Ok(u64::try_from(n).unwrap_or(0)),
-                Some(Err(e)) => Err(ProxyError::Redis(e)),
-                None => Err(ProxyError::Redis(fred::error::Error::new(
-                    fred::error::ErrorKind::Timeout,
-                    "publish pipeline timed out",
-                ))),
-            };
-            let _ = reply.send(result);
+        for (reply, n) in waiting {
+            // A body sent in parts reached the destination only if every part did: report the
+            // smallest receiver count, or the first error.
+            let mut outcome: Result<u64, ProxyError> = Ok(u64::MAX);
+            for _ in 0..n {
+                let one = match results.next() {
+                    Some(Ok(n)) => Ok(u64::try_from(n).unwrap_or(0)),
+                    Some(Err(e)) => Err(ProxyError::Redis(e)),
+                    None => Err(ProxyError::Redis(fred::error::Error::new(
+                        fred::error::ErrorKind::Timeout,
+                        "publish pipeline timed out",
+                    ))),
+                };
+                outcome = match (outcome, one) {
+                    (Ok(a), Ok(b)) => Ok(a.min(b)),
+                    (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                };
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(outcome.map(|n| if n == u64::MAX { 0 } else { n }));
+            }
         }
     }
+
+    /// Encodes `body` as the envelope numbered `first` on the link to `to`, or, for a `frame` or
+    /// `out` too large for one envelope, as parts numbered `first`, `first + 1`, ….
+    fn encode(
+        &self,
+        to: Option<NodeAddr>,
+        first: u64,
+        body: Body,
+    ) -> Result<Vec<Bytes>, ProxyError> {
+        let header = |version: u8, seq: u64| Header {
+            version,
+            from: self.me.clone(),
+            to: to.clone(),
+            seq,
+        };
+        let env = Envelope {
+            header: header(body.kind().since(), first),
+            body,
+        };
+        let cap = self.codec.max_envelope_bytes();
+        let split_kind = match &env.body {
+            Body::Frame { session, data } => Some((session, Kind::Frame, data)),
+            Body::Out { session, data } => Some((session, Kind::Out, data)),
+            _ => None,
+        };
+        // Data alone at or over the cap cannot fit: skip encoding it whole.
+        let too_big = match split_kind {
+            Some((_, _, data)) if data.len() >= cap => ProxyError::Oversize {
+                size: data.len(),
+                max: cap,
+            },
+            _ => match self.codec.encode(&env) {
+                Ok(bytes) => return Ok(vec![Bytes::from(bytes)]),
+                Err(e @ ProxyError::Oversize { .. }) => e,
+                Err(e) => return Err(e),
+            },
+        };
+        let Some((session, of, data)) = split_kind else {
+            return Err(too_big);
+        };
+        let part_len = self.part_len(&env.header, session, of)?;
+        let Some(parts) = chunk::split(session, of, data, part_len) else {
+            return Err(too_big);
+        };
+        let mut out = Vec::with_capacity(parts.len());
+        for (seq, body) in (first..).zip(parts) {
+            let part = Envelope {
+                header: header(Kind::Part.since(), seq),
+                body,
+            };
+            out.push(Bytes::from(self.codec.encode(&part)?));
+        }
+        Ok(out)
+    }
+
+    /// The most frame bytes one `part` envelope of `session` can carry under the cap: the cap
+    /// minus the encoded size of an empty part with the largest index and sequence number, minus
+    /// the growth of the `bin` length prefix (2 bytes empty, 5 bytes at most).
+    fn part_len(&self, header: &Header, session: &Session, of: Kind) -> Result<usize, ProxyError> {
+        let probe = Envelope {
+            header: Header {
+                version: Kind::Part.since(),
+                seq: u64::MAX,
+                ..header.clone()
+            },
+            body: Body::Part {
+                session: session.clone(),
+                part: Part {
+                    of,
+                    index: u32::MAX,
+                    last: false,
+                    data: Vec::new(),
+                },
+            },
+        };
+        let overhead = self.codec.encode(&probe)?.len() + 3;
+        let room = self.codec.max_envelope_bytes().saturating_sub(overhead);
+        if room < MIN_PART_BYTES {
+            return Err(ProxyError::Oversize {
+                size: overhead + MIN_PART_BYTES,
+                max: self.codec.max_envelope_bytes(),
+            });
+        }
+        Ok(room)
+    }
 }
+
+/// Smallest useful piece of a frame per `part` envelope; a session whose envelope overhead
+/// leaves less room than this under the cap cannot send large frames.
+const MIN_PART_BYTES: usize = 256;
 
 // === reader ===
 
@@ -610,6 +776,7 @@ struct InboundFilter {
     inbox: String,
     bcast: String,
     seqs: Arc<Mutex<SeqTracker>>,
+    parts: Arc<Mutex<Reassembler>>,
 }
 
 /// Longest `detail` kept in [`Inbound::Rejected`] (error texts can quote attacker input).
@@ -629,7 +796,8 @@ fn rejected(reason: RejectReason, detail: impl Into<String>) -> Inbound {
 }
 
 impl InboundFilter {
-    /// Up to two events per message: a gap report and/or the envelope, or one rejection.
+    /// Up to two events per message: a gap report and/or the envelope (whole, or the frame its
+    /// last part completes) or a dropped partial frame; or one rejection.
     fn process(&self, channel: &str, bytes: &[u8]) -> [Option<Inbound>; 2] {
         let on_broadcast = if channel == self.inbox {
             false
@@ -667,12 +835,16 @@ impl InboundFilter {
         let check = lock(&self.seqs).observe(&link, header.seq);
         let first = match check {
             SeqCheck::InOrder => None,
-            SeqCheck::Gap { expected, got } => Some(Inbound::Gap {
-                from: header.from,
-                broadcast: on_broadcast,
-                expected,
-                got,
-            }),
+            SeqCheck::Gap { expected, got } => {
+                // A frame cut by the gap must never be delivered with a hole in it.
+                lock(&self.parts).drop_link(&link);
+                Some(Inbound::Gap {
+                    from: header.from,
+                    broadcast: on_broadcast,
+                    expected,
+                    got,
+                })
+            }
             SeqCheck::Duplicate { got } => {
                 return [
                     Some(Inbound::OutOfOrder {
@@ -699,6 +871,21 @@ impl InboundFilter {
             }
         };
         let second = match (envelope, error) {
+            (
+                Some(Envelope {
+                    header,
+                    body: Body::Part { session, part },
+                }),
+                _,
+            ) => match lock(&self.parts).push(&link, session, part) {
+                Reassembly::Pending => None,
+                Reassembly::Complete(body) => Some(Inbound::Envelope(Envelope { header, body })),
+                Reassembly::Dropped { session, reason } => Some(Inbound::FrameDropped {
+                    from: link.from,
+                    session,
+                    reason,
+                }),
+            },
             (Some(env), _) => Some(Inbound::Envelope(env)),
             (None, Some(e)) => Some(rejected(e.reason(), e.to_string())),
             (None, None) => None,
@@ -738,6 +925,7 @@ async fn read_loop(
                 }
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
+                lock(&filter.parts).clear();
                 tracing::warn!(
                     missed,
                     "pub/sub receiver lagged; reporting a gap on every link"
@@ -757,6 +945,7 @@ async fn read_loop(
 async fn resubscribe_loop(
     sub: SubscriberClient,
     mut reconnects: broadcast::Receiver<fred::types::config::Server>,
+    parts: Arc<Mutex<Reassembler>>,
     out: mpsc::Sender<Inbound>,
     min_delay: Duration,
     max_delay: Duration,
@@ -772,6 +961,7 @@ async fn resubscribe_loop(
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(max_delay);
         }
+        lock(&parts).clear();
         tracing::info!("pub/sub re-subscribed after reconnect; reporting a gap on every link");
         if out.send(Inbound::Resubscribed).await.is_err() {
             return;
@@ -783,7 +973,7 @@ async fn resubscribe_loop(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::envelope::Session;
+    use crate::envelope::{SCHEMA_VERSION, Session};
     use crate::ids::{ConnId, Incarnation, NodeId};
 
     fn addr(name: &str, inc: u64) -> NodeAddr {
@@ -799,6 +989,7 @@ mod tests {
             bcast: keys.bcast(),
             me,
             seqs: Arc::default(),
+            parts: Arc::default(),
         }
     }
 
@@ -856,6 +1047,102 @@ mod tests {
             })
         ));
         assert!(b.is_none());
+    }
+
+    fn part_envelopes(
+        from: &NodeAddr,
+        to: &NodeAddr,
+        first_seq: u64,
+        session: &Session,
+        data: &[u8],
+        part_len: usize,
+    ) -> Vec<Envelope> {
+        chunk::split(session, Kind::Out, data, part_len)
+            .unwrap()
+            .zip(first_seq..)
+            .map(|(body, seq)| Envelope {
+                header: Header {
+                    version: Kind::Part.since(),
+                    from: from.clone(),
+                    to: Some(to.clone()),
+                    seq,
+                },
+                body,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parts_are_reassembled_and_a_gap_mid_frame_drops_the_rest() {
+        let f = filter(Auth::with_secret(&[5u8; 32]).unwrap());
+        let peer = addr("owner", 4);
+        let s = Session {
+            conn: ConnId::generate(),
+            doc: "big".into(),
+            epoch: 2,
+        };
+        let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let enc = |env: &Envelope| f.codec.encode(env).unwrap();
+
+        // Five parts, numbered 1..=5: nothing until the last, then the whole frame.
+        let parts = part_envelopes(&peer, &f.me, 1, &s, &data, 200);
+        assert_eq!(parts.len(), 5);
+        for p in &parts[..4] {
+            assert_eq!(f.process(&f.inbox, &enc(p)), [None, None]);
+        }
+        let [a, b] = f.process(&f.inbox, &enc(&parts[4]));
+        assert!(a.is_none());
+        let Some(Inbound::Envelope(env)) = b else {
+            panic!("{b:?}")
+        };
+        assert_eq!(env.header.seq, 5);
+        assert_eq!(
+            env.body,
+            Body::Out {
+                session: s.clone(),
+                data: data.clone()
+            }
+        );
+        assert_eq!(lock(&f.parts).len(), 0);
+
+        // The next frame, numbered 6..=10, loses number 8: a gap, and its tail is dropped.
+        let parts = part_envelopes(&peer, &f.me, 6, &s, &data, 200);
+        for p in &parts[..2] {
+            assert_eq!(f.process(&f.inbox, &enc(p)), [None, None]);
+        }
+        assert_eq!(lock(&f.parts).len(), 1);
+        let dropped = Some(Inbound::FrameDropped {
+            from: peer.clone(),
+            session: s.clone(),
+            reason: DropReason::Sequence,
+        });
+        let [a, b] = f.process(&f.inbox, &enc(&parts[3]));
+        assert!(matches!(
+            a,
+            Some(Inbound::Gap {
+                expected: 8,
+                got: 9,
+                ..
+            })
+        ));
+        assert_eq!(b, dropped);
+        assert_eq!(f.process(&f.inbox, &enc(&parts[4])), [None, dropped]);
+        assert_eq!(lock(&f.parts).len(), 0);
+
+        // A duplicate part is dropped by the sequence check before reassembly.
+        let parts = part_envelopes(&peer, &f.me, 11, &s, &data, 600);
+        assert_eq!(f.process(&f.inbox, &enc(&parts[0])), [None, None]);
+        let [a, b] = f.process(&f.inbox, &enc(&parts[0]));
+        assert!(matches!(
+            a,
+            Some(Inbound::OutOfOrder {
+                duplicate: true,
+                ..
+            })
+        ));
+        assert!(b.is_none());
+        let [_, b] = f.process(&f.inbox, &enc(&parts[1]));
+        assert!(matches!(b, Some(Inbound::Envelope(_))));
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::RedisServer;
+use common::{RedisServer, WAIT, connect, next, quiet};
 use fred::prelude::{Builder, Client, ClientLike, Config, PubsubInterface};
 use fred::types::CustomCommand;
 use hearth_proxy::{
@@ -18,7 +18,6 @@ use hearth_proxy::{
 use tokio::sync::mpsc;
 
 const SECRET: &[u8] = b"integration-test-cluster-secret!";
-const WAIT: Duration = Duration::from_secs(5);
 
 fn node(name: &str) -> NodeAddr {
     NodeAddr::fresh(NodeId::new(name).unwrap())
@@ -30,27 +29,6 @@ fn config(redis: &RedisServer, name: &str, secret: Option<&[u8]>) -> TransportCo
         config.auth = Auth::with_secret(secret).unwrap();
     }
     config
-}
-
-async fn connect(config: TransportConfig) -> (Transport, mpsc::Receiver<Inbound>) {
-    tokio::time::timeout(WAIT, Transport::connect(config))
-        .await
-        .expect("connect timed out")
-        .unwrap()
-}
-
-async fn next(rx: &mut mpsc::Receiver<Inbound>) -> Inbound {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("no inbound event within 5 s")
-        .expect("inbound channel closed")
-}
-
-/// Asserts that nothing arrives for a short while.
-async fn quiet(rx: &mut mpsc::Receiver<Inbound>) {
-    if let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-        panic!("unexpected event {event:?}");
-    }
 }
 
 fn session(doc: &str) -> Session {

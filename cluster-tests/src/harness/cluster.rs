@@ -6,7 +6,8 @@
 //!   incarnation (`<prefix>:node:<id>`);
 //! * each node's own view, `GET /cluster/owned` ([`Cluster::owned`]) and `/metrics`
 //!   ([`Cluster::metrics`], parsed into [`Metrics`]);
-//! * `hearth cluster owner <doc>` ([`Cluster::cli_owner`]);
+//! * `hearth cluster owner <doc>` ([`Cluster::cli_owner`]) and any other command line
+//!   ([`Cluster::cli_with`]: extra environment, stdin, raw stdout, stderr, run time);
 //! * the shared database: epochs ([`Cluster::epochs`]) and the stored blobs of a document
 //!   ([`Cluster::stored_blobs`]), searched for markers with [`marker_hits`].
 //!
@@ -345,6 +346,26 @@ impl Cluster {
 
     /// Runs `hearth <args…>` with this cluster's Redis settings (≤ 10 s): exit code, stdout.
     pub async fn cli(&self, args: &[&str]) -> anyhow::Result<(Option<i32>, String)> {
+        let run = self
+            .cli_with(args, &[], None, Duration::from_secs(10))
+            .await?;
+        Ok((
+            run.code,
+            String::from_utf8_lossy(&run.stdout).trim().to_string(),
+        ))
+    }
+
+    /// Runs `hearth <args…>` with this cluster's Redis settings plus `env`, writing `stdin` (if
+    /// any) to its standard input; kills it after `limit`. Unlike [`Cluster::cli`], stdout is kept
+    /// byte for byte and stderr and the run time are returned too.
+    pub async fn cli_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdin: Option<&[u8]>,
+        limit: Duration,
+    ) -> anyhow::Result<CliRun> {
+        use tokio::io::AsyncWriteExt as _;
         let mut cmd = tokio::process::Command::new(hearth_bin()?);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("HEARTH_") {
@@ -355,15 +376,31 @@ impl Cluster {
             .env("HEARTH_REDIS_URL", self.redis.url())
             .env("HEARTH_REDIS_PREFIX", &self.prefix)
             .env("RUST_LOG", "error")
-            .stdin(std::process::Stdio::null())
+            .envs(env.iter().copied())
+            .stdin(if stdin.is_some() {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        let out = timeout(Duration::from_secs(10), cmd.output())
+        let started = Instant::now();
+        let mut child = cmd.spawn().context("starting hearth")?;
+        if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(bytes)
+                .await
+                .context("writing hearth's stdin")?;
+        }
+        let out = timeout(limit, child.wait_with_output())
             .await
-            .context("hearth cluster command timed out")??;
-        Ok((
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        ))
+            .with_context(|| format!("`hearth {}` ran longer than {limit:?}", args.join(" ")))??;
+        Ok(CliRun {
+            code: out.status.code(),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed: started.elapsed(),
+        })
     }
 
     /// `hearth cluster owner <doc>`: the owner's node id, `None` when it exits 1 with no output.
@@ -442,6 +479,19 @@ pub fn marker_hits(blob: &[u8], marker: &str) -> usize {
     }
     needle.extend_from_slice(marker.as_bytes());
     blob.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// One finished run of the `hearth` command line ([`Cluster::cli_with`]).
+#[derive(Debug, Clone)]
+pub struct CliRun {
+    /// Exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output, as written.
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: String,
+    /// From spawn to exit.
+    pub elapsed: Duration,
 }
 
 /// Reconnects clients through a URL (the balancer) whenever their socket ends, after a short

@@ -13,7 +13,7 @@
 //! * [`db`] — reading and corrupting stored rows (SQLite or PostgreSQL) from a test.
 //! * [`workload`] — seeded writer tasks and the lost/phantom/duplicate set checker.
 //! * [`cluster`] — [`Cluster`]: N nodes on one database and one Redis behind a balancer, with the
-//!   ops-surface queries (lock holders, `/cluster/owned`, metrics, `hearth cluster owner`,
+//!   ops-surface queries (lock holders, `/cluster/owned`, metrics, `hearth cluster …`,
 //!   epochs and stored rows), [`Reconnector`] and the convergence wait.
 //! * [`raw`] — [`RawSocket`]: a frame-by-frame client recording what the server sends.
 //!
@@ -51,7 +51,7 @@ use anyhow::Context as _;
 
 pub use client::{ClientOptions, Snapshot, TestClient};
 pub use cluster::{
-    Cluster, ClusterSpec, LockHolder, Metrics, Reconnector, marker_hits, probe_writable,
+    CliRun, Cluster, ClusterSpec, LockHolder, Metrics, Reconnector, marker_hits, probe_writable,
     wait_all_acked, wait_converged,
 };
 pub use lb::Lb;

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{Auth, MAC_LEN};
 use crate::envelope::{
-    Body, CloseDoc, Envelope, Header, Holder, Kind, MIN_SCHEMA_VERSION, OpenMeta, RpcFailure,
+    Body, CloseDoc, Envelope, Header, Holder, Kind, MIN_SCHEMA_VERSION, OpenMeta, Part, RpcFailure,
     RpcReply, RpcRequest, SCHEMA_VERSION, Session,
 };
 use crate::error::ProxyError;
@@ -200,11 +200,12 @@ impl Codec {
 
     /// Encodes (and signs, if a secret is configured) one envelope.
     ///
-    /// Fails with [`ProxyError::Oversize`] if the result would exceed the cap. (Chunking of large
-    /// frames is future work; callers must split or resync instead.)
+    /// Fails with [`ProxyError::Oversize`] if the result would exceed the cap. (The transport
+    /// then sends a `frame` or `out` as `part`s, see [`crate::chunk`]; other kinds fail.)
     pub fn encode(&self, env: &Envelope) -> Result<Vec<u8>, ProxyError> {
         let payload_hint = match &env.body {
             Body::Frame { data, .. } | Body::Out { data, .. } => data.len(),
+            Body::Part { part, .. } => part.data.len(),
             Body::Rpc(req) => req.payload.len(),
             Body::RpcReply(RpcReply {
                 result: Ok(payload),
@@ -385,6 +386,15 @@ struct NodeRef<'a> {
 struct Empty {}
 
 #[derive(Serialize)]
+struct PartRef<'a> {
+    k: &'a str,
+    n: u32,
+    last: bool,
+    #[serde(with = "serde_bytes")]
+    data: &'a [u8],
+}
+
+#[derive(Serialize)]
 struct RpcReplyRef<'a> {
     id: &'a RequestId,
     ok: bool,
@@ -420,6 +430,13 @@ impl Serialize for BodyOut<'_> {
             }
             .serialize(s),
             Body::Keepalive { .. } => Empty {}.serialize(s),
+            Body::Part { part, .. } => PartRef {
+                k: part.of.tag(),
+                n: part.index,
+                last: part.last,
+                data: &part.data,
+            }
+            .serialize(s),
         }
     }
 }
@@ -480,6 +497,15 @@ struct NodeIn {
 struct EmptyIn {}
 
 #[derive(Deserialize)]
+struct PartIn {
+    k: String,
+    n: u32,
+    last: bool,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+}
+
+#[derive(Deserialize)]
 struct RpcReplyIn {
     id: RequestId,
     ok: bool,
@@ -501,6 +527,7 @@ enum RawBody {
     Rpc(RpcRequest),
     RpcReply(RpcReply),
     Empty,
+    Part(Part),
 }
 
 struct BodySeed(Kind);
@@ -540,6 +567,19 @@ impl<'de> DeserializeSeed<'de> for BodySeed {
             Kind::Keepalive => {
                 EmptyIn::deserialize(d)?;
                 RawBody::Empty
+            }
+            Kind::Part => {
+                let p = PartIn::deserialize(d)?;
+                let of = match Kind::from_tag(&p.k) {
+                    Some(k @ (Kind::Frame | Kind::Out)) => k,
+                    _ => return Err(de::Error::custom("`part` of a kind other than frame/out")),
+                };
+                RawBody::Part(Part {
+                    of,
+                    index: p.n,
+                    last: p.last,
+                    data: p.data,
+                })
             }
         })
     }
@@ -667,6 +707,10 @@ impl<'de> Visitor<'de> for WireVisitor {
             (Kind::Rpc, RawBody::Rpc(req)) => Body::Rpc(req),
             (Kind::RpcReply, RawBody::RpcReply(reply)) => Body::RpcReply(reply),
             (Kind::Keepalive, RawBody::Empty) => Body::Keepalive { session },
+            (Kind::Part, RawBody::Part(part)) => Body::Part {
+                session: session.ok_or_else(need)?,
+                part,
+            },
             _ => return Err(de::Error::custom("body does not match kind")),
         };
         Ok(WireIn::Envelope(Envelope { header, body }))

@@ -32,13 +32,17 @@ fn header(to: Option<NodeAddr>) -> Header {
     }
 }
 
+/// An envelope stamped as the transport stamps it: with the version of its kind.
 fn envelope(body: Body) -> Envelope {
     let to = match body {
         Body::Released { .. } | Body::Draining { .. } | Body::NodeDown { .. } => None,
         _ => Some(addr("owner_2", u64::MAX)),
     };
     Envelope {
-        header: header(to),
+        header: Header {
+            version: body.kind().since(),
+            ..header(to)
+        },
         body,
     }
 }
@@ -126,7 +130,7 @@ fn all_bodies() -> Vec<Body> {
                 inc: Incarnation(9),
                 n: 1,
             },
-            result: Ok(binary),
+            result: Ok(binary.clone()),
         }),
         Body::RpcReply(RpcReply {
             id: RequestId {
@@ -157,6 +161,24 @@ fn all_bodies() -> Vec<Body> {
             session: Some(session()),
         },
         Body::Keepalive { session: None },
+        Body::Part {
+            session: session(),
+            part: Part {
+                of: Kind::Out,
+                index: 0,
+                last: false,
+                data: binary.clone(),
+            },
+        },
+        Body::Part {
+            session: session(),
+            part: Part {
+                of: Kind::Frame,
+                index: u32::MAX,
+                last: true,
+                data: Vec::new(),
+            },
+        },
     ]
 }
 
@@ -228,6 +250,75 @@ fn body_is_a_named_map() {
     for key in ["from", "seq", "keepalive"] {
         assert!(text.contains(key), "{key} missing");
     }
+    // A part: version 2, seven entries (with `s`), its fields named.
+    let bytes = plain()
+        .encode(&envelope(Body::Part {
+            session: session(),
+            part: Part {
+                of: Kind::Out,
+                index: 3,
+                last: true,
+                data: vec![7; 10],
+            },
+        }))
+        .unwrap();
+    assert_eq!(&bytes[1..5], &[0x87, 0xa1, b'v', 0x02]);
+    let text = String::from_utf8_lossy(&bytes);
+    for key in ["part", "last", "data"] {
+        assert!(text.contains(key), "{key} missing");
+    }
+}
+
+#[test]
+fn only_part_kinds_are_newer_than_version_1() {
+    for kind in Kind::ALL {
+        let want = if kind == Kind::Part { 2 } else { 1 };
+        assert_eq!(kind.since(), want, "{kind:?}");
+        assert!(kind.since() <= SCHEMA_VERSION);
+    }
+}
+
+#[test]
+fn malformed_parts_are_rejected() {
+    #[derive(Serialize)]
+    struct PartBody<'a> {
+        k: &'a str,
+        n: u32,
+        last: bool,
+        #[serde(with = "serde_bytes")]
+        data: &'a [u8],
+    }
+    let codec = plain();
+    // A part of a kind that is never split.
+    let bytes = codec.wrap_raw(&raw(
+        2,
+        "part",
+        PartBody {
+            k: "open",
+            n: 0,
+            last: true,
+            data: b"x",
+        },
+    ));
+    assert_eq!(
+        codec.decode(&bytes).unwrap_err().reason(),
+        RejectReason::Malformed
+    );
+    // A well-formed part body, but without a session (`raw` writes no `s`).
+    let bytes = codec.wrap_raw(&raw(
+        2,
+        "part",
+        PartBody {
+            k: "out",
+            n: 0,
+            last: true,
+            data: b"x",
+        },
+    ));
+    assert_eq!(
+        codec.decode(&bytes).unwrap_err().reason(),
+        RejectReason::Malformed
+    );
 }
 
 #[test]
@@ -341,14 +432,15 @@ fn unknown_kind_keeps_the_header() {
 #[test]
 fn newer_version_keeps_the_header_and_skips_the_body() {
     let codec = signed();
-    // A v2 `frame` whose body this build couldn't parse.
-    let bytes = codec.wrap_raw(&raw(2, "frame", ("totally", "different", 3)));
+    // A `frame` of the next version, whose body this build couldn't parse.
+    let next = SCHEMA_VERSION + 1;
+    let bytes = codec.wrap_raw(&raw(next, "frame", ("totally", "different", 3)));
     let err = codec.decode(&bytes).unwrap_err();
     assert_eq!(err.reason(), RejectReason::UnsupportedVersion);
     let DecodeError::UnsupportedVersion { version, header } = &err else {
         panic!("{err:?}")
     };
-    assert_eq!(*version, 2);
+    assert_eq!(*version, next);
     assert_eq!(header.seq, 99);
     // Version 0 is invalid, not "newer".
     let bytes = codec.wrap_raw(&raw(0, "keepalive", BTreeMap::<String, u8>::new()));

@@ -87,3 +87,36 @@ fn ping(port: u16) -> bool {
     let mut buf = [0u8; 7];
     matches!(stream.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
 }
+
+/// How long the transport helpers below wait.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Connects a transport (bounded by [`WAIT`]).
+pub async fn connect(
+    config: hearth_proxy::TransportConfig,
+) -> (
+    hearth_proxy::Transport,
+    tokio::sync::mpsc::Receiver<hearth_proxy::Inbound>,
+) {
+    tokio::time::timeout(WAIT, hearth_proxy::Transport::connect(config))
+        .await
+        .expect("connect timed out")
+        .unwrap()
+}
+
+/// The next inbound event (bounded by [`WAIT`]).
+pub async fn next(
+    rx: &mut tokio::sync::mpsc::Receiver<hearth_proxy::Inbound>,
+) -> hearth_proxy::Inbound {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("no inbound event in time")
+        .expect("inbound channel closed")
+}
+
+/// Asserts that nothing arrives for a short while.
+pub async fn quiet(rx: &mut tokio::sync::mpsc::Receiver<hearth_proxy::Inbound>) {
+    if let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+        panic!("unexpected event {event:?}");
+    }
+}

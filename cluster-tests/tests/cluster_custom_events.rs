@@ -1,0 +1,317 @@
+//! Custom events from outside the cluster: `hearth cluster emit <doc> <event> [--payload P|-]`
+//! (docs/cluster.md "Custom events from scripts"; affinity.md §a.9, §c.7, §d item 18).
+//!
+//! Nodes run with `--test-extension`, whose `on_custom_event` answers `whoami` (the node id),
+//! `append` (pushes the payload onto the `log` array, the test client's marker array, through a
+//! direct connection, then replies with the node id), `slow` (sleeps for the payload's number of
+//! milliseconds) and `fail` (the handler rejects).
+//!
+//! * `emit_reaches_the_owner_from_a_non_owner`: the CLI, configured like n2 while n1 owns the
+//!   document, reaches n1 (reply `n1`, which is also what `hearth cluster owner` says); an
+//!   `append` is seen by clients on n1 and n2 and by a fresh client on n3, and is stored; the
+//!   payload can come from stdin; an unknown event and a failing handler exit 1 at once (not a
+//!   timeout), and none of it moves ownership.
+//! * `emit_to_an_unowned_document_exits_1_and_claims_nothing`: exit 1, nothing claimed or loaded;
+//!   a payload too big for an envelope also exits 1, before anything is sent.
+//! * `a_slow_handler_times_out_with_exit_2`: with `HEARTH_CUSTOM_EVENT_TTL_MS=1000`, a handler
+//!   sleeping 5 s makes the CLI exit 2 after the TTL (not before, and not much later); the same
+//!   handler sleeping 100 ms answers.
+//! * `with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect`: the CLI with the cluster's
+//!   secret appends; with a wrong secret or none the owner rejects the envelope (counted as
+//!   `bad_mac` / `unsigned`), the CLI exits 2 after the TTL, and the marker appears nowhere.
+
+use std::time::Duration;
+
+use cluster_tests::testbed::{
+    CliRun, ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, WAIT, marker_hits,
+};
+use tokio::time::{Instant, sleep};
+
+/// Bound on one CLI run (its own timeouts are shorter).
+const CLI_LIMIT: Duration = Duration::from_secs(20);
+const REJECTED: &str = "hearth_cluster_envelopes_rejected_total";
+
+fn spec() -> ClusterSpec {
+    ClusterSpec::new(3).args(["--test-extension"])
+}
+
+/// `hearth cluster emit doc event [--payload p]` with `env`.
+async fn emit(
+    cluster: &Cluster,
+    doc: &str,
+    event: &str,
+    payload: Option<&str>,
+    env: &[(&str, &str)],
+) -> anyhow::Result<CliRun> {
+    let mut args = vec!["cluster", "emit", doc, event];
+    if let Some(p) = payload {
+        args.extend(["--payload", p]);
+    }
+    cluster.cli_with(&args, env, None, CLI_LIMIT).await
+}
+
+fn stdout(run: &CliRun) -> String {
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
+/// Waits (≤ `WAIT`) until the stored blobs of `doc` hold `marker`.
+async fn wait_stored(cluster: &Cluster, doc: &str, marker: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let hits: usize = cluster
+            .stored_blobs(doc)?
+            .iter()
+            .map(|b| marker_hits(b, marker))
+            .sum();
+        if hits > 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{marker:?} not stored for {doc} within {WAIT:?}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_has(client: &TestClient, who: &str, marker: &str) -> anyhow::Result<()> {
+    client
+        .wait_for(&format!("{marker:?} at {who}"), WAIT, |s| {
+            s.contents().iter().any(|m| m == marker)
+        })
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_reaches_the_owner_from_a_non_owner() -> anyhow::Result<()> {
+    let scratch = Scratch::new("cluster_custom_events_owner")?;
+    let cluster = Cluster::start(&scratch, spec()).await?;
+    let doc = "events";
+    let on_n1 =
+        TestClient::connect_with(&cluster.nodes[0].url(), doc, ClientOptions::labelled("a"))
+            .await?;
+    let on_n2 =
+        TestClient::connect_with(&cluster.nodes[1].url(), doc, ClientOptions::labelled("b"))
+            .await?;
+    assert_eq!(cluster.cli_owner(doc).await?.as_deref(), Some("n1"));
+    // The CLI gets n2's configuration: its node id must not matter.
+    let as_n2 = [("HEARTH_NODE_ID", "n2")];
+
+    let who = emit(&cluster, doc, "whoami", None, &as_n2).await?;
+    assert_eq!(who.code, Some(0), "{who:?}");
+    assert_eq!(who.stdout, b"n1", "the reply, byte for byte");
+
+    let appended = emit(&cluster, doc, "append", Some("cli:arg"), &as_n2).await?;
+    assert_eq!(
+        (appended.code, stdout(&appended)),
+        (Some(0), "n1".into()),
+        "{appended:?}"
+    );
+    wait_has(&on_n2, "the client on n2", "cli:arg").await?;
+    wait_has(&on_n1, "the client on n1", "cli:arg").await?;
+    wait_stored(&cluster, doc, "cli:arg").await?;
+
+    let from_stdin = cluster
+        .cli_with(
+            &["cluster", "emit", doc, "append", "--payload", "-"],
+            &as_n2,
+            Some(b"cli:stdin"),
+            CLI_LIMIT,
+        )
+        .await?;
+    assert_eq!(from_stdin.code, Some(0), "{from_stdin:?}");
+    wait_has(&on_n2, "the client on n2", "cli:stdin").await?;
+    wait_stored(&cluster, doc, "cli:stdin").await?;
+    let fresh = TestClient::connect(&cluster.nodes[2].url(), doc, "").await?;
+    let contents = fresh.contents();
+    for m in ["cli:arg", "cli:stdin"] {
+        assert!(
+            contents.iter().any(|c| c == m),
+            "fresh client on n3 lacks {m}: {contents:?}"
+        );
+    }
+
+    // Definitive failures exit 1 and do not wait for the TTL (30 s by default).
+    let unknown = emit(&cluster, doc, "no-such-event", None, &as_n2).await?;
+    assert_eq!(unknown.code, Some(1), "{unknown:?}");
+    assert!(unknown.stderr.contains("no handler"), "{unknown:?}");
+    assert!(unknown.stdout.is_empty(), "{unknown:?}");
+    let failed = emit(&cluster, doc, "fail", None, &as_n2).await?;
+    assert_eq!(failed.code, Some(1), "{failed:?}");
+    assert!(failed.stderr.contains("failed-on-purpose"), "{failed:?}");
+    for run in [&unknown, &failed] {
+        assert!(run.elapsed < Duration::from_secs(10), "{run:?}");
+    }
+
+    assert_eq!(
+        cluster.cli_owner(doc).await?.as_deref(),
+        Some("n1"),
+        "ownership moved"
+    );
+    for c in [&on_n1, &on_n2, &fresh] {
+        let anomalies = c.view(|s| s.anomalies().to_vec());
+        assert!(anomalies.is_empty(), "{anomalies:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_to_an_unowned_document_exits_1_and_claims_nothing() -> anyhow::Result<()> {
+    let scratch = Scratch::new("cluster_custom_events_unowned")?;
+    let cluster = Cluster::start(&scratch, spec()).await?;
+    let doc = "nobody-opened-this";
+    let run = emit(&cluster, doc, "append", Some("cli:unowned"), &[]).await?;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("no node owns"), "{run:?}");
+    assert!(run.stdout.is_empty(), "{run:?}");
+    assert_eq!(
+        cluster.cli_owner(doc).await?,
+        None,
+        "the emit claimed the document"
+    );
+    for (i, owned) in cluster.owned_all().await.into_iter().enumerate() {
+        let owned = owned?;
+        assert!(!owned.contains(doc), "n{} serves {doc}: {owned:?}", i + 1);
+    }
+    assert!(
+        !cluster.epochs()?.contains_key(doc),
+        "the emit loaded {doc} somewhere"
+    );
+
+    // A payload that cannot fit in an envelope is refused before anything is sent (exit 1).
+    let owned = "owned-events";
+    let _client = TestClient::connect(&cluster.nodes[0].url(), owned, "").await?;
+    let big = vec![b'x'; (1 << 20) + 1];
+    let run = cluster
+        .cli_with(
+            &["cluster", "emit", owned, "append", "--payload", "-"],
+            &[("HEARTH_MAX_MESSAGE_BYTES", "1024")],
+            Some(&big),
+            CLI_LIMIT,
+        )
+        .await?;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("limit"), "{run:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_times_out_with_exit_2() -> anyhow::Result<()> {
+    let scratch = Scratch::new("cluster_custom_events_timeout")?;
+    let cluster = Cluster::start(&scratch, spec()).await?;
+    let doc = "slow-events";
+    let _owner = TestClient::connect(&cluster.nodes[0].url(), doc, "").await?;
+    let ttl = Duration::from_millis(1000);
+    let short = [("HEARTH_CUSTOM_EVENT_TTL_MS", "1000")];
+
+    // Control: a handler that answers within the TTL.
+    let quick = emit(&cluster, doc, "slow", Some("100"), &short).await?;
+    assert_eq!(
+        (quick.code, stdout(&quick)),
+        (Some(0), "n1".into()),
+        "{quick:?}"
+    );
+
+    let slow = emit(&cluster, doc, "slow", Some("5000"), &short).await?;
+    assert_eq!(slow.code, Some(2), "{slow:?}");
+    assert!(slow.stderr.contains("timed out"), "{slow:?}");
+    assert!(slow.stdout.is_empty(), "{slow:?}");
+    assert!(slow.elapsed >= ttl, "gave up before the TTL: {slow:?}");
+    assert!(
+        slow.elapsed < ttl + Duration::from_millis(2500),
+        "took far longer than the TTL: {slow:?}"
+    );
+    eprintln!(
+        "[cluster_custom_events] ttl {ttl:?}: timed out after {:?} (whole process)",
+        slow.elapsed
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect() -> anyhow::Result<()> {
+    const SECRET: &str = "the-cluster-secret-of-this-test";
+    let scratch = Scratch::new("cluster_custom_events_secret")?;
+    let cluster = Cluster::start(&scratch, spec().env("HEARTH_CLUSTER_SECRET", SECRET)).await?;
+    let doc = "guarded-events";
+    let on_n1 =
+        TestClient::connect_with(&cluster.nodes[0].url(), doc, ClientOptions::labelled("a"))
+            .await?;
+    let on_n2 =
+        TestClient::connect_with(&cluster.nodes[1].url(), doc, ClientOptions::labelled("b"))
+            .await?;
+    assert_eq!(cluster.cli_owner(doc).await?.as_deref(), Some("n1"));
+    let ttl = [("HEARTH_CUSTOM_EVENT_TTL_MS", "1000")];
+
+    // Control: the cluster's own secret works.
+    let signed = emit(
+        &cluster,
+        doc,
+        "append",
+        Some("cli:signed-1"),
+        &[ttl[0], ("HEARTH_CLUSTER_SECRET", SECRET)],
+    )
+    .await?;
+    assert_eq!(
+        (signed.code, stdout(&signed)),
+        (Some(0), "n1".into()),
+        "{signed:?}"
+    );
+    wait_has(&on_n2, "the client on n2", "cli:signed-1").await?;
+
+    let attempts = [
+        (
+            "bad_mac",
+            "cli:forged",
+            Some("a-different-secret-0123456789"),
+        ),
+        ("unsigned", "cli:unsigned", None),
+    ];
+    for (reason, marker, secret) in attempts {
+        let before = cluster
+            .metrics(0)
+            .await?
+            .sum(REJECTED, &[("reason", reason)]);
+        let mut env = vec![ttl[0]];
+        if let Some(s) = secret {
+            env.push(("HEARTH_CLUSTER_SECRET", s));
+        }
+        let run = emit(&cluster, doc, "append", Some(marker), &env).await?;
+        assert_eq!(run.code, Some(2), "{reason}: {run:?}");
+        assert!(run.stderr.contains("timed out"), "{reason}: {run:?}");
+        let after = cluster
+            .metrics(0)
+            .await?
+            .sum(REJECTED, &[("reason", reason)]);
+        assert_eq!(after - before, 1.0, "n1 rejected the {reason} request once");
+    }
+
+    // A later authentic append arrives; the rejected ones never do.
+    let signed = emit(
+        &cluster,
+        doc,
+        "append",
+        Some("cli:signed-2"),
+        &[ttl[0], ("HEARTH_CLUSTER_SECRET", SECRET)],
+    )
+    .await?;
+    assert_eq!(signed.code, Some(0), "{signed:?}");
+    for (who, c) in [("n1", &on_n1), ("n2", &on_n2)] {
+        wait_has(c, who, "cli:signed-2").await?;
+    }
+    wait_stored(&cluster, doc, "cli:signed-2").await?;
+    let fresh = TestClient::connect(&cluster.nodes[2].url(), doc, "").await?;
+    let stored = cluster.stored_blobs(doc)?;
+    for marker in ["cli:forged", "cli:unsigned"] {
+        for (who, c) in [("n1", &on_n1), ("n2", &on_n2), ("fresh on n3", &fresh)] {
+            assert!(
+                !c.contents().iter().any(|m| m == marker),
+                "{marker} reached the client on {who}"
+            );
+        }
+        let hits: usize = stored.iter().map(|b| marker_hits(b, marker)).sum();
+        assert_eq!(hits, 0, "{marker} was stored");
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Node presence: at most one live process per node id.
+//!
+//! Every node keeps `<prefix>:node:<id>` = its incarnation (16 hex digits) with a time-to-live
+//! of `lock_ttl`, refreshed every third of it (`hearth cluster status` lists these keys). Two
+//! processes with the same id would overwrite each other's record, and operators, logs, metrics
+//! and `hearth cluster owner` could no longer tell them apart, so a node registers atomically at
+//! start-up:
+//!
+//! 1. `SET key <incarnation> NX PX ttl`: nobody holds the id — registered.
+//! 2. Otherwise the key names another incarnation. It is **alive** if its inbox channel
+//!    `<prefix>:inbox:<id>:<incarnation>` has a subscriber (`PUBSUB NUMSUB`): a node subscribes
+//!    its inbox before it registers and keeps it subscribed until it exits. Alive → refuse to
+//!    start ([`ClusterError::NodeIdInUse`]).
+//! 3. No subscriber: that process is gone (after SIGKILL the kernel closes its connections at
+//!    once, while its record lingers until the TTL), so take the record over with a
+//!    compare-and-set on the old value; if it changed meanwhile (another process racing for the
+//!    same id), start again from 1, a bounded number of times.
+//!
+//! A frozen process (SIGSTOP) keeps its connections, so it counts as alive; so does one whose
+//! connection Redis has not noticed is dead yet. The check can be fooled the other way by a live
+//! node whose subscriber is reconnecting at that very moment: then both run, and the refresh
+//! below makes the old one log an error every period instead of taking the record back.
+//!
+//! Refresh and release are conditional on the record still being this incarnation's, so a
+//! process never overwrites or deletes another's record (a missing record, after a Redis
+//! restart, is re-created).
+//!
+//! Classic pub/sub only: with sharded pub/sub the check would need `PUBSUB SHARDNUMSUB`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fred::clients::Client;
+use fred::interfaces::{KeysInterface as _, LuaInterface as _, PubsubInterface as _};
+use fred::types::{Expiration, SetOptions, Value};
+use hearth_proxy::{Incarnation, Keys, NodeAddr};
+use tracing::{debug, error, info};
+
+use super::ClusterError;
+
+/// How many times registration retries after losing a race for the record.
+const ATTEMPTS: usize = 3;
+
+/// Replace the record only if it still holds the incarnation found dead.
+const TAKE_OVER: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Extend the record if it is ours (or re-create it if it is gone); else return its value.
+const REFRESH: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return false
+end
+return v
+";
+
+/// Delete the record only if it is ours.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// This process's registration under its node id.
+#[derive(Debug)]
+pub(super) struct Presence {
+    redis: Client,
+    key: String,
+    value: String,
+    ttl_ms: i64,
+    /// Another incarnation holds the record (logged once per change).
+    superseded: AtomicBool,
+}
+
+fn redis_err(e: fred::error::Error) -> ClusterError {
+    ClusterError::Redis(e.to_string())
+}
+
+impl Presence {
+    /// Registers `me` under its node id, or fails with [`ClusterError::NodeIdInUse`] while
+    /// another live process holds the id. Call it after this process's inbox is subscribed.
+    pub(super) async fn register(
+        redis: Client,
+        keys: &Keys,
+        me: &NodeAddr,
+        ttl: Duration,
+    ) -> Result<Presence, ClusterError> {
+        let presence = Presence {
+            key: keys.node_key(&me.id),
+            value: me.inc.to_string(),
+            ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1),
+            superseded: AtomicBool::new(false),
+            redis,
+        };
+        let mut holder = String::new();
+        for _ in 0..ATTEMPTS {
+            let set: Option<String> = presence
+                .redis
+                .set(
+                    &presence.key,
+                    presence.value.as_str(),
+                    Some(Expiration::PX(presence.ttl_ms)),
+                    Some(SetOptions::NX),
+                    false,
+                )
+                .await
+                .map_err(redis_err)?;
+            if set.is_some() {
+                return Ok(presence);
+            }
+            let current: Option<String> =
+                presence.redis.get(&presence.key).await.map_err(redis_err)?;
+            let Some(current) = current else {
+                continue; // expired in between: try SET NX again
+            };
+            if current == presence.value {
+                return Ok(presence);
+            }
+            if presence.is_alive(keys, me, &current).await? {
+                return Err(ClusterError::NodeIdInUse {
+                    node: me.id.to_string(),
+                    incarnation: current,
+                });
+            }
+            let swapped: i64 = presence
+                .redis
+                .eval(
+                    TAKE_OVER,
+                    presence.key.as_str(),
+                    vec![
+                        current.clone(),
+                        presence.value.clone(),
+                        presence.ttl_ms.to_string(),
+                    ],
+                )
+                .await
+                .map_err(redis_err)?;
+            if swapped == 1 {
+                info!(
+                    node = %me,
+                    previous = %current,
+                    "took over the node id from a previous incarnation that has exited \
+                     (its inbox had no subscriber)"
+                );
+                return Ok(presence);
+            }
+            holder = current;
+        }
+        Err(ClusterError::NodeIdInUse {
+            node: me.id.to_string(),
+            incarnation: if holder.is_empty() {
+                "unknown (contended)".into()
+            } else {
+                holder
+            },
+        })
+    }
+
+    /// Whether the incarnation `value` of our node id has a subscriber on its inbox. A value
+    /// that is not an incarnation cannot be a live node's.
+    async fn is_alive(
+        &self,
+        keys: &Keys,
+        me: &NodeAddr,
+        value: &str,
+    ) -> Result<bool, ClusterError> {
+        let Ok(inc) = u64::from_str_radix(value, 16) else {
+            debug!(key = %self.key, value, "node record is not an incarnation; replacing it");
+            return Ok(false);
+        };
+        let inbox = keys.inbox(&NodeAddr::new(me.id.clone(), Incarnation(inc)));
+        let reply: Vec<Value> = self.redis.pubsub_numsub(inbox).await.map_err(redis_err)?;
+        // [channel, count]
+        let subscribers = reply.get(1).and_then(Value::as_i64).unwrap_or(0);
+        Ok(subscribers > 0)
+    }
+
+    /// Extends the record (every `lock_ttl/3`). Logs an error when another incarnation holds it:
+    /// a second process runs with this node id.
+    pub(super) async fn refresh(&self) {
+        let r: Result<Option<String>, _> = self
+            .redis
+            .eval(
+                REFRESH,
+                self.key.as_str(),
+                vec![self.value.clone(), self.ttl_ms.to_string()],
+            )
+            .await;
+        match r {
+            Ok(None) => {
+                self.superseded.store(false, Ordering::Relaxed);
+            }
+            Ok(Some(other)) => {
+                if !self.superseded.swap(true, Ordering::Relaxed) {
+                    error!(
+                        key = %self.key,
+                        other,
+                        "another process registered this node id; two nodes run with the \
+                         same HEARTH_NODE_ID"
+                    );
+                }
+            }
+            Err(e) => debug!(error = %e, "node key refresh failed"),
+        }
+    }
+
+    /// Deletes the record if it is still ours (graceful shutdown).
+    pub(super) async fn release(&self) {
+        let r: Result<i64, _> = self
+            .redis
+            .eval(RELEASE, self.key.as_str(), vec![self.value.clone()])
+            .await;
+        if let Err(e) = r {
+            debug!(error = %e, "node key release failed (it will expire)");
+        }
+    }
+}
