@@ -141,7 +141,7 @@ pub(crate) async fn handle(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let cfg = &shared.config;
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(512) // grows to the frame being read; small keeps idle sockets cheap
         .write_buffer_size(0)
         .max_write_buffer_size(usize::MAX) // bounded by the outbox instead; a frame may be any size
         .max_message_size(Some(cfg.max_message_bytes))

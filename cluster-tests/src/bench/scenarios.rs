@@ -547,6 +547,27 @@ pub async fn proxied(
         Some(a) => Some(redis_rtt(a, 2000).await?.summary()),
         None => None,
     };
+    // A document has no owner until a client opens it: one silent client per document, on the
+    // node of the document's first fleet client, opens (and so claims) it and holds it open for
+    // the whole run, so the owners asked for below are the ones the fleet meets.
+    let mut pins = Vec::new();
+    if owner_cmd.is_some() {
+        for d in 0..topo.docs {
+            let cfg = ClientConfig {
+                url: t.urls[(d * topo.clients_per_doc) % t.urls.len()].clone(),
+                address: format!("{}-{d}", t.prefix),
+                token: t.token.clone(),
+                client_id: u64::MAX / 2 - d as u64,
+                awareness: false,
+                renew_awareness: false,
+                handshake_timeout: t.handshake_timeout,
+            };
+            let (client, _) = Client::connect(cfg)
+                .await
+                .with_context(|| format!("opening {}-{d} before asking its owner", t.prefix))?;
+            pins.push(client);
+        }
+    }
     if let Some(cmd) = owner_cmd {
         topo.owners = Some(owners(t, topo.docs, cmd).await?);
     }
@@ -574,6 +595,9 @@ pub async fn proxied(
         ),
     ));
     fleet.shutdown().await;
+    for pin in pins {
+        pin.close().await;
+    }
     Ok(())
 }
 
