@@ -104,6 +104,7 @@ pub(crate) struct ClusterMetrics {
     owned: IntGauge,
     owner_sessions: IntGauge,
     edge_sessions: IntGauge,
+    peers: IntGauge,
     envelopes_in: IntCounterVec,
     envelopes_out: IntCounterVec,
     rejected: IntCounterVec,
@@ -137,6 +138,10 @@ impl ClusterMetrics {
             edge_sessions: g(
                 "hearth_cluster_remote_attachments",
                 "Clients here attached to documents owned elsewhere",
+            )?,
+            peers: g(
+                "hearth_cluster_known_peers",
+                "Processes (nodes, emit callers) this node keeps link state for",
             )?,
             envelopes_in: c(
                 "hearth_cluster_envelopes_in_total",
@@ -855,6 +860,7 @@ impl Cluster {
                 self.reset_edges_of(Some(&owner), "owner_silent");
             }
         }
+        self.forget_dead_peers();
         let now = Instant::now();
         for edge in self.edges_of_owner_sessions() {
             // owner → edge keepalive, so edges can tell a live owner from a frozen one
@@ -867,6 +873,52 @@ impl Cluster {
         }
     }
 
+    /// Drops the per-peer state (`peers_seen`, the transport's sequence and reassembly maps) of
+    /// peers that can never send again, so it does not accumulate:
+    ///
+    /// * a `hearth cluster emit` caller (a fresh identity per run) silent for twice the custom
+    ///   event TTL: it gave up waiting for its reply long ago;
+    /// * an earlier incarnation of a node we have heard from since under a newer one, silent
+    ///   for longer than a lock TTL (a node id runs in one process at a time: the collision
+    ///   check).
+    ///
+    /// A live peer is never forgotten: its next envelope would restart the link's numbering.
+    fn forget_dead_peers(&self) {
+        let dead: Vec<NodeAddr> = {
+            let mut seen = lock_map(&self.peers_seen);
+            let latest: HashMap<NodeId, (Incarnation, Instant)> =
+                seen.iter().fold(HashMap::new(), |mut m, (addr, t)| {
+                    let e = m.entry(addr.id.clone()).or_insert((addr.inc, *t));
+                    if *t > e.1 {
+                        *e = (addr.inc, *t);
+                    }
+                    m
+                });
+            let dead: Vec<NodeAddr> = seen
+                .iter()
+                .filter(|(addr, t)| {
+                    let silent = t.elapsed();
+                    if addr.id.as_str() == EMITTER_NODE_ID {
+                        silent > 2 * self.event_ttl
+                    } else {
+                        silent > self.lock_ttl
+                            && latest.get(&addr.id).is_some_and(|l| l.0 != addr.inc)
+                    }
+                })
+                .map(|(addr, _)| addr.clone())
+                .collect();
+            for addr in &dead {
+                seen.remove(addr);
+            }
+            self.metrics.peers.set(seen.len() as i64);
+            dead
+        };
+        for addr in dead {
+            debug!(peer = %addr, "forgetting a peer that cannot send again");
+            self.transport.forget_peer(&addr);
+        }
+    }
+
     async fn dispatch(self: &Arc<Self>, shared: &Arc<Shared>, ev: Inbound) {
         match ev {
             Inbound::Envelope(env) => {
@@ -875,7 +927,12 @@ impl Cluster {
                     .envelopes_in
                     .with_label_values(&[kind_of(&env.body)])
                     .inc();
-                lock_map(&self.peers_seen).insert(from.clone(), Instant::now());
+                if lock_map(&self.peers_seen)
+                    .insert(from.clone(), Instant::now())
+                    .is_none()
+                {
+                    self.metrics.peers.inc();
+                }
                 match env.body {
                     Body::Open { session, meta } => self.on_open(shared, from, session, meta).await,
                     Body::Frame { session, data } => {

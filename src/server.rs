@@ -32,14 +32,15 @@ use crate::storage::{self, DocumentStore};
 
 /// How long a shutting-down node tries to release its cluster locks and presence.
 const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Errors starting or running the server.
+/// Errors starting or running the server. Each variant either says what failed and returns the
+/// cause from `source()`, or is transparent, never both (`{:#}` would print the cause twice).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// The listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// Address.
         addr: SocketAddr,
@@ -47,16 +48,16 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// Storage could not be opened.
-    #[error("storage: {0}")]
+    #[error("storage")]
     Storage(#[from] storage::StoreError),
     /// An extension refused `on_configure` / `on_listen`.
     #[error("extension refused to start: {0}")]
     Extension(String),
     /// Metrics registration failed.
-    #[error("metrics: {0}")]
+    #[error("metrics")]
     Metrics(#[from] prometheus::Error),
     /// The cluster (Redis) could not be joined.
-    #[error("cluster: {0}")]
+    #[error("cluster")]
     Cluster(#[from] crate::cluster::ClusterError),
 }
 

@@ -226,6 +226,7 @@ suite!(
     data_survives_reopen,
     yrs_document_is_reproduced,
     ping_and_backend_name,
+    rows_record_their_epoch_and_newer_migrations_are_tolerated,
 );
 
 /// Fails a test that hangs instead of blocking the whole run.
@@ -806,6 +807,54 @@ async fn yrs_document_is_reproduced(env: &Env) {
         }
         doc
     }
+}
+
+/// Migration 2: every log row carries the epoch it was committed under. A database migrated by a
+/// newer binary (an unknown migration recorded) still opens: rolling upgrades share a database.
+async fn rows_record_their_epoch_and_newer_migrations_are_tolerated(env: &Env) {
+    use sqlx::Connection;
+    let Some(s) = env.open_sql(SqlOptions::default()).await else {
+        return; // memory: no rows
+    };
+    let e1 = s.acquire_epoch("ep").await.unwrap();
+    committed(s.append(&[item("ep", e1, &[b"a", b"b"])]).await.unwrap()[0]);
+    let e2 = s.acquire_epoch("ep").await.unwrap();
+    committed(s.append(&[item("ep", e2, &[b"c"])]).await.unwrap()[0]);
+    let fenced = s.append(&[item("ep", e1, &[b"stale"])]).await.unwrap();
+    assert_eq!(fenced[0], AppendOutcome::Fenced { current: e2 });
+    s.close().await;
+
+    let select = "SELECT epoch FROM document_updates WHERE name = 'ep' ORDER BY seq";
+    let future = "INSERT INTO _sqlx_migrations \
+                  (version, description, success, checksum, execution_time) \
+                  VALUES (99, 'from a newer binary', true, X'00', 0)";
+    let epochs: Vec<Option<i64>> = match env {
+        Env::Sqlite { url, .. } => {
+            let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+            let v = sqlx::query_scalar(select).fetch_all(&mut c).await.unwrap();
+            sqlx::query(future).execute(&mut c).await.unwrap();
+            c.close().await.unwrap();
+            v
+        }
+        Env::Postgres { url, .. } => {
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            let v = sqlx::query_scalar(select).fetch_all(&mut c).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(
+                future.replace("X'00'", "'\\x00'::bytea"),
+            ))
+            .execute(&mut c)
+            .await
+            .unwrap();
+            c.close().await.unwrap();
+            v
+        }
+        Env::Memory(_) => unreachable!(),
+    };
+    assert_eq!(epochs, vec![Some(e1), Some(e1), Some(e2)]);
+
+    let s = env.open_sql(SqlOptions::default()).await.unwrap();
+    assert_eq!(s.load("ep").await.unwrap().updates.len(), 3);
+    s.close().await;
 }
 
 async fn ping_and_backend_name(env: &Env) {

@@ -315,3 +315,47 @@ async fn with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect() -> anyh
     }
     Ok(())
 }
+
+/// Every `emit` run is a fresh identity; the owner keeps link state (sequence numbers, last
+/// heard) per identity, and must drop it once the caller cannot send again (twice the custom
+/// event TTL), or it would grow with every script run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_callers_are_forgotten_by_the_owner() -> anyhow::Result<()> {
+    const PEERS: &str = "hearth_cluster_known_peers";
+    let scratch = Scratch::new("cluster_custom_events_forget")?;
+    let cluster = Cluster::start(
+        &scratch,
+        spec()
+            .env("HEARTH_CUSTOM_EVENT_TTL_MS", "3000")
+            .lock_ttl_ms(1500),
+    )
+    .await?;
+    let doc = "forget-events";
+    let _owner = TestClient::connect(&cluster.nodes[0].url(), doc, "").await?;
+    let short = [("HEARTH_CUSTOM_EVENT_TTL_MS", "3000")];
+    for _ in 0..3 {
+        let who = emit(&cluster, doc, "whoami", None, &short).await?;
+        assert_eq!((who.code, stdout(&who)), (Some(0), "n1".into()), "{who:?}");
+    }
+    // n1 knows the three callers (and any of n2/n3 it heard from) right after the runs...
+    let after = cluster.metrics(0).await?.sum(PEERS, &[]);
+    assert!(after >= 3.0, "n1 knows {after} peers after 3 emits");
+    // ...and only the nodes once 2 × 3 s have passed (housekeeping runs every 0.5 s here)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let peers = cluster.metrics(0).await?.sum(PEERS, &[]);
+        if peers <= 2.0 {
+            eprintln!("[cluster_custom_events] n1 peers: {after} after the emits, {peers} later");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n1 still knows {peers} peers 15 s after 3 emits"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // the owner still answers new callers
+    let who = emit(&cluster, doc, "whoami", None, &short).await?;
+    assert_eq!(who.code, Some(0), "{who:?}");
+    Ok(())
+}

@@ -27,10 +27,10 @@
 //! * `paused_owner_commits_nothing_after_it_resumes` — the writers pause until everything is
 //!   acknowledged just before the freeze (so n1 is frozen *between* database transactions) and
 //!   resume right after it; the probe goes to n4, which never routed the document. This is the
-//!   G3 check, free of the two faults below.
-//! * `paused_owner_is_replaced_on_nodes_that_routed_to_it` (ignored, BUG) — the same, but the
+//!   G3 check in its plainest form.
+//! * `paused_owner_is_replaced_on_nodes_that_routed_to_it` — the same, but the
 //!   probe goes to n2, which proxied clients to n1 before the freeze and still caches that route.
-//! * `paused_owner_is_replaced_when_frozen_mid_commit` (ignored, BUG) — n1 is frozen while one of
+//! * `paused_owner_is_replaced_when_frozen_mid_commit` — n1 is frozen while one of
 //!   its group commits holds the document's row lock (found by freezing until PostgreSQL shows
 //!   an "idle in transaction" session in the test database); the probe goes to n4.
 
@@ -252,14 +252,29 @@ async fn pause_scenario(test: &str, variant: Variant) -> anyhow::Result<()> {
     );
     // let whatever n1 might still do happen, then look
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let blobs = cluster.stored_blobs(doc)?;
-    let stored_stale: Vec<&String> = stale_markers
+    let rows = cluster.stored_rows(doc)?;
+    let blobs: Vec<&[u8]> = rows.iter().map(|r| r.data.as_slice()).collect();
+    // where each stale marker was found: the snapshot, or a log row and its writer's epoch
+    // (n1's is `epoch_before`; a fence failure shows as that epoch, a marker carried to the
+    // new owner by some client as `epoch_new`)
+    let stored_stale: Vec<(String, Vec<String>)> = stale_markers
         .iter()
-        .filter(|m| blobs.iter().any(|b| marker_hits(b, m) > 0))
+        .filter_map(|m| {
+            let found: Vec<String> = rows
+                .iter()
+                .filter(|r| marker_hits(&r.data, m) > 0)
+                .map(|r| match (r.seq, r.epoch) {
+                    (None, _) => "snapshot".to_owned(),
+                    (Some(seq), epoch) => format!("seq {seq} epoch {epoch:?}"),
+                })
+                .collect();
+            (!found.is_empty()).then(|| (m.clone(), found))
+        })
         .collect();
     assert!(
         stored_stale.is_empty(),
-        "markers sent only to the stale owner after its freeze were stored: {stored_stale:?}"
+        "markers sent only to the stale owner after its freeze were stored (n1's epoch \
+         {epoch_before}, the new owner's {epoch_new}): {stored_stale:?}"
     );
     for c in clients.iter().chain(probes.iter()) {
         let contents: BTreeSet<String> = c.contents().into_iter().collect();

@@ -291,9 +291,14 @@ impl Drop for Inner {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let sub = self.sub.clone();
             let publisher = self.publisher.clone();
+            // after `shutdown` both are closed already; quitting again only makes fred warn
             handle.spawn(async move {
-                let _ = sub.quit().await;
-                let _ = publisher.quit().await;
+                if sub.is_connected() {
+                    let _ = sub.quit().await;
+                }
+                if publisher.is_connected() {
+                    let _ = publisher.quit().await;
+                }
             });
         }
     }

@@ -431,24 +431,56 @@ impl Cluster {
 
     /// Every stored blob of `doc`: its snapshot (if any), then its log rows in `seq` order.
     pub fn stored_blobs(&self, doc: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+        Ok(self.stored_rows(doc)?.into_iter().map(|r| r.data).collect())
+    }
+
+    /// Like [`stored_blobs`](Self::stored_blobs), with where each blob came from: the snapshot,
+    /// or a log row and the epoch it was committed under.
+    pub fn stored_rows(&self, doc: &str) -> anyhow::Result<Vec<StoredRow>> {
         let db = self.store()?;
         let name = doc.replace('\'', "''");
-        let mut blobs = Vec::new();
+        let mut rows = Vec::new();
         let snap = db.query(&format!(
             "SELECT {} FROM documents WHERE name = '{name}' AND snapshot IS NOT NULL",
             db.hex_of("snapshot")
         ))?;
-        let log = db.query(&format!(
-            "SELECT {} FROM document_updates WHERE name = '{name}' ORDER BY seq",
-            db.hex_of("data")
-        ))?;
-        for row in snap.iter().chain(log.iter()) {
+        for row in &snap {
             if let Some(hex) = row.first() {
-                blobs.push(unhex(hex)?);
+                rows.push(StoredRow {
+                    seq: None,
+                    epoch: None,
+                    data: unhex(hex)?,
+                });
             }
         }
-        Ok(blobs)
+        let log = db.query(&format!(
+            "SELECT seq, coalesce(epoch, -1), {} FROM document_updates WHERE name = '{name}' \
+             ORDER BY seq",
+            db.hex_of("data")
+        ))?;
+        for row in &log {
+            if let [seq, epoch, hex] = row.as_slice() {
+                let epoch: i64 = epoch.parse()?;
+                rows.push(StoredRow {
+                    seq: Some(seq.parse()?),
+                    epoch: (epoch >= 0).then_some(epoch),
+                    data: unhex(hex)?,
+                });
+            }
+        }
+        Ok(rows)
     }
+}
+
+/// One stored blob of a document (see [`Cluster::stored_rows`]).
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    /// The log row's `seq`; `None` for the snapshot.
+    pub seq: Option<i64>,
+    /// The epoch the log row was committed under; `None` for the snapshot (and old rows).
+    pub epoch: Option<i64>,
+    /// The Yjs v1 update.
+    pub data: Vec<u8>,
 }
 
 fn unhex(hex: &str) -> anyhow::Result<Vec<u8>> {

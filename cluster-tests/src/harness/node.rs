@@ -326,8 +326,39 @@ impl NodeProcess {
     }
 
     /// SIGSTOP: the process freezes (its sockets stay open, the kernel keeps buffering).
+    ///
+    /// Returns once every thread of the process is stopped, not when `kill` returns: the kernel
+    /// stops a process's threads only as each is next scheduled, so on a loaded machine the
+    /// process can run on for milliseconds after the signal was sent (reading sockets,
+    /// committing), which would make "sent while frozen" untrue.
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        self.send(libc::SIGSTOP)
+        self.send(libc::SIGSTOP)?;
+        let pid = self.pid().context("no process")?;
+        let sent = std::time::Instant::now();
+        let deadline = sent + Duration::from_secs(5);
+        loop {
+            match all_threads_stopped(pid) {
+                Ok(true) => {
+                    let waited = sent.elapsed();
+                    if waited > Duration::from_millis(1) {
+                        eprintln!(
+                            "[testbed] node {} stopped {waited:?} after SIGSTOP",
+                            self.spec.node_id
+                        );
+                    }
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => return Err(e.context(format!("node {}", self.spec.node_id))),
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "node {} did not stop within 5 s of SIGSTOP",
+                    self.spec.node_id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGCONT after [`stop`](Self::stop).
@@ -419,4 +450,26 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Whether every thread of `pid` is stopped (state `T`/`t`) or gone (`Z`/`X`), from
+/// `/proc/<pid>/task/*/stat`.
+fn all_threads_stopped(pid: u32) -> anyhow::Result<bool> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).context("reading /proc")?;
+    for task in tasks {
+        let stat = match std::fs::read_to_string(task?.path().join("stat")) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // thread exited
+            Err(e) => return Err(e.into()),
+        };
+        // `pid (comm) state …`; comm may contain spaces and parentheses
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .context("unparsable /proc stat")?;
+        if !matches!(state, "T" | "t" | "Z" | "X") {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -51,8 +51,8 @@ use anyhow::Context as _;
 
 pub use client::{ClientOptions, Snapshot, TestClient};
 pub use cluster::{
-    CliRun, Cluster, ClusterSpec, LockHolder, Metrics, Reconnector, marker_hits, probe_writable,
-    wait_all_acked, wait_converged,
+    CliRun, Cluster, ClusterSpec, LockHolder, Metrics, Reconnector, StoredRow, marker_hits,
+    probe_writable, wait_all_acked, wait_converged,
 };
 pub use lb::Lb;
 pub use node::{NodeProcess, NodeSpec};

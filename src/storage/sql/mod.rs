@@ -62,7 +62,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::MigrateError;
+use sqlx::SqlSafeStr;
+use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::postgres::PgPool;
 
 use super::{Append, AppendOutcome, DocumentStore, Epoch, StoreError, StoredDocument, check_name};
@@ -272,6 +273,32 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
         sqlx::Error::Configuration(c) => StoreError::Invalid(c.to_string()),
         other => StoreError::Database(Box::new(other)),
     }
+}
+
+/// What each migration does; the SQL is per dialect (`postgres.rs`, `sqlite.rs`).
+const MIGRATIONS: [&str; 2] = ["documents and update log", "epoch per update row"];
+
+/// The embedded migrations, numbered from 1, with one dialect's SQL texts. Migrations are
+/// additive (new tables, nullable columns), so a binary tolerates migrations newer than itself
+/// that a newer node already applied: during a rolling upgrade old and new nodes share one
+/// database.
+pub(crate) fn migrator(sql: [&'static str; MIGRATIONS.len()]) -> Migrator {
+    let mut m = Migrator::with_migrations(
+        (1..)
+            .zip(MIGRATIONS.iter().zip(sql))
+            .map(|(version, (what, sql))| {
+                Migration::new(
+                    version,
+                    (*what).into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    );
+    m.set_ignore_missing(true);
+    m
 }
 
 /// Maps a migration failure: a database error while migrating is retryable, anything else

@@ -9,8 +9,7 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use sqlx::SqlSafeStr;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::{LoadRow, SqlOptions, assemble, db_err, migrate_err};
@@ -33,14 +32,12 @@ CREATE TABLE document_updates (
 CREATE INDEX document_updates_name_seq ON document_updates (name, seq);
 ";
 
+/// Migration 2: the epoch each log row was committed under (forensics: which ownership term
+/// wrote what). `NULL` on rows written before it. Frozen like migration 1.
+const MIGRATION_2: &str = "ALTER TABLE document_updates ADD COLUMN epoch BIGINT;";
+
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "documents and update log".into(),
-        MigrationType::Simple,
-        MIGRATION_1.into_sql_str(),
-        false,
-    )])
+    super::migrator([MIGRATION_1, MIGRATION_2])
 }
 
 pub(super) async fn connect(url: &str, opts: &SqlOptions) -> Result<PgPool, StoreError> {
@@ -117,9 +114,9 @@ WITH ids AS (
 ), numbered AS (
     SELECT seq, row_number() OVER (ORDER BY seq) AS ord FROM ids
 )
-INSERT INTO document_updates (seq, name, data)
-SELECT n.seq, u.name, u.data
-FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(name, data, ord)
+INSERT INTO document_updates (seq, name, data, epoch)
+SELECT n.seq, u.name, u.data, u.epoch
+FROM unnest($1::text[], $2::bytea[], $3::bigint[]) WITH ORDINALITY AS u(name, data, epoch, ord)
 JOIN numbered n ON n.ord = u.ord
 RETURNING seq";
 
@@ -148,6 +145,7 @@ pub(super) async fn append(p: &PgPool, batch: &[Append]) -> Result<Vec<AppendOut
     // Decide every item; flatten the updates of those that commit, in batch order.
     let mut ins_names: Vec<&str> = Vec::new();
     let mut ins_data: Vec<&[u8]> = Vec::new();
+    let mut ins_epochs: Vec<Epoch> = Vec::new();
     let mut empty_names: Vec<&str> = Vec::new();
     let mut fenced: Vec<Option<Epoch>> = Vec::with_capacity(batch.len());
     for item in batch {
@@ -160,6 +158,7 @@ pub(super) async fn append(p: &PgPool, batch: &[Append]) -> Result<Vec<AppendOut
                 for u in &item.updates {
                     ins_names.push(&item.name);
                     ins_data.push(u.as_ref());
+                    ins_epochs.push(item.epoch);
                 }
             }
             Some(&(current, _)) => fenced.push(Some(current)),
@@ -188,6 +187,7 @@ pub(super) async fn append(p: &PgPool, batch: &[Append]) -> Result<Vec<AppendOut
         sqlx::query_scalar(INSERT_UPDATES)
             .bind(&ins_names)
             .bind(&ins_data)
+            .bind(&ins_epochs)
             .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?

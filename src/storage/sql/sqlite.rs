@@ -9,11 +9,11 @@
 
 use std::str::FromStr;
 
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{SqlSafeStr, Sqlite, SqliteConnection, Transaction};
+use sqlx::{Sqlite, SqliteConnection, Transaction};
 
 use super::{LoadRow, SqlOptions, Synchronous, assemble, db_err, migrate_err};
 use crate::storage::{Append, AppendOutcome, Epoch, LogSeq, StoreError, StoredDocument};
@@ -35,17 +35,15 @@ CREATE TABLE document_updates (
 CREATE INDEX document_updates_name_seq ON document_updates (name, seq);
 ";
 
+/// Migration 2: the epoch each log row was committed under (forensics: which ownership term
+/// wrote what). `NULL` on rows written before it. Frozen like migration 1.
+const MIGRATION_2: &str = "ALTER TABLE document_updates ADD COLUMN epoch INTEGER;";
+
 /// How often opening a SQLite file is retried after a database error (see `connect`).
 const MIGRATE_ATTEMPTS: u64 = 5;
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "documents and update log".into(),
-        MigrationType::Simple,
-        MIGRATION_1.into_sql_str(),
-        false,
-    )])
+    super::migrator([MIGRATION_1, MIGRATION_2])
 }
 
 #[derive(Clone)]
@@ -205,10 +203,11 @@ async fn append_on(
         let mut last: Option<LogSeq> = None;
         for update in &item.updates {
             let seq: LogSeq = sqlx::query_scalar(
-                "INSERT INTO document_updates (name, data) VALUES ($1, $2) RETURNING seq",
+                "INSERT INTO document_updates (name, data, epoch) VALUES ($1, $2, $3) RETURNING seq",
             )
             .bind(&item.name)
             .bind(update.as_ref())
+            .bind(item.epoch)
             .fetch_one(&mut *tx)
             .await
             .map_err(db_err)?;
