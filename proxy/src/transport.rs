@@ -29,6 +29,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,7 +39,7 @@ use fred::prelude::{
     ReconnectPolicy,
 };
 use fred::types::Message;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::auth::Auth;
@@ -391,6 +392,7 @@ impl Transport {
             max_batch: config.max_batch,
             mode: config.pubsub,
             timeout: config.command_timeout + Duration::from_secs(1),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         };
         let filter = InboundFilter {
             codec,
@@ -574,6 +576,38 @@ async fn subscribe<const N: usize>(
 
 // === writer ===
 
+/// How many published batches may await their Redis replies at once.
+const MAX_IN_FLIGHT: usize = 8;
+
+/// Reports each body's publish outcome: a body sent in parts reached the destination only if
+/// every part did, so it gets the smallest receiver count, or the first error.
+fn deliver_replies(
+    results: Vec<Result<i64, fred::error::Error>>,
+    waiting: Vec<(Option<Reply>, usize)>,
+) {
+    let mut results = results.into_iter();
+    for (reply, n) in waiting {
+        let mut outcome: Result<u64, ProxyError> = Ok(u64::MAX);
+        for _ in 0..n {
+            let one = match results.next() {
+                Some(Ok(n)) => Ok(u64::try_from(n).unwrap_or(0)),
+                Some(Err(e)) => Err(ProxyError::Redis(e)),
+                None => Err(ProxyError::Redis(fred::error::Error::new(
+                    fred::error::ErrorKind::Timeout,
+                    "publish pipeline timed out",
+                ))),
+            };
+            outcome = match (outcome, one) {
+                (Ok(a), Ok(b)) => Ok(a.min(b)),
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            };
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome.map(|n| if n == u64::MAX { 0 } else { n }));
+        }
+    }
+}
+
 struct Writer {
     rx: mpsc::Receiver<Outgoing>,
     publisher: Client,
@@ -585,6 +619,7 @@ struct Writer {
     max_batch: usize,
     mode: PubSubMode,
     timeout: Duration,
+    in_flight: Arc<Semaphore>,
 }
 
 impl Writer {
@@ -653,33 +688,32 @@ impl Writer {
         if waiting.iter().all(|(_, n)| *n == 0) {
             return;
         }
-        let results: Vec<Result<i64, fred::error::Error>> =
-            tokio::time::timeout(self.timeout, pipeline.try_all::<i64>())
-                .await
-                .unwrap_or_default();
-        let mut results = results.into_iter();
-        for (reply, n) in waiting {
-            // A body sent in parts reached the destination only if every part did: report the
-            // smallest receiver count, or the first error.
-            let mut outcome: Result<u64, ProxyError> = Ok(u64::MAX);
-            for _ in 0..n {
-                let one = match results.next() {
-                    Some(Ok(n)) => Ok(u64::try_from(n).unwrap_or(0)),
-                    Some(Err(e)) => Err(ProxyError::Redis(e)),
-                    None => Err(ProxyError::Redis(fred::error::Error::new(
-                        fred::error::ErrorKind::Timeout,
-                        "publish pipeline timed out",
-                    ))),
-                };
-                outcome = match (outcome, one) {
-                    (Ok(a), Ok(b)) => Ok(a.min(b)),
-                    (Err(e), _) | (Ok(_), Err(e)) => Err(e),
-                };
-            }
-            if let Some(reply) = reply {
-                let _ = reply.send(outcome.map(|n| if n == u64::MAX { 0 } else { n }));
-            }
+        // Hand the pipeline to fred's router now, then collect the replies in a task of their
+        // own, so the next batch goes out without waiting a Redis round trip for this one
+        // (under CPU contention that wait is what grows, and every queued envelope waited it
+        // too). fred passes a pipeline to its router on the first poll of `try_all`, which
+        // keeps batches in writer order on the one publishing connection; at most
+        // `MAX_IN_FLIGHT` batches await their replies.
+        let timeout = self.timeout;
+        let mut replies = Box::pin(async move {
+            let results: Vec<Result<i64, fred::error::Error>> =
+                tokio::time::timeout(timeout, pipeline.try_all::<i64>())
+                    .await
+                    .unwrap_or_default();
+            deliver_replies(results, waiting);
+        });
+        let sent_now =
+            std::future::poll_fn(|cx| Poll::Ready(replies.as_mut().poll(cx).is_ready())).await;
+        if sent_now {
+            return;
         }
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            replies.await;
+            drop(permit);
+        });
     }
 
     /// Encodes `body` as the envelope numbered `first` on the link to `to`, or, for a `frame` or

@@ -309,6 +309,8 @@ pub struct Snapshot {
     pub acked: u64,
     /// Server CPU seconds (summed over the pids), if measurable.
     pub server_cpu: Option<f64>,
+    /// The system (kernel) part of `server_cpu`.
+    pub server_sys_cpu: Option<f64>,
     /// Server RSS KiB.
     pub server_rss: Option<u64>,
     /// Generator CPU seconds.
@@ -327,6 +329,7 @@ impl Snapshot {
             delivered: Recorder::total(&rec.delivered),
             acked: rec.acked.load(Ordering::Relaxed),
             server_cpu: measurable.then(|| procfs::cpu_sum(pids)).flatten(),
+            server_sys_cpu: measurable.then(|| procfs::sys_cpu_sum(pids)).flatten(),
             server_rss: measurable.then(|| procfs::rss_sum(pids)).flatten(),
             bench_cpu: procfs::self_cpu_seconds(),
             machine_cpu: procfs::machine_busy_seconds(),
@@ -393,6 +396,11 @@ impl Window {
             .server_cpu
             .zip(self.start.server_cpu)
             .map(|(a, b)| a - b);
+        let sys_cpu = self
+            .end
+            .server_sys_cpu
+            .zip(self.start.server_sys_cpu)
+            .map(|(a, b)| a - b);
         let bench_cpu = self
             .end
             .bench_cpu
@@ -425,6 +433,7 @@ impl Window {
             "server_cpu_s": cpu.map(round3),
             "server_cpu_cores": cpu.map(|c| round3(c / secs)),
             "server_cpu_us_per_delivery": cpu.filter(|_| delivered > 0).map(|c| round3(c * 1e6 / delivered as f64)),
+            "server_sys_cpu_us_per_delivery": sys_cpu.filter(|_| delivered > 0).map(|c| round3(c * 1e6 / delivered as f64)),
             "server_cpu_us_per_update": cpu.filter(|_| self.sent_in_window > 0).map(|c| round3(c * 1e6 / self.sent_in_window as f64)),
             "server_rss_kib": self.end.server_rss,
             "bench_cpu_cores": bench_cpu.map(|c| round3(c / secs)),

@@ -9,6 +9,14 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     parse_stat_cpu(&stat)
 }
 
+/// System (kernel) CPU seconds, all threads, a process has used so far: the part of
+/// [`cpu_seconds`] spent in system calls and in the softirq work charged to them (on loopback
+/// that includes the receiving peer's TCP processing).
+pub fn sys_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_times(&stat).map(|(_, sys)| sys)
+}
+
 /// CPU seconds of this process.
 pub fn self_cpu_seconds() -> Option<f64> {
     cpu_seconds(std::process::id())
@@ -16,13 +24,18 @@ pub fn self_cpu_seconds() -> Option<f64> {
 
 /// Parses utime + stime out of a `/proc/PID/stat` line.
 pub fn parse_stat_cpu(stat: &str) -> Option<f64> {
+    parse_stat_times(stat).map(|(user, sys)| user + sys)
+}
+
+/// Parses (utime, stime) in seconds out of a `/proc/PID/stat` line.
+pub fn parse_stat_times(stat: &str) -> Option<(f64, f64)> {
     // the command name (field 2) may contain spaces and parentheses: split after the last ')'
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state); utime and stime are fields 14 and 15
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / USER_HZ)
+    Some((utime as f64 / USER_HZ, stime as f64 / USER_HZ))
 }
 
 /// Resident set size in KiB.
@@ -63,6 +76,11 @@ pub fn parse_machine_busy(stat: &str) -> Option<f64> {
 /// CPU seconds summed over several processes (`None` if any is gone).
 pub fn cpu_sum(pids: &[u32]) -> Option<f64> {
     pids.iter().map(|p| cpu_seconds(*p)).sum()
+}
+
+/// System CPU seconds summed over several processes (`None` if any is gone).
+pub fn sys_cpu_sum(pids: &[u32]) -> Option<f64> {
+    pids.iter().map(|p| sys_cpu_seconds(*p)).sum()
 }
 
 /// RSS summed over several processes, KiB.
