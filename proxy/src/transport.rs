@@ -9,7 +9,8 @@
 //! * a **writer task** that owns the per-link sequence counters. It drains the bounded outbound
 //!   queue in batches, assigns `seq`, encodes and signs, and sends each batch as one pipeline, so
 //!   sequence order is publish order on one connection and Redis keeps that order per
-//!   subscriber. A `frame` or `out` whose envelope would exceed the cap is split into `part`
+//!   subscriber. It does not wait for a batch's replies before sending the next (up to 8
+//!   batches await theirs in tasks of their own). A `frame` or `out` whose envelope would exceed the cap is split into `part`
 //!   envelopes ([`crate::chunk`]) with consecutive numbers, published back to back;
 //! * a **reader task** that verifies, decodes, checks the destination and the sequence number of
 //!   every message, reassembles parts, and hands [`Inbound`] events to the caller over a bounded
