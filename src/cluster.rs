@@ -31,7 +31,7 @@ use hearth_proxy::{
 use prometheus::{IntCounterVec, IntGauge, Opts};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::config::Config;
 use crate::connection::outbox::{Outbox, Outgoing};
@@ -591,38 +591,47 @@ impl Cluster {
 
     // === owner side ===
 
-    async fn on_open(
+    /// A client of `from` opens a document here. The session is registered at once, so the
+    /// frames that follow the open queue behind it; whether this node owns the document (a
+    /// Redis round trip away, or a claim) is decided in a task of its own, so one client's open
+    /// never holds up the envelopes of every other session on the inbox.
+    fn on_open(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
         from: NodeAddr,
         session: Session,
         meta: OpenMeta,
     ) {
-        let owns = match self.route(shared, &session.doc).await {
-            Ok(Route2::Local) => true,
-            Ok(Route2::Remote(_)) | Err(_) => false,
-        };
-        if !owns || shared.draining.load(Ordering::Acquire) {
-            debug!(doc = %session.doc, edge = %from, "refusing open: not the owner");
-            self.post(
-                &from,
-                Body::NotOwner {
-                    session,
-                    holder: None,
-                },
-            );
-            return;
+        let (tx, rx) = mpsc::unbounded_channel();
+        if lock_map(&self.owner_sessions)
+            .insert((from.clone(), session.conn), tx)
+            .is_none()
+        {
+            self.metrics.owner_sessions.inc();
         }
-        let key = (from.clone(), session.conn);
-        let tx = crate::connection::hocuspocus::spawn_remote(
-            shared.clone(),
-            self.clone(),
-            from,
-            session,
-            meta,
+        let (me, shared) = (self.clone(), shared.clone());
+        tokio::spawn(
+            async move {
+                let owns = match me.route(&shared, &session.doc).await {
+                    Ok(Route2::Local) => true,
+                    Ok(Route2::Remote(_)) | Err(_) => false,
+                };
+                if !owns || shared.draining.load(Ordering::Acquire) {
+                    debug!(doc = %session.doc, edge = %from, "refusing open: not the owner");
+                    me.remote_ended(&from, session.conn);
+                    me.post(
+                        &from,
+                        Body::NotOwner {
+                            session,
+                            holder: None,
+                        },
+                    );
+                    return;
+                }
+                crate::connection::hocuspocus::spawn_remote(shared, me, from, session, meta, rx);
+            }
+            .in_current_span(),
         );
-        lock_map(&self.owner_sessions).insert(key, tx);
-        self.metrics.owner_sessions.inc();
     }
 
     /// Sends a frame to a remote client (owner side). A frame beyond `max_proxied_frame_bytes`
@@ -934,7 +943,7 @@ impl Cluster {
                     self.metrics.peers.inc();
                 }
                 match env.body {
-                    Body::Open { session, meta } => self.on_open(shared, from, session, meta).await,
+                    Body::Open { session, meta } => self.on_open(shared, from, session, meta),
                     Body::Frame { session, data } => {
                         let tx = lock_map(&self.owner_sessions)
                             .get(&(from.clone(), session.conn))

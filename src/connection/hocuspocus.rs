@@ -852,19 +852,19 @@ fn forwarded_headers(req: &RequestInfo) -> Vec<(String, String)> {
 }
 
 /// Owner side: runs the Hocuspocus state machine for a client attached to another node (the
-/// edge), fed by `frame` envelopes and answering with `out` envelopes.
+/// edge), fed through `rx` (the session registered by the open) by `frame` envelopes, and
+/// answering with `out` envelopes.
 pub(crate) fn spawn_remote(
     shared: Arc<Shared>,
     cluster: Arc<Cluster>,
     edge: NodeAddr,
     session: Session,
     meta: OpenMeta,
-) -> mpsc::UnboundedSender<RemoteIn> {
-    let (tx, rx) = mpsc::unbounded_channel();
+    rx: mpsc::UnboundedReceiver<RemoteIn>,
+) {
     let id: Arc<str> = Arc::from(session.conn.as_uuid().to_string());
     let span = info_span!("remote", socket = %id, doc = %session.doc, edge = %edge, node = %shared.config.node_id);
     tokio::spawn(run_remote(shared, cluster, edge, session, meta, id, rx).instrument(span));
-    tx
 }
 
 async fn run_remote(
