@@ -303,7 +303,7 @@ impl Cluster {
     pub(crate) async fn connect(
         config: &Config,
         registry: &prometheus::Registry,
-    ) -> Result<(Arc<Self>, mpsc::Receiver<Inbound>), ClusterError> {
+    ) -> Result<(Arc<Self>, hearth_proxy::InboundReceiver), ClusterError> {
         let node_id = NodeId::new(config.node_id.clone())?;
         let me = NodeAddr::fresh(node_id);
         let holder = HolderId::from_parts(config.node_id.clone(), me.inc.to_string())?;
@@ -808,7 +808,7 @@ impl Cluster {
     pub(crate) fn spawn_tasks(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
-        mut inbound: mpsc::Receiver<Inbound>,
+        mut inbound: hearth_proxy::InboundReceiver,
     ) {
         let (me, sh) = (self.clone(), shared.clone());
         tokio::spawn(async move {

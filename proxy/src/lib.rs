@@ -199,4 +199,6 @@ pub use keys::{Keys, doc_tag};
 pub use routes::{Route, RouteCache};
 pub use rpc::{Call, Rpc, RpcError};
 pub use seq::{LinkId, SeqCheck, SeqTracker};
-pub use transport::{EnvelopeSink, Inbound, PubSubMode, SendReceipt, Transport, TransportConfig};
+pub use transport::{
+    EnvelopeSink, Inbound, InboundReceiver, PubSubMode, SendReceipt, Transport, TransportConfig,
+};

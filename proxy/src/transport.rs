@@ -12,10 +12,10 @@
 //!   subscriber. It does not wait for a batch's replies before sending the next (up to 8
 //!   batches await theirs in tasks of their own). A `frame` or `out` whose envelope would exceed the cap is split into `part`
 //!   envelopes ([`crate::chunk`]) with consecutive numbers, published back to back;
-//! * a **reader task** that verifies, decodes, checks the destination and the sequence number of
-//!   every message, reassembles parts, and hands [`Inbound`] events to the caller over a bounded
-//!   channel. If the caller is slow, fred's broadcast channel overflows and that surfaces as
-//!   [`Inbound::Lagged`], never silently;
+//! * the **receiver** ([`InboundReceiver`], returned by [`Transport::connect`]): in the caller's
+//!   task, it verifies, decodes, checks the destination and the sequence number of every
+//!   message and reassembles parts. If the caller is slow, fred's broadcast channel overflows
+//!   and that surfaces as [`Inbound::Lagged`], never silently;
 //! * a **resubscribe task**: after fred reconnects the subscriber it re-issues the
 //!   subscriptions and only *then* emits [`Inbound::Resubscribed`]. (This replaces fred's
 //!   `manage_subscriptions()`, which re-subscribes in a task of its own and can't say when it is
@@ -322,7 +322,7 @@ impl Transport {
     /// anything published to the inbox after this returns is delivered (or reported lost).
     pub async fn connect(
         config: TransportConfig,
-    ) -> Result<(Transport, mpsc::Receiver<Inbound>), ProxyError> {
+    ) -> Result<(Transport, InboundReceiver), ProxyError> {
         config.validate()?;
         let keys = Keys::new(config.prefix.clone())?;
         let inbox = keys.inbox(&config.me);
@@ -405,7 +405,6 @@ impl Transport {
         };
         let tasks = vec![
             tokio::spawn(writer.run()),
-            tokio::spawn(read_loop(messages, filter, in_tx.clone())),
             tokio::spawn(resubscribe_loop(
                 sub.clone(),
                 reconnects,
@@ -433,7 +432,13 @@ impl Transport {
                 tasks,
             }),
         };
-        Ok((transport, in_rx))
+        let inbound = InboundReceiver {
+            messages,
+            filter,
+            control: in_rx,
+            pending: None,
+        };
+        Ok((transport, inbound))
     }
 
     /// This process's address.
@@ -944,39 +949,72 @@ impl InboundFilter {
     }
 }
 
-async fn read_loop(
-    mut messages: broadcast::Receiver<Message>,
+/// The receiving end of a [`Transport`]: every verified, in-order [`Inbound`] event.
+///
+/// Each pub/sub message is verified, decoded, sequence-checked and reassembled inside
+/// [`recv`](Self::recv), in the caller's task: no task of its own and no channel between the
+/// Redis reader and the consumer, so an envelope costs one wake-up less. A slow caller makes
+/// fred's broadcast channel overflow, which surfaces as [`Inbound::Lagged`], never silently.
+pub struct InboundReceiver {
+    messages: broadcast::Receiver<Message>,
     filter: InboundFilter,
-    out: mpsc::Sender<Inbound>,
-) {
-    loop {
-        let events = match messages.recv().await {
-            Ok(message) => {
-                let channel: &str = &message.channel;
-                match message.value.as_bytes() {
-                    Some(bytes) => filter.process(channel, bytes),
-                    None => [
-                        Some(rejected(
-                            RejectReason::Malformed,
-                            "pub/sub message is not a byte string",
-                        )),
-                        None,
-                    ],
+    /// Events of the resubscribe task ([`Inbound::Resubscribed`]); closed when the transport
+    /// is shut down or dropped.
+    control: mpsc::Receiver<Inbound>,
+    /// The second event of a message that produced two.
+    pending: Option<Inbound>,
+}
+
+impl std::fmt::Debug for InboundReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundReceiver")
+            .field("inbox", &self.filter.inbox)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InboundReceiver {
+    /// The next event; `None` once the transport is shut down or dropped. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        loop {
+            if let Some(event) = self.pending.take() {
+                return Some(event);
+            }
+            let [first, second] = tokio::select! {
+                biased;
+                control = self.control.recv() => return control,
+                message = self.messages.recv() => match message {
+                    Ok(message) => {
+                        let channel: &str = &message.channel;
+                        match message.value.as_bytes() {
+                            Some(bytes) => self.filter.process(channel, bytes),
+                            None => [
+                                Some(rejected(
+                                    RejectReason::Malformed,
+                                    "pub/sub message is not a byte string",
+                                )),
+                                None,
+                            ],
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        lock(&self.filter.parts).clear();
+                        tracing::warn!(
+                            missed,
+                            "pub/sub receiver lagged; reporting a gap on every link"
+                        );
+                        [Some(Inbound::Lagged { missed }), None]
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+            };
+            match (first, second) {
+                (Some(a), b) => {
+                    self.pending = b;
+                    return Some(a);
                 }
-            }
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                lock(&filter.parts).clear();
-                tracing::warn!(
-                    missed,
-                    "pub/sub receiver lagged; reporting a gap on every link"
-                );
-                [Some(Inbound::Lagged { missed }), None]
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        for event in events.into_iter().flatten() {
-            if out.send(event).await.is_err() {
-                return;
+                (None, Some(b)) => return Some(b),
+                (None, None) => {}
             }
         }
     }

@@ -15,7 +15,6 @@ use hearth_proxy::{
     NodeAddr, NodeId, PubSubMode, RejectReason, Rpc, RpcError, RpcErrorCode, RpcFailure,
     SCHEMA_VERSION, Session, Transport, TransportConfig,
 };
-use tokio::sync::mpsc;
 
 const SECRET: &[u8] = b"integration-test-cluster-secret!";
 
@@ -370,7 +369,10 @@ async fn lagging_receiver_surfaces_as_an_event() {
 
 /// Runs a custom-event handler on `rx` for `b`: `echo` reverses the payload, `fail` fails,
 /// `slow` never answers.
-fn serve_events(b: Transport, mut rx: mpsc::Receiver<Inbound>) -> tokio::task::JoinHandle<()> {
+fn serve_events(
+    b: Transport,
+    mut rx: hearth_proxy::InboundReceiver,
+) -> tokio::task::JoinHandle<()> {
     let rpc = Rpc::new(b);
     tokio::spawn(async move {
         while let Some(event) = rx.recv().await {

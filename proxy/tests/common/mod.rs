@@ -94,10 +94,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// Connects a transport (bounded by [`WAIT`]).
 pub async fn connect(
     config: hearth_proxy::TransportConfig,
-) -> (
-    hearth_proxy::Transport,
-    tokio::sync::mpsc::Receiver<hearth_proxy::Inbound>,
-) {
+) -> (hearth_proxy::Transport, hearth_proxy::InboundReceiver) {
     tokio::time::timeout(WAIT, hearth_proxy::Transport::connect(config))
         .await
         .expect("connect timed out")
@@ -105,9 +102,7 @@ pub async fn connect(
 }
 
 /// The next inbound event (bounded by [`WAIT`]).
-pub async fn next(
-    rx: &mut tokio::sync::mpsc::Receiver<hearth_proxy::Inbound>,
-) -> hearth_proxy::Inbound {
+pub async fn next(rx: &mut hearth_proxy::InboundReceiver) -> hearth_proxy::Inbound {
     tokio::time::timeout(WAIT, rx.recv())
         .await
         .expect("no inbound event in time")
@@ -115,7 +110,7 @@ pub async fn next(
 }
 
 /// Asserts that nothing arrives for a short while.
-pub async fn quiet(rx: &mut tokio::sync::mpsc::Receiver<hearth_proxy::Inbound>) {
+pub async fn quiet(rx: &mut hearth_proxy::InboundReceiver) {
     if let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
         panic!("unexpected event {event:?}");
     }
