@@ -170,6 +170,11 @@ settings! {
     app_ping_interval_ms: u64 = 0, env = "HEARTH_APP_PING_INTERVAL_MS";
     /// Largest accepted WebSocket message (bytes); larger closes the socket with 1009.
     max_message_bytes: usize = 8 << 20, env = "HEARTH_MAX_MESSAGE_BYTES";
+    /// Deepest nesting of arrays/maps inside one block of a client update (values and JSON
+    /// attributes); deeper updates are refused before they are decoded.
+    max_update_depth: u32 = 64, env = "HEARTH_MAX_UPDATE_DEPTH";
+    /// Most blocks (structs) in one client update; larger updates are refused.
+    max_update_structs: u32 = 250_000, env = "HEARTH_MAX_UPDATE_STRUCTS";
     /// Largest awareness state of one client (bytes).
     max_awareness_state_bytes: usize = 64 << 10, env = "HEARTH_MAX_AWARENESS_STATE_BYTES";
     /// Bytes queued for unauthenticated addresses per socket before closing it (4205).
@@ -293,6 +298,12 @@ impl Config {
         if self.outbound_queue_bytes < self.max_message_bytes {
             return invalid("outbound_queue_bytes", "must be >= max_message_bytes");
         }
+        if !(1..=1024).contains(&self.max_update_depth) {
+            return invalid("max_update_depth", "must be between 1 and 1024");
+        }
+        if self.max_update_structs == 0 {
+            return invalid("max_update_structs", "must be > 0");
+        }
         if self.idle_timeout_ms == 0 || self.auth_timeout_ms == 0 {
             return invalid("idle_timeout_ms", "timeouts must be > 0");
         }
@@ -350,6 +361,25 @@ impl Config {
         (self.ping_interval_ms > 0).then(|| {
             Duration::from_millis(self.ping_interval_ms.min(self.idle_timeout_ms / 3).max(10))
         })
+    }
+
+    /// Bounds for scanning client updates.
+    pub fn scan_limits(&self) -> crate::protocol::scan::ScanLimits {
+        crate::protocol::scan::ScanLimits {
+            max_depth: self.max_update_depth,
+            max_structs: self.max_update_structs,
+            max_delete_ranges: self.max_update_structs,
+        }
+    }
+
+    /// Bounds for scanning stored state: the same depth, no count limit (a stored snapshot
+    /// holds a whole document).
+    pub fn storage_scan_limits(&self) -> crate::protocol::scan::ScanLimits {
+        crate::protocol::scan::ScanLimits {
+            max_depth: self.max_update_depth,
+            max_structs: u32::MAX,
+            max_delete_ranges: u32::MAX,
+        }
     }
 
     /// True when `redis_url` is set.

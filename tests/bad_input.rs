@@ -700,3 +700,47 @@ async fn a_document_larger_than_the_outbound_queue_can_still_be_joined() {
     d.disconnect().await;
     s.stop().await;
 }
+
+/// An update whose one value nests `depth` arrays (about 2 bytes per level).
+fn nested_array_update(depth: usize) -> Vec<u8> {
+    // one client (7), one block: root type "t", content: one `Any` value
+    let mut b = vec![1, 1, 7, 0, 0x08, 1, 1, b't', 1];
+    b.extend(std::iter::repeat_n([117u8, 1], depth).flatten());
+    b.push(126); // null at the bottom
+    b.push(0); // empty delete set
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_values_are_refused_before_decoding() {
+    // 10,000 and 1,000,000 levels: recursive decoding of either would overflow the stack
+    let s = start(Config {
+        auth_tokens: "ro=read-only,*=read-write".into(),
+        ..test_config()
+    })
+    .await;
+    let mut w = Witness::new(s.addr).await;
+    let mut ro = RawClient::connect(s.addr).await;
+    ro.send(auth("deep", "ro")).await;
+    ro.expect("deep", Msg::Authenticated("readonly".into()))
+        .await;
+    let mut rw = RawClient::connect(s.addr).await;
+    rw.join("deep").await;
+    for depth in [10_000, 1_000_000] {
+        let bomb = nested_array_update(depth);
+        ro.send(update("deep", &bomb)).await;
+        ro.expect("deep", Msg::SyncStatus(0)).await;
+        ro.send(step2("deep", &bomb)).await;
+        ro.expect("deep", Msg::SyncStatus(0)).await;
+        rw.send(update("deep", &bomb)).await;
+        rw.expect("deep", Msg::SyncStatus(0)).await;
+    }
+    // a modest nesting is an ordinary value
+    rw.send(update("deep", &nested_array_update(20))).await;
+    let frames = rw
+        .recv_until(|f| f.address == "deep" && f.msg == Msg::SyncStatus(1))
+        .await;
+    assert!(frames.iter().all(|f| f.msg != Msg::SyncStatus(0)));
+    w.check(s.addr).await;
+    s.stop().await;
+}

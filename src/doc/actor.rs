@@ -33,7 +33,8 @@ use crate::hooks::{
 };
 use crate::protocol::awareness::{self, Awareness, Change};
 use crate::protocol::message::{ServerMessage, SyncMessage, frame};
-use crate::protocol::update::{contains_update, decode_guarded, decode_state_vector};
+use crate::protocol::scan::scan_update;
+use crate::protocol::update::{UpdateError, contains_scanned, decode_scanned, decode_state_vector};
 use crate::shared::Shared;
 use crate::storage::{AppendOutcome, Epoch, LogSeq, StoreError};
 
@@ -477,21 +478,22 @@ impl Actor {
         step2: bool,
     ) -> Option<Exit> {
         let read_only = self.conns.get(&id).is_some_and(|c| c.read_only);
+        // Iterative and bounded: nothing recursive has seen the bytes yet.
         let raw = update.clone();
-        let decoded = decode_guarded(&update);
+        let scanned = scan_update(&update, &self.shared.config.scan_limits());
         if read_only {
+            // A read-only connection never decodes or applies: its step2 is acknowledged when
+            // the server already has all of it (decided from the scan), an update never is.
             self.shared
                 .metrics
                 .updates_rejected
                 .with_label_values(&["read_only"])
                 .inc();
             if !yws {
-                // A read-only step2 is acknowledged when the server already has all of it; a
-                // read-only update never is.
                 let contained = step2
-                    && decoded
+                    && scanned
                         .as_ref()
-                        .is_ok_and(|u| contains_update(&self.doc.transact(), u));
+                        .is_ok_and(|s| contains_scanned(&self.doc.transact(), s));
                 self.queue_ack(id, contained, 0);
             }
             return None;
@@ -499,20 +501,13 @@ impl Actor {
         if !self.lease_valid() {
             return Some(self.fence());
         }
-        let update = match decoded {
+        let scan = match scanned {
+            Ok(scan) => scan,
+            Err(e) => return self.refuse_update(id, yws, "invalid", &e.into()),
+        };
+        let update = match decode_scanned(&update, &scan) {
             Ok(u) => u,
-            Err(e) => {
-                warn!(doc = %self.name, conn = id, error = %e, "refused client update");
-                self.shared
-                    .metrics
-                    .updates_rejected
-                    .with_label_values(&["invalid"])
-                    .inc();
-                if !yws {
-                    self.queue_ack(id, false, 0);
-                }
-                return None;
-            }
+            Err(e) => return self.refuse_update(id, yws, "invalid", &e),
         };
         let applied = catch_unwind(AssertUnwindSafe(|| {
             let mut txn = self.doc.transact_mut();
@@ -591,6 +586,27 @@ impl Actor {
             }
         }
         self.maybe_commit();
+    }
+
+    /// Refuses a client update that could not be scanned or decoded: `SyncStatus(0)`, a metric
+    /// and a log line; the connection stays open.
+    fn refuse_update(
+        &mut self,
+        id: ConnId,
+        yws: bool,
+        label: &str,
+        error: &UpdateError,
+    ) -> Option<Exit> {
+        warn!(doc = %self.name, conn = id, error = %error, "refused client update");
+        self.shared
+            .metrics
+            .updates_rejected
+            .with_label_values(&[label])
+            .inc();
+        if !yws {
+            self.queue_ack(id, false, 0);
+        }
+        None
     }
 
     fn queue_ack(&mut self, id: ConnId, ok: bool, lsn: u64) {

@@ -255,9 +255,10 @@ async fn load_state(
         .with_label_values(&["load"])
         .observe(started.elapsed().as_secs_f64());
     let doc = Doc::with_client_id(u64::from(rand::random::<u32>()));
+    let limits = shared.config.storage_scan_limits();
     let parts = stored.snapshot.iter().chain(stored.updates.iter());
     for (i, bytes) in parts.enumerate() {
-        let applied = decode_guarded(bytes)
+        let applied = decode_guarded(bytes, &limits)
             .map_err(|e| e.to_string())
             .and_then(|u| {
                 catch_unwind(AssertUnwindSafe(|| {
@@ -303,7 +304,7 @@ async fn load_state(
         };
         for update in updates {
             let before = doc.transact().state_vector().encode_v1();
-            let applied = decode_guarded(&update)
+            let applied = decode_guarded(&update, &limits)
                 .map_err(|e| e.to_string())
                 .and_then(|u| {
                     catch_unwind(AssertUnwindSafe(|| {

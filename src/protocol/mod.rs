@@ -3,9 +3,11 @@
 //! * [`lib0`] — varUint / varString / varUint8Array.
 //! * [`message`] — Hocuspocus frames (address + type + body) and y-websocket frames.
 //! * [`awareness`] — y-protocols awareness rules.
-//! * [`update`] — guarded decoding of Yjs updates (size caps, round-trip check).
+//! * [`scan`] — iterative structural pre-scan of Yjs updates (depth, counts, dependencies).
+//! * [`update`] — guarded decoding of Yjs updates (scan first, round-trip check).
 
 pub mod awareness;
 pub mod lib0;
 pub mod message;
+pub mod scan;
 pub mod update;
