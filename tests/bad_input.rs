@@ -744,3 +744,39 @@ async fn deeply_nested_values_are_refused_before_decoding() {
     w.check(s.addr).await;
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_with_missing_dependencies_are_refused_and_resynced() {
+    let (s, store) = start_with_store(test_config()).await;
+    let mut c = RawClient::connect(s.addr).await;
+    c.join("gap").await;
+    let y = YDoc::new(11);
+    let first = y.insert("ab");
+    let second = y.insert("cd");
+    // the second depends on the first, which the server has not seen: refused, and the
+    // server asks for what it lacks with a step1
+    c.send(update("gap", &second)).await;
+    c.expect("gap", Msg::SyncStatus(0)).await;
+    let sv = match c.recv_for("gap").await {
+        Msg::Step1(sv) => sv,
+        other => panic!("expected step1, got {other:?}"),
+    };
+    assert_eq!(sv, YDoc::new(99).sv(), "the server has nothing yet");
+    // the client answers with everything it has: accepted whole
+    c.send(step2("gap", &y.state())).await;
+    let frames = c
+        .recv_until(|f| f.address == "gap" && f.msg == Msg::SyncStatus(1))
+        .await;
+    assert!(frames.iter().all(|f| f.msg != Msg::SyncStatus(0)));
+    assert_eq!(text_of([c.fetch_state("gap").await.as_slice()]), "abcd");
+    // a refused step2 is not answered with another step1
+    let z = YDoc::new(12);
+    let _ = z.insert("x");
+    let dangling = z.insert("y");
+    c.send(step2("gap", &dangling)).await;
+    c.expect("gap", Msg::SyncStatus(0)).await;
+    c.expect_silence(Duration::from_millis(200)).await;
+    drop(first);
+    assert_eq!(store_text(&store, "gap").await, "abcd");
+    s.stop().await;
+}

@@ -34,7 +34,9 @@ use crate::hooks::{
 use crate::protocol::awareness::{self, Awareness, Change};
 use crate::protocol::message::{ServerMessage, SyncMessage, frame};
 use crate::protocol::scan::scan_update;
-use crate::protocol::update::{UpdateError, contains_scanned, decode_scanned, decode_state_vector};
+use crate::protocol::update::{
+    UpdateError, contains_scanned, decode_scanned, decode_state_vector, known_clocks,
+};
 use crate::shared::Shared;
 use crate::storage::{AppendOutcome, Epoch, LogSeq, StoreError};
 
@@ -479,7 +481,6 @@ impl Actor {
     ) -> Option<Exit> {
         let read_only = self.conns.get(&id).is_some_and(|c| c.read_only);
         // Iterative and bounded: nothing recursive has seen the bytes yet.
-        let raw = update.clone();
         let scanned = scan_update(&update, &self.shared.config.scan_limits());
         if read_only {
             // A read-only connection never decodes or applies: its step2 is acknowledged when
@@ -505,6 +506,27 @@ impl Actor {
             Ok(scan) => scan,
             Err(e) => return self.refuse_update(id, yws, "invalid", &e.into()),
         };
+        let missing = scan.missing(known_clocks(&self.doc.transact()));
+        if let Some((client, clock)) = missing {
+            // Never park an update whose dependencies are missing: yrs's pending set is where
+            // crafted updates do harm, and parked updates pile up unacknowledgeable. Refuse it
+            // and ask the client for everything it has that the document lacks (a client that
+            // holds the dependencies sends them in its step2; a refused step2 is not asked again).
+            debug!(doc = %self.name, conn = id, client, clock, "update depends on unknown content");
+            self.shared
+                .metrics
+                .updates_rejected
+                .with_label_values(&["missing_dependency"])
+                .inc();
+            if !yws {
+                self.queue_ack(id, false, 0);
+            }
+            if !step2 {
+                let sv = self.doc.transact().state_vector().encode_v1();
+                self.send_to(id, ServerMessage::SyncStep1(&sv));
+            }
+            return None;
+        }
         let update = match decode_scanned(&update, &scan) {
             Ok(u) => u,
             Err(e) => return self.refuse_update(id, yws, "invalid", &e),
@@ -531,18 +553,6 @@ impl Actor {
         }
         let context = self.conns.get(&id).map(|c| c.context.clone());
         self.changes_applied(Some(id), context).await;
-        // An update yrs parked because its dependencies are missing produced no change, yet it
-        // is acknowledged: log the raw update too, so a replay after a crash parks it again.
-        let parked = self.durable
-            && catch_unwind(AssertUnwindSafe(|| {
-                self.doc.transact().has_missing_updates()
-            }))
-            .unwrap_or(false);
-        if parked {
-            self.lsn += 1;
-            self.unsent.push((self.lsn, raw));
-            self.maybe_commit();
-        }
         if !yws {
             // Exactly one SyncStatus per update, released once everything applied so far is
             // committed (which includes this update, if it changed anything).
