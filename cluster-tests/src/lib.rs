@@ -1,9 +1,11 @@
 //! Multi-process tests and the `hearth-bench` load generator.
 //!
 //! * [`bench`] — the load generator (library behind `src/bin/hearth-bench.rs`).
+//! * [`fuzz`] — the mutational fuzzer (library behind `src/bin/hearth-fuzz.rs`).
 //! * [`harness`] — starting the `hearth` binary for tests.
 
 pub mod bench;
+pub mod fuzz;
 pub mod harness;
 
 /// Process and fault harness for the persistence and cluster tests: nodes, Redis, PostgreSQL,
