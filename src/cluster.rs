@@ -14,6 +14,17 @@
 //!   silence for `proxy_socket_ttl_ms`, a gap on the link, or ownership loss.
 //! * **Fencing**: the lock only routes; correctness comes from the database epoch every write
 //!   carries (see `storage`).
+//! * **Flow control** ([`flow`]): every queue between an edge and an owner is bounded per
+//!   proxied client, in bytes and frames; a client that fills one is shed (closed with 1013 "Try
+//!   Again Later", counted in `hearth_cluster_sessions_shed_total`), not waited for.
+//!
+//! **Invariant:** the inbox dispatcher, the one consumer of this node's Redis subscription,
+//! never awaits room in a per-document or per-client queue. It hands each envelope on with a
+//! non-blocking send and sheds the client whose queue is full, so one document, one client or
+//! one slow task cannot stop it; were it stopped, Redis would buffer the node's inbox up to its
+//! pub/sub output limit and then disconnect it, resetting every proxied client of the node. The
+//! CPU-heavy work of large updates runs off the async workers (`doc::offload`) for the same
+//! reason: the dispatcher, the lock refreshes and the keepalives run there.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +40,6 @@ use hearth_proxy::{
     Rpc, RpcErrorCode, RpcFailure, RpcRequest, Session, Transport,
 };
 use prometheus::{IntCounterVec, IntGauge, Opts};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument as _, debug, info, warn};
 
@@ -39,8 +49,11 @@ use crate::hooks::CustomEventPayload;
 use crate::shared::Shared;
 
 mod emit;
+mod flow;
 mod presence;
 pub use emit::{EMITTER_NODE_ID, RemoteEmitError, emit_remote};
+use flow::{Refused, RemoteInbox, SessionLimits};
+pub(crate) use flow::{RemoteIn, RemoteInboxRx, SHED_CODE, SHED_REASON};
 
 /// Errors of the cluster layer.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +67,9 @@ pub enum ClusterError {
     /// Proxy layer error.
     #[error("proxy: {0}")]
     Proxy(#[from] hearth_proxy::ProxyError),
+    /// The cluster secrets cannot be read or are too weak.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// A lock holder value this build cannot turn into a node address.
     #[error("unexpected lock holder {0}")]
     Holder(String),
@@ -80,23 +96,32 @@ pub(crate) enum Route2 {
     Remote(NodeAddr),
 }
 
-/// Input to an owner-side remote socket.
-#[derive(Debug)]
-pub(crate) enum RemoteIn {
-    /// A raw client frame.
-    Frame(Bytes),
-    /// The edge detached (client gone).
-    Detach,
-    /// The link lost envelopes: reset the client.
-    Reset,
-}
-
 struct EdgeSession {
     owner: NodeAddr,
     doc: String,
     outbox: Outbox,
     authenticated: Arc<AtomicBool>,
+    /// The client's frames in the transport (`edge_out`, see [`flow`]).
+    backlog: hearth_proxy::Backlog,
 }
+
+/// A client of another node attached to a document here (owner side).
+enum OwnerSession {
+    /// Its stand-in socket runs; frames go into its queue.
+    Live(RemoteInbox),
+    /// Its stand-in socket ended (and told the edge) at this time: frames still on their way
+    /// are dropped without another `close_doc` each. Forgotten after a lock TTL.
+    Ended(Instant),
+}
+
+/// Why a frame for a client of another node could not be sent (owner side): the close its
+/// stand-in socket ends with.
+pub(crate) type OutError = (u16, &'static str);
+
+/// Approximate bytes the inbox dispatcher handles before it lets other tasks of its worker run.
+const DISPATCH_YIELD_BYTES: usize = 4 << 20;
+/// What one event counts towards [`DISPATCH_YIELD_BYTES`] besides its payload.
+const DISPATCH_EVENT_BYTES: usize = 1024;
 
 /// Cluster metrics, registered into the server's registry.
 #[derive(Debug, Clone)]
@@ -112,6 +137,7 @@ pub(crate) struct ClusterMetrics {
     routes: IntCounterVec,
     lock_ops: IntCounterVec,
     lock_losses: IntCounterVec,
+    shed: IntCounterVec,
 }
 
 impl ClusterMetrics {
@@ -178,6 +204,12 @@ impl ClusterMetrics {
                 "Ownership locks lost, by reason",
                 &["reason"],
             )?,
+            shed: c(
+                "hearth_cluster_sessions_shed_total",
+                "Proxied clients closed (1013) because one of their queues between edge and \
+                 owner was full, by queue",
+                &["queue"],
+            )?,
         })
     }
 }
@@ -223,7 +255,9 @@ pub struct Cluster {
     proxy_ttl: Duration,
     event_ttl: Duration,
     claims: Mutex<HashMap<String, LockGuard>>,
-    owner_sessions: Mutex<HashMap<(NodeAddr, ConnId), mpsc::UnboundedSender<RemoteIn>>>,
+    owner_sessions: Mutex<HashMap<(NodeAddr, ConnId), OwnerSession>>,
+    /// Bounds of each proxied client's queues.
+    limits: SessionLimits,
     edge_sessions: Mutex<HashMap<ConnId, EdgeSession>>,
     peers_seen: Mutex<HashMap<NodeAddr, Instant>>,
     pub(crate) metrics: ClusterMetrics,
@@ -263,9 +297,13 @@ fn holder_addr(h: &HolderId) -> Result<NodeAddr, ClusterError> {
     Ok(NodeAddr::new(id, Incarnation(inc)))
 }
 
-fn static_reason(code: u16) -> &'static str {
+fn static_reason(code: u16, reason: &str) -> &'static str {
     match code {
+        crate::protocol::awareness::CLOSE_CODE => {
+            crate::protocol::awareness::Violation::close_reason(reason)
+        }
         1009 => "Message Too Big",
+        SHED_CODE if reason == SHED_REASON => SHED_REASON,
         1013 => "Slow Reader",
         4401 => "Unauthorized",
         4403 => "Forbidden",
@@ -311,8 +349,11 @@ impl Cluster {
         tc.reassembly = hearth_proxy::ReassemblyLimits::new(
             config.max_proxied_frame_bytes.max(config.max_message_bytes),
         );
-        if let Some(w) = tc.auth.startup_warning() {
-            warn!("{w}");
+        if tc.auth.has_previous() {
+            info!(
+                "cluster secret rotation under way: envelopes signed with the previous secret \
+                 are accepted too"
+            );
         }
         let (transport, inbound) = Transport::connect(tc).await?;
         let redis = redis_client(&config.redis_url).await?;
@@ -341,6 +382,7 @@ impl Cluster {
             event_ttl: Duration::from_millis(config.custom_event_ttl_ms),
             claims: Mutex::new(HashMap::new()),
             owner_sessions: Mutex::new(HashMap::new()),
+            limits: SessionLimits::from_config(config),
             edge_sessions: Mutex::new(HashMap::new()),
             peers_seen: Mutex::new(HashMap::new()),
             metrics,
@@ -513,6 +555,7 @@ impl Cluster {
                 doc: doc.to_owned(),
                 outbox,
                 authenticated,
+                backlog: hearth_proxy::Backlog::new(),
             },
         );
         self.metrics.edge_sessions.inc();
@@ -535,15 +578,78 @@ impl Cluster {
         Some(session)
     }
 
-    /// Forwards a raw client frame to the owner.
+    /// Forwards a raw client frame to the owner, charging it to the client's `edge_out` queue
+    /// (see [`flow`]). True when the frame was handed on, or dropped because the client is
+    /// being closed already: a client that has its limit of frames waiting there is shed (its
+    /// socket gets a close with [`SHED_CODE`], the owner a `detach`), and a client whose session
+    /// was reset has a close queued. False when the transport refused the frame: the caller
+    /// closes the socket.
     pub(crate) fn forward(&self, owner: &NodeAddr, session: &Session, frame: Bytes) -> bool {
+        let backlog = {
+            let mut map = lock_map(&self.edge_sessions);
+            let Some(s) = map.get(&session.conn) else {
+                return true;
+            };
+            if !self.limits.full(s.backlog.bytes(), s.backlog.envelopes()) {
+                s.backlog.clone()
+            } else {
+                let queued = (s.backlog.bytes(), s.backlog.envelopes());
+                let shed = map.remove(&session.conn);
+                drop(map);
+                if let Some(shed) = shed {
+                    self.shed_edge_session(owner, session, shed, queued);
+                }
+                return true;
+            }
+        };
+        let body = Body::Frame {
+            session: session.clone(),
+            data: frame.to_vec(),
+        };
+        match self.transport.start_send_counted(owner, body, &backlog) {
+            Ok(_) => {
+                self.metrics
+                    .envelopes_out
+                    .with_label_values(&["frame"])
+                    .inc();
+                true
+            }
+            Err(e) => {
+                warn!(to = %owner, doc = %session.doc, error = %e, kind = "frame", "cannot queue envelope");
+                false
+            }
+        }
+    }
+
+    /// A client here filled its `edge_out` queue: close it with [`SHED_CODE`] and detach it
+    /// from the owner.
+    fn shed_edge_session(
+        &self,
+        owner: &NodeAddr,
+        session: &Session,
+        shed: EdgeSession,
+        (bytes, frames): (usize, usize),
+    ) {
+        self.metrics.edge_sessions.dec();
+        self.metrics.shed.with_label_values(&["edge_out"]).inc();
+        warn!(
+            doc = %session.doc,
+            owner = %owner,
+            queued_bytes = bytes,
+            queued_frames = frames,
+            "client sends faster than its frames reach the owner; shedding it"
+        );
+        shed.outbox.control(Outgoing::CloseSocket {
+            code: SHED_CODE,
+            reason: SHED_REASON,
+        });
         self.post(
             owner,
-            Body::Frame {
+            Body::Detach {
                 session: session.clone(),
-                data: frame.to_vec(),
+                reason: "shed".into(),
             },
-        )
+        );
     }
 
     /// The client left: tell the owner and forget the session.
@@ -602,11 +708,12 @@ impl Cluster {
         session: Session,
         meta: OpenMeta,
     ) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        if lock_map(&self.owner_sessions)
-            .insert((from.clone(), session.conn), tx)
-            .is_none()
-        {
+        let (tx, rx) = flow::remote_inbox(self.limits);
+        if !matches!(
+            lock_map(&self.owner_sessions)
+                .insert((from.clone(), session.conn), OwnerSession::Live(tx)),
+            Some(OwnerSession::Live(_))
+        ) {
             self.metrics.owner_sessions.inc();
         }
         let (me, shared) = (self.clone(), shared.clone());
@@ -618,7 +725,7 @@ impl Cluster {
                 };
                 if !owns || shared.draining.load(Ordering::Acquire) {
                     debug!(doc = %session.doc, edge = %from, "refusing open: not the owner");
-                    me.remote_ended(&from, session.conn);
+                    me.remote_ended(&from, session.conn, false);
                     me.post(
                         &from,
                         Body::NotOwner {
@@ -634,17 +741,37 @@ impl Cluster {
         );
     }
 
-    /// Sends a frame to a remote client (owner side). A frame beyond `max_proxied_frame_bytes`
-    /// cannot cross: the client is reset instead (it may reconnect to this node directly).
-    pub(crate) fn send_out(&self, edge: &NodeAddr, session: &Session, frame: &Bytes) -> bool {
+    /// True while a remote client's `owner_out` queue (`backlog`, see [`flow`]) is full: its
+    /// stand-in socket sends nothing more until Redis has taken some of it.
+    pub(crate) fn out_full(&self, backlog: &hearth_proxy::Backlog) -> bool {
+        self.limits.full(backlog.bytes(), backlog.envelopes())
+    }
+
+    /// Resolves once a remote client's `owner_out` queue has room again.
+    pub(crate) async fn out_room(&self, backlog: &hearth_proxy::Backlog) {
+        backlog.below(self.limits.bytes, self.limits.frames).await;
+    }
+
+    /// Sends a frame to a remote client (owner side), charged to its `owner_out` queue. A frame
+    /// never goes missing while the client stays: when it cannot be queued, the error is the
+    /// close the client's stand-in socket must end with. A frame beyond
+    /// `max_proxied_frame_bytes` cannot cross: the client is reset (it may reconnect to this
+    /// node directly).
+    pub(crate) fn send_out(
+        &self,
+        edge: &NodeAddr,
+        session: &Session,
+        backlog: &hearth_proxy::Backlog,
+        frame: &Bytes,
+    ) -> Result<(), OutError> {
         let body = Body::Out {
             session: session.clone(),
             data: frame.to_vec(),
         };
-        match self.transport.start_send(edge, body) {
+        match self.transport.start_send_counted(edge, body, backlog) {
             Ok(_) => {
                 self.metrics.envelopes_out.with_label_values(&["out"]).inc();
-                true
+                Ok(())
             }
             Err(hearth_proxy::ProxyError::FrameTooLarge { size, max }) => {
                 warn!(
@@ -655,12 +782,20 @@ impl Cluster {
                     "frame for a client on another node exceeds max_proxied_frame_bytes; \
                      resetting the client"
                 );
-                self.reset_session(edge, session, "frame_too_large");
-                false
+                self.metrics
+                    .resyncs
+                    .with_label_values(&["frame_too_large"])
+                    .inc();
+                Err((4205, "Reset Connection"))
+            }
+            Err(hearth_proxy::ProxyError::Clogged) => {
+                warn!(to = %edge, doc = %session.doc, kind = "out", "outbound envelope queue is full; shedding the client");
+                self.metrics.shed.with_label_values(&["owner_out"]).inc();
+                Err((SHED_CODE, SHED_REASON))
             }
             Err(e) => {
-                warn!(to = %edge, error = %e, kind = "out", "cannot queue envelope");
-                false
+                warn!(to = %edge, doc = %session.doc, error = %e, kind = "out", "cannot queue envelope; resetting the client");
+                Err((4205, "Reset Connection"))
             }
         }
     }
@@ -680,25 +815,56 @@ impl Cluster {
         );
     }
 
-    /// A remote socket task ended.
-    pub(crate) fn remote_ended(&self, edge: &NodeAddr, conn: ConnId) {
-        if lock_map(&self.owner_sessions)
-            .remove(&(edge.clone(), conn))
-            .is_some()
-        {
+    /// A remote socket task ended. `told_edge`: it sent the edge a `close_doc`, so frames of
+    /// the client still on their way are dropped quietly for a while.
+    pub(crate) fn remote_ended(&self, edge: &NodeAddr, conn: ConnId, told_edge: bool) {
+        let key = (edge.clone(), conn);
+        let mut map = lock_map(&self.owner_sessions);
+        let was_live = matches!(map.get(&key), Some(OwnerSession::Live(_)));
+        if told_edge {
+            map.insert(key, OwnerSession::Ended(Instant::now()));
+        } else if was_live {
+            map.remove(&key);
+        }
+        drop(map);
+        if was_live {
             self.metrics.owner_sessions.dec();
         }
     }
 
+    /// The queue of a live remote client's stand-in socket.
+    fn owner_inbox(&self, edge: &NodeAddr, conn: ConnId) -> Option<RemoteInbox> {
+        match lock_map(&self.owner_sessions).get(&(edge.clone(), conn)) {
+            Some(OwnerSession::Live(tx)) => Some(tx.clone()),
+            _ => None,
+        }
+    }
+
+    /// A remote client filled its `owner_in` queue: shed it. Its stand-in socket ends with
+    /// [`SHED_CODE`] and tells the edge; frames of it still arriving are dropped quietly.
+    fn shed_owner_session(&self, edge: &NodeAddr, session: &Session, inbox: &RemoteInbox) {
+        self.metrics.shed.with_label_values(&["owner_in"]).inc();
+        warn!(
+            doc = %session.doc,
+            edge = %edge,
+            "client of another node sends faster than its document takes it; shedding it"
+        );
+        inbox.control(RemoteIn::Shed);
+        self.remote_ended(edge, session.conn, true);
+    }
+
     fn reset_owner_sessions_of(&self, edge: Option<&NodeAddr>, reason: &str) {
-        let victims: Vec<mpsc::UnboundedSender<RemoteIn>> = lock_map(&self.owner_sessions)
+        let victims: Vec<RemoteInbox> = lock_map(&self.owner_sessions)
             .iter()
             .filter(|((e, _), _)| edge.is_none_or(|x| e == x))
-            .map(|(_, tx)| tx.clone())
+            .filter_map(|(_, s)| match s {
+                OwnerSession::Live(tx) => Some(tx.clone()),
+                OwnerSession::Ended(_) => None,
+            })
             .collect();
         for tx in victims {
             self.metrics.resyncs.with_label_values(&[reason]).inc();
-            let _ = tx.send(RemoteIn::Reset);
+            tx.control(RemoteIn::Reset);
         }
     }
 
@@ -723,11 +889,8 @@ impl Cluster {
             });
             return true;
         }
-        let attached = lock_map(&self.owner_sessions)
-            .get(&(peer.clone(), session.conn))
-            .cloned();
-        match attached {
-            Some(tx) if tx.send(RemoteIn::Reset).is_ok() => {
+        match self.owner_inbox(peer, session.conn) {
+            Some(tx) if tx.control(RemoteIn::Reset) => {
                 self.metrics.resyncs.with_label_values(&[reason]).inc();
                 true
             }
@@ -812,8 +975,15 @@ impl Cluster {
     ) {
         let (me, sh) = (self.clone(), shared.clone());
         tokio::spawn(async move {
+            // The dispatcher never waits on a queue (module docs); it only lets the other tasks
+            // of its worker run now and then, however fast envelopes arrive.
+            let mut since_yield = 0;
             while let Some(ev) = inbound.recv().await {
-                me.dispatch(&sh, ev).await;
+                since_yield += me.dispatch(&sh, ev);
+                if since_yield >= DISPATCH_YIELD_BYTES {
+                    since_yield = 0;
+                    tokio::task::yield_now().await;
+                }
             }
         });
         let (me, sh) = (self.clone(), Arc::downgrade(shared));
@@ -845,16 +1015,28 @@ impl Cluster {
     /// Distinct edges whose clients are attached to documents owned here.
     fn edges_of_owner_sessions(&self) -> Vec<NodeAddr> {
         let mut v: Vec<NodeAddr> = lock_map(&self.owner_sessions)
-            .keys()
-            .map(|(e, _)| e.clone())
+            .iter()
+            .filter(|(_, s)| matches!(s, OwnerSession::Live(_)))
+            .map(|((e, _), _)| e.clone())
             .collect();
         v.sort();
         v.dedup();
         v
     }
 
+    /// Forgets ended remote clients after a lock TTL: by then no frame of theirs is on its way
+    /// (a later one is answered with a `close_doc` of its own).
+    fn forget_ended_owner_sessions(&self) {
+        let ttl = self.lock_ttl;
+        lock_map(&self.owner_sessions).retain(|_, s| match s {
+            OwnerSession::Live(_) => true,
+            OwnerSession::Ended(at) => at.elapsed() < ttl,
+        });
+    }
+
     async fn housekeeping(&self) {
         self.refresh_node_key().await;
+        self.forget_ended_owner_sessions();
         for owner in self.owners_of_edge_sessions() {
             // edge → owner keepalive: no receiver means the owner is gone
             if self.send(&owner, Body::Keepalive { session: None }).await == 0 {
@@ -928,9 +1110,15 @@ impl Cluster {
         }
     }
 
-    async fn dispatch(self: &Arc<Self>, shared: &Arc<Shared>, ev: Inbound) {
+    /// Handles one inbound event. Never waits (the module's invariant): it is the only consumer
+    /// of the node's subscription. Returns roughly how many bytes it handled.
+    fn dispatch(self: &Arc<Self>, shared: &Arc<Shared>, ev: Inbound) -> usize {
+        let mut weight = DISPATCH_EVENT_BYTES;
         match ev {
             Inbound::Envelope(env) => {
+                if let Body::Frame { data, .. } | Body::Out { data, .. } = &env.body {
+                    weight += data.len();
+                }
                 let from = env.header.from.clone();
                 self.metrics
                     .envelopes_in
@@ -945,22 +1133,34 @@ impl Cluster {
                 match env.body {
                     Body::Open { session, meta } => self.on_open(shared, from, session, meta),
                     Body::Frame { session, data } => {
-                        let tx = lock_map(&self.owner_sessions)
-                            .get(&(from.clone(), session.conn))
-                            .cloned();
-                        match tx {
-                            Some(tx) => {
-                                let _ = tx.send(RemoteIn::Frame(Bytes::from(data)));
-                            }
+                        let key = (from.clone(), session.conn);
+                        let inbox = match lock_map(&self.owner_sessions).get(&key) {
+                            Some(OwnerSession::Live(tx)) => Some(Some(tx.clone())),
+                            Some(OwnerSession::Ended(_)) => Some(None),
+                            None => None,
+                        };
+                        match inbox {
+                            // never waits: a client whose queue is full is shed
+                            Some(Some(tx)) => match tx.frame(data) {
+                                Ok(()) | Err(Refused::Gone) => {}
+                                Err(Refused::Full) => self.shed_owner_session(&from, &session, &tx),
+                            },
+                            // ended, and the edge was told
+                            Some(None) => {}
                             None => self.close_remote(&from, &session, 4205, "Reset Connection"),
                         }
                     }
                     Body::Detach { session, .. } => {
-                        let tx = lock_map(&self.owner_sessions)
-                            .get(&(from, session.conn))
-                            .cloned();
-                        if let Some(tx) = tx {
-                            let _ = tx.send(RemoteIn::Detach);
+                        let key = (from, session.conn);
+                        let mut map = lock_map(&self.owner_sessions);
+                        match map.get(&key) {
+                            Some(OwnerSession::Live(tx)) => {
+                                tx.control(RemoteIn::Detach);
+                            }
+                            Some(OwnerSession::Ended(_)) => {
+                                map.remove(&key);
+                            }
+                            None => {}
                         }
                     }
                     Body::Out { session, data } => {
@@ -978,7 +1178,7 @@ impl Cluster {
                             self.metrics.edge_sessions.dec();
                             s.outbox.control(Outgoing::CloseSocket {
                                 code: close.code,
-                                reason: static_reason(close.code),
+                                reason: static_reason(close.code, &close.reason),
                             });
                         }
                     }
@@ -1058,6 +1258,7 @@ impl Cluster {
                     .inc();
             }
         }
+        weight
     }
 
     /// Graceful leave: tell peers, reset proxied clients, stop the node key.

@@ -140,6 +140,9 @@ macro_rules! settings {
 settings! {
     /// Address and port to listen on.
     listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 1234)), env = "HEARTH_LISTEN";
+    /// Address and port of the operator listener (`/metrics`, `/cluster/owned`, `/healthz`,
+    /// `/readyz` with reasons); empty = no operator listener.
+    operator_listen: String = "127.0.0.1:9464".into(), env = "HEARTH_OPERATOR_LISTEN";
     /// This node's id (logs, metrics, cluster ownership). Default: host name.
     node_id: String = default_node_id(), env = "HEARTH_NODE_ID";
     /// Storage: `sqlite://PATH`, `postgres://…` or `memory://` (nothing persisted).
@@ -149,6 +152,8 @@ settings! {
     auth_tokens: String = String::new(), env = "HEARTH_AUTH_TOKENS";
     /// Write the bound `ip:port` to this file once listening (for scripts and tests).
     ready_file: PathBuf = PathBuf::new(), env = "HEARTH_READY_FILE";
+    /// Write the operator listener's bound `ip:port` to this file (before the ready file).
+    operator_ready_file: PathBuf = PathBuf::new(), env = "HEARTH_OPERATOR_READY_FILE";
     /// When updates are acknowledged: `durable` (after commit) or `memory` (on apply).
     durability: Durability = Durability::Durable, env = "HEARTH_DURABILITY";
     /// Group-commit window for durable appends, in milliseconds.
@@ -162,7 +167,29 @@ settings! {
     /// Close a socket (4408) after this long without any inbound frame (ms).
     idle_timeout_ms: u64 = 60000, env = "HEARTH_IDLE_TIMEOUT_MS";
     /// Close a socket (4408) that authenticated no document within this time (ms).
-    auth_timeout_ms: u64 = 60000, env = "HEARTH_AUTH_TIMEOUT_MS";
+    auth_timeout_ms: u64 = 10000, env = "HEARTH_AUTH_TIMEOUT_MS";
+    /// Failed authentications from one client address within `auth_failure_window_ms` that get
+    /// it banned for `auth_ban_ms` (0 = never ban).
+    auth_failures_before_ban: u32 = 10, env = "HEARTH_AUTH_FAILURES_BEFORE_BAN";
+    /// Window in which failed authentications of one address are counted (ms).
+    auth_failure_window_ms: u64 = 60000, env = "HEARTH_AUTH_FAILURE_WINDOW_MS";
+    /// How long a banned address is refused (ms): upgrades get HTTP 429, Auth frames on open
+    /// sockets are denied without running hooks.
+    auth_ban_ms: u64 = 300000, env = "HEARTH_AUTH_BAN_MS";
+    /// Most client addresses the in-memory failure and ban table of one node holds.
+    auth_throttle_max_addresses: usize = 100_000, env = "HEARTH_AUTH_THROTTLE_MAX_ADDRESSES";
+    /// Longest wait for Redis when counting a failure or checking a ban in a cluster (ms); the
+    /// node's own table decides when Redis is slower or down.
+    auth_throttle_redis_timeout_ms: u64 = 100, env = "HEARTH_AUTH_THROTTLE_REDIS_TIMEOUT_MS";
+    /// Close a client-port connection that has not sent a complete HTTP request header within
+    /// this time of opening, or of its previous response (ms).
+    http_header_timeout_ms: u64 = 10000, env = "HEARTH_HTTP_HEADER_TIMEOUT_MS";
+    /// Most TCP connections open on the client port (lowered to fit the open-file limit).
+    max_connections: usize = 10000, env = "HEARTH_MAX_CONNECTIONS";
+    /// Most TCP connections open from one client address; more are answered 429.
+    max_connections_per_ip: usize = 200, env = "HEARTH_MAX_CONNECTIONS_PER_IP";
+    /// Proxies whose `X-Forwarded-For` names the client: comma-separated IPs and CIDR networks.
+    trusted_proxies: String = String::new(), env = "HEARTH_TRUSTED_PROXIES";
     /// Send a WebSocket ping frame this often (ms; 0 = never); capped at a third of
     /// `idle_timeout_ms` so answering clients never time out.
     ping_interval_ms: u64 = 30000, env = "HEARTH_PING_INTERVAL_MS";
@@ -175,8 +202,21 @@ settings! {
     max_update_depth: u32 = 64, env = "HEARTH_MAX_UPDATE_DEPTH";
     /// Most blocks (structs) in one client update; larger updates are refused.
     max_update_structs: u32 = 250_000, env = "HEARTH_MAX_UPDATE_STRUCTS";
-    /// Largest awareness state of one client (bytes).
-    max_awareness_state_bytes: usize = 64 << 10, env = "HEARTH_MAX_AWARENESS_STATE_BYTES";
+    /// Largest awareness state of one client (bytes); a larger update is ignored.
+    max_awareness_state_bytes: usize = 16 << 10, env = "HEARTH_MAX_AWARENESS_STATE_BYTES";
+    /// Awareness client ids one document connection may publish states for; one more closes
+    /// the socket (1008).
+    max_awareness_clients_per_connection: usize = 8, env = "HEARTH_MAX_AWARENESS_CLIENTS_PER_CONNECTION";
+    /// Awareness client ids one document remembers (present or removed); a full document
+    /// ignores new ones.
+    max_awareness_clients_per_document: usize = 1000, env = "HEARTH_MAX_AWARENESS_CLIENTS_PER_DOCUMENT";
+    /// Encoded size of all awareness states of one document (bytes): the largest snapshot a
+    /// joiner receives; a state that would exceed it is ignored.
+    max_awareness_document_bytes: usize = 4 << 20, env = "HEARTH_MAX_AWARENESS_DOCUMENT_BYTES";
+    /// Awareness messages per second per document connection (updates that change something
+    /// or are ignored, and queries), with a burst of two seconds' worth; faster closes the
+    /// socket (1008).
+    max_awareness_updates_per_sec: u32 = 30, env = "HEARTH_MAX_AWARENESS_UPDATES_PER_SEC";
     /// Bytes queued for unauthenticated addresses per socket before closing it (4205).
     preauth_max_bytes: usize = 5 << 20, env = "HEARTH_PREAUTH_MAX_BYTES";
     /// Frames queued for unauthenticated addresses per socket before closing it (4205).
@@ -187,6 +227,12 @@ settings! {
     outbound_queue_bytes: usize = 16 << 20, env = "HEARTH_OUTBOUND_QUEUE_BYTES";
     /// Remove awareness states not renewed within this time (ms).
     awareness_timeout_ms: u64 = 30000, env = "HEARTH_AWARENESS_TIMEOUT_MS";
+    /// Most documents loaded on this node at once; opening one more is refused.
+    max_documents: usize = 10_000, env = "HEARTH_MAX_DOCUMENTS";
+    /// Most documents one Hocuspocus connection (socket) may open at once.
+    max_documents_per_connection: usize = 256, env = "HEARTH_MAX_DOCUMENTS_PER_CONNECTION";
+    /// Largest document (encoded state, bytes); updates that would grow it further are refused.
+    max_document_bytes: usize = 32 << 20, env = "HEARTH_MAX_DOCUMENT_BYTES";
     /// Longest accepted document name (bytes).
     max_document_name_bytes: usize = 1024, env = "HEARTH_MAX_DOCUMENT_NAME_BYTES";
     /// How long a graceful shutdown may take before the process exits anyway (ms).
@@ -207,8 +253,17 @@ settings! {
     max_proxied_frame_bytes: usize = 64 << 20, env = "HEARTH_MAX_PROXIED_FRAME_BYTES";
     /// How long a custom event waits for the owner's reply (ms).
     custom_event_ttl_ms: u64 = 30000, env = "HEARTH_CUSTOM_EVENT_TTL_MS";
-    /// Shared secret authenticating cross-node envelopes (HMAC-SHA256; at least 16 bytes).
+    /// Shared secret authenticating cross-node envelopes (HMAC-SHA256); required in a cluster:
+    /// at least 32 bytes, no placeholder, e.g. `openssl rand -base64 48`.
     cluster_secret: String = String::new(), env = "HEARTH_CLUSTER_SECRET";
+    /// File holding the cluster secret (instead of `cluster_secret`; trailing whitespace and
+    /// newlines are ignored), e.g. a mounted Kubernetes Secret.
+    cluster_secret_file: PathBuf = PathBuf::new(), env = "HEARTH_CLUSTER_SECRET_FILE";
+    /// The previous cluster secret, still accepted (never used to sign) while a new one rolls
+    /// out (docs/cluster.md, "Rotating the cluster secret").
+    cluster_secret_previous: String = String::new(), env = "HEARTH_CLUSTER_SECRET_PREVIOUS";
+    /// File holding the previous cluster secret (instead of `cluster_secret_previous`).
+    cluster_secret_previous_file: PathBuf = PathBuf::new(), env = "HEARTH_CLUSTER_SECRET_PREVIOUS_FILE";
     /// Log format: `text` or `json` (level via `RUST_LOG`, default info).
     log_format: LogFormat = LogFormat::Text, env = "HEARTH_LOG_FORMAT";
 }
@@ -242,6 +297,39 @@ pub enum ConfigError {
     },
 }
 
+/// One secret given inline or as a file (not both), checked; `None` when neither is set.
+fn secret_setting(
+    (name, inline): (&'static str, &str),
+    (file_name, file): (&'static str, &std::path::Path),
+) -> Result<Option<hearth_proxy::Secret>, ConfigError> {
+    let (name, bytes) = match (inline.is_empty(), file.as_os_str().is_empty()) {
+        (true, true) => return Ok(None),
+        (false, false) => {
+            return Err(ConfigError::Invalid {
+                name: file_name,
+                message: format!("cannot be combined with {name}: set one of them"),
+            });
+        }
+        (false, true) => (name, inline.as_bytes().to_vec()),
+        (true, false) => {
+            let mut bytes = std::fs::read(file).map_err(|e| ConfigError::Invalid {
+                name: file_name,
+                message: format!("cannot read {}: {e}", file.display()),
+            })?;
+            while bytes.last().is_some_and(u8::is_ascii_whitespace) {
+                bytes.pop();
+            }
+            (file_name, bytes)
+        }
+    };
+    hearth_proxy::Secret::new(bytes)
+        .map(Some)
+        .map_err(|e| ConfigError::Invalid {
+            name,
+            message: format!("the secret {e}; generate one with `openssl rand -base64 48`"),
+        })
+}
+
 fn default_node_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -271,10 +359,12 @@ impl Config {
         Ok(config)
     }
 
-    /// A configuration for tests: loopback port 0, in-memory storage, short timers.
+    /// A configuration for tests: loopback port 0 (client and operator listeners), in-memory
+    /// storage, short timers.
     pub fn for_tests() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            operator_listen: "127.0.0.1:0".into(),
             node_id: "test".into(),
             database_url: "memory://".into(),
             ..Self::default()
@@ -301,11 +391,50 @@ impl Config {
         if !(1..=1024).contains(&self.max_update_depth) {
             return invalid("max_update_depth", "must be between 1 and 1024");
         }
+        if self.max_documents == 0 || self.max_documents_per_connection == 0 {
+            return invalid("max_documents", "document limits must be > 0");
+        }
+        if self.max_document_bytes < 1024 {
+            return invalid("max_document_bytes", "must be at least 1024");
+        }
         if self.max_update_structs == 0 {
             return invalid("max_update_structs", "must be > 0");
         }
+        if self.max_awareness_clients_per_connection == 0 {
+            return invalid("max_awareness_clients_per_connection", "must be > 0");
+        }
+        if self.max_awareness_clients_per_document == 0 {
+            return invalid("max_awareness_clients_per_document", "must be > 0");
+        }
+        if self.max_awareness_updates_per_sec == 0 {
+            return invalid("max_awareness_updates_per_sec", "must be > 0");
+        }
+        if self.max_awareness_document_bytes < self.max_awareness_state_bytes.saturating_add(64) {
+            return invalid(
+                "max_awareness_document_bytes",
+                "must be at least max_awareness_state_bytes + 64",
+            );
+        }
         if self.idle_timeout_ms == 0 || self.auth_timeout_ms == 0 {
             return invalid("idle_timeout_ms", "timeouts must be > 0");
+        }
+        if self.http_header_timeout_ms == 0 {
+            return invalid("http_header_timeout_ms", "must be > 0");
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections", "must be > 0");
+        }
+        if self.max_connections_per_ip == 0 {
+            return invalid("max_connections_per_ip", "must be > 0");
+        }
+        if let Err(e) = crate::client_ip::TrustedProxies::parse(&self.trusted_proxies) {
+            return invalid("trusted_proxies", &e.to_string());
+        }
+        if self.operator_addr().is_err() {
+            return invalid(
+                "operator_listen",
+                "expected ip:port (e.g. 127.0.0.1:9464), or empty to disable",
+            );
         }
         if self.node_id.is_empty()
             || self.node_id.len() > hearth_proxy::MAX_NODE_ID_LEN
@@ -336,13 +465,28 @@ impl Config {
             if self.proxy_socket_ttl_ms < 300 {
                 return invalid("proxy_socket_ttl_ms", "must be at least 300");
             }
-            if !self.cluster_secret.is_empty() && self.cluster_secret.len() < 16 {
-                return invalid("cluster_secret", "must be at least 16 bytes");
-            }
+            self.cluster_secrets()?;
             if self.database_url.starts_with("memory:") {
                 return invalid(
                     "database_url",
                     "a cluster needs a shared database (postgres:// or a shared sqlite file)",
+                );
+            }
+        }
+        if self.auth_failures_before_ban > 0 {
+            if self.auth_failure_window_ms == 0 || self.auth_ban_ms == 0 {
+                return invalid(
+                    "auth_ban_ms",
+                    "auth_failure_window_ms and auth_ban_ms must be > 0",
+                );
+            }
+            if self.auth_throttle_max_addresses == 0 {
+                return invalid("auth_throttle_max_addresses", "must be > 0");
+            }
+            if !(1..=10_000).contains(&self.auth_throttle_redis_timeout_ms) {
+                return invalid(
+                    "auth_throttle_redis_timeout_ms",
+                    "must be between 1 and 10000",
                 );
             }
         }
@@ -353,6 +497,34 @@ impl Config {
             }
         })?;
         Ok(())
+    }
+
+    /// The cluster secrets, from `cluster_secret` or `cluster_secret_file` and (optionally)
+    /// `cluster_secret_previous` or `cluster_secret_previous_file`, checked against the
+    /// strength policy (`hearth_proxy::Secret`). Files are read on every call.
+    pub fn cluster_secrets(&self) -> Result<hearth_proxy::Secrets, ConfigError> {
+        let current = secret_setting(
+            ("cluster_secret", &self.cluster_secret),
+            ("cluster_secret_file", &self.cluster_secret_file),
+        )?
+        .ok_or_else(|| ConfigError::Invalid {
+            name: "cluster_secret",
+            message: "is required in a cluster (redis_url is set): set HEARTH_CLUSTER_SECRET or \
+                      HEARTH_CLUSTER_SECRET_FILE to 32+ random bytes, e.g. `openssl rand -base64 48`"
+                .into(),
+        })?;
+        let previous = secret_setting(
+            ("cluster_secret_previous", &self.cluster_secret_previous),
+            (
+                "cluster_secret_previous_file",
+                &self.cluster_secret_previous_file,
+            ),
+        )?;
+        let secrets = hearth_proxy::Secrets::new(current);
+        Ok(match previous {
+            Some(p) => secrets.with_previous(p),
+            None => secrets,
+        })
     }
 
     /// How often sockets are pinged: `ping_interval_ms`, but at least three times per idle
@@ -372,6 +544,15 @@ impl Config {
         }
     }
 
+    /// Bounds on one document's awareness.
+    pub fn awareness_limits(&self) -> crate::protocol::awareness::Limits {
+        crate::protocol::awareness::Limits {
+            per_owner: self.max_awareness_clients_per_connection,
+            clients: self.max_awareness_clients_per_document,
+            bytes: self.max_awareness_document_bytes,
+        }
+    }
+
     /// Bounds for scanning stored state: the same depth, no count limit (a stored snapshot
     /// holds a whole document).
     pub fn storage_scan_limits(&self) -> crate::protocol::scan::ScanLimits {
@@ -379,6 +560,16 @@ impl Config {
             max_depth: self.max_update_depth,
             max_structs: u32::MAX,
             max_delete_ranges: u32::MAX,
+        }
+    }
+
+    /// The operator listener's address; `None` when `operator_listen` is empty (disabled).
+    pub fn operator_addr(&self) -> Result<Option<SocketAddr>, std::net::AddrParseError> {
+        let s = self.operator_listen.trim();
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            s.parse().map(Some)
         }
     }
 
@@ -467,6 +658,136 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        let c = Config {
+            max_awareness_document_bytes: 1 << 10,
+            ..Config::default()
+        };
+        assert!(
+            c.validate().is_err(),
+            "one largest state must fit a document"
+        );
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const STRONG: &str = "Wq5Xm1Lr9Kz3Tb7Vn2Hc6Pd4Jf8Gs0Ya";
+    const OTHER: &str = "Lk8Wq2Xz6Rm4Tv0Bn9Hc3Pd7Jf1Gs5Ye";
+
+    fn cluster(f: impl FnOnce(&mut Config)) -> Config {
+        let mut c = Config {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            database_url: "sqlite://x.db".into(),
+            ..Config::default()
+        };
+        f(&mut c);
+        c
+    }
+
+    fn refusal(c: &Config) -> (&'static str, String) {
+        match c.validate() {
+            Err(ConfigError::Invalid { name, message }) => (name, message),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cluster_needs_a_strong_secret() {
+        let (name, message) = refusal(&cluster(|_| {}));
+        assert_eq!(name, "cluster_secret");
+        assert!(message.contains("required"), "{message}");
+        for weak in [
+            "change-me",
+            "change-me-1234567890123456789012",
+            "CHANGEME-changeme-1234567890-!!!!",
+            "my-hearth-cluster-secret-password",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ] {
+            let (name, message) = refusal(&cluster(|c| c.cluster_secret = weak.into()));
+            assert_eq!(name, "cluster_secret", "{weak}");
+            assert!(
+                !message.contains(weak),
+                "the message quotes the secret: {message}"
+            );
+            assert!(!message.contains('\n'), "one line: {message}");
+        }
+        assert!(
+            cluster(|c| c.cluster_secret = STRONG.into())
+                .validate()
+                .is_ok()
+        );
+        // a single node needs none
+        assert!(Config::default().validate().is_ok());
+        // the previous secret is checked too
+        let (name, _) = refusal(&cluster(|c| {
+            c.cluster_secret = STRONG.into();
+            c.cluster_secret_previous = "old-secret".into();
+        }));
+        assert_eq!(name, "cluster_secret_previous");
+        let c = cluster(|c| {
+            c.cluster_secret = STRONG.into();
+            c.cluster_secret_previous = OTHER.into();
+        });
+        let secrets = c.cluster_secrets().unwrap();
+        assert_eq!(secrets.current.expose(), STRONG.as_bytes());
+        assert_eq!(secrets.previous.unwrap().expose(), OTHER.as_bytes());
+    }
+
+    #[test]
+    fn secrets_from_files() {
+        let dir = std::env::temp_dir().join(format!("hearth-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, format!("{STRONG}\n")).unwrap();
+        let c = cluster(|c| c.cluster_secret_file = file.clone());
+        assert_eq!(
+            c.cluster_secrets().unwrap().current.expose(),
+            STRONG.as_bytes(),
+            "the trailing newline is not part of the secret"
+        );
+        let (name, message) = refusal(&cluster(|c| {
+            c.cluster_secret_file = file.clone();
+            c.cluster_secret = STRONG.into();
+        }));
+        assert_eq!(name, "cluster_secret_file");
+        assert!(message.contains("cannot be combined"), "{message}");
+        let (name, message) = refusal(&cluster(|c| c.cluster_secret_file = dir.join("missing")));
+        assert_eq!(name, "cluster_secret_file");
+        assert!(message.contains("cannot read"), "{message}");
+        std::fs::write(&file, "change-me-1234567890123456789012\n").unwrap();
+        let (name, message) = refusal(&cluster(|c| c.cluster_secret_file = file.clone()));
+        assert_eq!(name, "cluster_secret_file");
+        assert!(message.contains("placeholder"), "{message}");
+        let previous = dir.join("previous");
+        std::fs::write(&file, STRONG).unwrap();
+        std::fs::write(&previous, OTHER).unwrap();
+        let c = cluster(|c| {
+            c.cluster_secret_file = file.clone();
+            c.cluster_secret_previous_file = previous.clone();
+        });
+        assert_eq!(
+            c.cluster_secrets().unwrap().previous.unwrap().expose(),
+            OTHER.as_bytes()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn throttle_settings_are_checked() {
+        let c = Config {
+            auth_ban_ms: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            auth_ban_ms: 0,
+            auth_failures_before_ban: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok(), "no ban, nothing to check");
     }
 }
 

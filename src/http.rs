@@ -1,14 +1,26 @@
-//! The HTTP front: routes, health, metrics and the WebSocket upgrade.
+//! The HTTP front: routes of the client port and of the operator listener.
+//!
+//! Client port ([`handle`]); every request first passes the per-address connection cap
+//! (429 and close when over it, see [`crate::limits`]):
 //!
 //! | path | answer |
 //! |---|---|
 //! | `/healthz` | 200 while the process runs |
-//! | `/readyz` | 200 when storage answers and the server is not draining, else 503 |
-//! | `/metrics` | Prometheus text format |
-//! | `/cluster/owned` | names of the documents loaded here, one per line (in a cluster: the ones this node owns) |
+//! | `/readyz` | 200 `ready` when storage answers and the server is not draining, else 503 `not ready` (the reason is logged) |
 //! | `/y/<document>` (upgrade) | y-websocket protocol |
 //! | any other path (upgrade) | Hocuspocus protocol |
-//! | any other path (plain) | `on_request` hooks, else 200 `Welcome to Hearth!` |
+//! | `/` (plain) | `on_request` hooks, else 200 `Welcome to Hearth!` |
+//! | any other path (plain) | `on_request` hooks, else 404 |
+//!
+//! Operator listener ([`handle_operator`], `operator_listen`):
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/healthz` | 200 while the process runs |
+//! | `/readyz` | as on the client port, with the reason in the 503 body |
+//! | `/metrics` | Prometheus text format |
+//! | `/cluster/owned` | names of the documents loaded here, one per line (in a cluster: the ones this node owns) |
+//! | anything else | 404 |
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,9 +36,11 @@ use hyper::{Request, Response, StatusCode};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tracing::debug;
+use tracing::{debug, info};
 
+use crate::client_ip::TrustedProxies;
 use crate::connection::{hocuspocus, yws};
+use crate::limits::{ConnectionSlot, IpAdmission};
 use crate::request::RequestInfo;
 use crate::shared::Shared;
 
@@ -73,38 +87,48 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
     has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
 }
 
-/// Serves one HTTP request.
+/// 429 for a connection over its address's cap; the connection closes after it.
+fn too_many_connections() -> Response<Body> {
+    let mut r = text(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many connections from this address\n",
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// Serves one HTTP request on the client port, arriving on connection `conn`.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
-    remote: SocketAddr,
+    conn: Arc<ConnectionSlot>,
+    trusted: Arc<TrustedProxies>,
 ) -> Result<Response<Body>, Infallible> {
+    let remote = conn.peer;
+    let client = trusted.client_ip(
+        remote.ip(),
+        req.headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    if conn.assign(client) != IpAdmission::Within {
+        conn.count_ip_refusal();
+        debug!(client = %client, peer = %remote, "connection cap of the client address reached: 429");
+        return Ok(too_many_connections());
+    }
     let path = req.uri().path();
     if !is_upgrade(&req) {
         return Ok(match path {
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" => readyz(&shared).await,
-            "/cluster/owned" => {
-                // this node's own view: the documents it serves (and, in a cluster, holds the lock for)
-                let mut names: Vec<String> = shared
-                    .registry
-                    .handles()
-                    .iter()
-                    .map(|h| h.name().to_owned())
-                    .collect();
-                names.sort();
-                let mut body = names.join("\n");
-                body.push('\n');
-                text(StatusCode::OK, body)
-            }
-            "/metrics" => {
-                let mut r = text(StatusCode::OK, shared.metrics.render());
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                r
-            }
+            "/readyz" => match readiness(&shared).await {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(reason) => {
+                    info!(%reason, "/readyz: not ready");
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            },
             _ => {
                 let info = request_info(&req, remote);
                 match shared.extensions.on_request(&info).await {
@@ -118,7 +142,8 @@ pub(crate) async fn handle(
                         }
                         r
                     }
-                    Ok(None) => text(StatusCode::OK, "Welcome to Hearth!"),
+                    Ok(None) if path == "/" => text(StatusCode::OK, "Welcome to Hearth!"),
+                    Ok(None) => text(StatusCode::NOT_FOUND, "Not Found\n"),
                     Err(e) => text(StatusCode::FORBIDDEN, e.reason),
                 }
             }
@@ -134,6 +159,9 @@ pub(crate) async fn handle(
     else {
         return Ok(text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
     };
+    if let Some(refusal) = crate::throttle::refuse_upgrade(&shared, client).await {
+        return Ok(refusal); // banned after repeated failed authentication
+    }
     let info = Arc::new(request_info(&req, remote));
     if let Err(e) = shared.extensions.on_upgrade(&info).await {
         return Ok(text(StatusCode::FORBIDDEN, e.reason));
@@ -155,7 +183,8 @@ pub(crate) async fn handle(
                 return;
             }
         };
-        let Some(io) = crate::connection::into_io(upgraded) else {
+        // the connection stays counted against the caps for as long as the socket lives
+        let Some(io) = crate::connection::into_io(upgraded, conn) else {
             debug!("upgraded connection is not a TCP stream");
             return;
         };
@@ -183,16 +212,52 @@ pub(crate) async fn handle(
     Ok(r)
 }
 
-async fn readyz(shared: &Shared) -> Response<Body> {
+/// Serves one HTTP request on the operator listener.
+pub(crate) async fn handle_operator(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match readiness(&shared).await {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+        },
+        "/cluster/owned" => {
+            // this node's own view: the documents it serves (and, in a cluster, holds the lock for)
+            let mut names: Vec<String> = shared
+                .registry
+                .handles()
+                .iter()
+                .map(|h| h.name().to_owned())
+                .collect();
+            names.sort();
+            let mut body = names.join("\n");
+            body.push('\n');
+            text(StatusCode::OK, body)
+        }
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, shared.metrics.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "Not Found\n"),
+    })
+}
+
+/// Whether the node should receive clients: `Err(reason)` while draining, when storage does not
+/// answer a ping within 2 s, or after a failed write (until one succeeds).
+async fn readiness(shared: &Shared) -> Result<(), String> {
     if shared.draining.load(Ordering::Acquire) {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        return Err("draining".into());
     }
     match tokio::time::timeout(Duration::from_secs(2), shared.store.ping()).await {
-        Ok(Ok(())) if shared.metrics.failed_writes_recent() => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "storage writes failing\n")
-        }
-        Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
-        Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("storage: {e}\n")),
-        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "storage: timeout\n"),
+        Ok(Ok(())) if shared.metrics.failed_writes_recent() => Err("storage writes failing".into()),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("storage: {e}")),
+        Err(_) => Err("storage: timeout".into()),
     }
 }

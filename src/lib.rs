@@ -7,15 +7,21 @@
 //! * [`storage`] — the storage trait and its backends.
 //! * [`hooks`] — the extension API.
 //! * [`server`], [`http`], [`config`], [`metrics`], [`auth`].
+//! * [`client_ip`], [`fd_limit`], `limits` — who a connection is from, descriptor headroom,
+//!   connection caps.
+//! * [`throttle`] — bans of client addresses after repeated failed authentication.
 
 pub mod alloc;
 pub mod auth;
+pub mod client_ip;
 pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod doc;
+pub mod fd_limit;
 pub mod hooks;
 pub mod http;
+pub(crate) mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod request;
@@ -23,6 +29,7 @@ pub mod server;
 mod shared;
 pub mod storage;
 mod test_extension;
+pub mod throttle;
 
 pub use cluster::EmitError;
 pub use config::Config;

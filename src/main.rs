@@ -140,20 +140,30 @@ async fn emit_command(
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let ready_file = config.ready_file.clone();
+    let operator_ready_file = config.operator_ready_file.clone();
     let server = Server::builder(config)
         .bind()
         .await
         .context("starting the server")?;
-    let addr = server.local_addr();
-    if !ready_file.as_os_str().is_empty() {
-        let tmp = ready_file.with_extension("tmp");
-        std::fs::write(&tmp, addr.to_string())
-            .and_then(|()| std::fs::rename(&tmp, &ready_file))
-            .with_context(|| format!("writing {}", ready_file.display()))?;
+    // the operator file first: whoever sees the ready file finds both
+    if let Some(addr) = server.operator_addr() {
+        write_ready_file(&operator_ready_file, addr)?;
     }
+    write_ready_file(&ready_file, server.local_addr())?;
     tokio::spawn(on_signal(server.handle()));
     server.run().await?;
     Ok(())
+}
+
+/// Writes `addr` to `path` (unless empty) atomically: a reader sees the whole address or no file.
+fn write_ready_file(path: &std::path::Path, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    if path.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, addr.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 async fn on_signal(handle: ServerHandle) {

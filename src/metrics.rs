@@ -12,6 +12,12 @@ pub struct Metrics {
     pub registry: Registry,
     /// Open WebSocket connections.
     pub sockets: IntGauge,
+    /// Open TCP connections on the client port (plain HTTP and upgraded).
+    pub connections_open: IntGauge,
+    /// Client-port connections refused, by reason (`node_limit`, `ip_limit`).
+    pub connections_refused: IntCounterVec,
+    /// Client-port connections closed because no complete request header arrived in time.
+    pub http_header_timeouts: IntCounter,
     /// Established document connections (client attachments).
     pub doc_connections: IntGauge,
     /// Loaded documents.
@@ -24,6 +30,16 @@ pub struct Metrics {
     pub bytes_in: IntCounter,
     /// Authentication outcomes (`ok`, `denied`, `load_failed`).
     pub auth: IntCounterVec,
+    /// Failed authentications counted by the throttle (tokens refused by `on_connect` or
+    /// `on_authenticate`).
+    pub auth_failures: IntCounter,
+    /// Client addresses this node banned after repeated failed authentication.
+    pub auth_bans: IntCounter,
+    /// Client addresses this node currently refuses (its own bans and those seen in Redis).
+    pub auth_banned: IntGauge,
+    /// Upgrades and Auth frames refused because their address is banned, by `at`
+    /// (`upgrade`, `auth`).
+    pub auth_throttled: IntCounterVec,
     /// Client updates applied (changed the document).
     pub updates_applied: IntCounter,
     /// Client updates refused, by reason.
@@ -60,6 +76,12 @@ pub struct Metrics {
     pub dirty_documents: IntGauge,
     /// 1 while the last storage write succeeded, 0 after a failure (drives `/readyz`).
     pub storage_write_ok: IntGauge,
+    /// Awareness states held, all documents together.
+    pub awareness_states: IntGauge,
+    /// Encoded size of the awareness states held, all documents together.
+    pub awareness_bytes: IntGauge,
+    /// Awareness states dropped and clients disconnected by an awareness limit, by reason.
+    pub awareness_refused: IntCounterVec,
 }
 
 fn buckets_seconds() -> Vec<f64> {
@@ -103,6 +125,19 @@ impl Metrics {
         registry.register(Box::new(store_seconds.clone()))?;
         let m = Self {
             sockets: gauge("hearth_sockets", "Open WebSocket connections")?,
+            connections_open: gauge(
+                "hearth_connections_open",
+                "Open TCP connections on the client port",
+            )?,
+            connections_refused: counter_vec(
+                "hearth_connections_refused_total",
+                "Client-port connections refused by a connection cap",
+                &["reason"],
+            )?,
+            http_header_timeouts: counter(
+                "hearth_http_header_timeouts_total",
+                "Connections closed for not sending a complete request header in time",
+            )?,
             doc_connections: gauge(
                 "hearth_document_connections",
                 "Established document connections",
@@ -116,6 +151,23 @@ impl Metrics {
             frames_out: counter("hearth_frames_out_total", "Frames sent")?,
             bytes_in: counter("hearth_bytes_in_total", "Bytes received")?,
             auth: counter_vec("hearth_auth_total", "Authentication outcomes", &["result"])?,
+            auth_failures: counter(
+                "hearth_auth_failures_total",
+                "Failed authentications counted by the throttle",
+            )?,
+            auth_bans: counter(
+                "hearth_auth_bans_total",
+                "Client addresses banned by this node after repeated failed authentication",
+            )?,
+            auth_banned: gauge(
+                "hearth_auth_banned_addresses",
+                "Client addresses this node currently refuses",
+            )?,
+            auth_throttled: counter_vec(
+                "hearth_auth_throttled_total",
+                "Upgrades and Auth frames refused because their client address is banned",
+                &["at"],
+            )?,
             updates_applied: counter(
                 "hearth_updates_applied_total",
                 "Updates that changed a document",
@@ -193,6 +245,19 @@ impl Metrics {
             storage_write_ok: gauge(
                 "hearth_storage_write_ok",
                 "1 while storage writes succeed, 0 after a failure",
+            )?,
+            awareness_states: gauge(
+                "hearth_awareness_states",
+                "Awareness states held (all documents)",
+            )?,
+            awareness_bytes: gauge(
+                "hearth_awareness_bytes",
+                "Encoded size of the awareness states held (all documents)",
+            )?,
+            awareness_refused: counter_vec(
+                "hearth_awareness_refused_total",
+                "Awareness states dropped or clients disconnected by an awareness limit",
+                &["reason"],
             )?,
             registry,
         };

@@ -4,6 +4,11 @@
 //! Shutdown order (SIGTERM/SIGINT or [`ServerHandle::shutdown`]): stop accepting and report
 //! not-ready → every socket sends `CLOSE("Reset Connection")` for each document and closes with
 //! 4205 so providers reconnect → every document commits and compacts → `on_destroy` → return.
+//! The operator listener (`operator_listen`) keeps answering until then.
+//!
+//! Every accepted client-port connection is counted against the connection caps
+//! ([`crate::limits`]) until it closes, and must send a complete request header within
+//! `http_header_timeout_ms` of opening (and of each response on a keep-alive connection).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -12,13 +17,14 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::auth::{StaticTokens, TokenTable};
+use crate::client_ip::TrustedProxies;
 use crate::cluster::{Cluster, EmitError};
 use crate::config::Config;
 use crate::doc::committer::Committer;
@@ -26,12 +32,15 @@ use crate::doc::direct::DirectConnection;
 use crate::doc::registry::Registry;
 use crate::doc::{DocCommand, LoadError};
 use crate::hooks::{Context, Extension, Extensions};
+use crate::limits::{ConnectionLimits, ConnectionSlot, IpAdmission};
 use crate::metrics::Metrics;
 use crate::shared::Shared;
 use crate::storage::{self, DocumentStore};
 
 /// How long a shutting-down node tries to release its cluster locks and presence.
 const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most connections the operator listener serves at once; more are closed when accepted.
+const OPERATOR_MAX_CONNECTIONS: usize = 64;
 /// Errors starting or running the server. Each variant either says what failed and returns the
 /// cause from `source()`, or is transparent, never both (`{:#}` would print the cause twice).
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +51,14 @@ pub enum ServerError {
     /// The listener could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The operator listener (`operator_listen`) could not be bound.
+    #[error("cannot listen on {addr} (operator_listen; empty disables it)")]
+    OperatorBind {
         /// Address.
         addr: SocketAddr,
         /// Cause.
@@ -139,6 +156,28 @@ impl ServerBuilder {
         let local = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
+        let operator = match self.config.operator_addr() {
+            Ok(Some(addr)) => {
+                let bind_err = |source| ServerError::OperatorBind { addr, source };
+                let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+                let bound = l.local_addr().map_err(bind_err)?;
+                Some((l, bound))
+            }
+            // validated above
+            Ok(None) | Err(_) => None,
+        };
+        let trusted = TrustedProxies::parse(&self.config.trusted_proxies).map_err(|e| {
+            crate::config::ConfigError::Invalid {
+                name: "trusted_proxies",
+                message: e.to_string(),
+            }
+        })?;
+        let limits = ConnectionLimits::new(
+            crate::fd_limit::effective_max_connections(self.config.max_connections),
+            self.config.max_connections_per_ip,
+            &metrics,
+        );
+        let throttle = crate::throttle::AuthThrottle::start(&self.config, &metrics).await;
         let shared = Arc::new(Shared {
             config: self.config,
             extensions,
@@ -149,6 +188,7 @@ impl ServerBuilder {
             shutdown: CancellationToken::new(),
             draining: Default::default(),
             cluster: cluster.as_ref().map(|(c, _)| c.clone()),
+            throttle,
         });
         if let Some((c, inbound)) = cluster {
             c.spawn_tasks(&shared, inbound);
@@ -165,6 +205,9 @@ impl ServerBuilder {
             shared,
             listener,
             local,
+            operator,
+            limits,
+            trusted: Arc::new(trusted),
         })
     }
 }
@@ -175,6 +218,9 @@ pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
     local: SocketAddr,
+    operator: Option<(TcpListener, SocketAddr)>,
+    limits: Arc<ConnectionLimits>,
+    trusted: Arc<TrustedProxies>,
 }
 
 impl Server {
@@ -192,6 +238,18 @@ impl Server {
         self.local
     }
 
+    /// The operator listener's bound address (`/metrics`, `/cluster/owned`, `/healthz`,
+    /// `/readyz`); `None` when `operator_listen` is empty.
+    pub fn operator_addr(&self) -> Option<SocketAddr> {
+        self.operator.as_ref().map(|(_, a)| *a)
+    }
+
+    /// The node's connection cap in force: `max_connections`, or less when the open-file limit
+    /// does not leave room for it.
+    pub fn max_connections(&self) -> usize {
+        self.limits.max_total()
+    }
+
     /// A handle for the server-side API.
     pub fn handle(&self) -> ServerHandle {
         ServerHandle {
@@ -205,8 +263,13 @@ impl Server {
             shared,
             listener,
             local,
+            operator,
+            limits,
+            trusted,
         } = self;
-        info!(addr = %local, node = %shared.config.node_id, storage = shared.store.backend(), durability = ?shared.config.durability, "hearth listening");
+        let operator_addr = operator.as_ref().map(|(_, a)| *a);
+        info!(addr = %local, operator = ?operator_addr, max_connections = limits.max_total(), node = %shared.config.node_id, storage = shared.store.backend(), durability = ?shared.config.durability, "hearth listening");
+        let operator_task = operator.map(|(l, _)| tokio::spawn(serve_operator(shared.clone(), l)));
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
@@ -219,20 +282,95 @@ impl Server {
                             continue;
                         }
                     };
+                    let Some(slot) = limits.admit(remote) else {
+                        debug!(peer = %remote, "node connection cap reached: closing");
+                        continue;
+                    };
+                    // behind a trusted proxy the client is known only from each request
+                    if !trusted.contains(remote.ip()) && slot.assign(remote.ip()) == IpAdmission::Refused {
+                        slot.count_ip_refusal();
+                        debug!(peer = %remote, "connection cap of the address exceeded: closing");
+                        continue;
+                    }
                     let _ = tcp.set_nodelay(true);
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        let svc = service_fn(move |req| crate::http::handle(shared.clone(), req, remote));
-                        if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).with_upgrades().await {
-                            debug!(error = %e, "http connection ended with an error");
-                        }
-                    });
+                    tokio::spawn(serve_client(shared.clone(), tcp, Arc::new(slot), trusted.clone()));
                 }
             }
         }
         drop(listener);
         shutdown(&shared).await;
+        if let Some(t) = operator_task {
+            t.abort();
+        }
         Ok(())
+    }
+}
+
+/// An HTTP/1 connection builder whose connections close when a request header is not complete
+/// within `http_header_timeout_ms` of opening or of the previous response.
+fn http_builder(shared: &Shared) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(shared.config.http_header_timeout_ms));
+    b
+}
+
+/// Serves one client-port connection (requests, then possibly an upgraded WebSocket, which
+/// takes `slot` along).
+async fn serve_client(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    slot: Arc<ConnectionSlot>,
+    trusted: Arc<TrustedProxies>,
+) {
+    let peer = slot.peer;
+    let builder = http_builder(&shared);
+    let svc_shared = shared.clone();
+    let svc = service_fn(move |req| {
+        crate::http::handle(svc_shared.clone(), req, slot.clone(), trusted.clone())
+    });
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(tcp), svc)
+        .with_upgrades()
+        .await
+    {
+        if e.is_timeout() {
+            shared.metrics.http_header_timeouts.inc();
+            debug!(%peer, "no complete request header in time: closing");
+        } else {
+            debug!(%peer, error = %e, "http connection ended with an error");
+        }
+    }
+}
+
+/// Accepts operator connections (at most [`OPERATOR_MAX_CONNECTIONS`] at once) until aborted.
+async fn serve_operator(shared: Arc<Shared>, listener: TcpListener) {
+    let permits = Arc::new(Semaphore::new(OPERATOR_MAX_CONNECTIONS));
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "operator accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!(peer = %remote, "operator listener busy: closing");
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc_shared = shared.clone();
+            let svc = service_fn(move |req| crate::http::handle_operator(svc_shared.clone(), req));
+            if let Err(e) = http_builder(&shared)
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await
+            {
+                debug!(peer = %remote, error = %e, "operator connection ended with an error");
+            }
+            drop(permit);
+        });
     }
 }
 

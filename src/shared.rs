@@ -27,4 +27,6 @@ pub(crate) struct Shared {
     pub draining: AtomicBool,
     /// Cluster membership, when `redis_url` is set.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Failed-authentication counts and bans per client address.
+    pub throttle: crate::throttle::AuthThrottle,
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use hearth::Config;
 use hearth::protocol::lib0::Writer;
+use hearth::storage::DocumentStore;
 
 /// A client that joined `witness` before the bad input started.
 struct Witness {
@@ -656,7 +657,7 @@ async fn slow_reader_is_disconnected_and_fast_clients_are_unaffected() {
     })
     .await;
     assert_eq!(
-        metric(s.addr, "hearth_slow_reader_disconnects_total").await,
+        metric(s.operator_addr(), "hearth_slow_reader_disconnects_total").await,
         1.0
     );
     // the slow client finally reads: its connection ends (close frame or reset)
@@ -778,5 +779,54 @@ async fn updates_with_missing_dependencies_are_refused_and_resynced() {
     c.expect_silence(Duration::from_millis(200)).await;
     drop(first);
     assert_eq!(store_text(&store, "gap").await, "abcd");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn document_caps_hold_and_empty_documents_are_not_stored() {
+    let (s, store) = start_with_store(Config {
+        max_documents_per_connection: 4,
+        max_documents: 6,
+        max_document_bytes: 4096,
+        ..test_config()
+    })
+    .await;
+    // per connection: the fifth document is refused, the socket and the first four stay
+    let mut c = RawClient::connect(s.addr).await;
+    for i in 0..4 {
+        c.join(&format!("cap-{i}")).await;
+    }
+    c.send(auth("cap-4", "")).await;
+    c.expect(
+        "cap-4",
+        Msg::PermissionDenied("too many documents on this connection".into()),
+    )
+    .await;
+    let y = YDoc::new(5);
+    c.edit("cap-0", &y.insert("still here")).await;
+    // per node: two more fit, the next is refused
+    let mut d = RawClient::connect(s.addr).await;
+    d.join("cap-5").await;
+    d.join("cap-6").await;
+    d.send(auth("cap-7", "")).await;
+    // authentication succeeds; the load is what is refused
+    d.expect("cap-7", Msg::Authenticated("read-write".into()))
+        .await;
+    d.expect(
+        "cap-7",
+        Msg::PermissionDenied("server at document capacity".into()),
+    )
+    .await;
+    // documents opened but never edited leave nothing in the database
+    for name in ["cap-1", "cap-2", "cap-3", "cap-5", "cap-6"] {
+        assert_eq!(store.current_epoch(name).await.unwrap(), None, "{name}");
+    }
+    assert_eq!(store_text(&store, "cap-0").await, "still here");
+    // size: an update that would grow the document past 4 KiB is refused, smaller ones apply
+    let big = y.insert(&"x".repeat(5000));
+    c.send(update("cap-0", &big)).await;
+    c.expect("cap-0", Msg::SyncStatus(0)).await;
+    let z = YDoc::new(6);
+    c.edit("cap-0", &z.insert("ok")).await;
     s.stop().await;
 }

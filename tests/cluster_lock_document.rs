@@ -144,6 +144,8 @@ async fn node(
         node_id: id.into(),
         redis_url: redis.url(),
         redis_prefix: "lockdoc".into(),
+        // a cluster refuses to start without a strong secret; both nodes share this one
+        cluster_secret: "Lq7Wm3Xz9Kr1Tb5Vn8Hc2Pd6Jf4Gs0Ye".into(),
         database_url: db_url.into(),
         lock_ttl_ms: 2000,
         custom_event_ttl_ms: 5000,

@@ -101,8 +101,11 @@ async fn failing_appends_withhold_acks_until_storage_recovers() {
     // ...but not acknowledged
     a.expect_silence(Duration::from_millis(500)).await;
     assert_eq!(http_get(s.addr, "/readyz").await.0, 503);
-    assert_eq!(metric(s.addr, "hearth_pending_acks").await, N as f64);
-    assert!(metric(s.addr, "hearth_failed_writes_total").await >= 1.0);
+    assert_eq!(
+        metric(s.operator_addr(), "hearth_pending_acks").await,
+        N as f64
+    );
+    assert!(metric(s.operator_addr(), "hearth_failed_writes_total").await >= 1.0);
     assert!(
         store
             .writes()

@@ -2,7 +2,7 @@
 //! `y-websocket`, raw `ws` frames) against the real `hearth` binary.
 //!
 //! Each `#[test]` starts its own Hearth (`serve --listen 127.0.0.1:0 --ready-file … --database-url
-//! memory:// --test-extension`, short auth/idle timeouts, `RUST_LOG=debug` into a log file), runs
+//! memory:// --test-extension --operator-listen ''`, short auth/idle timeouts, `RUST_LOG=debug` into a log file), runs
 //! `node tests/interop/<script>.mjs` with `HEARTH_URL` / `HEARTH_YWS_URL`, and asserts exit status
 //! 0. On failure the script's output and the tail of the server log are printed; the scratch
 //! directory (under `CARGO_TARGET_TMPDIR/interop/`) is kept for inspection.
@@ -171,6 +171,8 @@ fn start_server(dir: &Path, extra_env: &[(&str, String)]) -> Server {
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--ready-file"])
         .arg(&ready)
         .args(["--database-url", "memory://", "--test-extension"])
+        // several servers run at once: no operator listener (it would need a port each)
+        .args(["--operator-listen", ""])
         .env("HEARTH_AUTH_TOKENS", AUTH_TOKENS)
         .env("HEARTH_AUTH_TIMEOUT_MS", AUTH_TIMEOUT_MS.to_string())
         .env("HEARTH_IDLE_TIMEOUT_MS", IDLE_TIMEOUT_MS.to_string())

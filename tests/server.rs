@@ -827,10 +827,13 @@ async fn http_endpoints_and_hooks() {
     let s = start_server(test_config(), move |b| b.extension(ext)).await;
     assert_eq!(http_get(s.addr, "/healthz").await.0, 200);
     assert_eq!(http_get(s.addr, "/readyz").await.0, 200);
-    let (status, body) = http_get(s.addr, "/metrics").await;
+    // metrics are served on the operator listener only
+    assert_eq!(http_get(s.addr, "/metrics").await.0, 404);
+    let (status, body) = http_get(s.operator_addr(), "/metrics").await;
     assert_eq!(status, 200);
     assert!(body.contains("hearth_sockets"), "{body}");
     assert!(body.contains("hearth_slow_reader_disconnects_total"));
+    assert_eq!(http_get(s.addr, "/no-such-path").await.0, 404);
     assert_eq!(
         http_get(s.addr, "/").await,
         (200, "Welcome to Hearth!".to_string())
@@ -852,7 +855,7 @@ async fn http_endpoints_and_hooks() {
     let mut c = RawClient::connect_path(s.addr, "/any/path?token=1").await;
     c.join("http-doc").await;
     assert_eq!(upgrades.load(Ordering::SeqCst), 2);
-    assert!(metric(s.addr, "hearth_sockets").await >= 1.0);
+    assert!(metric(s.operator_addr(), "hearth_sockets").await >= 1.0);
     s.stop().await;
 }
 

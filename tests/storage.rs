@@ -227,7 +227,33 @@ suite!(
     yrs_document_is_reproduced,
     ping_and_backend_name,
     rows_record_their_epoch_and_newer_migrations_are_tolerated,
+    create_epoch_creates_only_an_absent_row,
 );
+
+async fn create_epoch_creates_only_an_absent_row(env: &Env) {
+    let s = env.open().await;
+    // two writers that both loaded "fresh" empty: exactly one creates the row
+    let (a, b) = tokio::join!(s.create_epoch("fresh"), s.create_epoch("fresh"));
+    let mut created = [a.unwrap(), b.unwrap()];
+    created.sort();
+    assert_eq!(created, [None, Some(1)]);
+    assert_eq!(s.current_epoch("fresh").await.unwrap(), Some(1));
+    // the winner writes under epoch 1; a later owner takes over as usual
+    assert!(
+        committed(
+            s.append(&[item("fresh", 1, &[b"u"])])
+                .await
+                .unwrap()
+                .remove(0)
+        ) > 0
+    );
+    assert_eq!(s.acquire_epoch("fresh").await.unwrap(), 2);
+    assert_eq!(s.create_epoch("fresh").await.unwrap(), None);
+    assert!(matches!(
+        s.append(&[item("fresh", 1, &[b"v"])]).await.unwrap()[0],
+        AppendOutcome::Fenced { current: 2 }
+    ));
+}
 
 /// Fails a test that hangs instead of blocking the whole run.
 async fn bounded(case: impl std::future::Future<Output = ()>) {

@@ -1,5 +1,6 @@
 //! Starting the `hearth` binary as a child process for tests: find it, give it a scratch
-//! directory and a ready file, wait until it listens, stop it with SIGTERM.
+//! directory and ready files (client port and operator listener), wait until it listens, stop
+//! it with SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -70,21 +71,27 @@ pub struct Hearth {
     child: Child,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its operator listener (`/metrics`, `/cluster/owned`).
+    pub operator: SocketAddr,
     /// Its stderr log file.
     pub log: PathBuf,
 }
 
 impl Hearth {
-    /// Starts `hearth --listen 127.0.0.1:0 --ready-file … <args>` and waits (≤ 30 s) until it
-    /// listens. `dir` holds the ready file and the log.
+    /// Starts `hearth --listen 127.0.0.1:0 --ready-file … --operator-listen 127.0.0.1:0
+    /// --operator-ready-file … <args>` and waits (≤ 30 s) until it listens. `dir` holds the
+    /// ready files and the log.
     pub fn start(dir: &Path, args: &[&str]) -> anyhow::Result<Hearth> {
         let bin = hearth_bin()?;
         let ready = dir.join(format!("ready-{:08x}", rand::random::<u32>()));
         let log = ready.with_extension("log");
+        let operator_ready = ready.with_extension("operator");
         let err = std::fs::File::create(&log)?;
         let mut child = Command::new(&bin)
             .args(["--listen", "127.0.0.1:0", "--ready-file"])
             .arg(&ready)
+            .args(["--operator-listen", "127.0.0.1:0", "--operator-ready-file"])
+            .arg(&operator_ready)
             .args(args)
             .env(
                 "RUST_LOG",
@@ -97,10 +104,22 @@ impl Hearth {
             .with_context(|| format!("starting {}", bin.display()))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // hearth writes the operator file first
             if let Ok(text) = std::fs::read_to_string(&ready)
                 && let Ok(addr) = text.trim().parse()
             {
-                return Ok(Hearth { child, addr, log });
+                let text = std::fs::read_to_string(&operator_ready).unwrap_or_default();
+                let Ok(operator) = text.trim().parse() else {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("hearth wrote no valid operator ready file: {text:?}");
+                };
+                return Ok(Hearth {
+                    child,
+                    addr,
+                    operator,
+                    log,
+                });
             }
             if let Some(status) = child.try_wait()? {
                 let log_text = std::fs::read_to_string(&log).unwrap_or_default();

@@ -17,13 +17,15 @@
 //!   sleeping 5 s makes the CLI exit 2 after the TTL (not before, and not much later); the same
 //!   handler sleeping 100 ms answers.
 //! * `with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect`: the CLI with the cluster's
-//!   secret appends; with a wrong secret or none the owner rejects the envelope (counted as
-//!   `bad_mac` / `unsigned`), the CLI exits 2 after the TTL, and the marker appears nowhere.
+//!   secret appends; with a wrong secret the owner rejects the envelope (counted as `bad_mac`)
+//!   and the CLI exits 2 after the TTL; with none, or a placeholder, the CLI refuses to start
+//!   (exit 64, naming `cluster_secret`) and sends nothing; the markers appear nowhere.
 
 use std::time::Duration;
 
 use cluster_tests::testbed::{
     CliRun, ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, WAIT, marker_hits,
+    random_secret,
 };
 use tokio::time::{Instant, sleep};
 
@@ -231,9 +233,8 @@ async fn a_slow_handler_times_out_with_exit_2() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect() -> anyhow::Result<()> {
-    const SECRET: &str = "the-cluster-secret-of-this-test";
     let scratch = Scratch::new("cluster_custom_events_secret")?;
-    let cluster = Cluster::start(&scratch, spec().env("HEARTH_CLUSTER_SECRET", SECRET)).await?;
+    let cluster = Cluster::start(&scratch, spec()).await?;
     let doc = "guarded-events";
     let on_n1 =
         TestClient::connect_with(&cluster.nodes[0].url(), doc, ClientOptions::labelled("a"))
@@ -244,15 +245,8 @@ async fn with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect() -> anyh
     assert_eq!(cluster.cli_owner(doc).await?.as_deref(), Some("n1"));
     let ttl = [("HEARTH_CUSTOM_EVENT_TTL_MS", "1000")];
 
-    // Control: the cluster's own secret works.
-    let signed = emit(
-        &cluster,
-        doc,
-        "append",
-        Some("cli:signed-1"),
-        &[ttl[0], ("HEARTH_CLUSTER_SECRET", SECRET)],
-    )
-    .await?;
+    // Control: the cluster's own secret (which `cli_with` passes) works.
+    let signed = emit(&cluster, doc, "append", Some("cli:signed-1"), &ttl).await?;
     assert_eq!(
         (signed.code, stdout(&signed)),
         (Some(0), "n1".into()),
@@ -260,42 +254,66 @@ async fn with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect() -> anyh
     );
     wait_has(&on_n2, "the client on n2", "cli:signed-1").await?;
 
-    let attempts = [
-        (
-            "bad_mac",
-            "cli:forged",
-            Some("a-different-secret-0123456789"),
-        ),
-        ("unsigned", "cli:unsigned", None),
-    ];
-    for (reason, marker, secret) in attempts {
-        let before = cluster
-            .metrics(0)
-            .await?
-            .sum(REJECTED, &[("reason", reason)]);
-        let mut env = vec![ttl[0]];
-        if let Some(s) = secret {
-            env.push(("HEARTH_CLUSTER_SECRET", s));
-        }
-        let run = emit(&cluster, doc, "append", Some(marker), &env).await?;
-        assert_eq!(run.code, Some(2), "{reason}: {run:?}");
-        assert!(run.stderr.contains("timed out"), "{reason}: {run:?}");
-        let after = cluster
-            .metrics(0)
-            .await?
-            .sum(REJECTED, &[("reason", reason)]);
-        assert_eq!(after - before, 1.0, "n1 rejected the {reason} request once");
-    }
-
-    // A later authentic append arrives; the rejected ones never do.
-    let signed = emit(
+    // A strong secret that is not the cluster's: signed, sent, rejected by the owner.
+    let forged_secret = random_secret();
+    let before = cluster.metrics(0).await?.sum(REJECTED, &[]);
+    let before_bad_mac = cluster
+        .metrics(0)
+        .await?
+        .sum(REJECTED, &[("reason", "bad_mac")]);
+    let run = emit(
         &cluster,
         doc,
         "append",
-        Some("cli:signed-2"),
-        &[ttl[0], ("HEARTH_CLUSTER_SECRET", SECRET)],
+        Some("cli:forged"),
+        &[ttl[0], ("HEARTH_CLUSTER_SECRET", &forged_secret)],
     )
     .await?;
+    assert_eq!(run.code, Some(2), "wrong secret: {run:?}");
+    assert!(run.stderr.contains("timed out"), "wrong secret: {run:?}");
+    let m = cluster.metrics(0).await?;
+    assert_eq!(
+        m.sum(REJECTED, &[("reason", "bad_mac")]) - before_bad_mac,
+        1.0,
+        "n1 rejected the forged request once"
+    );
+
+    // No secret, or a placeholder: the CLI refuses to start, and sends nothing.
+    for (what, value) in [
+        ("no secret", ""),
+        ("a placeholder", "change-me-1234567890123456789012"),
+        ("a short secret", "Xk3-q9Lm2Vz8"),
+    ] {
+        let run = emit(
+            &cluster,
+            doc,
+            "append",
+            Some("cli:unsigned"),
+            &[ttl[0], ("HEARTH_CLUSTER_SECRET", value)],
+        )
+        .await?;
+        assert_eq!(run.code, Some(64), "{what}: {run:?}");
+        let line = run.stderr.trim();
+        assert!(
+            line.contains("invalid setting cluster_secret") && !line.contains('\n'),
+            "{what}: one line naming the setting: {run:?}"
+        );
+        if !value.is_empty() {
+            assert!(!line.contains(value), "{what}: the error quotes the secret");
+        }
+        assert!(
+            run.elapsed < Duration::from_secs(2),
+            "{what}: refused at once, not after a timeout: {run:?}"
+        );
+    }
+    assert_eq!(
+        cluster.metrics(0).await?.sum(REJECTED, &[]),
+        before + 1.0,
+        "nothing but the forged request reached n1"
+    );
+
+    // A later authentic append arrives; the rejected ones never do.
+    let signed = emit(&cluster, doc, "append", Some("cli:signed-2"), &ttl).await?;
     assert_eq!(signed.code, Some(0), "{signed:?}");
     for (who, c) in [("n1", &on_n1), ("n2", &on_n2)] {
         wait_has(c, who, "cli:signed-2").await?;

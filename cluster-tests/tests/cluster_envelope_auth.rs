@@ -1,6 +1,6 @@
-//! Envelopes published by a stranger on the cluster's Redis channels have no effect when
-//! `HEARTH_CLUSTER_SECRET` is set (docs/cluster.md guarantees table, "a stranger publishes on the
-//! channels"; envelope wire format in "Envelope schema").
+//! Envelopes published by a stranger on the cluster's Redis channels have no effect: every node
+//! runs with `HEARTH_CLUSTER_SECRET` (docs/cluster.md, "The cluster secret" and the guarantees
+//! table, "a stranger publishes on the channels"; envelope wire format in "Envelope schema").
 //!
 //! Three nodes sharing a secret; `guarded` is owned by n1, watched by a client on n1 and one on
 //! n2. The stranger ("mallory", a made-up node with its own incarnation) publishes on n1's inbox
@@ -10,8 +10,9 @@
 //!
 //! * raw bytes (an unknown format tag; a truncated signed envelope),
 //! * unsigned envelopes (`0x01 | body`),
-//! * envelopes signed with a wrong secret, with an unknown key id, and correctly signed ones
-//!   tampered with after signing (the last byte of the body changed),
+//! * envelopes signed with a wrong (but strong) secret, correctly signed ones with the key id
+//!   changed to a reserved one, and correctly signed ones tampered with after signing (the last
+//!   byte of the body changed),
 //!
 //! plus unsigned and wrongly signed `draining` broadcasts on `<prefix>:bcast`. Every publish must
 //! reach its subscribers (`PUBLISH` counts them), each node must count exactly what it received
@@ -33,15 +34,14 @@ use cluster_tests::testbed::client::auth_frame;
 use cluster_tests::testbed::raw::{marker_update, update};
 use cluster_tests::testbed::redis::Resp;
 use cluster_tests::testbed::{
-    ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, WAIT, marker_hits,
+    ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, WAIT, marker_hits, random_secret,
 };
 use hearth_proxy::{
-    Auth, Body, ClusterKey, Codec, ConnId, DEFAULT_MAX_ENVELOPE_BYTES, Envelope, Header,
-    Incarnation, Keys, NodeAddr, NodeId, OpenMeta, SCHEMA_VERSION, Session,
+    Auth, Body, Codec, ConnId, DEFAULT_MAX_ENVELOPE_BYTES, Envelope, Header, Incarnation, Keys,
+    NodeAddr, NodeId, OpenMeta, SCHEMA_VERSION, Session,
 };
 use tokio::time::Instant;
 
-const SECRET: &str = "the-cluster-secret-of-this-test";
 const DOC: &str = "guarded";
 const REJECTED: &str = "hearth_cluster_envelopes_rejected_total";
 
@@ -148,8 +148,9 @@ async fn rejected(cluster: &Cluster) -> anyhow::Result<Vec<BTreeMap<String, u64>
 async fn stranger_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     let test = "cluster_envelope_auth";
     let scratch = Scratch::new(test)?;
-    let spec = ClusterSpec::new(3).env("HEARTH_CLUSTER_SECRET", SECRET);
+    let spec = ClusterSpec::new(3);
     let cluster = Cluster::start(&scratch, spec).await?;
+    let secret = cluster.secret().as_bytes().to_vec();
 
     let keys = Keys::new(cluster.prefix())?;
     let inc = cluster.incarnation("n1").await?.expect("n1 is alive");
@@ -170,7 +171,7 @@ async fn stranger_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     w1.wait_all_acked(WAIT).await?;
     w2.wait_for("the watcher's markers on n2", WAIT, |s| s.len() == 3)
         .await?;
-    let right_codec = codec(Auth::with_secret(SECRET.as_bytes())?);
+    let right_codec = codec(Auth::with_secret(&secret)?);
     let captured: Vec<Vec<u8>> = tap
         .messages()
         .into_iter()
@@ -213,12 +214,13 @@ async fn stranger_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
 
     // --- the forgeries ---
     let unsigned = codec(Auth::disabled());
-    let wrong = codec(Auth::with_secret(b"not-the-cluster-secret-at-all")?);
-    let unknown_key = codec(Auth::with_keys(
-        ClusterKey::new(7, SECRET.as_bytes())?,
-        vec![],
-    )?);
-    let right = codec(Auth::with_secret(SECRET.as_bytes())?);
+    let wrong = codec(Auth::with_secret(random_secret().as_bytes())?);
+    let right = codec(Auth::with_secret(&secret)?);
+    let mut unknown_key = attack(&right, &n1, "intruder:unknown-key")?;
+    for env in &mut unknown_key {
+        // the key id (after the format tag) is covered by the MAC; 7 is reserved
+        env[1] = 7;
+    }
     let mut tampered = attack(&right, &n1, "intruder:tamper")?;
     for env in &mut tampered {
         // change the last byte of the signed body
@@ -229,7 +231,7 @@ async fn stranger_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     let mut to_n1: Vec<Vec<u8>> = vec![b"\x00not an envelope".to_vec(), b"\x02\x00short".to_vec()];
     to_n1.extend(attack(&unsigned, &n1, "intruder:unsigned")?);
     to_n1.extend(attack(&wrong, &n1, "intruder:wrong-secret")?);
-    to_n1.extend(attack(&unknown_key, &n1, "intruder:unknown-key")?);
+    to_n1.extend(unknown_key);
     to_n1.extend(tampered);
     for payload in &to_n1 {
         assert_eq!(

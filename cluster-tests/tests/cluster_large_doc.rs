@@ -5,7 +5,8 @@
 //! client on the owner seeds about 3 MiB in updates of 512 KiB each. A client that then connects
 //! through the other node needs the owner's SyncStep2 for all of it: one frame of about 3 MiB,
 //! which only crosses in parts. It must sync and converge, and edits must still flow both ways.
-//! Envelopes are signed (`HEARTH_CLUSTER_SECRET`), so every part carries its own MAC.
+//! Envelopes are signed (the harness gives every cluster a `HEARTH_CLUSTER_SECRET`), so every
+//! part carries its own MAC.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +21,7 @@ const PIECE_BYTES: usize = 512 * 1024;
 async fn a_large_document_syncs_through_a_non_owner_node() -> anyhow::Result<()> {
     let test = "cluster_large_doc";
     let scratch = Scratch::new(test)?;
-    let spec = ClusterSpec::new(2)
-        .env("HEARTH_MAX_MESSAGE_BYTES", (1 << 20).to_string())
-        .env("HEARTH_CLUSTER_SECRET", "large-document-test-secret");
+    let spec = ClusterSpec::new(2).env("HEARTH_MAX_MESSAGE_BYTES", (1 << 20).to_string());
     let cluster = Cluster::start(&scratch, spec).await?;
     let doc = "large";
     let url = |i: usize| cluster.nodes[i].url();

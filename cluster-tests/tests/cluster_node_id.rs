@@ -30,6 +30,7 @@ async fn start_duplicate(cluster: &Cluster, id: &str) -> anyhow::Result<(Option<
         .args(["--database-url", cluster.db.url()])
         .env("HEARTH_REDIS_URL", cluster.redis.url())
         .env("HEARTH_REDIS_PREFIX", cluster.prefix())
+        .env("HEARTH_CLUSTER_SECRET", cluster.secret())
         .env("HEARTH_LOCK_TTL_MS", LOCK_TTL_MS.to_string())
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())

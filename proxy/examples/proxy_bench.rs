@@ -20,7 +20,7 @@ use hearth_proxy::{
     NodeAddr, NodeId, Rpc, SCHEMA_VERSION, Session, Transport, TransportConfig,
 };
 
-const SECRET: &[u8] = b"bench-cluster-secret-32-bytes!!!";
+const SECRET: &[u8] = b"Bq4Xn8Rm2Lv6Tk1Wz9Hc5Pd3Jf7Gs0Ya";
 
 fn envelope(payload: usize) -> Envelope {
     Envelope {

@@ -7,9 +7,12 @@ pub enum ProxyError {
     /// A node id that isn't 1-64 chars of `[A-Za-z0-9_-]`.
     #[error("invalid node id {0:?}: use 1-64 chars of [A-Za-z0-9_-]")]
     InvalidNodeId(String),
-    /// Bad configuration (prefix, secret, limits).
+    /// Bad configuration (prefix, limits).
     #[error("invalid proxy configuration: {0}")]
     Config(String),
+    /// A cluster secret that does not meet the strength policy.
+    #[error("cluster secret {0}")]
+    WeakSecret(#[from] crate::auth::WeakSecret),
     /// The encoded envelope would exceed the configured cap, and it is not a `frame` or `out`
     /// (those are sent in parts), or even an empty part would exceed it.
     #[error("envelope of {size} bytes exceeds the {max}-byte cap")]

@@ -12,7 +12,7 @@
 //! | [`ids`] | [`NodeId`], [`Incarnation`], [`NodeAddr`], [`ConnId`], [`RequestId`] |
 //! | [`envelope`] | the data model: [`Envelope`] = [`Header`] + [`Body`] |
 //! | [`codec`] | the wire format, size cap, [`DecodeError`] / [`RejectReason`] |
-//! | [`auth`] | HMAC-SHA256 with a cluster secret ([`Auth`]) |
+//! | [`auth`] | the secret strength policy ([`Secret`]), rotation ([`Secrets`]), HMAC-SHA256 ([`Auth`]) |
 //! | [`seq`] | [`SeqTracker`]: gap/duplicate detection per link (pure) |
 //! | [`chunk`] | frames larger than one envelope: [`split`], [`Reassembler`] (pure) |
 //! | [`keys`] | [`doc_tag`] and Redis key/channel names ([`Keys`]) |
@@ -27,16 +27,17 @@
 //! use std::time::Duration;
 //!
 //! use hearth_proxy::{
-//!     Auth, Body, ConnId, Inbound, NodeAddr, NodeId, Rpc, Session, Transport, TransportConfig,
+//!     Auth, Body, ConnId, Inbound, NodeAddr, NodeId, Rpc, Secret, Secrets, Session, Transport,
+//!     TransportConfig,
 //! };
 //!
 //! # async fn run(owner: NodeAddr) -> Result<(), Box<dyn std::error::Error>> {
 //! let me = NodeAddr::fresh(NodeId::new("node0")?);
 //! let mut config = TransportConfig::new("redis://127.0.0.1:6379", "hearth", me);
-//! config.auth = Auth::with_secret(b"a cluster secret of 16+ bytes")?;
-//! if let Some(warning) = config.auth.startup_warning() {
-//!     eprintln!("{warning}");
-//! }
+//! // 32+ bytes, no placeholder (`openssl rand -base64 48`); during a rotation, the other
+//! // secret goes into `previous`.
+//! let current = Secret::new(std::env::var("CLUSTER_SECRET")?)?;
+//! config.auth = Auth::new(&Secrets::new(current));
 //! let (transport, mut inbound) = Transport::connect(config).await?;
 //! let rpc = Arc::new(Rpc::new(transport.clone()));
 //!
@@ -83,12 +84,15 @@
 //! ```text
 //! unsigned:  0x01 | body
 //! signed:    0x02 | key_id: u8 | mac: 32 bytes | body
-//!            mac = HMAC-SHA256(secret[key_id], 0x02 | key_id | body)
+//!            mac = HMAC-SHA256(secret, 0x02 | key_id | body), key_id = 0
 //! ```
 //!
-//! With a cluster secret configured, only signed envelopes with a valid MAC under a known key id
-//! are accepted (constant-time check). Without one, envelopes go out unsigned and anything
-//! well-formed is accepted; [`Auth::startup_warning`] returns the warning to log.
+//! With a cluster secret configured, only signed envelopes whose MAC verifies under the current
+//! or the previous secret ([`Secrets`]) are accepted (constant-time checks); envelopes go out
+//! signed with the current one. Key ids other than 0 are reserved and rejected. Without a
+//! secret, envelopes go out unsigned and anything well-formed is accepted;
+//! [`Auth::startup_warning`] returns the warning to log (Hearth itself refuses to run a cluster
+//! without a secret).
 //!
 //! `body` is one msgpack **map with string keys** (named fields, for debuggability; byte
 //! fields are msgpack `bin` via `serde_bytes`):
@@ -186,7 +190,7 @@ pub mod rpc;
 pub mod seq;
 pub mod transport;
 
-pub use auth::{Auth, ClusterKey};
+pub use auth::{Auth, KEY_ID, MIN_SECRET_LEN, Secret, Secrets, WeakSecret};
 pub use chunk::{DropReason, Reassembler, Reassembly, ReassemblyLimits, split};
 pub use codec::{Codec, DEFAULT_MAX_ENVELOPE_BYTES, DecodeError, RejectReason};
 pub use envelope::{
@@ -200,5 +204,6 @@ pub use routes::{Route, RouteCache};
 pub use rpc::{Call, Rpc, RpcError};
 pub use seq::{LinkId, SeqCheck, SeqTracker};
 pub use transport::{
-    EnvelopeSink, Inbound, InboundReceiver, PubSubMode, SendReceipt, Transport, TransportConfig,
+    Backlog, EnvelopeSink, Inbound, InboundReceiver, PubSubMode, SendReceipt, Transport,
+    TransportConfig,
 };

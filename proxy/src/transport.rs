@@ -21,14 +21,17 @@
 //!   `manage_subscriptions()`, which re-subscribes in a task of its own and can't say when it is
 //!   done; a resync triggered before the subscription is back could lose its own replies.)
 //!
-//! Failure policy: the outbound queue is bounded and a full queue fails fast with
-//! [`ProxyError::Clogged`]; publishes are never retried by fred (a retry could duplicate an
-//! envelope); every Redis command has a timeout. A lost envelope always shows up at the receiver
-//! as a [`Inbound::Gap`] on the next envelope of that link, or as [`Inbound::Resubscribed`] /
+//! Failure policy: the outbound queue is bounded, in envelopes and in bytes
+//! ([`TransportConfig::max_outbound_bytes`], counting until Redis has answered a publish), and a
+//! full queue fails fast with [`ProxyError::Clogged`]; a caller can also bound one flow of its
+//! own (e.g. one client's frames) with a [`Backlog`]. Publishes are never retried by fred (a
+//! retry could duplicate an envelope); every Redis command has a timeout. A lost envelope always
+//! shows up at the receiver as a [`Inbound::Gap`] on the next envelope of that link, or as [`Inbound::Resubscribed`] /
 //! [`Inbound::Lagged`] (tail losses), which mean "treat every link as having a gap".
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -40,7 +43,7 @@ use fred::prelude::{
     ReconnectPolicy,
 };
 use fred::types::Message;
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::auth::Auth;
@@ -85,6 +88,10 @@ pub struct TransportConfig {
     pub inbound_capacity: usize,
     /// Capacity of the outbound queue; full → [`ProxyError::Clogged`]. Default 16 384.
     pub outbound_capacity: usize,
+    /// Most payload bytes the transport holds for sending (queued, being published, or awaiting
+    /// Redis's reply), over every destination; beyond it [`ProxyError::Clogged`]. One envelope
+    /// is always accepted while nothing is held, however large. Default 256 MiB.
+    pub max_outbound_bytes: usize,
     /// Most envelopes sent in one pipeline. Default 256.
     pub max_batch: usize,
     /// fred's message broadcast capacity for the subscriber. Default 65 536.
@@ -111,6 +118,7 @@ impl TransportConfig {
             reassembly: ReassemblyLimits::default(),
             inbound_capacity: 16_384,
             outbound_capacity: 16_384,
+            max_outbound_bytes: 256 << 20,
             max_batch: 256,
             broadcast_channel_capacity: 65_536,
             command_timeout: Duration::from_secs(5),
@@ -124,6 +132,7 @@ impl TransportConfig {
         let positive = [
             ("inbound_capacity", self.inbound_capacity),
             ("outbound_capacity", self.outbound_capacity),
+            ("max_outbound_bytes", self.max_outbound_bytes),
             ("max_batch", self.max_batch),
             (
                 "broadcast_channel_capacity",
@@ -253,6 +262,96 @@ struct Outgoing {
     to: Option<NodeAddr>,
     body: Body,
     reply: Reply,
+    /// The envelope's share of the transport-wide and of its flow's [`Backlog`], released once
+    /// Redis answered its publish (or it failed).
+    held: [Option<Charge>; 2],
+}
+
+/// The bytes and envelopes of one flow of envelopes that the transport holds: queued, being
+/// published, or published and awaiting Redis's reply. The caller defines the flow (for
+/// example every frame of one proxied client) and decides what to do when it grows too large;
+/// [`Transport::start_send_counted`] charges it, and the transport releases each envelope's
+/// share once Redis has answered its publish (or the publish failed).
+///
+/// Cheap to clone; clones share the counters.
+#[derive(Debug, Clone, Default)]
+pub struct Backlog(Arc<BacklogCounters>);
+
+#[derive(Debug, Default)]
+struct BacklogCounters {
+    bytes: AtomicUsize,
+    envelopes: AtomicUsize,
+    /// Woken whenever an envelope's share is given back.
+    released: Notify,
+}
+
+impl Backlog {
+    /// An empty backlog.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Payload bytes of the flow's envelopes the transport holds now.
+    pub fn bytes(&self) -> usize {
+        self.0.bytes.load(Ordering::Acquire)
+    }
+
+    /// Envelopes of the flow the transport holds now.
+    pub fn envelopes(&self) -> usize {
+        self.0.envelopes.load(Ordering::Acquire)
+    }
+
+    /// Waits until the flow holds fewer than `bytes` bytes and fewer than `envelopes`
+    /// envelopes (at once if it does). Cancel-safe.
+    pub async fn below(&self, bytes: usize, envelopes: usize) {
+        loop {
+            let released = self.0.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.bytes() < bytes && self.envelopes() < envelopes {
+                return;
+            }
+            released.await;
+        }
+    }
+
+    fn charge(&self, bytes: usize) -> Charge {
+        self.0.bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.0.envelopes.fetch_add(1, Ordering::AcqRel);
+        Charge {
+            backlog: self.clone(),
+            bytes,
+        }
+    }
+}
+
+/// One envelope's share of a [`Backlog`]; given back when dropped.
+#[derive(Debug)]
+struct Charge {
+    backlog: Backlog,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let c = &self.backlog.0;
+        c.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        c.envelopes.fetch_sub(1, Ordering::AcqRel);
+        c.released.notify_waiters();
+    }
+}
+
+/// What an envelope's body counts against a [`Backlog`]: its opaque payload plus a fixed
+/// allowance for the rest of the envelope.
+fn charged_bytes(body: &Body) -> usize {
+    const ENVELOPE: usize = 64;
+    ENVELOPE
+        + match body {
+            Body::Frame { data, .. } | Body::Out { data, .. } => data.len(),
+            Body::Rpc(req) => req.payload.len(),
+            Body::RpcReply(reply) => reply.result.as_ref().map_or(0, Vec::len),
+            _ => 0,
+        }
 }
 
 type TxSeqs = Arc<Mutex<HashMap<Option<NodeAddr>, u64>>>;
@@ -276,6 +375,9 @@ struct Inner {
     auth_enabled: bool,
     outbound: mpsc::Sender<Outgoing>,
     outbound_capacity: usize,
+    /// Everything the transport holds for sending, over every flow.
+    backlog: Backlog,
+    max_outbound_bytes: usize,
     tx_seqs: TxSeqs,
     rx_seqs: Arc<Mutex<SeqTracker>>,
     parts: Arc<Mutex<Reassembler>>,
@@ -423,6 +525,8 @@ impl Transport {
                 auth_enabled: config.auth.is_enabled(),
                 outbound: out_tx,
                 outbound_capacity: config.outbound_capacity,
+                backlog: Backlog::new(),
+                max_outbound_bytes: config.max_outbound_bytes,
                 tx_seqs,
                 rx_seqs,
                 parts,
@@ -471,7 +575,7 @@ impl Transport {
     /// Broadcasts `body` to every process (including, on the wire, this one: the transport
     /// drops its own broadcasts on receipt). Returns the receiver count.
     pub async fn broadcast(&self, body: Body) -> Result<u64, ProxyError> {
-        self.enqueue(None, body)?.receivers().await
+        self.enqueue(None, body, None)?.receivers().await
     }
 
     /// Queues `body` for `to` without waiting for the publish. Envelopes queued one after the
@@ -479,10 +583,27 @@ impl Transport {
     /// outbound queue is full, and with [`ProxyError::FrameTooLarge`] for a `frame` or `out`
     /// beyond the reassembly limit.
     pub fn start_send(&self, to: &NodeAddr, body: Body) -> Result<SendReceipt, ProxyError> {
-        self.enqueue(Some(to.clone()), body)
+        self.enqueue(Some(to.clone()), body, None)
     }
 
-    fn enqueue(&self, to: Option<NodeAddr>, body: Body) -> Result<SendReceipt, ProxyError> {
+    /// [`start_send`](Self::start_send), charging the envelope to `flow` until Redis has
+    /// answered its publish, so the caller can bound what one flow (e.g. one client) has in the
+    /// transport: check [`Backlog::bytes`] / [`Backlog::envelopes`] before sending.
+    pub fn start_send_counted(
+        &self,
+        to: &NodeAddr,
+        body: Body,
+        flow: &Backlog,
+    ) -> Result<SendReceipt, ProxyError> {
+        self.enqueue(Some(to.clone()), body, Some(flow))
+    }
+
+    fn enqueue(
+        &self,
+        to: Option<NodeAddr>,
+        body: Body,
+        flow: Option<&Backlog>,
+    ) -> Result<SendReceipt, ProxyError> {
         if let Body::Frame { data, .. } | Body::Out { data, .. } = &body
             && data.len() > self.inner.max_frame_bytes
         {
@@ -491,10 +612,24 @@ impl Transport {
                 max: self.inner.max_frame_bytes,
             });
         }
+        let bytes = charged_bytes(&body);
+        let held = self.inner.backlog.bytes();
+        if held > 0 && held.saturating_add(bytes) > self.inner.max_outbound_bytes {
+            return Err(ProxyError::Clogged);
+        }
+        let held = [
+            Some(self.inner.backlog.charge(bytes)),
+            flow.map(|f| f.charge(bytes)),
+        ];
         let (reply, rx) = oneshot::channel();
         self.inner
             .outbound
-            .try_send(Outgoing { to, body, reply })
+            .try_send(Outgoing {
+                to,
+                body,
+                reply,
+                held,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => ProxyError::Clogged,
                 mpsc::error::TrySendError::Closed(_) => ProxyError::Closed,
@@ -534,6 +669,12 @@ impl Transport {
     /// Envelopes waiting in the outbound queue (a gauge).
     pub fn outbound_queue_len(&self) -> usize {
         self.inner.outbound_capacity - self.inner.outbound.capacity()
+    }
+
+    /// Payload bytes the transport holds for sending: queued, being published, or awaiting
+    /// Redis's reply (a gauge; bounded by [`TransportConfig::max_outbound_bytes`]).
+    pub fn outbound_bytes(&self) -> usize {
+        self.inner.backlog.bytes()
     }
 
     /// Closes both Redis connections and stops the background tasks. The inbound channel
@@ -648,6 +789,9 @@ impl Writer {
         // Per outgoing body: where to send its result (`None` once an error was sent) and how
         // many publishes (one, or one per part) it queued.
         let mut waiting: Vec<(Option<Reply>, usize)> = Vec::with_capacity(batch.len());
+        // The backlog charges of the envelopes published in this batch, given back once Redis
+        // has answered (or the pipeline timed out).
+        let mut held: Vec<Charge> = Vec::with_capacity(batch.len());
         for out in batch.drain(..) {
             let channel = match &out.to {
                 Some(addr) => self.keys.inbox(addr),
@@ -681,6 +825,9 @@ impl Writer {
                 let last = first.saturating_add(u64::try_from(queued - 1).unwrap_or(u64::MAX));
                 lock(&self.seqs).insert(out.to, last);
             }
+            if queued > 0 {
+                held.extend(out.held.into_iter().flatten());
+            }
             match failed {
                 None => waiting.push((Some(out.reply), queued)),
                 Some(e) => {
@@ -707,6 +854,7 @@ impl Writer {
                     .await
                     .unwrap_or_default();
             deliver_replies(results, waiting);
+            drop(held);
         });
         let sent_now =
             std::future::poll_fn(|cx| Poll::Ready(replies.as_mut().poll(cx).is_ready())).await;
@@ -1152,7 +1300,7 @@ mod tests {
 
     #[test]
     fn parts_are_reassembled_and_a_gap_mid_frame_drops_the_rest() {
-        let f = filter(Auth::with_secret(&[5u8; 32]).unwrap());
+        let f = filter(Auth::with_secret(b"Tq6Wm2Xr8Lk4Vb1Zn7Hc3Pd9Jf5Gs0Ya").unwrap());
         let peer = addr("owner", 4);
         let s = Session {
             conn: ConnId::generate(),
@@ -1290,7 +1438,7 @@ mod tests {
 
     #[test]
     fn garbage_and_unsigned_are_rejected_with_reasons() {
-        let f = filter(Auth::with_secret(&[3u8; 32]).unwrap());
+        let f = filter(Auth::with_secret(b"Tq6Wm2Xr8Lk4Vb1Zn7Hc3Pd9Jf5Gs0Ya").unwrap());
         let [a, b] = f.process(&f.inbox, b"\x02garbage");
         assert!(matches!(
             a,

@@ -11,7 +11,7 @@ use hearth_proxy::{
     ProxyError, PubSubMode, ReassemblyLimits, RejectReason, Session, TransportConfig,
 };
 
-const SECRET: &[u8] = b"integration-test-cluster-secret!";
+const SECRET: &[u8] = b"Rk5Wq1Xm9Lz3Tb7Vn2Hc8Pd4Jf6Gs0Ya";
 /// The envelope cap of both transports in these tests.
 const CAP: usize = 64 * 1024;
 

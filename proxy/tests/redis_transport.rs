@@ -16,7 +16,7 @@ use hearth_proxy::{
     SCHEMA_VERSION, Session, Transport, TransportConfig,
 };
 
-const SECRET: &[u8] = b"integration-test-cluster-secret!";
+const SECRET: &[u8] = b"Rk5Wq1Xm9Lz3Tb7Vn2Hc8Pd4Jf6Gs0Ya";
 
 fn node(name: &str) -> NodeAddr {
     NodeAddr::fresh(NodeId::new(name).unwrap())
@@ -156,7 +156,7 @@ async fn stranger_cannot_inject_when_a_secret_is_configured() {
         .encode(&env(b.me(), 1))
         .unwrap();
     let wrong_key = Codec::new(
-        Auth::with_secret(b"not-the-cluster-secret-at-all!!!").unwrap(),
+        Auth::with_secret(b"Zm8Lq3Xr7Wk1Vb5Tn9Hc2Pd6Jf4Gs0Ya").unwrap(),
         DEFAULT_MAX_ENVELOPE_BYTES,
     )
     .encode(&env(b.me(), 1))

@@ -35,17 +35,14 @@ pub const EMITTER_NODE_ID: &str = "hearth-cli";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The transport settings of a cluster process with address `me`: Redis URL, prefix, the
-/// envelope authentication from `cluster_secret`, and the envelope size cap.
+/// envelope authentication from the cluster secrets (current and previous, see
+/// [`Config::cluster_secrets`]), and the envelope size cap.
 pub(crate) fn transport_config(
     config: &Config,
     me: NodeAddr,
 ) -> Result<TransportConfig, ClusterError> {
     let mut tc = TransportConfig::new(config.redis_url.clone(), config.redis_prefix.clone(), me);
-    tc.auth = if config.cluster_secret.is_empty() {
-        Auth::disabled()
-    } else {
-        Auth::with_secret(config.cluster_secret.as_bytes())?
-    };
+    tc.auth = Auth::new(&config.cluster_secrets()?);
     tc.max_envelope_bytes = max_payload_bytes(config) + 4096;
     Ok(tc)
 }

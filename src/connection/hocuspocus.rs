@@ -6,6 +6,13 @@
 //! addresses on the socket keep flowing) → **Established** (frames go to the document task).
 //! A rejection answers `PermissionDenied` and forgets the address, so a later Auth is evaluated
 //! afresh; the socket stays open.
+//!
+//! Authentication comes first, everywhere: an Auth frame from a banned client address
+//! (`crate::throttle`) is denied without running hooks; a token the hooks refuse is denied (and
+//! counted by the throttle) before the cluster does any routing, so an unauthenticated client
+//! never makes a node touch Redis or claim a document. Only then, in a cluster, is the document
+//! routed: served here, or **Remote** (the queued frames and the Auth frame go to the owner,
+//! which authenticates the client again and whose answer is the one the client gets).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,12 +20,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::cluster::{Cluster, RemoteIn};
+use crate::cluster::{Cluster, RemoteIn, RemoteInboxRx, SHED_CODE, SHED_REASON};
 
 use super::outbox::{Outbox, OutboxReceiver, Outgoing, outbox};
 use super::queue::{QueueSender, queue};
@@ -41,7 +48,30 @@ struct Pending {
     queue: Vec<(Bytes, u64, Result<ClientMessage, DecodeError>)>,
     bytes: usize,
     establishing: bool,
+    /// The Auth frame being evaluated, for the owner if the document turns out to be remote.
+    auth: Option<PendingAuth>,
 }
+
+/// An Auth frame under evaluation.
+struct PendingAuth {
+    /// The raw frame.
+    frame: Bytes,
+    /// How many queued frames arrived before it.
+    at: usize,
+    /// A v4 provider (app pings), applied unless the document is served by another node.
+    v4: bool,
+}
+
+/// Where an authenticated address is served.
+enum Authed {
+    /// Here: attached to the local document task.
+    Here(Established),
+    /// By this owner: the address is proxied there.
+    Remote(NodeAddr),
+}
+
+/// The reason carried by a failed route look-up (Redis unavailable): the socket is reset.
+const ROUTE_FAILED: &str = "route-failed";
 
 struct Established {
     doc: DocHandle,
@@ -64,7 +94,7 @@ enum Addr {
 
 struct AuthDone {
     address: String,
-    result: Result<Established, String>,
+    result: Result<Authed, String>,
 }
 
 /// Hook-facing handle of one document connection.
@@ -355,20 +385,14 @@ impl Socket {
         }
     }
 
-    /// Moves a pending address to its remote owner: `open`, then the queued frames and the Auth
-    /// frame, in arrival order.
-    async fn go_remote(
-        &mut self,
-        address: String,
-        owner: NodeAddr,
-        auth_frame: Bytes,
-    ) -> Option<End> {
+    /// Moves an address authenticated here, whose document another node owns, to that owner:
+    /// `open`, then the queued frames and the Auth frame, in arrival order (`p` is already out
+    /// of the pending tables).
+    async fn go_remote(&mut self, address: String, owner: NodeAddr, p: Pending) -> Option<End> {
         let cluster = self.shared.cluster.clone()?;
-        let Some(Addr::Pending(p)) = self.addrs.remove(&address) else {
-            return None;
+        let Some(auth) = p.auth else {
+            return Some(End::Close(4205, "Reset Connection"));
         };
-        self.pending_bytes -= p.bytes;
-        self.pending_frames -= p.queue.len();
         let (name, _) = split_address(&address);
         let meta = OpenMeta {
             path: self.request.path.clone(),
@@ -390,10 +414,17 @@ impl Socket {
             return Some(End::Close(4205, "Reset Connection"));
         };
         debug!(address, owner = %owner, "proxying to the owner");
-        for (raw, _, _) in p.queue {
-            cluster.forward(&owner, &session, raw);
+        let mut queue = p.queue;
+        let after = queue.split_off(auth.at.min(queue.len()));
+        let mut sent = true;
+        for (raw, _, _) in queue {
+            sent &= cluster.forward(&owner, &session, raw);
         }
-        if !cluster.forward(&owner, &session, auth_frame) {
+        sent &= cluster.forward(&owner, &session, auth.frame);
+        for (raw, _, _) in after {
+            sent &= cluster.forward(&owner, &session, raw);
+        }
+        if !sent {
             cluster.detach_remote(&owner, &session);
             return Some(End::Close(4205, "Reset Connection"));
         }
@@ -452,6 +483,21 @@ impl Socket {
                 (!ok).then_some(End::Close(4205, "Reset Connection"))
             }
             None => {
+                let cap = self.shared.config.max_documents_per_connection;
+                if self.addrs.len() >= cap {
+                    // the socket stays; this document is refused (only its Auth is answered)
+                    if kind == kind::AUTH {
+                        info!(
+                            documents = self.addrs.len(),
+                            cap, "document refused: max_documents_per_connection"
+                        );
+                        self.outbox.send(
+                            ServerMessage::PermissionDenied(TOO_MANY_DOCUMENTS)
+                                .frame(Some(&address)),
+                        );
+                    }
+                    return None;
+                }
                 let pending_docs = self
                     .addrs
                     .values()
@@ -467,6 +513,7 @@ impl Socket {
                         queue: Vec::new(),
                         bytes: 0,
                         establishing: false,
+                        auth: None,
                     }),
                 );
                 self.on_pending(address, bytes, kind, body).await
@@ -493,29 +540,22 @@ impl Socket {
                 }
             };
             p.establishing = true;
-            if !self.stand_in
-                && let Some(cluster) = self.shared.cluster.clone()
-            {
-                let (name, _) = split_address(&address);
-                match Box::pin(cluster.route(&self.shared, name)).await {
-                    Ok(crate::cluster::Route2::Local) => {}
-                    Ok(crate::cluster::Route2::Remote(owner)) => {
-                        return Box::pin(self.go_remote(address, owner, raw)).await;
-                    }
-                    Err(e) => {
-                        warn!(doc = name, error = %e, "cannot route the document (Redis unavailable?)");
-                        return Some(End::Close(4205, "Reset Connection"));
-                    }
-                }
-            }
-            if version
+            let v4 = version
                 .as_deref()
                 .and_then(|v| v.split('.').next())
                 .and_then(|m| m.parse::<u32>().ok())
-                .is_some_and(|m| m >= 4)
-            {
+                .is_some_and(|m| m >= 4);
+            // An edge in a cluster learns only after authentication whether the document is
+            // served here (then the client is a v4 provider of this socket) or proxied.
+            let routed = !self.stand_in && self.shared.cluster.is_some();
+            if v4 && !routed {
                 self.provider_v4 = true;
             }
+            p.auth = Some(PendingAuth {
+                frame: raw,
+                at: p.queue.len(),
+                v4,
+            });
             let task = authenticate(
                 self.shared.clone(),
                 self.id.clone(),
@@ -524,6 +564,7 @@ impl Socket {
                 address.clone(),
                 token,
                 version,
+                self.stand_in,
             );
             let tx = self.auth_tx.clone();
             tokio::spawn(
@@ -531,7 +572,7 @@ impl Socket {
                     let result = task.await;
                     if let Err(done) = tx.send(Box::new(AuthDone { address, result })) {
                         // the socket closed while this was running: undo the attach
-                        if let Ok(e) = done.result {
+                        if let Ok(Authed::Here(e)) = done.result {
                             e.doc.send_detached(DocCommand::Detach {
                                 conn: e.conn,
                                 reply: None,
@@ -569,7 +610,7 @@ impl Socket {
         }
         let Some(Addr::Pending(p)) = self.addrs.remove(&done.address) else {
             // the address vanished meanwhile (cannot happen while pending); undo an attach
-            if let Ok(e) = done.result {
+            if let Ok(Authed::Here(e)) = done.result {
                 e.doc.send_detached(DocCommand::Detach {
                     conn: e.conn,
                     reply: None,
@@ -579,7 +620,15 @@ impl Socket {
         };
         self.pending_bytes -= p.bytes;
         self.pending_frames -= p.queue.len();
+        if p.auth.as_ref().is_some_and(|a| a.v4) && !matches!(done.result, Ok(Authed::Remote(_))) {
+            self.provider_v4 = true;
+        }
         match done.result {
+            Ok(Authed::Remote(owner)) => Box::pin(self.go_remote(done.address, owner, p)).await,
+            Err(reason) if reason == ROUTE_FAILED => {
+                // Redis did not answer: the client reconnects and is routed afresh.
+                Some(End::Close(4205, "Reset Connection"))
+            }
             Err(reason) if reason == NOT_OWNER && self.shared.cluster.is_some() => {
                 // Ownership moved between routing and loading (e.g. this node just lost the
                 // lock): not a denial. The client reconnects and is routed afresh.
@@ -597,7 +646,7 @@ impl Socket {
                     .send(ServerMessage::PermissionDenied(&reason).frame(Some(&done.address)));
                 None
             }
-            Ok(established) => {
+            Ok(Authed::Here(established)) => {
                 self.shared.metrics.auth.with_label_values(&["ok"]).inc();
                 self.authenticated_once = true;
                 let name = established.name.clone();
@@ -721,6 +770,9 @@ impl Socket {
     }
 }
 
+/// The PermissionDenied reason for a document over `max_documents_per_connection`.
+const TOO_MANY_DOCUMENTS: &str = "too many documents on this connection";
+
 fn reason_or<'a>(reason: &'a str, default: &'a str) -> &'a str {
     if reason.is_empty() { default } else { reason }
 }
@@ -744,7 +796,10 @@ pub(crate) fn valid_document_name(name: &str, max: usize) -> bool {
     !name.trim().is_empty() && name.len() <= max && !name.chars().any(char::is_control)
 }
 
-/// Auth for one address: hooks, `Authenticated`, load, attach.
+/// Auth for one address: the ban check, the hooks, then (on an edge of a cluster) the route,
+/// then `Authenticated`, load, attach. `stand_in`: an owner-side socket of a client on another
+/// node, whose edge checked the ban and routed already.
+#[allow(clippy::too_many_arguments)]
 async fn authenticate(
     shared: Arc<Shared>,
     socket_id: Arc<str>,
@@ -753,8 +808,19 @@ async fn authenticate(
     address: String,
     token: String,
     version: Option<String>,
-) -> Result<Established, String> {
+    stand_in: bool,
+) -> Result<Authed, String> {
     let (name, _session) = split_address(&address);
+    let throttle = &shared.throttle;
+    let client = throttle.client_of(&request);
+    if !stand_in
+        && let Some(ip) = client
+        && throttle.is_banned(ip).await
+    {
+        throttle.count_refusal("auth");
+        debug!(address, client = %ip, "Auth from a banned address: denied, no hook ran");
+        return Err("permission-denied".into());
+    }
     let mut payload = AuthPayload {
         document_name: name,
         token: &token,
@@ -765,11 +831,29 @@ async fn authenticate(
         context: Context::new(),
     };
     let ext = &shared.extensions;
-    if let Err(e) = ext.on_connect(&mut payload).await {
+    let mut refused = ext.on_connect(&mut payload).await.err();
+    if refused.is_none() {
+        refused = ext.on_authenticate(&mut payload).await.err();
+    }
+    if let Some(e) = refused {
+        if let Some(ip) = client {
+            throttle.record_failure(ip).await;
+        }
         return Err(reason_or(&e.reason, "Forbidden").to_owned());
     }
-    if let Err(e) = ext.on_authenticate(&mut payload).await {
-        return Err(reason_or(&e.reason, "Forbidden").to_owned());
+    // Authenticated: only now may the cluster do work for this document (Redis, a claim).
+    if !stand_in
+        && let Some(cluster) = &shared.cluster
+        && valid_document_name(name, shared.config.max_document_name_bytes)
+    {
+        match Box::pin(cluster.route(&shared, name)).await {
+            Ok(crate::cluster::Route2::Local) => {}
+            Ok(crate::cluster::Route2::Remote(owner)) => return Ok(Authed::Remote(owner)),
+            Err(e) => {
+                warn!(doc = name, error = %e, "cannot route the document (Redis unavailable?)");
+                return Err(ROUTE_FAILED.into());
+            }
+        }
     }
     let read_only = payload.read_only;
     let context = Arc::new(payload.context);
@@ -819,12 +903,12 @@ async fn authenticate(
             continue;
         }
         if let Ok(Ok(())) = rx.await {
-            return Ok(Established {
+            return Ok(Authed::Here(Established {
                 doc,
                 conn,
                 name: Arc::from(name),
                 context,
-            });
+            }));
         }
     }
     Err("permission-denied".into())
@@ -860,7 +944,7 @@ pub(crate) fn spawn_remote(
     edge: NodeAddr,
     session: Session,
     meta: OpenMeta,
-    rx: mpsc::UnboundedReceiver<RemoteIn>,
+    rx: RemoteInboxRx,
 ) {
     let id: Arc<str> = Arc::from(session.conn.as_uuid().to_string());
     let span = info_span!("remote", socket = %id, doc = %session.doc, edge = %edge, node = %shared.config.node_id);
@@ -874,7 +958,7 @@ async fn run_remote(
     session: Session,
     meta: OpenMeta,
     id: Arc<str>,
-    mut rx: mpsc::UnboundedReceiver<RemoteIn>,
+    mut rx: RemoteInboxRx,
 ) {
     let request = Arc::new(RequestInfo {
         path: meta.path,
@@ -887,8 +971,13 @@ async fn run_remote(
     tokio::pin!(stop);
     let (auth_tx, mut auth_rx) = queue();
     let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, true);
+    // Frames for the client not yet published (`owner_out`, see `cluster::flow`): while it is
+    // full the outbox is not drained, so a client that cannot take its frames fast enough ends
+    // as a slow reader, like a local one.
+    let backlog = hearth_proxy::Backlog::new();
     debug!("proxied attachment open");
     let end = loop {
+        let out_full = cluster.out_full(&backlog);
         tokio::select! {
             biased;
             why = &mut stop => {
@@ -904,30 +993,38 @@ async fn run_remote(
                 }
                 break Some(End::Close(4205, "Reset Connection"));
             }
-            mut msg = out_rx.recv() => {
+            mut msg = out_rx.recv(), if !out_full => {
                 let mut controls = Vec::new();
+                let mut failed = None;
                 loop {
                     match msg {
                         Outgoing::Frame(f) => {
-                            if !cluster.send_out(&edge, &session, &f) {
+                            if let Err(close) = cluster.send_out(&edge, &session, &backlog, &f) {
+                                failed = Some(close);
                                 break;
                             }
                         }
                         other => controls.push(other),
+                    }
+                    if cluster.out_full(&backlog) {
+                        break;
                     }
                     match out_rx.try_recv() {
                         Some(m) => msg = m,
                         None => break,
                     }
                 }
+                if let Some((code, reason)) = failed { break Some(End::Close(code, reason)); }
                 if let Some(end) = s.on_controls(controls) { break Some(end); }
             }
+            () = cluster.out_room(&backlog), if out_full => {}
             done = auth_rx.recv() => {
                 if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break Some(end); }
             }
             input = rx.recv() => match input {
                 None | Some(RemoteIn::Detach) => break None,
                 Some(RemoteIn::Reset) => break Some(End::Close(4205, "Reset Connection")),
+                Some(RemoteIn::Shed) => break Some(End::Close(SHED_CODE, SHED_REASON)),
                 Some(RemoteIn::Frame(bytes)) => {
                     s.last_inbound = Instant::now();
                     if let Some(end) = Box::pin(s.on_frame(bytes)).await { break Some(end); }
@@ -937,12 +1034,14 @@ async fn run_remote(
     };
     // deliver what is queued (e.g. CLOSE frames) before ending the session
     while let Some(msg) = out_rx.try_recv() {
-        if let Outgoing::Frame(f) = msg {
-            cluster.send_out(&edge, &session, &f);
+        if let Outgoing::Frame(f) = msg
+            && cluster.send_out(&edge, &session, &backlog, &f).is_err()
+        {
+            break;
         }
     }
     s.detach_all();
-    cluster.remote_ended(&edge, session.conn);
+    cluster.remote_ended(&edge, session.conn, end.is_some());
     if let Some(End::Close(code, reason)) = end {
         debug!(code, reason, "ending proxied attachment");
         cluster.close_remote(&edge, &session, code, reason);

@@ -12,18 +12,19 @@ pub mod outbox;
 pub mod queue;
 pub mod yws;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
 use self::outbox::{OutboxReceiver, Outgoing};
+use crate::limits::ConnectionSlot;
 use tracing::debug;
 
 /// The transport under a WebSocket: the raw TCP stream, preceded by whatever bytes hyper had
@@ -40,6 +41,8 @@ pub struct Io {
     /// Formatted frames not yet written, from `out_pos` on.
     out: Vec<u8>,
     out_pos: usize,
+    /// Keeps the connection counted against the connection caps until the socket is dropped.
+    _slot: Arc<ConnectionSlot>,
 }
 
 /// The WebSocket type every connection task works on.
@@ -47,7 +50,8 @@ pub type Ws = WebSocketStream<Io>;
 
 /// Unwraps hyper's upgraded connection to the raw TCP stream. Keeping `Upgraded` would keep
 /// hyper's 8 KiB read buffer (and a boxed IO) alive for the socket's whole life.
-pub(crate) fn into_io(upgraded: Upgraded) -> Option<Io> {
+/// `slot` is the connection's place under the connection caps, given back when the socket is.
+pub(crate) fn into_io(upgraded: Upgraded, slot: Arc<ConnectionSlot>) -> Option<Io> {
     let parts = upgraded.downcast::<TokioIo<tokio::net::TcpStream>>().ok()?;
     // copy the (rare) leftover so the shared read buffer can be freed
     let prefix = bytes::Bytes::copy_from_slice(&parts.read_buf);
@@ -56,6 +60,7 @@ pub(crate) fn into_io(upgraded: Upgraded) -> Option<Io> {
         tcp: parts.io.into_inner(),
         out: Vec::new(),
         out_pos: 0,
+        _slot: slot,
     })
 }
 
@@ -251,22 +256,52 @@ pub(crate) async fn flush_final(ws: &mut Ws, rx: &mut OutboxReceiver) {
     let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
 }
 
-/// Completes a close handshake (bounded in time): sends the close frame, then reads and discards
-/// until the client's close reply arrives, so the client sees our code rather than a reset.
+/// How long [`close`] may take in all: writing the close frame, then draining the client.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// How many inbound bytes [`close`] reads and discards at most while waiting for the client to
+/// close (a client may be in the middle of sending a message far over `max_message_bytes`).
+const CLOSE_DRAIN_BYTES: usize = 128 << 20;
+
+/// Closes a socket so the client sees `code` (every server-side close goes through here), all
+/// within [`CLOSE_LINGER`]: sends the close frame, shuts the write side down, then reads and
+/// discards whatever the client still sends (its close reply, or the rest of a message too big
+/// to accept; at most [`CLOSE_DRAIN_BYTES`]) until it closes its side.
+///
+/// Draining is what makes the code arrive: closing a TCP socket with unread input makes the
+/// kernel send a reset, and a client that is still sending (say, a 64 MiB message refused with
+/// 1009) would see the reset (1006) instead of the close frame waiting in its receive buffer.
+/// The raw stream is read, not WebSocket frames: after a refused message the frame parser is
+/// out of step with the stream.
 pub(crate) async fn close(mut ws: Ws, code: u16, reason: &str) {
     let frame = CloseFrame {
         code: CloseCode::from(code),
         reason: reason.to_owned().into(),
     };
-    let handshake = async {
-        if ws.close(Some(frame)).await.is_err() {
+    let linger = async {
+        if let Err(e) = ws.close(Some(frame)).await {
+            debug!(error = %e, "close frame not sent");
+        }
+        let io = ws.get_mut();
+        if tokio::io::AsyncWriteExt::shutdown(io).await.is_err() {
             return;
         }
-        while let Some(Ok(msg)) = futures_util::StreamExt::next(&mut ws).await {
-            if matches!(msg, Message::Close(_)) {
-                break;
-            }
-        }
+        drain(&mut io.tcp).await;
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), handshake).await;
+    let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
+}
+
+/// Reads and discards until end of stream, an error, or [`CLOSE_DRAIN_BYTES`].
+async fn drain(tcp: &mut tokio::net::TcpStream) {
+    let mut buf = vec![0u8; 16 << 10];
+    let mut total = 0usize;
+    while total < CLOSE_DRAIN_BYTES {
+        match tokio::io::AsyncReadExt::read(tcp, &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
+    debug!(
+        bytes = total,
+        "client kept sending after the close; giving up"
+    );
 }

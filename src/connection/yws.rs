@@ -2,7 +2,8 @@
 //! raw path after the prefix (not percent-decoded), the server opens with its step1, no
 //! SyncStatus, no address prefix. Auth: the `token` query parameter goes through the same
 //! `on_connect`/`on_authenticate` hooks; a rejection sends `02 00 reason` and closes with 4403
-//! (y-websocket ≥ 3.1 then stops reconnecting).
+//! (y-websocket ≥ 3.1 then stops reconnecting), and counts as a failure of the client address
+//! (`crate::throttle`; a banned address never gets this far: its upgrade is answered 429).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +58,9 @@ async fn run(
     }
     if let Some(e) = denied {
         shared.metrics.auth.with_label_values(&["denied"]).inc();
+        if let Some(ip) = shared.throttle.client_of(&request) {
+            shared.throttle.record_failure(ip).await;
+        }
         let reason = if e.reason.is_empty() {
             "permission denied".to_owned()
         } else {

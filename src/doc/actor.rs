@@ -19,9 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, warn};
 use yrs::updates::encoder::Encode;
-use yrs::{Doc, ReadTxn, StateVector, Transact};
+use yrs::{Doc, ReadTxn, Transact};
 
 use super::committer::{AppendJob, CommitResult};
+use super::offload;
 use super::{
     Attach, ConnId, DocCommand, DocHandle, Framing, TransactError, Unloading, WeakDocHandle,
 };
@@ -31,14 +32,14 @@ use crate::hooks::{
     AwarenessPayload, ChangePayload, ConnectionRef, Context, DisconnectPayload, DocumentPayload,
     StatelessPayload, StorePayload,
 };
-use crate::protocol::awareness::{self, Awareness, Change};
+use crate::protocol::awareness::{self, Awareness, Change, RateLimit, Violation};
 use crate::protocol::message::{ServerMessage, SyncMessage, frame};
 use crate::protocol::scan::scan_update;
 use crate::protocol::update::{
     UpdateError, contains_scanned, decode_scanned, decode_state_vector, known_clocks,
 };
 use crate::shared::Shared;
-use crate::storage::{AppendOutcome, Epoch, LogSeq, StoreError};
+use crate::storage::{AppendOutcome, Epoch, LogSeq, StoreError, UNSTORED};
 
 const AWARENESS_TICK: Duration = Duration::from_secs(3);
 const RETRY_MIN: Duration = Duration::from_millis(50);
@@ -54,7 +55,8 @@ struct Conn {
     context: Arc<Context>,
     socket_id: Arc<str>,
     conn_ref: Option<ConnectionRef>,
-    awareness_ids: Vec<u64>,
+    /// Token bucket for this connection's awareness messages.
+    awareness_rate: RateLimit,
     /// Acknowledgements waiting for their update's commit: (required lsn, frame, applied at).
     acks: VecDeque<(u64, Bytes, Instant)>,
 }
@@ -69,6 +71,8 @@ pub(crate) struct Loaded {
     pub dirty: bool,
     /// The ownership lock (cluster mode).
     pub lease: Option<hearth_lock::LockGuard>,
+    /// Encoded size of the loaded state (snapshot and log), in bytes.
+    pub size: usize,
 }
 
 enum Exit {
@@ -93,6 +97,8 @@ pub(crate) struct Actor {
     lsn: u64,
     committed_lsn: u64,
     unsent: Vec<(u64, Bytes)>,
+    /// Bytes of applied updates not committed yet (`unsent` and the job in flight).
+    uncommitted: usize,
     inflight: Option<(u64, Vec<(u64, Bytes)>)>,
     db_seq: LogSeq,
     log_len: usize,
@@ -109,8 +115,13 @@ pub(crate) struct Actor {
     lease: Option<hearth_lock::LockGuard>,
     /// Whether this document is currently counted in `hearth_dirty_documents`.
     counted_dirty: bool,
+    /// The awareness (states, bytes) this document counts in the node-wide gauges.
+    counted_awareness: (i64, i64),
     /// After a failed compaction: (next attempt, current backoff).
     compact_retry: Option<(Instant, Duration)>,
+    /// Encoded size of the document: the last stored state plus every update applied since
+    /// (an over-estimate until the next compaction measures it again).
+    size: usize,
 }
 
 impl Actor {
@@ -129,6 +140,7 @@ impl Actor {
             error!(doc = %name, error = %e, "cannot observe document updates");
         }
         let now = Instant::now();
+        let awareness = Awareness::with_limits(shared.config.awareness_limits());
         let handle = DocHandle {
             name: name.clone(),
             tx,
@@ -137,19 +149,22 @@ impl Actor {
             me: handle.downgrade(),
             lease: loaded.lease,
             counted_dirty: false,
+            counted_awareness: (0, 0),
             compact_retry: None,
+            size: loaded.size,
             name: name.clone(),
             durable: shared.config.durability == Durability::Durable,
             shared,
             doc: loaded.doc,
             changes,
-            awareness: Awareness::new(),
+            awareness,
             conns: HashMap::new(),
             direct: 0,
             epoch: loaded.epoch,
             lsn: 0,
             committed_lsn: 0,
             unsent: Vec::new(),
+            uncommitted: 0,
             inflight: None,
             db_seq: loaded.db_seq,
             log_len: loaded.log_len,
@@ -192,13 +207,16 @@ impl Actor {
                     Some(self.fence())
                 }
                 Some(result) = self.internal_rx.recv() => self.on_commit_result(result),
-                cmd = rx.recv() => match cmd {
+                // the queue to the committer is bounded: a document whose applied updates are
+                // this far ahead of the database takes nothing new until a commit returns
+                cmd = rx.recv(), if self.uncommitted < self.shared.config.max_message_bytes => match cmd {
                     Some(cmd) => self.handle(cmd).await,
                     None => Some(Exit::Unloaded),
                 },
                 _ = sleep_until(deadline) => self.on_timer(&rx).await,
             };
             self.sync_dirty_gauge();
+            self.sync_awareness_gauges();
             if let Some(exit) = step {
                 break exit;
             }
@@ -239,6 +257,14 @@ impl Actor {
         if self.counted_dirty {
             self.shared.metrics.dirty_documents.dec();
         }
+        self.shared
+            .metrics
+            .awareness_states
+            .sub(self.counted_awareness.0);
+        self.shared
+            .metrics
+            .awareness_bytes
+            .sub(self.counted_awareness.1);
         if let (Some(lease), Some(cluster)) = (self.lease.take(), self.shared.cluster.clone()) {
             // compare-and-delete: a lease that is no longer ours is left alone
             cluster.release(&self.name, self.epoch, lease).await;
@@ -288,11 +314,7 @@ impl Actor {
             DocCommand::Sync { conn, msg } => return self.on_sync(conn, msg).await,
             DocCommand::Awareness { conn, update } => self.on_awareness(conn, update).await,
             DocCommand::Stateless { conn, payload } => self.on_stateless(conn, payload).await,
-            DocCommand::QueryAwareness { conn } => {
-                if let Some(bytes) = self.awareness.encode_all() {
-                    self.send_to(conn, ServerMessage::Awareness(&bytes));
-                }
-            }
+            DocCommand::QueryAwareness { conn } => self.on_query_awareness(conn).await,
             DocCommand::Detach { conn, reply } => self.detach(conn, reply).await,
             DocCommand::BroadcastStateless(payload) => {
                 self.broadcast(&ServerMessage::Stateless(&payload).encode_body(), None);
@@ -376,7 +398,10 @@ impl Actor {
             context: a.context,
             socket_id: a.socket_id,
             conn_ref: a.conn_ref,
-            awareness_ids: Vec::new(),
+            awareness_rate: RateLimit::new(
+                self.shared.config.max_awareness_updates_per_sec,
+                Instant::now(),
+            ),
             acks: VecDeque::new(),
         };
         if yws {
@@ -413,9 +438,7 @@ impl Actor {
                 });
             }
         }
-        let change = self
-            .awareness
-            .remove(conn.awareness_ids.iter().copied(), Instant::now());
+        let change = self.awareness.remove_owner(id, Instant::now());
         if !change.is_empty() {
             self.broadcast_awareness(&change, None).await;
         }
@@ -451,13 +474,8 @@ impl Actor {
                         return None;
                     }
                 };
-                let encoded = catch_unwind(AssertUnwindSafe(|| {
-                    let txn = self.doc.transact();
-                    (
-                        txn.state_vector().encode_v1(),
-                        txn.encode_state_as_update_v1(&sv),
-                    )
-                }));
+                // a large document's answer is encoded off the async workers
+                let encoded = offload::sync_answer(&self.doc, sv, self.size).await;
                 let Ok((server_sv, diff)) = encoded else {
                     return Some(self.poison("encoding a sync step2 panicked"));
                 };
@@ -527,14 +545,26 @@ impl Actor {
             }
             return None;
         }
+        let max_size = self.shared.config.max_document_bytes;
+        if self.size.saturating_add(update.len()) > max_size {
+            warn!(doc = %self.name, conn = id, size = self.size, update = update.len(), max_size, "update refused: document at its size limit");
+            self.shared
+                .metrics
+                .updates_rejected
+                .with_label_values(&["document_too_large"])
+                .inc();
+            if !yws {
+                self.queue_ack(id, false, 0);
+            }
+            return None;
+        }
+        let update_len = update.len();
         let update = match decode_scanned(&update, &scan) {
             Ok(u) => u,
             Err(e) => return self.refuse_update(id, yws, "invalid", &e),
         };
-        let applied = catch_unwind(AssertUnwindSafe(|| {
-            let mut txn = self.doc.transact_mut();
-            txn.apply_update(update)
-        }));
+        // a large update is applied off the async workers (this task waits for it)
+        let applied = offload::apply_update(&self.doc, update, update_len).await;
         match applied {
             Err(_) => return Some(self.poison("applying a client update panicked")),
             Ok(Err(e)) => {
@@ -551,6 +581,7 @@ impl Actor {
             }
             Ok(Ok(())) => {}
         }
+        self.size += update_len;
         let context = self.conns.get(&id).map(|c| c.context.clone());
         self.changes_applied(Some(id), context).await;
         if !yws {
@@ -580,6 +611,7 @@ impl Actor {
             self.lsn += 1;
             let bytes = Bytes::from(change);
             if self.durable {
+                self.uncommitted += bytes.len();
                 self.unsent.push((self.lsn, bytes.clone()));
             } else {
                 self.committed_lsn = self.lsn;
@@ -687,6 +719,10 @@ impl Actor {
         let (upto, batch) = self.inflight.take()?;
         match result.outcome {
             Ok(AppendOutcome::Committed(seq)) => {
+                let bytes: usize = batch.iter().map(|(_, b)| b.len()).sum();
+                self.uncommitted = self.uncommitted.saturating_sub(bytes);
+                // the first write of a document loaded empty created its row
+                self.epoch = result.epoch;
                 self.committed_lsn = upto.max(self.committed_lsn);
                 self.db_seq = seq;
                 self.log_len += batch.len();
@@ -750,11 +786,7 @@ impl Actor {
 
     /// Folds the log into a new snapshot (fenced), running the store hooks.
     async fn compact(&mut self) -> Result<(), StoreError> {
-        let encoded = catch_unwind(AssertUnwindSafe(|| {
-            self.doc
-                .transact()
-                .encode_state_as_update_v1(&StateVector::default())
-        }));
+        let encoded = offload::encode_state(&self.doc, self.size).await;
         let Ok(state) = encoded else {
             self.shared.metrics.panics.inc();
             return Err(StoreError::Corrupt("encoding the document panicked".into()));
@@ -772,6 +804,24 @@ impl Actor {
             ));
         }
         let started = Instant::now();
+        if self.epoch == UNSTORED {
+            // a document loaded empty is stored for the first time: create its row, unless
+            // someone else did first (then this node is fenced)
+            match self.shared.store.create_epoch(&self.name).await {
+                Ok(Some(epoch)) => self.epoch = epoch,
+                Ok(None) => {
+                    self.shared.metrics.fenced_writes.inc();
+                    return Err(StoreError::Fenced {
+                        current: 1,
+                        mine: UNSTORED,
+                    });
+                }
+                Err(e) => {
+                    self.shared.metrics.failed_writes.inc();
+                    return Err(e);
+                }
+            }
+        }
         let result = self
             .shared
             .store
@@ -788,6 +838,7 @@ impl Actor {
                 m.compaction_log_len.observe(self.log_len as f64);
                 self.log_len = 0;
                 self.dirty_since = None;
+                self.size = state.len();
                 debug!(doc = %self.name, bytes = state.len(), "document stored");
                 if let Err(e) = self.shared.extensions.after_store_document(&payload).await {
                     debug!(doc = %self.name, reason = %e, "after_store_document rejected");
@@ -863,9 +914,7 @@ impl Actor {
         if let Some(conn) = self.conns.remove(&id) {
             self.shared.metrics.doc_connections.dec();
             self.shared.metrics.pending_acks.sub(conn.acks.len() as i64);
-            let change = self
-                .awareness
-                .remove(conn.awareness_ids.iter().copied(), Instant::now());
+            let change = self.awareness.remove_owner(id, Instant::now());
             if !change.is_empty() {
                 let bytes = self.awareness.encode(change.all());
                 self.broadcast(&ServerMessage::Awareness(&bytes).encode_body(), None);
@@ -995,39 +1044,106 @@ impl Actor {
         }
     }
 
+    /// An awareness update. Only messages that change something (or are refused) count
+    /// against the connection's rate: providers re-send every change they receive, and those
+    /// repeats change nothing here.
     async fn on_awareness(&mut self, id: ConnId, update: Bytes) {
+        let now = Instant::now();
+        // frames of a connection closed meanwhile are dropped
+        if !self.conns.contains_key(&id) {
+            return;
+        }
         let max = self.shared.config.max_awareness_state_bytes;
-        let entries = match awareness::decode_update(update, max) {
-            Ok(e) => e,
+        let update = match awareness::Update::parse(update, max) {
+            Ok(u) => u,
             Err(e) => {
                 debug!(doc = %self.name, conn = id, error = %e, "refused awareness update");
+                self.shared
+                    .metrics
+                    .awareness_refused
+                    .with_label_values(&[e.label()])
+                    .inc();
+                self.charge_awareness(id, now).await;
                 return;
             }
         };
-        // A connection may only speak for client ids it introduced or that nobody owns.
-        let entries: Vec<_> = entries
-            .into_iter()
-            .filter(|e| {
-                !self
-                    .conns
-                    .iter()
-                    .any(|(other, c)| *other != id && c.awareness_ids.contains(&e.client))
-            })
-            .collect();
-        let change = self.awareness.apply(entries, Instant::now());
-        if change.is_empty() {
+        let applied = self.awareness.apply(id, &update, now);
+        for (reason, n) in applied.refused.iter() {
+            debug!(doc = %self.name, conn = id, reason = reason.label(), states = n, "document awareness full; states ignored");
+            self.shared
+                .metrics
+                .awareness_refused
+                .with_label_values(&[reason.label()])
+                .inc_by(n as u64);
+        }
+        if !applied.change.is_empty() {
+            let context = self.conns.get(&id).map(|c| c.context.clone());
+            self.broadcast_awareness(&applied.change, context).await;
+        }
+        if let Some(v) = applied.violation {
+            self.close_for_violation(id, v).await;
+        } else if !applied.change.is_empty() || !applied.refused.is_empty() {
+            self.charge_awareness(id, now).await;
+        }
+    }
+
+    /// Takes one token from the connection's awareness rate; closes it when none is left.
+    /// False when the connection was closed.
+    async fn charge_awareness(&mut self, id: ConnId, now: Instant) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        if conn.awareness_rate.take(now) {
+            return true;
+        }
+        self.close_for_violation(id, Violation::Rate).await;
+        false
+    }
+
+    /// QueryAwareness: the snapshot of every present state (at most
+    /// `max_awareness_document_bytes`); counts against the connection's awareness rate.
+    async fn on_query_awareness(&mut self, id: ConnId) {
+        if !self.charge_awareness(id, Instant::now()).await {
             return;
         }
-        if let Some(conn) = self.conns.get_mut(&id) {
-            for c in change.added.iter().chain(&change.updated) {
-                if !conn.awareness_ids.contains(c) {
-                    conn.awareness_ids.push(*c);
-                }
-            }
-            conn.awareness_ids.retain(|c| !change.removed.contains(c));
+        if let Some(bytes) = self.awareness.encode_all() {
+            self.send_to(id, ServerMessage::Awareness(&bytes));
         }
-        let context = self.conns.get(&id).map(|c| c.context.clone());
-        self.broadcast_awareness(&change, context).await;
+    }
+
+    /// A connection broke a per-connection awareness limit: it gets `CLOSE(reason)` on this
+    /// document (Hocuspocus), its states are removed, and its whole socket is closed with
+    /// 1008 and the same reason. Everyone else keeps working.
+    async fn close_for_violation(&mut self, id: ConnId, v: Violation) {
+        let Some(outbox) = self.conns.get(&id).map(|c| c.outbox.clone()) else {
+            return;
+        };
+        warn!(doc = %self.name, conn = id, limit = v.label(), "awareness limit exceeded; closing the client's socket");
+        self.shared
+            .metrics
+            .awareness_refused
+            .with_label_values(&[v.label()])
+            .inc();
+        self.detach(id, Some(v.reason().to_owned())).await;
+        outbox.control(Outgoing::CloseSocket {
+            code: awareness::CLOSE_CODE,
+            reason: v.reason(),
+        });
+    }
+
+    /// Keeps `hearth_awareness_states` / `hearth_awareness_bytes` equal to the sums over
+    /// loaded documents.
+    fn sync_awareness_gauges(&mut self) {
+        let now = (
+            self.awareness.len() as i64,
+            self.awareness.encoded_len() as i64,
+        );
+        if now != self.counted_awareness {
+            let m = &self.shared.metrics;
+            m.awareness_states.add(now.0 - self.counted_awareness.0);
+            m.awareness_bytes.add(now.1 - self.counted_awareness.1);
+            self.counted_awareness = now;
+        }
     }
 
     async fn broadcast_awareness(&mut self, change: &Change, context: Option<Arc<Context>>) {

@@ -12,6 +12,7 @@
 pub mod actor;
 pub mod committer;
 pub mod direct;
+pub(crate) mod offload;
 pub mod registry;
 
 use std::sync::Arc;

@@ -21,6 +21,7 @@ use super::{DocHandle, LoadError};
 use crate::hooks::{Context, DocumentPayload, LoadPayload};
 use crate::protocol::update::decode_guarded;
 use crate::shared::Shared;
+use crate::storage::{Epoch, StoreError, StoredDocument, UNSTORED};
 
 type LoadResult = Option<Result<DocHandle, LoadError>>;
 
@@ -100,6 +101,17 @@ impl Registry {
                     Some(Slot::Ready(h)) if !h.is_closed() => Next::Ready(h.clone()),
                     Some(Slot::Loading(rx)) => Next::Wait(rx.clone()),
                     Some(Slot::Unloading(tx)) => Next::WaitUnload(tx.subscribe()),
+                    _ if slots.len() >= shared.config.max_documents => {
+                        shared.metrics.loads.with_label_values(&["capacity"]).inc();
+                        warn!(
+                            doc = name,
+                            loaded = slots.len(),
+                            "document refused: node at max_documents"
+                        );
+                        return Err(LoadError {
+                            reason: CAPACITY.into(),
+                        });
+                    }
                     _ => {
                         let (tx, rx) = watch::channel(None);
                         slots.insert(Arc::from(name), Slot::Loading(rx.clone()));
@@ -175,6 +187,9 @@ impl Registry {
     }
 }
 
+/// The load failure when the node already serves `max_documents` documents.
+pub(crate) const CAPACITY: &str = "server at document capacity";
+
 /// The load failure when another node took the document between routing and loading.
 pub(crate) const NOT_OWNER: &str = "not-owner";
 
@@ -223,6 +238,25 @@ async fn load(
     }
 }
 
+/// Takes the document's epoch and reads it. A stored document's epoch is advanced before it
+/// is read, which fences every earlier owner from that moment on. A document with no row is
+/// read without writing anything: it stays out of the database until its first write creates
+/// the row ([`UNSTORED`]); if another node creates it first, that write is fenced.
+async fn epoch_and_state(
+    shared: &Shared,
+    name: &str,
+) -> Result<(Epoch, StoredDocument), StoreError> {
+    if shared.store.current_epoch(name).await?.is_none() {
+        let stored = shared.store.load(name).await?;
+        if stored.is_empty() {
+            return Ok((UNSTORED, stored));
+        }
+        // stored meanwhile by another node: take it over like any stored document
+    }
+    let epoch = shared.store.acquire_epoch(name).await?;
+    Ok((epoch, shared.store.load(name).await?))
+}
+
 /// Epoch, storage, load hooks: everything of a load but the lease.
 async fn load_state(
     shared: &Arc<Shared>,
@@ -236,18 +270,10 @@ async fn load_state(
         LoadError { reason }
     };
     let denied = "permission-denied".to_owned();
-    // The database epoch fences every earlier owner from this moment on.
-    let epoch = match shared.store.acquire_epoch(name).await {
-        Ok(e) => e,
+    let (epoch, stored) = match epoch_and_state(shared, name).await {
+        Ok(r) => r,
         Err(e) => {
-            warn!(doc = %name, error = %e, "cannot take the document's epoch");
-            return Err(fail("store_error", denied));
-        }
-    };
-    let stored = match shared.store.load(name).await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(doc = %name, error = %e, "cannot read the document");
+            warn!(doc = %name, error = %e, "cannot take the document's epoch or read it");
             return Err(fail("store_error", denied));
         }
     };
@@ -255,6 +281,8 @@ async fn load_state(
         .with_label_values(&["load"])
         .observe(started.elapsed().as_secs_f64());
     let doc = Doc::with_client_id(u64::from(rand::random::<u32>()));
+    let mut size: usize = stored.snapshot.as_ref().map_or(0, Vec::len)
+        + stored.updates.iter().map(Vec::len).sum::<usize>();
     let limits = shared.config.storage_scan_limits();
     let parts = stored.snapshot.iter().chain(stored.updates.iter());
     for (i, bytes) in parts.enumerate() {
@@ -319,6 +347,7 @@ async fn load_state(
                 return Err(fail("hook_invalid", denied));
             }
             dirty |= doc.transact().state_vector().encode_v1() != before;
+            size += update.len();
         }
         let payload = DocumentPayload {
             document_name: name,
@@ -345,5 +374,6 @@ async fn load_state(
         log_len: stored.updates.len(),
         dirty,
         lease: None,
+        size,
     })
 }

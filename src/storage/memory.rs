@@ -54,6 +54,18 @@ impl DocumentStore for MemoryStore {
         Ok(self.with(|rows, _| rows.get(name).map(|r| r.epoch)))
     }
 
+    async fn create_epoch(&self, name: &str) -> Result<Option<Epoch>, StoreError> {
+        check_name(name)?;
+        Ok(self.with(|rows, _| {
+            if rows.contains_key(name) {
+                return None;
+            }
+            let row = rows.entry(name.to_owned()).or_default();
+            row.epoch = 1;
+            Some(row.epoch)
+        }))
+    }
+
     async fn load(&self, name: &str) -> Result<StoredDocument, StoreError> {
         check_name(name)?;
         Ok(self.with(|rows, _| match rows.get(name) {

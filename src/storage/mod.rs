@@ -25,6 +25,10 @@ pub use sql::{SqlOptions, SqlStore, Synchronous};
 /// An ownership term of one document, issued by the database. Strictly increasing per document.
 pub type Epoch = i64;
 
+/// The epoch of a document loaded empty and not stored yet: its first write creates the row
+/// with [`DocumentStore::create_epoch`] (and is fenced if someone else created it first).
+pub const UNSTORED: Epoch = 0;
+
 /// Position of an update in a document's log (backend-assigned, strictly increasing per
 /// document). `0` means "nothing logged".
 pub type LogSeq = i64;
@@ -125,6 +129,12 @@ pub trait DocumentStore: Send + Sync + fmt::Debug + 'static {
 
     /// The document's current epoch, or `None` if it has no row.
     async fn current_epoch(&self, name: &str) -> Result<Option<Epoch>, StoreError>;
+
+    /// Creates the document's row with epoch 1 iff it has none, and returns that epoch; `None`
+    /// when a row exists already (another writer stored the document first). A document that
+    /// was empty when loaded is written under the epoch this returns, so opening a document
+    /// that is never edited stores nothing.
+    async fn create_epoch(&self, name: &str) -> Result<Option<Epoch>, StoreError>;
 
     /// Reads the snapshot and the log. Never writes.
     async fn load(&self, name: &str) -> Result<StoredDocument, StoreError>;

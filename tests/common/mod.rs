@@ -54,6 +54,8 @@ pub async fn wait_until(d: Duration, what: &str, mut cond: impl FnMut() -> bool)
 pub struct TestServer {
     /// Bound address.
     pub addr: SocketAddr,
+    /// The operator listener's address (`/metrics`, `/cluster/owned`), if enabled.
+    pub operator: Option<SocketAddr>,
     /// Server-side API.
     pub handle: ServerHandle,
     /// `Server::run`, returns after a graceful shutdown.
@@ -61,6 +63,11 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// The operator listener's address; panics when `operator_listen` was empty.
+    pub fn operator_addr(&self) -> SocketAddr {
+        self.operator.expect("the operator listener is enabled")
+    }
+
     /// `ws://addr/` (the Hocuspocus endpoint).
     pub fn url(&self) -> String {
         format!("ws://{}/", self.addr)
@@ -100,9 +107,15 @@ pub async fn start_server(
         .await
         .expect("server binds");
     let addr = server.local_addr();
+    let operator = server.operator_addr();
     let handle = server.handle();
     let join = tokio::spawn(server.run());
-    TestServer { addr, handle, join }
+    TestServer {
+        addr,
+        operator,
+        handle,
+        join,
+    }
 }
 
 /// A server with no extensions and the default (memory) store.
@@ -750,9 +763,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     .await
 }
 
-/// Sum of every sample of metric `name` in `/metrics` (0 if absent).
-pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (status, body) = http_get(addr, "/metrics").await;
+/// Sum of every sample of metric `name` in `/metrics` (0 if absent) on the operator listener
+/// at `operator` ([`TestServer::operator_addr`]).
+pub async fn metric(operator: SocketAddr, name: &str) -> f64 {
+    let (status, body) = http_get(operator, "/metrics").await;
     assert_eq!(status, 200);
     body.lines()
         .filter(|l| !l.starts_with('#'))
@@ -852,6 +866,10 @@ impl DocumentStore for FlakyStore {
         self.inner.current_epoch(name).await
     }
 
+    async fn create_epoch(&self, name: &str) -> Result<Option<i64>, hearth::storage::StoreError> {
+        self.inner.create_epoch(name).await
+    }
+
     async fn load(
         &self,
         name: &str,
@@ -921,4 +939,47 @@ pub async fn start_with(
     setup: impl FnOnce(ServerBuilder) -> ServerBuilder,
 ) -> TestServer {
     start_server(config, move |b| setup(b.store(store))).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// clients behind a trusted proxy
+// ---------------------------------------------------------------------------------------------
+
+impl RawClient {
+    /// Connects to `ws://addr{path}` with `X-Forwarded-For: forwarded_for` (the client address
+    /// when the server trusts 127.0.0.1 as a proxy); `Err(status)` when the server answers the
+    /// upgrade with anything other than 101.
+    pub async fn try_connect_forwarded(
+        addr: SocketAddr,
+        path: &str,
+        forwarded_for: &str,
+    ) -> Result<Self, u16> {
+        use tokio_tungstenite::tungstenite::Error as WsError;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        use tokio_tungstenite::tungstenite::http::HeaderValue;
+        let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+        req.headers_mut().insert(
+            "x-forwarded-for",
+            HeaderValue::from_str(forwarded_for).unwrap(),
+        );
+        match with_timeout(T, "websocket connect", connect_async(req)).await {
+            Ok((ws, _)) => Ok(Self { ws, seen: 0 }),
+            Err(WsError::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("upgrade failed without an HTTP answer: {e}"),
+        }
+    }
+
+    /// Reads without parsing (e.g. a y-websocket socket) until the connection ends; the close
+    /// code, if a close frame came. Fails the test if it is still open after `d`.
+    pub async fn close_code_unparsed(&mut self, d: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("connection still open after {d:?}"),
+                Ok(None | Some(Err(_))) => return None,
+                Ok(Some(Ok(Message::Close(c)))) => return c.map(|c| u16::from(c.code)),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
 }

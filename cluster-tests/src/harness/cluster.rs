@@ -4,8 +4,8 @@
 //! * the Redis ownership lock of a document ([`Cluster::holder`], [`Cluster::holders`]: key
 //!   `<prefix>:lock:{<hex16 of sha256(name)>}`, value `node|incarnation|lease`) and each node's
 //!   incarnation (`<prefix>:node:<id>`);
-//! * each node's own view, `GET /cluster/owned` ([`Cluster::owned`]) and `/metrics`
-//!   ([`Cluster::metrics`], parsed into [`Metrics`]);
+//! * each node's own view on its operator listener, `GET /cluster/owned` ([`Cluster::owned`])
+//!   and `/metrics` ([`Cluster::metrics`], parsed into [`Metrics`]);
 //! * `hearth cluster owner <doc>` ([`Cluster::cli_owner`]) and any other command line
 //!   ([`Cluster::cli_with`]: extra environment, stdin, raw stdout, stderr, run time);
 //! * the shared database: epochs ([`Cluster::epochs`]) and the stored blobs of a document
@@ -32,7 +32,7 @@ use super::pg::PgDatabase;
 use super::redis::{RedisProcess, Resp};
 use super::{Scratch, WAIT};
 
-/// What to start: node count, lock TTL, extra settings for every node.
+/// What to start: node count, lock TTL, cluster secret, extra settings for every node.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
     /// Number of nodes (ids `n1`, `n2`, …).
@@ -41,6 +41,9 @@ pub struct ClusterSpec {
     pub lock_ttl_ms: u64,
     /// `HEARTH_REDIS_PREFIX`.
     pub prefix: String,
+    /// `HEARTH_CLUSTER_SECRET` of every node and of [`Cluster::cli_with`] (a node refuses to
+    /// start in a cluster without a strong one). Default: 32 random bytes in hex, fresh per spec.
+    pub secret: String,
     /// Further environment variables for every node.
     pub env: Vec<(String, String)>,
     /// Further command-line arguments for every node.
@@ -54,9 +57,16 @@ impl ClusterSpec {
             nodes,
             lock_ttl_ms: 2000,
             prefix: "hearth".into(),
+            secret: random_secret(),
             env: Vec::new(),
             args: Vec::new(),
         }
+    }
+
+    /// With this cluster secret.
+    pub fn secret(mut self, secret: impl Into<String>) -> ClusterSpec {
+        self.secret = secret.into();
+        self
     }
 
     /// With this lock TTL.
@@ -80,6 +90,14 @@ impl ClusterSpec {
         self.args.extend(args.into_iter().map(Into::into));
         self
     }
+}
+
+/// A strong cluster secret: 32 random bytes, hex-encoded (what `openssl rand -hex 32` prints).
+pub fn random_secret() -> String {
+    rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A parsed lock value `node|incarnation|lease`.
@@ -179,6 +197,7 @@ pub struct Cluster {
     /// The shared database.
     pub db: PgDatabase,
     prefix: String,
+    secret: String,
     lock_ttl: Duration,
 }
 
@@ -192,6 +211,7 @@ impl Cluster {
                 .env("HEARTH_REDIS_URL", redis.url())
                 .env("HEARTH_LOCK_TTL_MS", spec.lock_ttl_ms.to_string())
                 .env("HEARTH_REDIS_PREFIX", spec.prefix.clone())
+                .env("HEARTH_CLUSTER_SECRET", spec.secret.clone())
                 .args(spec.args.iter().cloned());
             for (k, v) in &spec.env {
                 node = node.env(k.clone(), v.clone());
@@ -209,8 +229,14 @@ impl Cluster {
             redis,
             db,
             prefix: spec.prefix,
+            secret: spec.secret,
             lock_ttl: Duration::from_millis(spec.lock_ttl_ms),
         })
+    }
+
+    /// The cluster secret the nodes run with.
+    pub fn secret(&self) -> &str {
+        &self.secret
     }
 
     /// The lock TTL the nodes run with.
@@ -315,9 +341,9 @@ impl Cluster {
         Ok(self.redis.command(&["GET", &key]).await?.as_str())
     }
 
-    /// `GET /cluster/owned` on node `i`: the documents it says it serves.
+    /// `GET /cluster/owned` on node `i`'s operator listener: the documents it says it serves.
     pub async fn owned(&self, i: usize) -> anyhow::Result<BTreeSet<String>> {
-        let (status, body) = self.nodes[i].http_get("/cluster/owned").await?;
+        let (status, body) = self.nodes[i].operator_get("/cluster/owned").await?;
         if status != 200 {
             bail!("/cluster/owned on {} answered {status}", self.nodes[i].id());
         }
@@ -335,16 +361,17 @@ impl Cluster {
         join_all((0..self.nodes.len()).map(|i| self.owned(i))).await
     }
 
-    /// One scrape of node `i`'s `/metrics`.
+    /// One scrape of node `i`'s `/metrics` (operator listener).
     pub async fn metrics(&self, i: usize) -> anyhow::Result<Metrics> {
-        let (status, body) = self.nodes[i].http_get("/metrics").await?;
+        let (status, body) = self.nodes[i].operator_get("/metrics").await?;
         if status != 200 {
             bail!("/metrics on {} answered {status}", self.nodes[i].id());
         }
         Ok(Metrics::parse(&body))
     }
 
-    /// Runs `hearth <args…>` with this cluster's Redis settings (≤ 10 s): exit code, stdout.
+    /// Runs `hearth <args…>` with this cluster's Redis settings and secret (≤ 10 s): exit code,
+    /// stdout.
     pub async fn cli(&self, args: &[&str]) -> anyhow::Result<(Option<i32>, String)> {
         let run = self
             .cli_with(args, &[], None, Duration::from_secs(10))
@@ -355,9 +382,10 @@ impl Cluster {
         ))
     }
 
-    /// Runs `hearth <args…>` with this cluster's Redis settings plus `env`, writing `stdin` (if
-    /// any) to its standard input; kills it after `limit`. Unlike [`Cluster::cli`], stdout is kept
-    /// byte for byte and stderr and the run time are returned too.
+    /// Runs `hearth <args…>` with this cluster's Redis settings and secret plus `env` (which may
+    /// override them; an empty value unsets), writing `stdin` (if any) to its standard input;
+    /// kills it after `limit`. Unlike [`Cluster::cli`], stdout is kept byte for byte and stderr
+    /// and the run time are returned too.
     pub async fn cli_with(
         &self,
         args: &[&str],
@@ -375,6 +403,7 @@ impl Cluster {
         cmd.args(args)
             .env("HEARTH_REDIS_URL", self.redis.url())
             .env("HEARTH_REDIS_PREFIX", &self.prefix)
+            .env("HEARTH_CLUSTER_SECRET", &self.secret)
             .env("RUST_LOG", "error")
             .envs(env.iter().copied())
             .stdin(if stdin.is_some() {

@@ -1,10 +1,12 @@
 //! One `hearth` process under test control.
 //!
 //! The binary is `$HEARTH_BIN`, else `<target>/release/hearth`, else `<target>/debug/hearth`.
-//! It is started as `hearth --listen 127.0.0.1:<port|0> --ready-file F --node-id ID
-//! --database-url URL <args…>` with `<env…>`, stdout and stderr appended to
-//! `<scratch>/node-<id>.log`. [`NodeProcess::start`] returns once the ready file names the
-//! bound address. A restart reuses the port, so clients and load balancers keep their URL.
+//! It is started as `hearth --listen 127.0.0.1:<port|0> --ready-file F --operator-listen
+//! 127.0.0.1:0 --operator-ready-file F.operator --node-id ID --database-url URL <args…>` with
+//! `<env…>`, stdout and stderr appended to `<scratch>/node-<id>.log`. [`NodeProcess::start`]
+//! returns once the ready files name the bound addresses. A restart reuses the client port, so
+//! clients and load balancers keep their URL; the operator listener (`/metrics`,
+//! `/cluster/owned`) gets a fresh port each start ([`NodeProcess::operator_addr`]).
 //!
 //! Cluster settings go in [`NodeSpec::env`] (`HEARTH_REDIS_URL`, `HEARTH_LOCK_TTL_MS`, …) or
 //! [`NodeSpec::args`]; the node id is always passed as `--node-id`. `HEARTH_*` variables of the
@@ -102,6 +104,7 @@ pub struct NodeProcess {
     log: PathBuf,
     child: Option<Child>,
     addr: SocketAddr,
+    operator: SocketAddr,
     starts: u32,
     last_exit: Option<ExitStatus>,
 }
@@ -119,6 +122,7 @@ impl NodeProcess {
             log,
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            operator: SocketAddr::from(([127, 0, 0, 1], 0)),
             starts: 0,
             last_exit: None,
         };
@@ -131,7 +135,9 @@ impl NodeProcess {
         let ready = self
             .dir
             .join(format!("node-{}.ready{}", self.spec.node_id, self.starts));
+        let operator_ready = ready.with_extension(format!("operator{}", self.starts));
         let _ = std::fs::remove_file(&ready);
+        let _ = std::fs::remove_file(&operator_ready);
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -155,6 +161,10 @@ impl NodeProcess {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--ready-file")
             .arg(&ready)
+            .arg("--operator-listen")
+            .arg("127.0.0.1:0")
+            .arg("--operator-ready-file")
+            .arg(&operator_ready)
             .arg("--node-id")
             .arg(&self.spec.node_id)
             .arg("--database-url")
@@ -176,9 +186,19 @@ impl NodeProcess {
         self.last_exit = None;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
+            // hearth writes the operator file first
             if let Ok(text) = std::fs::read_to_string(&ready)
                 && let Ok(addr) = text.trim().parse::<SocketAddr>()
             {
+                let text = std::fs::read_to_string(&operator_ready).with_context(|| {
+                    format!("node {} wrote no operator ready file", self.spec.node_id)
+                })?;
+                self.operator = text.trim().parse().with_context(|| {
+                    format!(
+                        "operator ready file of node {}: {text:?}",
+                        self.spec.node_id
+                    )
+                })?;
                 self.addr = addr;
                 return Ok(());
             }
@@ -221,6 +241,12 @@ impl NodeProcess {
     /// The address it listens on (kept across restarts).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The operator listener of the current process (`/metrics`, `/cluster/owned`); it
+    /// changes on restart.
+    pub fn operator_addr(&self) -> SocketAddr {
+        self.operator
     }
 
     /// `ws://ip:port/`.
@@ -385,9 +411,15 @@ impl NodeProcess {
         }
     }
 
-    /// `GET path` over plain HTTP/1.1 (≤ 5 s): the status code and the body.
+    /// `GET path` on the client port over plain HTTP/1.1 (≤ 5 s): the status code and the body.
     pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         http_get(self.addr, path).await
+    }
+
+    /// `GET path` on the operator listener (`/metrics`, `/cluster/owned`, `/readyz` with its
+    /// reason) over plain HTTP/1.1 (≤ 5 s).
+    pub async fn operator_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(self.operator, path).await
     }
 
     /// The status code of `GET /readyz`.

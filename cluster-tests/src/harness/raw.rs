@@ -42,6 +42,41 @@ impl Inner {
     }
 }
 
+/// A WebSocket upgrade request for `url`, with `X-Forwarded-For` if given.
+fn request(
+    url: &str,
+    forwarded_for: Option<&str>,
+) -> anyhow::Result<tokio_tungstenite::tungstenite::handshake::client::Request> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let mut req = url.into_client_request()?;
+    if let Some(ip) = forwarded_for {
+        req.headers_mut()
+            .insert("x-forwarded-for", HeaderValue::from_str(ip)?);
+    }
+    Ok(req)
+}
+
+/// The HTTP status a WebSocket upgrade of `url` gets (≤ 5 s): 101 when it is accepted (the
+/// socket is closed again at once), else the refusal's status (429 for a banned address).
+pub async fn upgrade_status(url: &str, forwarded_for: Option<&str>) -> anyhow::Result<u16> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    match timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(request(url, forwarded_for)?),
+    )
+    .await
+    .with_context(|| format!("upgrading {url} timed out"))?
+    {
+        Ok((mut ws, _)) => {
+            let _ = timeout(Duration::from_secs(2), ws.close(None)).await;
+            Ok(101)
+        }
+        Err(WsError::Http(resp)) => Ok(resp.status().as_u16()),
+        Err(e) => Err(anyhow::anyhow!("upgrading {url}: {e}")),
+    }
+}
+
 /// A recording raw client socket (closed on drop).
 #[derive(Debug)]
 pub struct RawSocket {
@@ -53,9 +88,15 @@ pub struct RawSocket {
 impl RawSocket {
     /// Opens a WebSocket to `url` (≤ 5 s).
     pub async fn connect(url: &str) -> anyhow::Result<RawSocket> {
+        Self::connect_as(url, None).await
+    }
+
+    /// Opens a WebSocket to `url` (≤ 5 s), sending `X-Forwarded-For: forwarded_for` if given
+    /// (the client address when the node trusts 127.0.0.1 as a proxy).
+    pub async fn connect_as(url: &str, forwarded_for: Option<&str>) -> anyhow::Result<RawSocket> {
         let (ws, _) = timeout(
             Duration::from_secs(5),
-            tokio_tungstenite::connect_async(url),
+            tokio_tungstenite::connect_async(request(url, forwarded_for)?),
         )
         .await
         .with_context(|| format!("connecting to {url} timed out"))?

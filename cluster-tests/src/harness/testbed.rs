@@ -52,7 +52,7 @@ use anyhow::Context as _;
 pub use client::{ClientOptions, Snapshot, TestClient};
 pub use cluster::{
     CliRun, Cluster, ClusterSpec, LockHolder, Metrics, Reconnector, StoredRow, marker_hits,
-    probe_writable, wait_all_acked, wait_converged,
+    probe_writable, random_secret, wait_all_acked, wait_converged,
 };
 pub use lb::Lb;
 pub use node::{NodeProcess, NodeSpec};

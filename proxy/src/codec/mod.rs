@@ -3,7 +3,7 @@
 //! ```text
 //! unsigned:  0x01 | body
 //! signed:    0x02 | key_id:u8 | mac:[u8; 32] | body
-//!            mac = HMAC-SHA256(key[key_id], 0x02 | key_id | body)
+//!            mac = HMAC-SHA256(secret, 0x02 | key_id | body), key_id = 0 (crate::auth)
 //! body:      one msgpack map with string keys (see the crate docs for the fields)
 //! ```
 //!
@@ -50,7 +50,7 @@ pub enum RejectReason {
     UnknownFormat,
     /// No MAC, but a cluster secret is configured.
     Unsigned,
-    /// MAC under a key id this node doesn't have.
+    /// MAC under a key id other than [`crate::auth::KEY_ID`] (reserved).
     UnknownKey,
     /// MAC doesn't match (wrong key or tampered bytes).
     BadMac,
@@ -214,11 +214,11 @@ impl Codec {
             _ => 0,
         };
         let mut buf = Vec::with_capacity(SIGNED_PREFIX_LEN + 192 + payload_hint);
-        let key = self.auth.signing_key();
-        match key {
-            Some(key) => {
+        let key_id = self.auth.key_id();
+        match key_id {
+            Some(id) => {
                 buf.push(FORMAT_HMAC_SHA256);
-                buf.push(key.id());
+                buf.push(id);
                 buf.extend_from_slice(&[0u8; MAC_LEN]);
             }
             None => buf.push(FORMAT_PLAIN),
@@ -236,7 +236,7 @@ impl Codec {
                 max: self.max_envelope_bytes,
             });
         }
-        if key.is_some() {
+        if key_id.is_some() {
             let (prefix, body) = buf.split_at(body_start);
             if let Some(mac) = self.auth.sign(&prefix[..2], body) {
                 buf[2..body_start].copy_from_slice(&mac);
@@ -289,10 +289,10 @@ impl Codec {
     #[cfg(test)]
     pub(crate) fn wrap_raw(&self, body: &[u8]) -> Vec<u8> {
         let mut buf = Vec::new();
-        match self.auth.signing_key() {
-            Some(key) => {
+        match self.auth.key_id() {
+            Some(id) => {
                 buf.push(FORMAT_HMAC_SHA256);
-                buf.push(key.id());
+                buf.push(id);
                 let mac = self.auth.sign(&buf[..2], body).unwrap_or([0; MAC_LEN]);
                 buf.extend_from_slice(&mac);
             }

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::*;
-use crate::auth::ClusterKey;
+use crate::auth::{Secret, Secrets};
 use crate::envelope::RpcErrorCode;
 use crate::ids::{ConnId, Incarnation, NodeId};
 
-const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+const SECRET: &[u8] = b"Vq7Rk2Xm9Lb4Tz8Wn1Hc6Pd3Jf5Gs0Ye";
 
 fn addr(name: &str, inc: u64) -> NodeAddr {
     NodeAddr::new(NodeId::new(name).unwrap(), Incarnation(inc))
@@ -675,7 +675,7 @@ fn hmac_accept_and_reject() {
 
     // Wrong key, same key id.
     let other = Codec::new(
-        Auth::with_secret(b"another secret that is long enough").unwrap(),
+        Auth::with_secret(b"Mw4Qx8Rz2Kv6Tb9Ln3Hp7Jc1Gd5Fs0Ya").unwrap(),
         DEFAULT_MAX_ENVELOPE_BYTES,
     );
     assert_eq!(other.decode(&good).unwrap_err(), DecodeError::BadMac);
@@ -698,32 +698,44 @@ fn hmac_accept_and_reject() {
 
 #[test]
 fn key_rotation() {
-    let old = ClusterKey::new(1, b"old secret old secret old secret").unwrap();
-    let new = ClusterKey::new(2, b"new secret new secret new secret").unwrap();
-    let old_node = Codec::new(
-        Auth::with_keys(old.clone(), vec![]).unwrap(),
-        DEFAULT_MAX_ENVELOPE_BYTES,
-    );
-    let rotating = Codec::new(
-        Auth::with_keys(new.clone(), vec![old]).unwrap(),
-        DEFAULT_MAX_ENVELOPE_BYTES,
-    );
-    let new_only = Codec::new(
-        Auth::with_keys(new, vec![]).unwrap(),
-        DEFAULT_MAX_ENVELOPE_BYTES,
-    );
+    let old = Secret::new(b"Xo1Lr5Kd9Qm3Tv7Wb2Hn6Pc4Jg8Fs0Za".as_slice()).unwrap();
+    let new = Secret::new(b"Nw3Yq7Bm1Rk5Vx9Tc2Hl6Jd8Pf4Gs0Ee".as_slice()).unwrap();
+    let codec = |secrets: Secrets| Codec::new(Auth::new(&secrets), DEFAULT_MAX_ENVELOPE_BYTES);
+    // the rolling procedure: old only → old + new as previous → swapped → new only
+    let steps = [
+        codec(Secrets::new(old.clone())),
+        codec(Secrets::new(old.clone()).with_previous(new.clone())),
+        codec(Secrets::new(new.clone()).with_previous(old.clone())),
+        codec(Secrets::new(new.clone())),
+    ];
     let env = envelope(Body::Keepalive { session: None });
-    let from_old = old_node.encode(&env).unwrap();
-    let from_rotating = rotating.encode(&env).unwrap();
-    assert_eq!(from_rotating[1], 2);
-    assert!(rotating.decode(&from_old).is_ok());
-    assert!(new_only.decode(&from_rotating).is_ok());
+    let sent: Vec<Vec<u8>> = steps.iter().map(|c| c.encode(&env).unwrap()).collect();
+    for bytes in &sent {
+        assert_eq!(bytes[1], crate::auth::KEY_ID);
+    }
+    // neighbouring steps run side by side during a rolling restart: both ways accepted
+    for i in 0..steps.len() - 1 {
+        assert_eq!(
+            steps[i].decode(&sent[i + 1]).unwrap(),
+            env,
+            "{i} reads {}",
+            i + 1
+        );
+        assert_eq!(
+            steps[i + 1].decode(&sent[i]).unwrap(),
+            env,
+            "{} reads {i}",
+            i + 1
+        );
+    }
+    // the two ends do not
+    assert_eq!(steps[3].decode(&sent[0]).unwrap_err(), DecodeError::BadMac);
+    assert_eq!(steps[0].decode(&sent[3]).unwrap_err(), DecodeError::BadMac);
+    // a key id other than 0 is reserved
+    let mut other_id = sent[2].clone();
+    other_id[1] = 2;
     assert_eq!(
-        new_only.decode(&from_old).unwrap_err(),
-        DecodeError::UnknownKey(1)
-    );
-    assert_eq!(
-        old_node.decode(&from_rotating).unwrap_err(),
+        steps[2].decode(&other_id).unwrap_err(),
         DecodeError::UnknownKey(2)
     );
 }

@@ -189,6 +189,14 @@ impl DocumentStore for SqlStore {
         }
     }
 
+    async fn create_epoch(&self, name: &str) -> Result<Option<Epoch>, StoreError> {
+        check_name(name)?;
+        match &self.pool {
+            Pool::Sqlite(p) => sqlite::create_epoch(p, name).await,
+            Pool::Postgres(p) => postgres::create_epoch(p, name).await,
+        }
+    }
+
     async fn load(&self, name: &str) -> Result<StoredDocument, StoreError> {
         check_name(name)?;
         match &self.pool {

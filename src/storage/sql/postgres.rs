@@ -69,6 +69,17 @@ pub(super) async fn acquire_epoch(p: &PgPool, name: &str) -> Result<Epoch, Store
     .map_err(db_err)
 }
 
+pub(super) async fn create_epoch(p: &PgPool, name: &str) -> Result<Option<Epoch>, StoreError> {
+    sqlx::query_scalar(
+        "INSERT INTO documents (name, epoch) VALUES ($1, 1) \
+         ON CONFLICT (name) DO NOTHING RETURNING epoch",
+    )
+    .bind(name)
+    .fetch_optional(p)
+    .await
+    .map_err(db_err)
+}
+
 pub(super) async fn current_epoch(p: &PgPool, name: &str) -> Result<Option<Epoch>, StoreError> {
     sqlx::query_scalar("SELECT epoch FROM documents WHERE name = $1")
         .bind(name)

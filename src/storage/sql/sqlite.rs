@@ -150,6 +150,24 @@ async fn acquire_epoch_on(conn: &mut SqliteConnection, name: &str) -> Result<Epo
     .map_err(db_err)
 }
 
+pub(super) async fn create_epoch(p: &Pools, name: &str) -> Result<Option<Epoch>, StoreError> {
+    with_writer!(p, |conn| create_epoch_on(conn, name))
+}
+
+async fn create_epoch_on(
+    conn: &mut SqliteConnection,
+    name: &str,
+) -> Result<Option<Epoch>, StoreError> {
+    sqlx::query_scalar(
+        "INSERT INTO documents (name, epoch) VALUES ($1, 1) \
+         ON CONFLICT (name) DO NOTHING RETURNING epoch",
+    )
+    .bind(name)
+    .fetch_optional(conn)
+    .await
+    .map_err(db_err)
+}
+
 pub(super) async fn current_epoch(p: &Pools, name: &str) -> Result<Option<Epoch>, StoreError> {
     sqlx::query_scalar("SELECT epoch FROM documents WHERE name = $1")
         .bind(name)
