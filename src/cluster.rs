@@ -633,6 +633,7 @@ impl Cluster {
         self.metrics.edge_sessions.dec();
         self.metrics.shed.with_label_values(&["edge_out"]).inc();
         warn!(
+            node = %self.me,
             doc = %session.doc,
             owner = %owner,
             queued_bytes = bytes,
@@ -725,7 +726,8 @@ impl Cluster {
                 };
                 if !owns || shared.draining.load(Ordering::Acquire) {
                     debug!(doc = %session.doc, edge = %from, "refusing open: not the owner");
-                    me.remote_ended(&from, session.conn, false);
+                    // the edge is told below: the client's frames on their way are dropped
+                    me.remote_ended(&from, session.conn, true);
                     me.post(
                         &from,
                         Body::NotOwner {
@@ -789,7 +791,7 @@ impl Cluster {
                 Err((4205, "Reset Connection"))
             }
             Err(hearth_proxy::ProxyError::Clogged) => {
-                warn!(to = %edge, doc = %session.doc, kind = "out", "outbound envelope queue is full; shedding the client");
+                warn!(node = %self.me, to = %edge, doc = %session.doc, kind = "out", "outbound envelope queue is full; shedding the client");
                 self.metrics.shed.with_label_values(&["owner_out"]).inc();
                 Err((SHED_CODE, SHED_REASON))
             }
@@ -845,6 +847,7 @@ impl Cluster {
     fn shed_owner_session(&self, edge: &NodeAddr, session: &Session, inbox: &RemoteInbox) {
         self.metrics.shed.with_label_values(&["owner_in"]).inc();
         warn!(
+            node = %self.me,
             doc = %session.doc,
             edge = %edge,
             "client of another node sends faster than its document takes it; shedding it"

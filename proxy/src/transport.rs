@@ -1238,6 +1238,44 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_backlog_holds_each_share_until_it_is_given_back() {
+        let backlog = Backlog::new();
+        let first = backlog.charge(100);
+        let second = backlog.charge(50);
+        assert_eq!((backlog.bytes(), backlog.envelopes()), (150, 2));
+        let waiter = {
+            let b = backlog.clone();
+            tokio::spawn(async move { b.below(100, 2).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "150 bytes held: not below 100");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((backlog.bytes(), backlog.envelopes()), (50, 1));
+        drop(second);
+        assert_eq!((backlog.bytes(), backlog.envelopes()), (0, 0));
+        backlog.below(1, 1).await;
+    }
+
+    #[test]
+    fn charged_bytes_count_payloads() {
+        let s = Session {
+            conn: ConnId::generate(),
+            doc: "d".into(),
+            epoch: 0,
+        };
+        let frame = Body::Frame {
+            session: s,
+            data: vec![0; 1000],
+        };
+        assert_eq!(charged_bytes(&frame), 1064);
+        assert_eq!(charged_bytes(&Body::Keepalive { session: None }), 64);
+    }
+
     #[test]
     fn in_order_gap_and_duplicate() {
         let f = filter(Auth::disabled());
