@@ -70,6 +70,11 @@ fn state_vectors() {
 }
 
 #[test]
+fn envelopes() {
+    bounded(Target::Envelopes);
+}
+
+#[test]
 fn saved_findings_replay_cleanly() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz-regressions");
     let mut n = 0;

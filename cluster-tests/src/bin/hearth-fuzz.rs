@@ -24,7 +24,8 @@ use cluster_tests::fuzz::{self, Target, targets};
     about = "Mutational fuzzer over Hearth's decoders and apply paths"
 )]
 struct Args {
-    /// Target name (`updates`, `stored`, `frames`, `awareness`, `state-vectors`) or `all`.
+    /// Target name (`updates`, `stored`, `frames`, `awareness`, `state-vectors`, `envelopes`) or
+    /// `all`.
     #[arg(long, default_value = "all")]
     target: String,
     /// Seed (default: from the clock); a case is reproducible from target, seed and index.

@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, StateVector, Transact};
 
-use super::{case_rng, mutate, traffic};
+use super::{case_rng, envelope, mutate, traffic};
 
 /// What a fuzz target feeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,16 +32,20 @@ pub enum Target {
     Awareness,
     /// State vectors of sync step1 against a document with history.
     StateVectors,
+    /// Envelopes from peer nodes (or anyone publishing on the cluster's channels), signed and
+    /// unsigned.
+    Envelopes,
 }
 
 impl Target {
     /// Every target.
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Updates,
         Target::Stored,
         Target::Frames,
         Target::Awareness,
         Target::StateVectors,
+        Target::Envelopes,
     ];
 
     /// The target's name on the command line and in regression files.
@@ -52,6 +56,7 @@ impl Target {
             Target::Frames => "frames",
             Target::Awareness => "awareness",
             Target::StateVectors => "state-vectors",
+            Target::Envelopes => "envelopes",
         }
     }
 
@@ -121,6 +126,7 @@ fn build(target: Target, rng: &mut StdRng) -> Vec<Vec<u8>> {
             let body = valid_awareness(rng);
             vec![mutate::mutate(rng, body)]
         }
+        Target::Envelopes => envelope::build(rng),
     }
 }
 
@@ -141,6 +147,7 @@ pub fn feed(target: Target, input: &[Vec<u8>]) -> Outcome {
                 feed_awareness(body, &mut out);
             }
         }
+        Target::Envelopes => envelope::feed(input, &mut out),
     }
     out
 }
