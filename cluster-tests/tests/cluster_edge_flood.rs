@@ -6,8 +6,10 @@
 //! subscription of n1 that the attack uses), `witness-b`, edited by a witness connected to n1
 //! itself, and `flood`. An attacker connected through n3 floods `flood` for about ten seconds
 //! with 1 MiB updates, as fast as its socket takes them, and a second attacker socket floods it
-//! with small updates; each reconnects at once whenever it is closed. Meanwhile both witnesses
-//! insert a marker, wait for its acknowledgement and measure that round trip, again and again.
+//! with small updates in bursts; each reconnects at once whenever it is closed. (The document
+//! soon reaches `max_document_bytes`; from then on its updates are refused, which costs the
+//! nodes as much up to the owner's document task.) Meanwhile both witnesses insert a marker,
+//! wait for its acknowledgement and measure that round trip, again and again.
 //!
 //! Asserted afterwards:
 //!
@@ -20,7 +22,7 @@
 //! * the attackers are the ones shed: they saw their sockets closed with 1013 ("Try Again
 //!   Later", counted in `hearth_cluster_sessions_shed_total`) while the witnesses' sockets were
 //!   never closed and every witness edit was acknowledged;
-//! * the witnesses' edit → acknowledgement round trip stays under [`P99_LIMIT`] at the 99th
+//! * the witnesses' edit → acknowledgement round trip stays under [`p99_limit`] at the 99th
 //!   percentile during the attack (measured numbers are printed, with the quiet ones before);
 //! * nothing acknowledged to a witness is lost: the stored rows hold every acknowledged marker,
 //!   and each witness holds exactly what a fresh client is served.
@@ -34,8 +36,11 @@ use bytes::Bytes;
 use cluster_tests::testbed::client::{ServerFrame, ServerMsg, auth_frame, decode_server_frame};
 use cluster_tests::testbed::raw::update;
 use cluster_tests::testbed::redis::Resp;
+use cluster_tests::testbed::witness::{
+    assert_undisturbed, cpu_time, lower_priority, percentile, round_trips,
+};
 use cluster_tests::testbed::{
-    ClientOptions, Cluster, ClusterSpec, LockHolder, Scratch, TestClient, WAIT, marker_hits,
+    ClientOptions, Cluster, ClusterSpec, LockHolder, Scratch, TestClient, WAIT,
 };
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::time::{Instant, sleep, timeout};
@@ -46,11 +51,19 @@ use yrs::{Array as _, Doc, ReadTxn as _, StateVector, Transact as _};
 const ATTACK: Duration = Duration::from_secs(10);
 /// Size of one large attack update.
 const BIG: usize = 1 << 20;
-/// Bound on the witnesses' 99th percentile edit → acknowledgement round trip under attack.
-/// The target is 100 ms; this bound leaves room for a 2-core machine that also runs the three
-/// nodes, Redis, PostgreSQL and the attacker (125 ms was measured there with other builds
-/// running). The measured figure is printed on every run.
-const P99_LIMIT: Duration = Duration::from_millis(400);
+/// Bound on the witnesses' 99th percentile edit → acknowledgement round trip under attack:
+/// 100 ms on a machine with four cores or more. With fewer, three nodes, Redis, PostgreSQL, the
+/// attack (some 300 MB/s of updates and 600 000 small frames a second) and the witnesses share
+/// two cores, and the bound is 300 ms: measured there with other builds running, the p99 was
+/// 90–190 ms through n2 and 60–125 ms on n1 (p50 15–30 ms), against 1.4–1.7 s and a witness
+/// disconnected within a second before the queues between edge and owner were bounded.
+fn p99_limit() -> Duration {
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 4) {
+        Duration::from_millis(100)
+    } else {
+        Duration::from_millis(300)
+    }
+}
 /// Pause between two witness edits.
 const EDIT_GAP: Duration = Duration::from_millis(20);
 /// The close code of a shed session.
@@ -111,23 +124,22 @@ async fn a_flooding_client_behind_an_edge_is_shed_and_nobody_else_notices() -> a
 
     // Quiet round trips, for comparison.
     let quiet_until = Instant::now() + Duration::from_secs(2);
-    let (quiet_a, quiet_b) =
-        tokio::try_join!(round_trips(&wa, quiet_until), round_trips(&wb, quiet_until))?;
+    let (quiet_a, quiet_b) = tokio::join!(
+        round_trips(&wa, quiet_until, EDIT_GAP),
+        round_trips(&wb, quiet_until, EDIT_GAP)
+    );
 
-    // The attack, on threads and runtimes of its own so that it does not delay the witnesses'
-    // own measurement.
+    // The attack, on threads and runtimes of its own, at a lower scheduling priority: a real
+    // attacker runs on its own machine, and this one shares the test machine's cores with the
+    // nodes and the witnesses' measurement.
     let stop = Arc::new(AtomicBool::new(false));
     let edge = url(&cluster, 2);
-    let kinds: Vec<Flood> = match std::env::var("FLOOD_KINDS").as_deref() {
-        Ok("big") => vec![Flood::Big],
-        Ok("small") => vec![Flood::Small],
-        _ => vec![Flood::Big, Flood::Small],
-    };
-    let attackers = kinds
+    let attackers = [Flood::Big, Flood::Small]
         .into_iter()
         .map(|kind| {
             let (stop, edge) = (stop.clone(), edge.clone());
             std::thread::spawn(move || -> anyhow::Result<AttackStats> {
+                lower_priority();
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
@@ -139,8 +151,12 @@ async fn a_flooding_client_behind_an_edge_is_shed_and_nobody_else_notices() -> a
     let cpu_before: Vec<Duration> = cluster.nodes.iter().map(|n| cpu_time(n.pid())).collect();
     let until = attack_started + ATTACK;
     let monitor = monitor(&cluster, &docs, &holders_before, until);
-    let (lat_a, lat_b, watch) =
-        tokio::try_join!(round_trips(&wa, until), round_trips(&wb, until), monitor)?;
+    let (lat_a, lat_b, watch) = tokio::join!(
+        round_trips(&wa, until, EDIT_GAP),
+        round_trips(&wb, until, EDIT_GAP),
+        monitor
+    );
+    let watch = watch?;
     let cpu: Vec<Duration> = cluster
         .nodes
         .iter()
@@ -175,12 +191,12 @@ async fn a_flooding_client_behind_an_edge_is_shed_and_nobody_else_notices() -> a
     ] {
         eprintln!(
             "[{test}] witness {who}: quiet p50 {:?} p99 {:?} (n={}); under attack p50 {:?} p99 {:?} max {:?} (n={}){}",
-            percentile(&quiet.samples, 50),
-            percentile(&quiet.samples, 99),
+            percentile(&quiet.durations(), 50),
+            percentile(&quiet.durations(), 99),
             quiet.samples.len(),
-            percentile(&busy.samples, 50),
-            percentile(&busy.samples, 99),
-            percentile(&busy.samples, 100),
+            percentile(&busy.durations(), 50),
+            percentile(&busy.durations(), 99),
+            percentile(&busy.durations(), 100),
             busy.samples.len(),
             busy.failure
                 .as_ref()
@@ -189,15 +205,9 @@ async fn a_flooding_client_behind_an_edge_is_shed_and_nobody_else_notices() -> a
     }
     for (who, busy) in [("wa", &lat_a), ("wb", &lat_b)] {
         let slowest: Vec<String> = busy
-            .slowest
+            .slowest(5, attack_started)
             .iter()
-            .map(|(at, d)| {
-                format!(
-                    "{:?} at +{:?}",
-                    d,
-                    at.saturating_duration_since(attack_started)
-                )
-            })
+            .map(|(at, d)| format!("{d:?} at +{at:?}"))
             .collect();
         eprintln!("[{test}] witness {who}: slowest {slowest:?}");
     }
@@ -298,20 +308,13 @@ async fn a_flooding_client_behind_an_edge_is_shed_and_nobody_else_notices() -> a
     );
     assert!(shed >= 1.0, "no node counted a shed session");
     for (who, w) in [("wa", &wa), ("wb", &wb)] {
-        w.wait_all_acked(WAIT).await?;
-        w.view(|s| {
-            assert!(s.connected(), "{who} was disconnected: {:?}", s.events());
-            assert_eq!(s.connects(), 1, "{who} reconnected: {:?}", s.events());
-            assert!(s.doc_closed().is_none(), "{who}'s document was closed");
-            assert!(s.anomalies().is_empty(), "{who}: {:?}", s.anomalies());
-            assert_eq!(s.statuses().1, 0, "{who} got SyncStatus(0)");
-        });
+        assert_undisturbed(w, who).await?;
     }
 
     // Round trips under attack.
     for (who, trips) in [("wa (via n2)", &lat_a), ("wb (on n1)", &lat_b)] {
         assert!(trips.failure.is_none(), "{who}: {:?}", trips.failure);
-        let lat = &trips.samples;
+        let lat = &trips.durations();
         assert!(
             lat.len() >= 20,
             "{who}: only {} edits under attack",
@@ -319,19 +322,15 @@ async fn a_flooding_client_behind_an_edge_is_shed_and_nobody_else_notices() -> a
         );
         let p99 = percentile(lat, 99);
         assert!(
-            p99 < P99_LIMIT,
-            "{who}: p99 edit → ack {p99:?} under attack (limit {P99_LIMIT:?})"
+            p99 < p99_limit(),
+            "{who}: p99 edit → ack {p99:?} under attack (limit {:?})",
+            p99_limit()
         );
     }
 
     // Nothing acknowledged is lost.
     for (doc, w) in [(WITNESS_A, &wa), (WITNESS_B, &wb)] {
-        let blobs = cluster.stored_blobs(doc)?;
-        let missing: Vec<String> = w
-            .acked()
-            .into_iter()
-            .filter(|m| blobs.iter().map(|b| marker_hits(b, m)).sum::<usize>() == 0)
-            .collect();
+        let missing = cluster.unstored(doc, &w.acked())?;
         assert!(
             missing.is_empty(),
             "{doc}: acknowledged but not stored: {missing:?}"
@@ -355,80 +354,6 @@ async fn a_flooding_client_behind_an_edge_is_shed_and_nobody_else_notices() -> a
     }
     drop(anchor);
     Ok(())
-}
-
-/// Round trips of one witness.
-#[derive(Debug, Default)]
-struct Trips {
-    /// Edit → acknowledgement, in order.
-    samples: Vec<Duration>,
-    /// The slowest round trips: (when the edit was made, round trip).
-    slowest: Vec<(Instant, Duration)>,
-    /// Why measuring stopped early (an edit not acknowledged within [`WAIT`]).
-    failure: Option<String>,
-}
-
-/// Inserts a marker, waits for its acknowledgement and records the round trip, until `until`
-/// or until an edit is not acknowledged within [`WAIT`].
-async fn round_trips(c: &TestClient, until: Instant) -> anyhow::Result<Trips> {
-    let mut out = Trips::default();
-    while Instant::now() < until {
-        let started = Instant::now();
-        let marker = c.insert_next();
-        let acked = c
-            .wait_for(&format!("acknowledgement of {marker}"), WAIT, |s| {
-                s.all_acked() || !s.connected()
-            })
-            .await;
-        if let Err(e) = acked {
-            out.failure = Some(e.to_string());
-            break;
-        }
-        if !c.view(|s| s.all_acked()) {
-            out.failure = Some(format!(
-                "disconnected after {:?}: {:?}",
-                started.elapsed(),
-                c.view(|s| s.events().to_vec())
-            ));
-            break;
-        }
-        let took = started.elapsed();
-        out.samples.push(took);
-        out.slowest.push((started, took));
-        out.slowest.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
-        out.slowest.truncate(5);
-        sleep(EDIT_GAP).await;
-    }
-    Ok(out)
-}
-
-/// User plus system CPU time of process `pid` so far (zero when it cannot be read).
-fn cpu_time(pid: Option<u32>) -> Duration {
-    let Some(stat) = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-    else {
-        return Duration::ZERO;
-    };
-    // fields after the parenthesised command name: state is field 3, utime 14, stime 15
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    // USER_HZ is 100 on Linux
-    Duration::from_millis(ticks * 10)
-}
-
-/// The `p`th percentile (nearest rank; 100 = the maximum).
-fn percentile(samples: &[Duration], p: usize) -> Duration {
-    let mut v = samples.to_vec();
-    v.sort();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (p * v.len()).div_ceil(100).clamp(1, v.len());
-    v[rank - 1]
 }
 
 /// What the monitor saw during the attack.

@@ -463,6 +463,17 @@ impl Cluster {
         Ok(self.stored_rows(doc)?.into_iter().map(|r| r.data).collect())
     }
 
+    /// Those of `markers` that no stored blob of `doc` holds (acknowledged edits that were
+    /// lost, when `markers` are a client's acknowledged ones).
+    pub fn unstored(&self, doc: &str, markers: &[String]) -> anyhow::Result<Vec<String>> {
+        let blobs = self.stored_blobs(doc)?;
+        Ok(markers
+            .iter()
+            .filter(|m| blobs.iter().map(|b| marker_hits(b, m)).sum::<usize>() == 0)
+            .cloned()
+            .collect())
+    }
+
     /// Like [`stored_blobs`](Self::stored_blobs), with where each blob came from: the snapshot,
     /// or a log row and the epoch it was committed under.
     pub fn stored_rows(&self, doc: &str) -> anyhow::Result<Vec<StoredRow>> {

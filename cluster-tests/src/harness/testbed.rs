@@ -16,6 +16,8 @@
 //!   ops-surface queries (lock holders, `/cluster/owned`, metrics, `hearth cluster …`,
 //!   epochs and stored rows), [`Reconnector`] and the convergence wait.
 //! * [`raw`] — [`RawSocket`]: a frame-by-frame client recording what the server sends.
+//! * [`witness`] — edit → acknowledgement round trips of a client during an attack, and
+//!   process probes (CPU time, resident memory).
 //!
 //! Every wait is bounded; every child process is killed when its handle drops. Handles print
 //! where their logs are when they drop (libtest shows that only for failing tests), plus the
@@ -40,6 +42,8 @@ pub mod pg;
 pub mod raw;
 #[path = "redis.rs"]
 pub mod redis;
+#[path = "witness.rs"]
+pub mod witness;
 #[path = "workload.rs"]
 pub mod workload;
 
