@@ -105,8 +105,9 @@ macro_rules! settings {
             $( $name: Option<$ty>, )*
         }
 
-        /// Validated configuration.
-        #[derive(Debug, Clone)]
+        /// Validated configuration. Its `Debug` output hides secrets: the cluster secrets and the
+        /// token table print as `<redacted>`, passwords in URLs as `***`.
+        #[derive(Clone)]
         pub struct Config {
             $( $(#[$doc])* pub $name: $ty, )*
             /// Built-in test behaviours (interop suite only).
@@ -116,6 +117,14 @@ macro_rules! settings {
         impl Default for Config {
             fn default() -> Self {
                 Self { $( $name: $default, )* test_extension: false }
+            }
+        }
+
+        impl std::fmt::Debug for Config {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut d = f.debug_struct("Config");
+                $( d.field(stringify!($name), &Shown(redacted(stringify!($name), format!("{:?}", self.$name)))); )*
+                d.field("test_extension", &self.test_extension).finish()
             }
         }
 
@@ -135,6 +144,43 @@ macro_rules! settings {
             }
         }
     };
+}
+
+/// Settings whose values never appear in `Debug` output.
+const SECRET_SETTINGS: [&str; 3] = ["cluster_secret", "cluster_secret_previous", "auth_tokens"];
+
+/// A setting's `Debug` text with secrets hidden: the whole value of a [`SECRET_SETTINGS`] entry
+/// that is set, and the password of any `scheme://user:password@host` URL.
+fn redacted(name: &str, text: String) -> String {
+    if SECRET_SETTINGS.contains(&name) {
+        return if text == "\"\"" {
+            text
+        } else {
+            "<redacted>".into()
+        };
+    }
+    let Some(scheme_end) = text.find("://") else {
+        return text;
+    };
+    let rest = &text[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#', '"']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return text;
+    };
+    let Some(colon) = rest[..at].find(':') else {
+        return text;
+    };
+    let start = scheme_end + 3 + colon + 1;
+    format!("{}***{}", &text[..start], &text[scheme_end + 3 + at..])
+}
+
+/// Prints a prepared `Debug` text as is.
+struct Shown(String);
+
+impl std::fmt::Debug for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 settings! {
@@ -639,6 +685,29 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::Serve)));
         let c = Config::from_settings(cli.settings).unwrap();
         assert_eq!(c.durability, Durability::Memory);
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = Config {
+            cluster_secret: "k3Jd9Qm2Vx7Lp4Rt8Wn1Zc6Hf0Bs5Yg2Ue7Ia4Oq9Mv3Xb".into(),
+            cluster_secret_previous: "Zq8Wm1Xr4Tb7Yn2Kc5Hv9Js3Ld6Fg0Pa".into(),
+            auth_tokens: "tok-abc=read-write".into(),
+            database_url: "postgres://app:pg-pass@db.internal:5432/hearth?sslmode=require".into(),
+            redis_url: "redis://:redis-pass@cache:6379/0".into(),
+            ..Config::default()
+        };
+        let text = format!("{c:?}");
+        for secret in ["k3Jd9Qm2", "Zq8Wm1Xr", "tok-abc", "pg-pass", "redis-pass"] {
+            assert!(!text.contains(secret), "{secret} printed: {text}");
+        }
+        assert!(text.contains("postgres://app:***@db.internal:5432/hearth"));
+        assert!(text.contains("redis://:***@cache:6379/0"));
+        assert!(text.contains("cluster_secret: <redacted>"));
+        // unset secrets and URLs without passwords print as they are
+        let text = format!("{:?}", Config::default());
+        assert!(text.contains("cluster_secret: \"\""));
+        assert!(text.contains("sqlite://hearth.db"));
     }
 
     #[test]
