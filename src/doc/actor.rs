@@ -531,14 +531,7 @@ impl Actor {
             // and ask the client for everything it has that the document lacks (a client that
             // holds the dependencies sends them in its step2; a refused step2 is not asked again).
             debug!(doc = %self.name, conn = id, client, clock, "update depends on unknown content");
-            self.shared
-                .metrics
-                .updates_rejected
-                .with_label_values(&["missing_dependency"])
-                .inc();
-            if !yws {
-                self.queue_ack(id, false, 0);
-            }
+            self.reject(id, yws, "missing_dependency");
             if !step2 {
                 let sv = self.doc.transact().state_vector().encode_v1();
                 self.send_to(id, ServerMessage::SyncStep1(&sv));
@@ -548,14 +541,7 @@ impl Actor {
         let max_size = self.shared.config.max_document_bytes;
         if self.size.saturating_add(update.len()) > max_size {
             warn!(doc = %self.name, conn = id, size = self.size, update = update.len(), max_size, "update refused: document at its size limit");
-            self.shared
-                .metrics
-                .updates_rejected
-                .with_label_values(&["document_too_large"])
-                .inc();
-            if !yws {
-                self.queue_ack(id, false, 0);
-            }
+            self.reject(id, yws, "document_too_large");
             return None;
         }
         let update_len = update.len();
@@ -569,14 +555,7 @@ impl Actor {
             Err(_) => return Some(self.poison("applying a client update panicked")),
             Ok(Err(e)) => {
                 warn!(doc = %self.name, conn = id, error = %e, "update failed to apply");
-                self.shared
-                    .metrics
-                    .updates_rejected
-                    .with_label_values(&["apply_failed"])
-                    .inc();
-                if !yws {
-                    self.queue_ack(id, false, 0);
-                }
+                self.reject(id, yws, "apply_failed");
                 return None;
             }
             Ok(Ok(())) => {}
@@ -640,6 +619,14 @@ impl Actor {
         error: &UpdateError,
     ) -> Option<Exit> {
         warn!(doc = %self.name, conn = id, error = %error, "refused client update");
+        self.reject(id, yws, label);
+        None
+    }
+
+    /// Counts a refused update (`updates_rejected{reason=label}`) and answers it with
+    /// `SyncStatus 0` (a Hocuspocus client; y-websocket has no answer), in order with the
+    /// connection's other acknowledgements.
+    fn reject(&mut self, id: ConnId, yws: bool, label: &str) {
         self.shared
             .metrics
             .updates_rejected
@@ -648,7 +635,6 @@ impl Actor {
         if !yws {
             self.queue_ack(id, false, 0);
         }
-        None
     }
 
     fn queue_ack(&mut self, id: ConnId, ok: bool, lsn: u64) {
