@@ -1,7 +1,7 @@
 //! The cluster seam: one owner per document (`hearth-lock`), client frames proxied to the owner
 //! over Redis (`hearth-proxy`). The only module that imports both crates.
 //!
-//! * **Routing** ([`Cluster::route`]): a document loaded or claimed here is local; a cached
+//! * **Routing** (`Cluster::route`): a document loaded or claimed here is local; a cached
 //!   route points at its owner; otherwise `SET NX` decides — the winner claims the lock (the
 //!   claim becomes the document task's lease when it loads), everybody else proxies.
 //! * **Edge side**: a socket whose document is owned elsewhere sends `open` and then every raw
@@ -14,7 +14,7 @@
 //!   silence for `proxy_socket_ttl_ms`, a gap on the link, or ownership loss.
 //! * **Fencing**: the lock only routes; correctness comes from the database epoch every write
 //!   carries (see `storage`).
-//! * **Flow control** ([`flow`]): every queue between an edge and an owner is bounded per
+//! * **Flow control** (`flow`): every queue between an edge and an owner is bounded per
 //!   proxied client, in bytes and frames; a client that fills one is shed (closed with 1013 "Try
 //!   Again Later", counted in `hearth_cluster_sessions_shed_total`), not waited for.
 //!
@@ -46,6 +46,7 @@ use tracing::{Instrument as _, debug, info, warn};
 use crate::config::Config;
 use crate::connection::outbox::{Outbox, Outgoing};
 use crate::hooks::CustomEventPayload;
+use crate::protocol::Close;
 use crate::shared::Shared;
 
 mod emit;
@@ -53,7 +54,7 @@ mod flow;
 mod presence;
 pub use emit::{EMITTER_NODE_ID, RemoteEmitError, emit_remote};
 use flow::{Refused, RemoteInbox, SessionLimits};
-pub(crate) use flow::{RemoteIn, RemoteInboxRx, SHED_CODE, SHED_REASON};
+pub(crate) use flow::{RemoteIn, RemoteInboxRx};
 
 /// Errors of the cluster layer.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +90,7 @@ pub enum ClusterError {
 
 /// Where a document is served.
 #[derive(Debug, Clone)]
-pub(crate) enum Route2 {
+pub(crate) enum Placement {
     /// Here.
     Local,
     /// By this process.
@@ -113,10 +114,6 @@ enum OwnerSession {
     /// are dropped without another `close_doc` each. Forgotten after a lock TTL.
     Ended(Instant),
 }
-
-/// Why a frame for a client of another node could not be sent (owner side): the close its
-/// stand-in socket ends with.
-pub(crate) type OutError = (u16, &'static str);
 
 /// Approximate bytes the inbox dispatcher handles before it lets other tasks of its worker run.
 const DISPATCH_YIELD_BYTES: usize = 4 << 20;
@@ -297,21 +294,6 @@ fn holder_addr(h: &HolderId) -> Result<NodeAddr, ClusterError> {
     Ok(NodeAddr::new(id, Incarnation(inc)))
 }
 
-fn static_reason(code: u16, reason: &str) -> &'static str {
-    match code {
-        crate::protocol::awareness::CLOSE_CODE => {
-            crate::protocol::awareness::Violation::close_reason(reason)
-        }
-        1009 => "Message Too Big",
-        SHED_CODE if reason == SHED_REASON => SHED_REASON,
-        1013 => "Slow Reader",
-        4401 => "Unauthorized",
-        4403 => "Forbidden",
-        4408 => "Connection Timeout",
-        _ => "Reset Connection",
-    }
-}
-
 fn kind_of(body: &Body) -> &'static str {
     match body {
         Body::Open { .. } => "open",
@@ -407,10 +389,14 @@ impl Cluster {
     }
 
     /// Decides where `doc` is served, claiming its lock when nobody holds it.
-    pub(crate) async fn route(&self, shared: &Shared, doc: &str) -> Result<Route2, ClusterError> {
+    pub(crate) async fn route(
+        &self,
+        shared: &Shared,
+        doc: &str,
+    ) -> Result<Placement, ClusterError> {
         if shared.registry.get(doc).is_some() || lock_map(&self.claims).contains_key(doc) {
             self.metrics.routes.with_label_values(&["local"]).inc();
-            return Ok(Route2::Local);
+            return Ok(Placement::Local);
         }
         if let Some(r) = self.routes.get(doc)
             && r.owner != self.me
@@ -419,7 +405,7 @@ impl Cluster {
             // edges); a frozen or partitioned owner's routes are re-resolved through the lock.
             if self.heard_from_within(&r.owner, self.lock_ttl) {
                 self.metrics.routes.with_label_values(&["cached"]).inc();
-                return Ok(Route2::Remote(r.owner));
+                return Ok(Placement::Remote(r.owner));
             }
             self.routes.invalidate(doc);
         }
@@ -428,9 +414,9 @@ impl Cluster {
                 self.metrics.routes.with_label_values(&["claimed"]).inc();
                 debug!(doc, "claimed ownership");
                 lock_map(&self.claims).insert(doc.to_owned(), guard);
-                Ok(Route2::Local)
+                Ok(Placement::Local)
             }
-            Acquire::HeldBy(h) if h == self.holder => Ok(Route2::Local),
+            Acquire::HeldBy(h) if h == self.holder => Ok(Placement::Local),
             Acquire::HeldBy(h) => {
                 self.metrics.routes.with_label_values(&["remote"]).inc();
                 let owner = holder_addr(&h)?;
@@ -441,7 +427,7 @@ impl Cluster {
                         epoch: 0,
                     },
                 );
-                Ok(Route2::Remote(owner))
+                Ok(Placement::Remote(owner))
             }
         }
     }
@@ -581,7 +567,7 @@ impl Cluster {
     /// Forwards a raw client frame to the owner, charging it to the client's `edge_out` queue
     /// (see [`flow`]). True when the frame was handed on, or dropped because the client is
     /// being closed already: a client that has its limit of frames waiting there is shed (its
-    /// socket gets a close with [`SHED_CODE`], the owner a `detach`), and a client whose session
+    /// socket gets a close with [`Close::TryAgainLater`], the owner a `detach`), and a client whose session
     /// was reset has a close queued. False when the transport refused the frame: the caller
     /// closes the socket.
     pub(crate) fn forward(&self, owner: &NodeAddr, session: &Session, frame: Bytes) -> bool {
@@ -621,7 +607,7 @@ impl Cluster {
         }
     }
 
-    /// A client here filled its `edge_out` queue: close it with [`SHED_CODE`] and detach it
+    /// A client here filled its `edge_out` queue: close it with [`Close::TryAgainLater`] and detach it
     /// from the owner.
     fn shed_edge_session(
         &self,
@@ -640,10 +626,8 @@ impl Cluster {
             queued_frames = frames,
             "client sends faster than its frames reach the owner; shedding it"
         );
-        shed.outbox.control(Outgoing::CloseSocket {
-            code: SHED_CODE,
-            reason: SHED_REASON,
-        });
+        shed.outbox
+            .control(Outgoing::CloseSocket(Close::TryAgainLater));
         self.post(
             owner,
             Body::Detach {
@@ -689,10 +673,8 @@ impl Cluster {
             self.metrics.edge_sessions.dec();
             self.metrics.resyncs.with_label_values(&[reason]).inc();
             self.routes.invalidate(&s.doc);
-            s.outbox.control(Outgoing::CloseSocket {
-                code: 4205,
-                reason: "Reset Connection",
-            });
+            s.outbox
+                .control(Outgoing::CloseSocket(Close::ResetConnection));
         }
     }
 
@@ -721,8 +703,8 @@ impl Cluster {
         tokio::spawn(
             async move {
                 let owns = match me.route(&shared, &session.doc).await {
-                    Ok(Route2::Local) => true,
-                    Ok(Route2::Remote(_)) | Err(_) => false,
+                    Ok(Placement::Local) => true,
+                    Ok(Placement::Remote(_)) | Err(_) => false,
                 };
                 if !owns || shared.draining.load(Ordering::Acquire) {
                     debug!(doc = %session.doc, edge = %from, "refusing open: not the owner");
@@ -765,7 +747,7 @@ impl Cluster {
         session: &Session,
         backlog: &hearth_proxy::Backlog,
         frame: &Bytes,
-    ) -> Result<(), OutError> {
+    ) -> Result<(), Close> {
         let body = Body::Out {
             session: session.clone(),
             data: frame.to_vec(),
@@ -788,29 +770,29 @@ impl Cluster {
                     .resyncs
                     .with_label_values(&["frame_too_large"])
                     .inc();
-                Err((4205, "Reset Connection"))
+                Err(Close::ResetConnection)
             }
             Err(hearth_proxy::ProxyError::Clogged) => {
                 warn!(node = %self.me, to = %edge, doc = %session.doc, kind = "out", "outbound envelope queue is full; shedding the client");
                 self.metrics.shed.with_label_values(&["owner_out"]).inc();
-                Err((SHED_CODE, SHED_REASON))
+                Err(Close::TryAgainLater)
             }
             Err(e) => {
                 warn!(to = %edge, doc = %session.doc, error = %e, kind = "out", "cannot queue envelope; resetting the client");
-                Err((4205, "Reset Connection"))
+                Err(Close::ResetConnection)
             }
         }
     }
 
-    /// Ends a remote client's session with a close code (owner side).
-    pub(crate) fn close_remote(&self, edge: &NodeAddr, session: &Session, code: u16, reason: &str) {
+    /// Ends a remote client's session with a close (owner side).
+    pub(crate) fn close_remote(&self, edge: &NodeAddr, session: &Session, how: Close) {
         self.post(
             edge,
             Body::CloseDoc {
                 session: session.clone(),
                 close: CloseDoc {
-                    code,
-                    reason: reason.to_owned(),
+                    code: how.code(),
+                    reason: how.reason().to_owned(),
                     resync: true,
                 },
             },
@@ -843,7 +825,7 @@ impl Cluster {
     }
 
     /// A remote client filled its `owner_in` queue: shed it. Its stand-in socket ends with
-    /// [`SHED_CODE`] and tells the edge; frames of it still arriving are dropped quietly.
+    /// [`Close::TryAgainLater`] and tells the edge; frames of it still arriving are dropped quietly.
     fn shed_owner_session(&self, edge: &NodeAddr, session: &Session, inbox: &RemoteInbox) {
         self.metrics.shed.with_label_values(&["owner_in"]).inc();
         warn!(
@@ -886,10 +868,8 @@ impl Cluster {
         if let Some(s) = edge {
             self.metrics.edge_sessions.dec();
             self.metrics.resyncs.with_label_values(&[reason]).inc();
-            s.outbox.control(Outgoing::CloseSocket {
-                code: 4205,
-                reason: "Reset Connection",
-            });
+            s.outbox
+                .control(Outgoing::CloseSocket(Close::ResetConnection));
             return true;
         }
         match self.owner_inbox(peer, session.conn) {
@@ -914,7 +894,7 @@ impl Cluster {
             })
         } else {
             match self.route(&shared, &req.doc).await {
-                Ok(Route2::Local) => run_event(&shared, &req.doc, &req.name, &req.payload).await,
+                Ok(Placement::Local) => run_event(&shared, &req.doc, &req.name, &req.payload).await,
                 _ => Err(RpcFailure {
                     code: RpcErrorCode::NotOwner,
                     msg: "not the owner".into(),
@@ -943,14 +923,14 @@ impl Cluster {
                 .await
                 .map_err(|e| EmitError::Unavailable(e.to_string()))?
             {
-                Route2::Local => {
+                Placement::Local => {
                     let r = run_event(shared, doc, name, &payload)
                         .await
                         .map_err(EmitError::from_failure);
                     self.drop_unused_claim(shared, doc);
                     return r;
                 }
-                Route2::Remote(owner) => {
+                Placement::Remote(owner) => {
                     let r = self
                         .rpc
                         .call(&owner, doc, name, payload.clone(), self.event_ttl)
@@ -1150,7 +1130,7 @@ impl Cluster {
                             },
                             // ended, and the edge was told
                             Some(None) => {}
-                            None => self.close_remote(&from, &session, 4205, "Reset Connection"),
+                            None => self.close_remote(&from, &session, Close::ResetConnection),
                         }
                     }
                     Body::Detach { session, .. } => {
@@ -1179,10 +1159,10 @@ impl Cluster {
                         let s = lock_map(&self.edge_sessions).remove(&session.conn);
                         if let Some(s) = s {
                             self.metrics.edge_sessions.dec();
-                            s.outbox.control(Outgoing::CloseSocket {
-                                code: close.code,
-                                reason: static_reason(close.code, &close.reason),
-                            });
+                            s.outbox.control(Outgoing::CloseSocket(Close::from_wire(
+                                close.code,
+                                &close.reason,
+                            )));
                         }
                     }
                     Body::NotOwner { session, .. } => {
@@ -1191,10 +1171,8 @@ impl Cluster {
                         if let Some(s) = s {
                             self.metrics.edge_sessions.dec();
                             self.metrics.resyncs.with_label_values(&["not_owner"]).inc();
-                            s.outbox.control(Outgoing::CloseSocket {
-                                code: 4205,
-                                reason: "Reset Connection",
-                            });
+                            s.outbox
+                                .control(Outgoing::CloseSocket(Close::ResetConnection));
                         }
                     }
                     Body::Released { doc, .. } => {

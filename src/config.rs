@@ -1,7 +1,7 @@
 //! Configuration: CLI flags, `HEARTH_*` environment variables and an optional TOML file.
 //!
 //! Precedence: flag > environment variable > TOML file (`--config`) > default. [`Cli`] only
-//! parses; [`Config::from_cli`] merges and validates into the plain [`Config`] the server uses,
+//! parses; [`Config::from_settings`] merges and validates into the plain [`Config`] the server uses,
 //! so tests build a `Config` literally. Every setting is listed in `docs/configuration.md`.
 
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
 //! The HTTP front: routes of the client port and of the operator listener.
 //!
-//! Client port ([`handle`]); every request first passes the per-address connection cap
-//! (429 and close when over it, see [`crate::limits`]):
+//! Client port (`handle`); every request first passes the per-address connection cap
+//! (429 and close when over it, see `limits`):
 //!
 //! | path | answer |
 //! |---|---|
@@ -12,7 +12,7 @@
 //! | `/` (plain) | `on_request` hooks, else 200 `Welcome to Hearth!` |
 //! | any other path (plain) | `on_request` hooks, else 404 |
 //!
-//! Operator listener ([`handle_operator`], `operator_listen`):
+//! Operator listener (`handle_operator`, `operator_listen`):
 //!
 //! | path | answer |
 //! |---|---|
@@ -194,10 +194,12 @@ pub(crate) async fn handle(
         match info.path.strip_prefix(YWS_PREFIX) {
             Some(name) => {
                 let name = name.to_owned();
-                tokio::spawn(yws::serve(task_shared, ws, info, name));
+                let tasks = task_shared.sockets.clone();
+                tasks.spawn(yws::serve(task_shared, ws, info, name));
             }
             None => {
-                tokio::spawn(hocuspocus::serve(task_shared, ws, info));
+                let tasks = task_shared.sockets.clone();
+                tasks.spawn(hocuspocus::serve(task_shared, ws, info));
             }
         }
     });

@@ -7,7 +7,7 @@
 //! The operator listener (`operator_listen`) keeps answering until then.
 //!
 //! Every accepted client-port connection is counted against the connection caps
-//! ([`crate::limits`]) until it closes, and must send a complete request header within
+//! (`limits`) until it closes, and must send a complete request header within
 //! `http_header_timeout_ms` of opening (and of each response on a keep-alive connection).
 
 use std::net::SocketAddr;
@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::auth::{StaticTokens, TokenTable};
@@ -186,6 +187,7 @@ impl ServerBuilder {
             registry: Registry::default(),
             committer,
             shutdown: CancellationToken::new(),
+            sockets: TaskTracker::new(),
             draining: Default::default(),
             cluster: cluster.as_ref().map(|(c, _)| c.clone()),
             throttle,
@@ -383,8 +385,15 @@ async fn shutdown(shared: &Arc<Shared>) {
     }
     info!("shutting down: closing sockets");
     // sockets react to the cancelled token: CLOSE per document, socket close 4205
-    while shared.metrics.sockets.get() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    shared.sockets.close();
+    if tokio::time::timeout_at(deadline, shared.sockets.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            sockets = shared.sockets.len(),
+            "sockets still open at the shutdown deadline"
+        );
     }
     let handles = shared.registry.handles();
     info!(documents = handles.len(), "storing documents");
@@ -442,7 +451,9 @@ impl ServerHandle {
             None => self.shared.registry.handles(),
         };
         for h in handles {
-            h.send_detached(DocCommand::CloseConnections("Reset Connection".into()));
+            h.send_detached(DocCommand::CloseConnections(
+                crate::protocol::Close::ResetConnection.reason().into(),
+            ));
         }
     }
 
@@ -471,8 +482,8 @@ impl ServerHandle {
     ) -> Result<DirectConnection, LockDocumentError> {
         if let Some(c) = &self.shared.cluster {
             match c.route(&self.shared, document).await {
-                Ok(crate::cluster::Route2::Local) => {}
-                Ok(crate::cluster::Route2::Remote(owner)) => {
+                Ok(crate::cluster::Placement::Local) => {}
+                Ok(crate::cluster::Placement::Remote(owner)) => {
                     return Err(LockDocumentError::Owned {
                         node: owner.id.as_str().to_owned(),
                     });
@@ -482,7 +493,7 @@ impl ServerHandle {
         }
         open_direct(&self.shared, document, context)
             .await
-            .map_err(|e| LockDocumentError::Unavailable(e.reason))
+            .map_err(|e| LockDocumentError::Unavailable(e.to_string()))
     }
 
     /// Names of the loaded documents.
@@ -519,9 +530,7 @@ pub(crate) async fn open_direct(
             return Ok(DirectConnection::new(handle, context));
         }
     }
-    Err(LoadError {
-        reason: "document unavailable".into(),
-    })
+    Err(LoadError::Unavailable("kept closing while being opened"))
 }
 
 /// Why [`ServerHandle::lock_document`] failed.
@@ -549,9 +558,7 @@ impl WeakServer {
         context: Context,
     ) -> Result<DirectConnection, LoadError> {
         let Some(shared) = self.0.upgrade() else {
-            return Err(LoadError {
-                reason: "server stopped".into(),
-            });
+            return Err(LoadError::Stopped);
         };
         open_direct(&shared, name, context).await
     }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::doc::committer::Committer;
@@ -23,6 +24,9 @@ pub(crate) struct Shared {
     pub committer: Committer,
     /// Cancelled when the server starts shutting down: sockets close, listeners stop.
     pub shutdown: CancellationToken,
+    /// Every socket task (local sockets, and stand-ins for clients of other nodes): a shutdown
+    /// waits for them to end before it stores the documents.
+    pub sockets: TaskTracker,
     /// True while shutting down (`/readyz` reports not ready).
     pub draining: AtomicBool,
     /// Cluster membership, when `redis_url` is set.

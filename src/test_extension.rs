@@ -90,7 +90,7 @@ impl Extension for TestExtension {
                 let conn = server
                     .open_direct_connection(p.document_name, Context::new())
                     .await
-                    .map_err(|e| HookError::reject(e.reason))?;
+                    .map_err(|e| HookError::reject(e.client_reason()))?;
                 let applied = conn
                     .transact(move |doc| {
                         let log = doc.get_or_insert_array("log");

@@ -12,7 +12,7 @@
 //! | `owner_in` | owner | the client's frames from the inbox dispatcher until the document task is done with them | the client is **shed** |
 //! | `owner_out` | owner | frames for the client in the transport, until Redis answered their publish | the stand-in socket stops draining its outbox, whose byte bound then disconnects the client (1013 "Slow Reader") |
 //!
-//! Shedding closes that one client's socket with [`SHED_CODE`] ("Try Again Later"; providers
+//! Shedding closes that one client's socket with 1013 "Try Again Later" ([`Close::TryAgainLater`](crate::protocol::Close::TryAgainLater); providers
 //! reconnect), detaches it from the owner and counts `hearth_cluster_sessions_shed_total`; an
 //! owner that sheds tells the edge with `close_doc`. Nobody else's frames wait behind a shed
 //! client: the owner's inbox dispatcher only ever offers a frame to a client's queue
@@ -26,11 +26,6 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-
-/// Close code of a shed client: the WebSocket "Try Again Later".
-pub(crate) const SHED_CODE: u16 = 1013;
-/// Close reason of a shed client.
-pub(crate) const SHED_REASON: &str = "Try Again Later";
 
 /// The most frames one proxied client may have in one of its queues.
 const MAX_FRAMES: usize = 256;
@@ -80,7 +75,7 @@ pub(crate) enum RemoteIn {
     Detach,
     /// The link lost envelopes: reset the client.
     Reset,
-    /// The client's frames piled up beyond its limits: end it with [`SHED_CODE`].
+    /// The client's frames piled up beyond its limits: end it with 1013 "Try Again Later".
     Shed,
 }
 

@@ -25,16 +25,18 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::cluster::{Cluster, RemoteIn, RemoteInboxRx, SHED_CODE, SHED_REASON};
+use crate::cluster::{Cluster, RemoteIn, RemoteInboxRx};
 
 use super::outbox::{Outbox, OutboxReceiver, Outgoing, outbox};
 use super::queue::{QueueSender, queue};
 use super::{Stop, Ws, close, flush_final, guarded, stop_signal, write_batch, write_ping};
-use crate::doc::registry::NOT_OWNER;
-use crate::doc::{Attach, ConnId, DocCommand, DocHandle, Framing, WeakDocHandle, next_conn_id};
+use crate::doc::{
+    Attach, ConnId, DocCommand, DocHandle, Framing, LoadError, WeakDocHandle, next_conn_id,
+};
 use crate::hooks::{
     AuthPayload, ConnectionOps, ConnectionRef, Context, DocumentPayload, MessagePayload,
 };
+use crate::protocol::Close;
 use crate::protocol::lib0::DecodeError;
 use crate::protocol::message::{
     ClientFrame, ClientMessage, PING_FRAME, ServerMessage, decode_client_frame, kind, split_address,
@@ -70,8 +72,18 @@ enum Authed {
     Remote(NodeAddr),
 }
 
-/// The reason carried by a failed route look-up (Redis unavailable): the socket is reset.
-const ROUTE_FAILED: &str = "route-failed";
+/// Why a document of this socket did not open.
+#[derive(Debug)]
+enum AuthFailure {
+    /// The route look-up failed (Redis unavailable): the socket is reset, and the client
+    /// reconnects and is routed afresh.
+    RouteFailed,
+    /// Refused before loading (a hook, a banned address, an invalid name): the client sees
+    /// `PermissionDenied` with this reason.
+    Denied(String),
+    /// The document could not be loaded.
+    Load(LoadError),
+}
 
 struct Established {
     doc: DocHandle,
@@ -94,7 +106,7 @@ enum Addr {
 
 struct AuthDone {
     address: String,
-    result: Result<Authed, String>,
+    result: Result<Authed, AuthFailure>,
 }
 
 /// Hook-facing handle of one document connection.
@@ -149,8 +161,8 @@ struct Socket {
 enum End {
     /// The client went away (or the transport failed).
     Gone,
-    /// Close with this code and reason.
-    Close(u16, &'static str),
+    /// Close the socket.
+    Close(Close),
 }
 
 /// Runs one Hocuspocus socket until it closes.
@@ -208,18 +220,23 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                         if let Some(end) = s.on_controls(controls) { break end; }
                     }
                     Err(Stop::Overflow) => break s.slow_reader(&out_rx),
-                    Err(Stop::Shutdown) => break End::Close(4205, "Reset Connection"),
+                    Err(Stop::Shutdown) => break End::Close(Close::ResetConnection),
                 }
             }
             done = auth_rx.recv() => {
+                let was_authenticated = s.authenticated();
                 if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break end; }
+                if !was_authenticated && s.authenticated() {
+                    // the authentication deadline no longer applies: no wake-up for it
+                    timer.as_mut().reset(next_deadline(&s, next_ping, next_app_ping));
+                }
             }
             inbound = ws.next() => {
                 let end = match inbound {
                     None => Some(End::Gone),
                     Some(Err(tungstenite::Error::Capacity(e))) => {
                         info!(error = %e, "message too big");
-                        Some(End::Close(1009, "Message Too Big"))
+                        Some(End::Close(Close::MessageTooBig))
                     }
                     Some(Err(e)) => { debug!(error = %e, "read failed"); Some(End::Gone) }
                     Some(Ok(msg)) => {
@@ -228,7 +245,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                             Message::Binary(bytes) => Box::pin(s.on_frame(bytes)).await,
                             Message::Text(_) => {
                                 info!("text frame refused");
-                                Some(End::Close(1003, "Unsupported Data"))
+                                Some(End::Close(Close::UnsupportedData))
                             }
                             Message::Close(_) => Some(End::Gone),
                             _ => None, // ping (auto-ponged) / pong: liveness only
@@ -241,7 +258,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                 let now = Instant::now();
                 if !s.authenticated() && now >= auth_deadline {
                     info!("no document authenticated before the deadline");
-                    break End::Close(4408, "Connection Timeout");
+                    break End::Close(Close::ConnectionTimeout);
                 }
                 if now.duration_since(s.last_inbound) >= idle {
                     info!("idle timeout");
@@ -253,7 +270,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break End::Gone,
                         Err(Stop::Overflow) => break s.slow_reader(&out_rx),
-                        Err(Stop::Shutdown) => break End::Close(4205, "Reset Connection"),
+                        Err(Stop::Shutdown) => break End::Close(Close::ResetConnection),
                     }
                 }
                 if let (Some(at), Some(every)) = (next_app_ping, app_ping_every) && now >= at {
@@ -269,14 +286,14 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
 
     s.detach_all();
     shared.metrics.sockets.dec();
-    if let End::Close(code, reason) = end {
+    if let End::Close(how) = end {
         shared
             .metrics
             .closes
-            .with_label_values(&[&code.to_string()])
+            .with_label_values(&[&how.code().to_string()])
             .inc();
-        debug!(code, reason, "closing socket");
-        Box::pin(close(ws, code, reason)).await;
+        debug!(code = how.code(), reason = how.reason(), "closing socket");
+        Box::pin(close(ws, how)).await;
     } else {
         debug!("socket gone");
     }
@@ -290,7 +307,7 @@ impl Socket {
             "slow reader: outbound queue full, disconnecting"
         );
         self.shared.metrics.slow_readers.inc();
-        End::Close(1013, "Slow Reader")
+        End::Close(Close::SlowReader)
     }
 
     /// Server shutdown: apply what the client already sent (kernel or WebSocket buffers) before
@@ -310,16 +327,16 @@ impl Socket {
                 Ok(Some(Ok(_))) => {}
             }
         }
-        self.close_all_docs("Reset Connection");
+        self.close_all_docs(Close::ResetConnection.reason());
         flush_final(ws, out_rx).await;
-        End::Close(4205, "Reset Connection")
+        End::Close(Close::ResetConnection)
     }
 
     /// Idle timeout: CLOSE every document, then the socket.
     async fn idle_timeout(&mut self, ws: &mut Ws, out_rx: &mut OutboxReceiver) -> End {
-        self.close_all_docs("Connection Timeout");
+        self.close_all_docs(Close::ConnectionTimeout.reason());
         flush_final(ws, out_rx).await;
-        End::Close(4408, "Connection Timeout")
+        End::Close(Close::ConnectionTimeout)
     }
 
     /// Queues CLOSE for every established document and detaches from it.
@@ -391,7 +408,7 @@ impl Socket {
     async fn go_remote(&mut self, address: String, owner: NodeAddr, p: Pending) -> Option<End> {
         let cluster = self.shared.cluster.clone()?;
         let Some(auth) = p.auth else {
-            return Some(End::Close(4205, "Reset Connection"));
+            return Some(End::Close(Close::ResetConnection));
         };
         let (name, _) = split_address(&address);
         let meta = OpenMeta {
@@ -411,7 +428,7 @@ impl Socket {
             )
             .await
         else {
-            return Some(End::Close(4205, "Reset Connection"));
+            return Some(End::Close(Close::ResetConnection));
         };
         debug!(address, owner = %owner, "proxying to the owner");
         let mut queue = p.queue;
@@ -426,7 +443,7 @@ impl Socket {
         }
         if !sent {
             cluster.detach_remote(&owner, &session);
-            return Some(End::Close(4205, "Reset Connection"));
+            return Some(End::Close(Close::ResetConnection));
         }
         self.addrs
             .insert(address, Addr::Remote(Remote { owner, session }));
@@ -442,7 +459,7 @@ impl Socket {
                         self.addrs.remove(&*address);
                     }
                 }
-                Outgoing::CloseSocket { code, reason } => return Some(End::Close(code, reason)),
+                Outgoing::CloseSocket(how) => return Some(End::Close(how)),
                 Outgoing::Frame(_) => {}
             }
         }
@@ -455,7 +472,7 @@ impl Socket {
             Ok(p) => p,
             Err(e) => {
                 info!(error = %e, "unparsable frame");
-                return Some(End::Close(4401, "Unauthorized"));
+                return Some(End::Close(Close::Unauthorized));
             }
         };
         let ClientFrame::Addressed {
@@ -480,7 +497,7 @@ impl Socket {
                     .cluster
                     .as_ref()
                     .is_some_and(|c| c.forward(&r.owner, &r.session, bytes));
-                (!ok).then_some(End::Close(4205, "Reset Connection"))
+                (!ok).then_some(End::Close(Close::ResetConnection))
             }
             None => {
                 let cap = self.shared.config.max_documents_per_connection;
@@ -505,7 +522,7 @@ impl Socket {
                     .count();
                 if pending_docs >= self.shared.config.preauth_max_documents {
                     info!(pending_docs, "too many documents pending authentication");
-                    return Some(End::Close(4205, "Reset Connection"));
+                    return Some(End::Close(Close::ResetConnection));
                 }
                 self.addrs.insert(
                     address.clone(),
@@ -536,7 +553,7 @@ impl Socket {
                 Ok(ClientMessage::Auth { token, version }) => (token, version),
                 _ => {
                     info!("undecodable auth frame");
-                    return Some(End::Close(4205, "Reset Connection"));
+                    return Some(End::Close(Close::ResetConnection));
                 }
             };
             p.establishing = true;
@@ -597,7 +614,7 @@ impl Socket {
                 frames = self.pending_frames,
                 "pre-auth queue limit"
             );
-            return Some(End::Close(4205, "Reset Connection"));
+            return Some(End::Close(Close::ResetConnection));
         }
         None
     }
@@ -625,17 +642,22 @@ impl Socket {
         }
         match done.result {
             Ok(Authed::Remote(owner)) => Box::pin(self.go_remote(done.address, owner, p)).await,
-            Err(reason) if reason == ROUTE_FAILED => {
+            Err(AuthFailure::RouteFailed) => {
                 // Redis did not answer: the client reconnects and is routed afresh.
-                Some(End::Close(4205, "Reset Connection"))
+                Some(End::Close(Close::ResetConnection))
             }
-            Err(reason) if reason == NOT_OWNER && self.shared.cluster.is_some() => {
+            Err(AuthFailure::Load(LoadError::NotOwner)) if self.shared.cluster.is_some() => {
                 // Ownership moved between routing and loading (e.g. this node just lost the
                 // lock): not a denial. The client reconnects and is routed afresh.
                 info!(address = %done.address, "document owned elsewhere since routing; resetting");
-                Some(End::Close(4205, "Reset Connection"))
+                Some(End::Close(Close::ResetConnection))
             }
-            Err(reason) => {
+            Err(failure) => {
+                let reason = match &failure {
+                    AuthFailure::Denied(reason) => reason.as_str(),
+                    AuthFailure::Load(e) => e.client_reason(),
+                    AuthFailure::RouteFailed => "permission-denied",
+                };
                 self.shared
                     .metrics
                     .auth
@@ -643,7 +665,7 @@ impl Socket {
                     .inc();
                 debug!(address = %done.address, %reason, "permission denied");
                 self.outbox
-                    .send(ServerMessage::PermissionDenied(&reason).frame(Some(&done.address)));
+                    .send(ServerMessage::PermissionDenied(reason).frame(Some(&done.address)));
                 None
             }
             Ok(Authed::Here(established)) => {
@@ -701,8 +723,11 @@ impl Socket {
                 socket_id: &self.id,
             };
             if let Err(err) = self.shared.extensions.before_handle_message(&payload).await {
-                self.close_doc(address, reason_or(&err.reason, "Reset Connection"))
-                    .await;
+                self.close_doc(
+                    address,
+                    reason_or(&err.reason, Close::ResetConnection.reason()),
+                )
+                .await;
                 return None;
             }
         }
@@ -710,7 +735,8 @@ impl Socket {
             Ok(m) => m,
             Err(err) => {
                 debug!(address, error = %err, "undecodable frame body");
-                self.close_doc(address, "Reset Connection").await;
+                self.close_doc(address, Close::ResetConnection.reason())
+                    .await;
                 return None;
             }
         };
@@ -735,7 +761,8 @@ impl Socket {
                     address,
                     "client sent BroadcastStateless; resetting the document connection"
                 );
-                self.close_doc(address, "Reset Connection").await;
+                self.close_doc(address, Close::ResetConnection.reason())
+                    .await;
                 true
             }
             ClientMessage::Close => {
@@ -751,7 +778,7 @@ impl Socket {
         if !delivered {
             // the document task is gone (fenced, poisoned): reset so the client resyncs
             self.addrs.remove(address);
-            return Some(End::Close(4205, "Reset Connection"));
+            return Some(End::Close(Close::ResetConnection));
         }
         None
     }
@@ -809,7 +836,7 @@ async fn authenticate(
     token: String,
     version: Option<String>,
     stand_in: bool,
-) -> Result<Authed, String> {
+) -> Result<Authed, AuthFailure> {
     let (name, _session) = split_address(&address);
     let throttle = &shared.throttle;
     let client = throttle.client_of(&request);
@@ -819,7 +846,7 @@ async fn authenticate(
     {
         throttle.count_refusal("auth");
         debug!(address, client = %ip, "Auth from a banned address: denied, no hook ran");
-        return Err("permission-denied".into());
+        return Err(AuthFailure::Denied("permission-denied".into()));
     }
     let mut payload = AuthPayload {
         document_name: name,
@@ -839,7 +866,9 @@ async fn authenticate(
         if let Some(ip) = client {
             throttle.record_failure(ip).await;
         }
-        return Err(reason_or(&e.reason, "Forbidden").to_owned());
+        return Err(AuthFailure::Denied(
+            reason_or(&e.reason, "Forbidden").to_owned(),
+        ));
     }
     // Authenticated: only now may the cluster do work for this document (Redis, a claim).
     if !stand_in
@@ -847,11 +876,11 @@ async fn authenticate(
         && valid_document_name(name, shared.config.max_document_name_bytes)
     {
         match Box::pin(cluster.route(&shared, name)).await {
-            Ok(crate::cluster::Route2::Local) => {}
-            Ok(crate::cluster::Route2::Remote(owner)) => return Ok(Authed::Remote(owner)),
+            Ok(crate::cluster::Placement::Local) => {}
+            Ok(crate::cluster::Placement::Remote(owner)) => return Ok(Authed::Remote(owner)),
             Err(e) => {
                 warn!(doc = name, error = %e, "cannot route the document (Redis unavailable?)");
-                return Err(ROUTE_FAILED.into());
+                return Err(AuthFailure::RouteFailed);
             }
         }
     }
@@ -864,7 +893,7 @@ async fn authenticate(
             .auth
             .with_label_values(&["load_failed"])
             .inc();
-        return Err("permission-denied".into());
+        return Err(AuthFailure::Denied("permission-denied".into()));
     }
     let address: Arc<str> = Arc::from(address.as_str());
     for _ in 0..10 {
@@ -876,7 +905,7 @@ async fn authenticate(
                     .auth
                     .with_label_values(&["load_failed"])
                     .inc();
-                return Err(e.reason);
+                return Err(AuthFailure::Load(e));
             }
         };
         let conn = next_conn_id();
@@ -911,7 +940,9 @@ async fn authenticate(
             }));
         }
     }
-    Err("permission-denied".into())
+    Err(AuthFailure::Load(LoadError::Unavailable(
+        "kept closing while being attached",
+    )))
 }
 
 /// Request headers worth forwarding to an owner (hooks may read them); cookies and
@@ -948,7 +979,8 @@ pub(crate) fn spawn_remote(
 ) {
     let id: Arc<str> = Arc::from(session.conn.as_uuid().to_string());
     let span = info_span!("remote", socket = %id, doc = %session.doc, edge = %edge, node = %shared.config.node_id);
-    tokio::spawn(run_remote(shared, cluster, edge, session, meta, id, rx).instrument(span));
+    let tasks = shared.sockets.clone();
+    tasks.spawn(run_remote(shared, cluster, edge, session, meta, id, rx).instrument(span));
 }
 
 async fn run_remote(
@@ -983,7 +1015,7 @@ async fn run_remote(
             why = &mut stop => {
                 if let Stop::Overflow = why {
                     shared.metrics.slow_readers.inc();
-                    break Some(End::Close(1013, "Slow Reader"));
+                    break Some(End::Close(Close::SlowReader));
                 }
                 // frames the edge already forwarded are applied before the documents store
                 while let Ok(RemoteIn::Frame(bytes)) = rx.try_recv() {
@@ -991,7 +1023,7 @@ async fn run_remote(
                         break;
                     }
                 }
-                break Some(End::Close(4205, "Reset Connection"));
+                break Some(End::Close(Close::ResetConnection));
             }
             mut msg = out_rx.recv(), if !out_full => {
                 let mut controls = Vec::new();
@@ -999,8 +1031,8 @@ async fn run_remote(
                 loop {
                     match msg {
                         Outgoing::Frame(f) => {
-                            if let Err(close) = cluster.send_out(&edge, &session, &backlog, &f) {
-                                failed = Some(close);
+                            if let Err(how) = cluster.send_out(&edge, &session, &backlog, &f) {
+                                failed = Some(how);
                                 break;
                             }
                         }
@@ -1014,7 +1046,7 @@ async fn run_remote(
                         None => break,
                     }
                 }
-                if let Some((code, reason)) = failed { break Some(End::Close(code, reason)); }
+                if let Some(how) = failed { break Some(End::Close(how)); }
                 if let Some(end) = s.on_controls(controls) { break Some(end); }
             }
             () = cluster.out_room(&backlog), if out_full => {}
@@ -1023,8 +1055,8 @@ async fn run_remote(
             }
             input = rx.recv() => match input {
                 None | Some(RemoteIn::Detach) => break None,
-                Some(RemoteIn::Reset) => break Some(End::Close(4205, "Reset Connection")),
-                Some(RemoteIn::Shed) => break Some(End::Close(SHED_CODE, SHED_REASON)),
+                Some(RemoteIn::Reset) => break Some(End::Close(Close::ResetConnection)),
+                Some(RemoteIn::Shed) => break Some(End::Close(Close::TryAgainLater)),
                 Some(RemoteIn::Frame(bytes)) => {
                     s.last_inbound = Instant::now();
                     if let Some(end) = Box::pin(s.on_frame(bytes)).await { break Some(end); }
@@ -1042,8 +1074,12 @@ async fn run_remote(
     }
     s.detach_all();
     cluster.remote_ended(&edge, session.conn, end.is_some());
-    if let Some(End::Close(code, reason)) = end {
-        debug!(code, reason, "ending proxied attachment");
-        cluster.close_remote(&edge, &session, code, reason);
+    if let Some(End::Close(how)) = end {
+        debug!(
+            code = how.code(),
+            reason = how.reason(),
+            "ending proxied attachment"
+        );
+        cluster.close_remote(&edge, &session, how);
     }
 }

@@ -25,12 +25,13 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control
 
 use self::outbox::{OutboxReceiver, Outgoing};
 use crate::limits::ConnectionSlot;
+use crate::protocol::Close;
 use tracing::debug;
 
 /// The transport under a WebSocket: the raw TCP stream, preceded by whatever bytes hyper had
 /// already read past the handshake (usually none).
 ///
-/// Outgoing data frames bypass tungstenite's write buffer: [`write_batch`] formats a whole batch
+/// Outgoing data frames bypass tungstenite's write buffer: `write_batch` formats a whole batch
 /// into [`Io`]'s own out buffer (one `send` per batch) and the buffer is freed once written, so
 /// an idle socket holds no write buffer however large its last frame was. Anything tungstenite
 /// writes (pongs, close frames) drains the out buffer first, so frames never interleave.
@@ -262,7 +263,7 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// close (a client may be in the middle of sending a message far over `max_message_bytes`).
 const CLOSE_DRAIN_BYTES: usize = 128 << 20;
 
-/// Closes a socket so the client sees `code` (every server-side close goes through here), all
+/// Closes a socket so the client sees `how` (every server-side close goes through here), all
 /// within [`CLOSE_LINGER`]: sends the close frame, shuts the write side down, then reads and
 /// discards whatever the client still sends (its close reply, or the rest of a message too big
 /// to accept; at most [`CLOSE_DRAIN_BYTES`]) until it closes its side.
@@ -272,10 +273,10 @@ const CLOSE_DRAIN_BYTES: usize = 128 << 20;
 /// 1009) would see the reset (1006) instead of the close frame waiting in its receive buffer.
 /// The raw stream is read, not WebSocket frames: after a refused message the frame parser is
 /// out of step with the stream.
-pub(crate) async fn close(mut ws: Ws, code: u16, reason: &str) {
+pub(crate) async fn close(mut ws: Ws, how: Close) {
     let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.to_owned().into(),
+        code: CloseCode::from(how.code()),
+        reason: how.reason().into(),
     };
     let linger = async {
         if let Err(e) = ws.close(Some(frame)).await {

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::queue::{QueueReceiver, QueueSender, queue};
+use crate::protocol::Close;
 
 /// Something for the socket task to do, in order with the frames.
 #[derive(Debug)]
@@ -24,13 +25,8 @@ pub enum Outgoing {
         /// The connection that was closed (a newer one on the same address is kept).
         conn: u64,
     },
-    /// Close the whole socket with this code and reason.
-    CloseSocket {
-        /// WebSocket close code.
-        code: u16,
-        /// Close reason.
-        reason: &'static str,
-    },
+    /// Close the whole socket.
+    CloseSocket(Close),
 }
 
 #[derive(Debug)]

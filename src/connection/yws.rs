@@ -19,6 +19,7 @@ use super::outbox::{Outgoing, outbox};
 use super::{Stop, Ws, close, guarded, stop_signal, write_batch, write_ping};
 use crate::doc::{Attach, DocCommand, Framing, next_conn_id};
 use crate::hooks::{AuthPayload, Context};
+use crate::protocol::Close;
 use crate::protocol::message::{ServerMessage, YwsMessage, decode_yws_frame};
 use crate::request::RequestInfo;
 use crate::shared::Shared;
@@ -71,11 +72,11 @@ async fn run(
             Message::Binary(ServerMessage::YwsPermissionDenied(&reason).frame(None)),
         )
         .await;
-        close(ws, 4403, "Forbidden").await;
+        close(ws, Close::Forbidden).await;
         return;
     }
     if !valid_document_name(&name, shared.config.max_document_name_bytes) {
-        close(ws, 4400, "Bad Document Name").await;
+        close(ws, Close::BadDocumentName).await;
         return;
     }
     let read_only = payload.read_only;
@@ -110,7 +111,7 @@ async fn run(
             .auth
             .with_label_values(&["load_failed"])
             .inc();
-        close(ws, 1011, "Load Failed").await;
+        close(ws, Close::LoadFailed).await;
         return;
     };
     shared.metrics.auth.with_label_values(&["ok"]).inc();
@@ -128,14 +129,14 @@ async fn run(
         last_inbound,
         next_ping,
     )));
-    let end: Option<(u16, &'static str)> = loop {
+    let end: Option<Close> = loop {
         tokio::select! {
             biased;
             why = &mut stop => match why {
-                Stop::Shutdown => break Some((1012, "Service Restart")),
+                Stop::Shutdown => break Some(Close::ServiceRestart),
                 Stop::Overflow => {
                     shared.metrics.slow_readers.inc();
-                    break Some((1013, "Slow Reader"));
+                    break Some(Close::SlowReader);
                 }
             },
             msg = out_rx.recv() => {
@@ -143,19 +144,22 @@ async fn run(
                     Ok(Err(_)) => break None,
                     Err(Stop::Overflow) => {
                         shared.metrics.slow_readers.inc();
-                        break Some((1013, "Slow Reader"));
+                        break Some(Close::SlowReader);
                     }
-                    Err(Stop::Shutdown) => break Some((1012, "Service Restart")),
+                    Err(Stop::Shutdown) => break Some(Close::ServiceRestart),
                     Ok(Ok(controls)) => {
-                        if let Some(Outgoing::CloseSocket { code, reason }) = controls.into_iter().find(|c| matches!(c, Outgoing::CloseSocket { .. })) {
-                            break Some((code, reason));
+                        if let Some(how) = controls.into_iter().find_map(|c| match c {
+                            Outgoing::CloseSocket(how) => Some(how),
+                            _ => None,
+                        }) {
+                            break Some(how);
                         }
                     }
                 }
             }
             inbound = ws.next() => match inbound {
                 None => break None,
-                Some(Err(tungstenite::Error::Capacity(_))) => break Some((1009, "Message Too Big")),
+                Some(Err(tungstenite::Error::Capacity(_))) => break Some(Close::MessageTooBig),
                 Some(Err(_)) => break None,
                 Some(Ok(Message::Binary(bytes))) => {
                     last_inbound = Instant::now();
@@ -169,14 +173,14 @@ async fn run(
                     }
                 }
                 Some(Ok(Message::Close(_))) => break None,
-                Some(Ok(Message::Text(_))) => break Some((1003, "Unsupported Data")),
+                Some(Ok(Message::Text(_))) => break Some(Close::UnsupportedData),
                 Some(Ok(_)) => last_inbound = Instant::now(),
             },
             () = &mut timer => {
                 let now = Instant::now();
                 if now.duration_since(last_inbound) >= idle {
                     info!("idle timeout");
-                    break Some((4408, "Connection Timeout"));
+                    break Some(Close::ConnectionTimeout);
                 }
                 if let (Some(at), Some(every)) = (next_ping, ping_every) && now >= at {
                     next_ping = Some(now + every);
@@ -185,9 +189,9 @@ async fn run(
                         Ok(Err(_)) => break None,
                         Err(Stop::Overflow) => {
                             shared.metrics.slow_readers.inc();
-                            break Some((1013, "Slow Reader"));
+                            break Some(Close::SlowReader);
                         }
-                        Err(Stop::Shutdown) => break Some((1012, "Service Restart")),
+                        Err(Stop::Shutdown) => break Some(Close::ServiceRestart),
                     }
                 }
                 timer.as_mut().reset(next_deadline(last_inbound, next_ping));
@@ -196,12 +200,12 @@ async fn run(
     };
     doc.send_detached(DocCommand::Detach { conn, reply: None });
     shared.metrics.sockets.dec();
-    if let Some((code, reason)) = end {
+    if let Some(how) = end {
         shared
             .metrics
             .closes
-            .with_label_values(&[&code.to_string()])
+            .with_label_values(&[&how.code().to_string()])
             .inc();
-        close(ws, code, reason).await;
+        close(ws, how).await;
     }
 }

@@ -32,6 +32,7 @@ use crate::hooks::{
     AwarenessPayload, ChangePayload, ConnectionRef, Context, DisconnectPayload, DocumentPayload,
     StatelessPayload, StorePayload,
 };
+use crate::protocol::Close;
 use crate::protocol::awareness::{self, Awareness, Change, RateLimit, Violation};
 use crate::protocol::message::{ServerMessage, SyncMessage, frame};
 use crate::protocol::scan::scan_update;
@@ -378,7 +379,8 @@ impl Actor {
             DocCommand::Shutdown(done) => {
                 let ids: Vec<ConnId> = self.conns.keys().copied().collect();
                 for id in ids {
-                    self.detach(id, Some("Reset Connection".into())).await;
+                    self.detach(id, Some(Close::ResetConnection.reason().into()))
+                        .await;
                 }
                 if let Err(e) = self.flush().await {
                     error!(doc = %self.name, error = %e, "final store at shutdown failed");
@@ -999,13 +1001,12 @@ impl Actor {
     fn reset_clients(&mut self) {
         for conn in self.conns.values() {
             if let Framing::Hocuspocus(address) = &conn.framing {
-                conn.outbox
-                    .send(ServerMessage::Close("Reset Connection").frame(Some(address)));
+                conn.outbox.send(
+                    ServerMessage::Close(Close::ResetConnection.reason()).frame(Some(address)),
+                );
             }
-            conn.outbox.control(Outgoing::CloseSocket {
-                code: 4205,
-                reason: "Reset Connection",
-            });
+            conn.outbox
+                .control(Outgoing::CloseSocket(Close::ResetConnection));
         }
     }
 
@@ -1111,10 +1112,7 @@ impl Actor {
             .with_label_values(&[v.label()])
             .inc();
         self.detach(id, Some(v.reason().to_owned())).await;
-        outbox.control(Outgoing::CloseSocket {
-            code: awareness::CLOSE_CODE,
-            reason: v.reason(),
-        });
+        outbox.control(Outgoing::CloseSocket(Close::Awareness(v)));
     }
 
     /// Keeps `hearth_awareness_states` / `hearth_awareness_bytes` equal to the sums over

@@ -243,17 +243,49 @@ impl DocumentOps for DocHandle {
         self.send_detached(DocCommand::BroadcastStateless(payload.to_owned()));
     }
     fn close_connections(&self) {
-        self.send_detached(DocCommand::CloseConnections("Reset Connection".into()));
+        self.send_detached(DocCommand::CloseConnections(
+            crate::protocol::Close::ResetConnection.reason().into(),
+        ));
     }
     fn name(&self) -> &str {
         &self.name
     }
 }
 
-/// Why a document could not be opened. `reason` is what the client sees in `PermissionDenied`.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("document load failed: {reason}")]
-pub struct LoadError {
-    /// Client-visible reason.
-    pub reason: String,
+/// Why a document could not be opened. [`LoadError::client_reason`] is what a client sees in
+/// `PermissionDenied`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// The node already serves `max_documents` documents.
+    #[error("server at document capacity")]
+    Capacity,
+    /// Another node owns the document (ownership moved between routing and loading): the
+    /// client should be routed afresh.
+    #[error("another node owns the document")]
+    NotOwner,
+    /// A hook (`on_load_document`, `after_load_document`) refused the document, with this
+    /// reason (empty: none given).
+    #[error("refused by a hook: {0}")]
+    Refused(String),
+    /// The document cannot be served: the ownership lock, the database or the stored state
+    /// failed, or it kept closing while being opened. The text is for logs, not for clients.
+    #[error("document unavailable: {0}")]
+    Unavailable(&'static str),
+    /// The server stopped.
+    #[error("server stopped")]
+    Stopped,
+}
+
+impl LoadError {
+    /// The reason a client sees in `PermissionDenied`.
+    pub fn client_reason(&self) -> &str {
+        match self {
+            LoadError::Capacity => "server at document capacity",
+            LoadError::Refused(reason) if !reason.is_empty() => reason,
+            LoadError::Stopped => "server stopped",
+            LoadError::NotOwner | LoadError::Refused(_) | LoadError::Unavailable(_) => {
+                "permission-denied"
+            }
+        }
+    }
 }

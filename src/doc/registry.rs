@@ -108,9 +108,7 @@ impl Registry {
                             loaded = slots.len(),
                             "document refused: node at max_documents"
                         );
-                        return Err(LoadError {
-                            reason: CAPACITY.into(),
-                        });
+                        return Err(LoadError::Capacity);
                     }
                     _ => {
                         let (tx, rx) = watch::channel(None);
@@ -157,9 +155,7 @@ impl Registry {
                 Err(_) => continue, // the loader vanished; try again
             }
         }
-        Err(LoadError {
-            reason: "permission-denied".into(),
-        })
+        Err(LoadError::Unavailable("kept closing while being opened"))
     }
 
     /// Called by a task that decided to unload: marks the slot so new opens wait. Returns false
@@ -187,12 +183,6 @@ impl Registry {
     }
 }
 
-/// The load failure when the node already serves `max_documents` documents.
-pub(crate) const CAPACITY: &str = "server at document capacity";
-
-/// The load failure when another node took the document between routing and loading.
-pub(crate) const NOT_OWNER: &str = "not-owner";
-
 /// Loads a document: take the ownership epoch, read storage, apply, run the load hooks, start
 /// the task. Nothing is written on failure (only the epoch advances).
 async fn load(
@@ -202,11 +192,10 @@ async fn load(
 ) -> Result<DocHandle, LoadError> {
     let started = Instant::now();
     let m = &shared.metrics;
-    let fail = |what: &str, reason: String| {
+    let fail = |what: &'static str, e: LoadError| {
         m.loads.with_label_values(&[what]).inc();
-        LoadError { reason }
+        e
     };
-    let denied = "permission-denied".to_owned();
     // Cluster: the ownership lock first (the claim made when the client was routed here).
     let lease = match &shared.cluster {
         None => None,
@@ -214,11 +203,14 @@ async fn load(
             Ok(Some(g)) => Some(g),
             Ok(None) => {
                 info!(doc = %name, "another node owns the document; not loading it here");
-                return Err(fail("not_owner", NOT_OWNER.into()));
+                return Err(fail("not_owner", LoadError::NotOwner));
             }
             Err(e) => {
                 warn!(doc = %name, error = %e, "cannot take the ownership lock");
-                return Err(fail("lock_error", denied));
+                return Err(fail(
+                    "lock_error",
+                    LoadError::Unavailable("ownership lock failed"),
+                ));
             }
         },
     };
@@ -265,16 +257,18 @@ async fn load_state(
     started: Instant,
 ) -> Result<Loaded, LoadError> {
     let m = &shared.metrics;
-    let fail = |what: &str, reason: String| {
+    let fail = |what: &'static str, e: LoadError| {
         m.loads.with_label_values(&[what]).inc();
-        LoadError { reason }
+        e
     };
-    let denied = "permission-denied".to_owned();
     let (epoch, stored) = match epoch_and_state(shared, name).await {
         Ok(r) => r,
         Err(e) => {
             warn!(doc = %name, error = %e, "cannot take the document's epoch or read it");
-            return Err(fail("store_error", denied));
+            return Err(fail(
+                "store_error",
+                LoadError::Unavailable("database failed"),
+            ));
         }
     };
     m.store_seconds
@@ -298,7 +292,10 @@ async fn load_state(
             });
         if let Err(e) = applied {
             warn!(doc = %name, part = i, error = %e, "stored state does not apply; refusing to serve it");
-            return Err(fail("corrupt", denied));
+            return Err(fail(
+                "corrupt",
+                LoadError::Unavailable("stored state does not apply"),
+            ));
         }
     }
     let mut dirty = false;
@@ -320,14 +317,7 @@ async fn load_state(
             Ok(u) => u,
             Err(e) => {
                 info!(doc = %name, reason = %e, "on_load_document rejected");
-                return Err(fail(
-                    "hook_rejected",
-                    if e.reason.is_empty() {
-                        denied
-                    } else {
-                        e.reason
-                    },
-                ));
+                return Err(fail("hook_rejected", LoadError::Refused(e.reason)));
             }
         };
         for update in updates {
@@ -344,7 +334,10 @@ async fn load_state(
                 });
             if let Err(e) = applied {
                 warn!(doc = %name, error = %e, "update from on_load_document does not apply");
-                return Err(fail("hook_invalid", denied));
+                return Err(fail(
+                    "hook_invalid",
+                    LoadError::Unavailable("an update from on_load_document does not apply"),
+                ));
             }
             dirty |= doc.transact().state_vector().encode_v1() != before;
             size += update.len();
@@ -354,14 +347,7 @@ async fn load_state(
             context: Some(context),
         };
         if let Err(e) = shared.extensions.after_load_document(&payload).await {
-            return Err(fail(
-                "hook_rejected",
-                if e.reason.is_empty() {
-                    denied
-                } else {
-                    e.reason
-                },
-            ));
+            return Err(fail("hook_rejected", LoadError::Refused(e.reason)));
         }
     }
     m.loads.with_label_values(&["ok"]).inc();

@@ -29,10 +29,6 @@ use tokio::time::Instant;
 
 use super::lib0::{DecodeError, Reader, Writer, var_uint_len};
 
-/// WebSocket close code for a client that broke a per-connection awareness limit
-/// (1008, "Policy Violation").
-pub const CLOSE_CODE: u16 = 1008;
-
 /// Whatever identifies the connection that sent an update (the document's connection id).
 pub type Owner = u64;
 
@@ -71,8 +67,9 @@ impl AwarenessError {
     }
 }
 
-/// A per-connection limit whose breach disconnects the client (socket close [`CLOSE_CODE`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A per-connection limit whose breach disconnects the client (socket close 1008,
+/// [`Close::Awareness`](super::Close::Awareness)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Violation {
     /// The connection published states for more client ids than `per_owner`.
     TooManyClients,
@@ -95,17 +92,6 @@ impl Violation {
             Violation::TooManyClients => "client_ids",
             Violation::Rate => "rate",
         }
-    }
-
-    /// The static close reason for a [`CLOSE_CODE`] close whose reason travelled as text (a
-    /// client proxied through another node): the violation's own reason if it names one,
-    /// otherwise `"Policy Violation"`.
-    pub fn close_reason(reason: &str) -> &'static str {
-        [Violation::TooManyClients, Violation::Rate]
-            .into_iter()
-            .map(Violation::reason)
-            .find(|r| *r == reason)
-            .unwrap_or("Policy Violation")
     }
 }
 
@@ -1076,9 +1062,7 @@ mod tests {
         for v in [Violation::TooManyClients, Violation::Rate] {
             assert!(v.reason().starts_with("awareness limit: "));
             assert!(v.reason().len() <= 123, "fits a WebSocket close reason");
-            assert_eq!(Violation::close_reason(v.reason()), v.reason());
         }
-        assert_eq!(Violation::close_reason("other"), "Policy Violation");
     }
 
     #[test]

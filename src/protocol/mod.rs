@@ -3,11 +3,15 @@
 //! * [`lib0`] — varUint / varString / varUint8Array.
 //! * [`message`] — Hocuspocus frames (address + type + body) and y-websocket frames.
 //! * [`awareness`] — y-protocols awareness rules.
+//! * [`close`] — [`Close`]: every socket close code and reason.
 //! * [`scan`] — iterative structural pre-scan of Yjs updates (depth, counts, dependencies).
 //! * [`update`] — guarded decoding of Yjs updates (scan first, round-trip check).
 
 pub mod awareness;
+pub mod close;
 pub mod lib0;
 pub mod message;
 pub mod scan;
 pub mod update;
+
+pub use close::Close;
