@@ -1,0 +1,167 @@
+//! Background work of a member (the inbox dispatcher's task, keepalives, reaping of dead
+//! peers) and leaving the cluster.
+
+use super::*;
+
+impl Cluster {
+    /// Starts the inbound dispatcher and the keepalive/reaper loop.
+    pub(crate) fn spawn_tasks(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        mut inbound: hearth_proxy::InboundReceiver,
+    ) {
+        let (me, sh) = (self.clone(), shared.clone());
+        tokio::spawn(async move {
+            // The dispatcher never waits on a queue (module docs); it only lets the other tasks
+            // of its worker run now and then, however fast envelopes arrive.
+            let mut since_yield = 0;
+            while let Some(ev) = inbound.recv().await {
+                since_yield += me.dispatch(&sh, ev);
+                if since_yield >= DISPATCH_YIELD_BYTES {
+                    since_yield = 0;
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let (me, sh) = (self.clone(), Arc::downgrade(shared));
+        tokio::spawn(async move {
+            let period = (me.lock_ttl.min(me.proxy_ttl) / 3).max(Duration::from_millis(100));
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Some(shared) = sh.upgrade() else { break };
+                if shared.shutdown.is_cancelled() {
+                    break;
+                }
+                me.housekeeping().await;
+            }
+        });
+    }
+
+    /// Distinct owners of the documents this node's clients are proxied to.
+    pub(super) fn owners_of_edge_sessions(&self) -> Vec<NodeAddr> {
+        let mut v: Vec<NodeAddr> = lock_map(&self.edge_sessions)
+            .values()
+            .map(|s| s.owner.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Distinct edges whose clients are attached to documents owned here.
+    pub(super) fn edges_of_owner_sessions(&self) -> Vec<NodeAddr> {
+        let mut v: Vec<NodeAddr> = lock_map(&self.owner_sessions)
+            .iter()
+            .filter(|(_, s)| matches!(s, OwnerSession::Live(_)))
+            .map(|((e, _), _)| e.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Forgets ended remote clients after a lock TTL: by then no frame of theirs is on its way
+    /// (a later one is answered with a `close_doc` of its own).
+    pub(super) fn forget_ended_owner_sessions(&self) {
+        let ttl = self.lock_ttl;
+        lock_map(&self.owner_sessions).retain(|_, s| match s {
+            OwnerSession::Live(_) => true,
+            OwnerSession::Ended(at) => at.elapsed() < ttl,
+        });
+    }
+
+    pub(super) async fn housekeeping(&self) {
+        self.refresh_node_key().await;
+        self.forget_ended_owner_sessions();
+        for owner in self.owners_of_edge_sessions() {
+            // edge → owner keepalive: no receiver means the owner is gone
+            if self.send(&owner, Body::Keepalive { session: None }).await == 0 {
+                warn!(owner = %owner, "owner unreachable; resetting its clients here");
+                self.routes.invalidate_node(&owner);
+                self.reset_edges_of(Some(&owner), "owner_gone");
+            } else if !self.heard_from_within(&owner, self.lock_ttl) {
+                // an owner silent for longer than its lock could live (frozen, partitioned) no
+                // longer owns anything it had; reset its clients here so they re-route
+                warn!(owner = %owner, "owner silent for longer than the lock TTL; resetting its clients here");
+                self.routes.invalidate_node(&owner);
+                self.reset_edges_of(Some(&owner), "owner_silent");
+            }
+        }
+        self.forget_dead_peers();
+        let now = Instant::now();
+        for edge in self.edges_of_owner_sessions() {
+            // owner → edge keepalive, so edges can tell a live owner from a frozen one
+            self.post(&edge, Body::Keepalive { session: None });
+            let seen = lock_map(&self.peers_seen).get(&edge).copied();
+            if seen.is_none_or(|t| now.duration_since(t) > self.proxy_ttl) {
+                info!(edge = %edge, "edge silent past proxy_socket_ttl; dropping its attachments");
+                self.reset_owner_sessions_of(Some(&edge), "edge_silent");
+            }
+        }
+    }
+
+    /// Drops the per-peer state (`peers_seen`, the transport's sequence and reassembly maps) of
+    /// peers that can never send again, so it does not accumulate:
+    ///
+    /// * a `hearth cluster emit` caller (a fresh identity per run) silent for twice the custom
+    ///   event TTL: it gave up waiting for its reply long ago;
+    /// * an earlier incarnation of a node we have heard from since under a newer one, silent
+    ///   for longer than a lock TTL (a node id runs in one process at a time: the collision
+    ///   check).
+    ///
+    /// A live peer is never forgotten: its next envelope would restart the link's numbering.
+    pub(super) fn forget_dead_peers(&self) {
+        let dead: Vec<NodeAddr> = {
+            let mut seen = lock_map(&self.peers_seen);
+            let latest: HashMap<NodeId, (Incarnation, Instant)> =
+                seen.iter().fold(HashMap::new(), |mut m, (addr, t)| {
+                    let e = m.entry(addr.id.clone()).or_insert((addr.inc, *t));
+                    if *t > e.1 {
+                        *e = (addr.inc, *t);
+                    }
+                    m
+                });
+            let dead: Vec<NodeAddr> = seen
+                .iter()
+                .filter(|(addr, t)| {
+                    let silent = t.elapsed();
+                    if addr.id.as_str() == EMITTER_NODE_ID {
+                        silent > 2 * self.event_ttl
+                    } else {
+                        silent > self.lock_ttl
+                            && latest.get(&addr.id).is_some_and(|l| l.0 != addr.inc)
+                    }
+                })
+                .map(|(addr, _)| addr.clone())
+                .collect();
+            for addr in &dead {
+                seen.remove(addr);
+            }
+            self.metrics.peers.set(seen.len() as i64);
+            dead
+        };
+        for addr in dead {
+            debug!(peer = %addr, "forgetting a peer that cannot send again");
+            self.transport.forget_peer(&addr);
+        }
+    }
+
+    /// Graceful leave: tell peers, reset proxied clients, stop the node key.
+    pub(crate) async fn drain(&self) {
+        self.send_broadcast(Body::Draining {
+            node: self.me.clone(),
+        })
+        .await;
+    }
+
+    /// Final step of a shutdown: release unused claims, remove the node key, close Redis links.
+    pub(crate) async fn leave(&self) {
+        let claims: Vec<LockGuard> = lock_map(&self.claims).drain().map(|(_, g)| g).collect();
+        for g in claims {
+            let _ = g.release().await;
+        }
+        self.presence.release().await;
+        self.transport.shutdown().await;
+    }
+}

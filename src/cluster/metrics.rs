@@ -1,0 +1,122 @@
+//! The cluster's Prometheus metrics and the lock observer that feeds them.
+
+use super::*;
+
+/// Cluster metrics, registered into the server's registry.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterMetrics {
+    pub(super) owned: IntGauge,
+    pub(super) owner_sessions: IntGauge,
+    pub(super) edge_sessions: IntGauge,
+    pub(super) peers: IntGauge,
+    pub(super) envelopes_in: IntCounterVec,
+    pub(super) envelopes_out: IntCounterVec,
+    pub(super) rejected: IntCounterVec,
+    pub(super) resyncs: IntCounterVec,
+    pub(super) routes: IntCounterVec,
+    pub(super) lock_ops: IntCounterVec,
+    pub(super) lock_losses: IntCounterVec,
+    pub(super) shed: IntCounterVec,
+}
+
+impl ClusterMetrics {
+    pub(super) fn register(r: &prometheus::Registry) -> prometheus::Result<Self> {
+        let g = |n: &str, h: &str| -> prometheus::Result<IntGauge> {
+            let x = IntGauge::new(n, h)?;
+            r.register(Box::new(x.clone()))?;
+            Ok(x)
+        };
+        let c = |n: &str, h: &str, l: &[&str]| -> prometheus::Result<IntCounterVec> {
+            let x = IntCounterVec::new(Opts::new(n, h), l)?;
+            r.register(Box::new(x.clone()))?;
+            Ok(x)
+        };
+        Ok(Self {
+            owned: g(
+                "hearth_cluster_owned_documents",
+                "Documents this node holds the ownership lock for",
+            )?,
+            owner_sessions: g(
+                "hearth_cluster_proxied_attachments",
+                "Clients of other nodes attached to documents owned here",
+            )?,
+            edge_sessions: g(
+                "hearth_cluster_remote_attachments",
+                "Clients here attached to documents owned elsewhere",
+            )?,
+            peers: g(
+                "hearth_cluster_known_peers",
+                "Processes (nodes, emit callers) this node keeps link state for",
+            )?,
+            envelopes_in: c(
+                "hearth_cluster_envelopes_in_total",
+                "Envelopes received by kind",
+                &["kind"],
+            )?,
+            envelopes_out: c(
+                "hearth_cluster_envelopes_out_total",
+                "Envelopes sent by kind",
+                &["kind"],
+            )?,
+            rejected: c(
+                "hearth_cluster_envelopes_rejected_total",
+                "Envelopes rejected by reason",
+                &["reason"],
+            )?,
+            resyncs: c(
+                "hearth_cluster_resyncs_total",
+                "Client resets forced by link problems",
+                &["reason"],
+            )?,
+            routes: c(
+                "hearth_cluster_route_lookups_total",
+                "Route look-ups by outcome",
+                &["outcome"],
+            )?,
+            lock_ops: c(
+                "hearth_cluster_lock_ops_total",
+                "Lock operations by op and result",
+                &["op", "result"],
+            )?,
+            lock_losses: c(
+                "hearth_cluster_lock_losses_total",
+                "Ownership locks lost, by reason",
+                &["reason"],
+            )?,
+            shed: c(
+                "hearth_cluster_sessions_shed_total",
+                "Proxied clients closed (1013) because one of their queues between edge and \
+                 owner was full, by queue",
+                &["queue"],
+            )?,
+        })
+    }
+}
+
+pub(super) struct Observer(pub(super) ClusterMetrics);
+
+impl hearth_lock::LockObserver for Observer {
+    fn on_acquire(&self, _latency: Duration, outcome: hearth_lock::AcquireOutcome) {
+        self.0
+            .lock_ops
+            .with_label_values(&["acquire", &format!("{outcome:?}").to_lowercase()])
+            .inc();
+    }
+    fn on_refresh(&self, _latency: Duration, outcome: hearth_lock::RefreshOutcome) {
+        self.0
+            .lock_ops
+            .with_label_values(&["refresh", &format!("{outcome:?}").to_lowercase()])
+            .inc();
+    }
+    fn on_lost(&self, resource: &str, reason: &hearth_lock::LossReason) {
+        warn!(
+            doc = resource,
+            reason = reason.as_str(),
+            "ownership lock lost"
+        );
+        self.0
+            .lock_losses
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+}

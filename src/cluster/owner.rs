@@ -1,0 +1,212 @@
+//! The owner side: clients of other nodes attached to documents owned here, each served by
+//! a stand-in socket.
+
+use super::*;
+
+impl Cluster {
+    /// A client of `from` opens a document here. The session is registered at once, so the
+    /// frames that follow the open queue behind it; whether this node owns the document (a
+    /// Redis round trip away, or a claim) is decided in a task of its own, so one client's open
+    /// never holds up the envelopes of every other session on the inbox.
+    pub(super) fn on_open(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        from: NodeAddr,
+        session: Session,
+        meta: OpenMeta,
+    ) {
+        let (tx, rx) = flow::remote_inbox(self.limits);
+        if !matches!(
+            lock_map(&self.owner_sessions)
+                .insert((from.clone(), session.conn), OwnerSession::Live(tx)),
+            Some(OwnerSession::Live(_))
+        ) {
+            self.metrics.owner_sessions.inc();
+        }
+        let (me, shared) = (self.clone(), shared.clone());
+        tokio::spawn(
+            async move {
+                let owns = match me.route(&shared, &session.doc).await {
+                    Ok(Placement::Local) => true,
+                    Ok(Placement::Remote(_)) | Err(_) => false,
+                };
+                if !owns || shared.draining.load(Ordering::Acquire) {
+                    debug!(doc = %session.doc, edge = %from, "refusing open: not the owner");
+                    // the edge is told below: the client's frames on their way are dropped
+                    me.remote_ended(&from, session.conn, true);
+                    me.post(
+                        &from,
+                        Body::NotOwner {
+                            session,
+                            holder: None,
+                        },
+                    );
+                    return;
+                }
+                crate::connection::hocuspocus::spawn_remote(shared, me, from, session, meta, rx);
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// True while a remote client's `owner_out` queue (`backlog`, see [`flow`]) is full: its
+    /// stand-in socket sends nothing more until Redis has taken some of it.
+    pub(crate) fn out_full(&self, backlog: &hearth_proxy::Backlog) -> bool {
+        self.limits.full(backlog.bytes(), backlog.envelopes())
+    }
+
+    /// Resolves once a remote client's `owner_out` queue has room again.
+    pub(crate) async fn out_room(&self, backlog: &hearth_proxy::Backlog) {
+        backlog.below(self.limits.bytes, self.limits.frames).await;
+    }
+
+    /// Sends a frame to a remote client (owner side), charged to its `owner_out` queue. A frame
+    /// never goes missing while the client stays: when it cannot be queued, the error is the
+    /// close the client's stand-in socket must end with. A frame beyond
+    /// `max_proxied_frame_bytes` cannot cross: the client is reset (it may reconnect to this
+    /// node directly).
+    pub(crate) fn send_out(
+        &self,
+        edge: &NodeAddr,
+        session: &Session,
+        backlog: &hearth_proxy::Backlog,
+        frame: &Bytes,
+    ) -> Result<(), Close> {
+        let body = Body::Out {
+            session: session.clone(),
+            data: frame.to_vec(),
+        };
+        match self.transport.start_send_counted(edge, body, backlog) {
+            Ok(_) => {
+                self.metrics.envelopes_out.with_label_values(&["out"]).inc();
+                Ok(())
+            }
+            Err(hearth_proxy::ProxyError::FrameTooLarge { size, max }) => {
+                warn!(
+                    edge = %edge,
+                    doc = %session.doc,
+                    size,
+                    max,
+                    "frame for a client on another node exceeds max_proxied_frame_bytes; \
+                     resetting the client"
+                );
+                self.metrics
+                    .resyncs
+                    .with_label_values(&["frame_too_large"])
+                    .inc();
+                Err(Close::ResetConnection)
+            }
+            Err(hearth_proxy::ProxyError::Clogged) => {
+                warn!(node = %self.me, to = %edge, doc = %session.doc, kind = "out", "outbound envelope queue is full; shedding the client");
+                self.metrics.shed.with_label_values(&["owner_out"]).inc();
+                Err(Close::TryAgainLater)
+            }
+            Err(e) => {
+                warn!(to = %edge, doc = %session.doc, error = %e, kind = "out", "cannot queue envelope; resetting the client");
+                Err(Close::ResetConnection)
+            }
+        }
+    }
+
+    /// Ends a remote client's session with a close (owner side).
+    pub(crate) fn close_remote(&self, edge: &NodeAddr, session: &Session, how: Close) {
+        self.post(
+            edge,
+            Body::CloseDoc {
+                session: session.clone(),
+                close: CloseDoc {
+                    code: how.code(),
+                    reason: how.reason().to_owned(),
+                    resync: true,
+                },
+            },
+        );
+    }
+
+    /// A remote socket task ended. `told_edge`: it sent the edge a `close_doc`, so frames of
+    /// the client still on their way are dropped quietly for a while.
+    pub(crate) fn remote_ended(&self, edge: &NodeAddr, conn: ConnId, told_edge: bool) {
+        let key = (edge.clone(), conn);
+        let mut map = lock_map(&self.owner_sessions);
+        let was_live = matches!(map.get(&key), Some(OwnerSession::Live(_)));
+        if told_edge {
+            map.insert(key, OwnerSession::Ended(Instant::now()));
+        } else if was_live {
+            map.remove(&key);
+        }
+        drop(map);
+        if was_live {
+            self.metrics.owner_sessions.dec();
+        }
+    }
+
+    /// The queue of a live remote client's stand-in socket.
+    pub(super) fn owner_inbox(&self, edge: &NodeAddr, conn: ConnId) -> Option<RemoteInbox> {
+        match lock_map(&self.owner_sessions).get(&(edge.clone(), conn)) {
+            Some(OwnerSession::Live(tx)) => Some(tx.clone()),
+            _ => None,
+        }
+    }
+
+    /// A remote client filled its `owner_in` queue: shed it. Its stand-in socket ends with
+    /// [`Close::TryAgainLater`] and tells the edge; frames of it still arriving are dropped quietly.
+    pub(super) fn shed_owner_session(
+        &self,
+        edge: &NodeAddr,
+        session: &Session,
+        inbox: &RemoteInbox,
+    ) {
+        self.metrics.shed.with_label_values(&["owner_in"]).inc();
+        warn!(
+            node = %self.me,
+            doc = %session.doc,
+            edge = %edge,
+            "client of another node sends faster than its document takes it; shedding it"
+        );
+        inbox.control(RemoteIn::Shed);
+        self.remote_ended(edge, session.conn, true);
+    }
+
+    pub(super) fn reset_owner_sessions_of(&self, edge: Option<&NodeAddr>, reason: &str) {
+        let victims: Vec<RemoteInbox> = lock_map(&self.owner_sessions)
+            .iter()
+            .filter(|((e, _), _)| edge.is_none_or(|x| e == x))
+            .filter_map(|(_, s)| match s {
+                OwnerSession::Live(tx) => Some(tx.clone()),
+                OwnerSession::Ended(_) => None,
+            })
+            .collect();
+        for tx in victims {
+            self.metrics.resyncs.with_label_values(&[reason]).inc();
+            tx.control(RemoteIn::Reset);
+        }
+    }
+
+    /// Resets the one proxied client of `session` on the link with `peer`: here at the edge
+    /// (close 4205), or its attachment here at the owner (ends with 4205). False when it is
+    /// already gone.
+    pub(super) fn reset_session(&self, peer: &NodeAddr, session: &Session, reason: &str) -> bool {
+        let edge = {
+            let mut map = lock_map(&self.edge_sessions);
+            if map.get(&session.conn).is_some_and(|s| &s.owner == peer) {
+                map.remove(&session.conn)
+            } else {
+                None
+            }
+        };
+        if let Some(s) = edge {
+            self.metrics.edge_sessions.dec();
+            self.metrics.resyncs.with_label_values(&[reason]).inc();
+            s.outbox
+                .control(Outgoing::CloseSocket(Close::ResetConnection));
+            return true;
+        }
+        match self.owner_inbox(peer, session.conn) {
+            Some(tx) if tx.control(RemoteIn::Reset) => {
+                self.metrics.resyncs.with_label_values(&[reason]).inc();
+                true
+            }
+            _ => false,
+        }
+    }
+}

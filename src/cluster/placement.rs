@@ -1,0 +1,107 @@
+//! Placement: where a document is served (here, or by which node), the claims and leases of
+//! the documents served here.
+
+use super::*;
+
+impl Cluster {
+    /// Decides where `doc` is served, claiming its lock when nobody holds it.
+    pub(crate) async fn route(
+        &self,
+        shared: &Shared,
+        doc: &str,
+    ) -> Result<Placement, ClusterError> {
+        if shared.registry.get(doc).is_some() || lock_map(&self.claims).contains_key(doc) {
+            self.metrics.routes.with_label_values(&["local"]).inc();
+            return Ok(Placement::Local);
+        }
+        if let Some(r) = self.routes.get(doc)
+            && r.owner != self.me
+        {
+            // Trust a cached route only while the owner is heard from (owners keepalive their
+            // edges); a frozen or partitioned owner's routes are re-resolved through the lock.
+            if self.heard_from_within(&r.owner, self.lock_ttl) {
+                self.metrics.routes.with_label_values(&["cached"]).inc();
+                return Ok(Placement::Remote(r.owner));
+            }
+            self.routes.invalidate(doc);
+        }
+        match self.lock.try_acquire(doc).await? {
+            Acquire::Acquired(guard) => {
+                self.metrics.routes.with_label_values(&["claimed"]).inc();
+                debug!(doc, "claimed ownership");
+                lock_map(&self.claims).insert(doc.to_owned(), guard);
+                Ok(Placement::Local)
+            }
+            Acquire::HeldBy(h) if h == self.holder => Ok(Placement::Local),
+            Acquire::HeldBy(h) => {
+                self.metrics.routes.with_label_values(&["remote"]).inc();
+                let owner = holder_addr(&h)?;
+                self.routes.insert(
+                    doc,
+                    Route {
+                        owner: owner.clone(),
+                        epoch: 0,
+                    },
+                );
+                Ok(Placement::Remote(owner))
+            }
+        }
+    }
+
+    /// The lease for a document about to load here: the claim made by [`Cluster::route`], or a
+    /// fresh acquisition. `None` when another node owns it.
+    pub(crate) async fn lease_for_load(
+        &self,
+        doc: &str,
+    ) -> Result<Option<LockGuard>, ClusterError> {
+        if let Some(g) = lock_map(&self.claims).remove(doc) {
+            return Ok(Some(g));
+        }
+        match self.lock.try_acquire(doc).await? {
+            Acquire::Acquired(g) => Ok(Some(g)),
+            Acquire::HeldBy(_) => Ok(None),
+        }
+    }
+
+    /// Releases a claim that no document task took (e.g. the client failed to authenticate).
+    pub(crate) fn drop_unused_claim(&self, shared: &Shared, doc: &str) {
+        if shared.registry.get(doc).is_some() {
+            return;
+        }
+        if let Some(g) = lock_map(&self.claims).remove(doc) {
+            tokio::spawn(async move {
+                let _ = g.release().await;
+            });
+        }
+    }
+
+    /// Called by a document task that took a lease.
+    pub(crate) fn owned_inc(&self) {
+        self.metrics.owned.inc();
+    }
+
+    /// Called by a stopping document task: release the lease (compare-and-delete) and tell
+    /// every node to forget the route.
+    pub(crate) async fn release(&self, doc: &str, epoch: i64, lease: LockGuard) {
+        self.metrics.owned.dec();
+        match lease.release().await {
+            Ok(_) => self
+                .metrics
+                .lock_ops
+                .with_label_values(&["release", "ok"])
+                .inc(),
+            Err(e) => {
+                self.metrics
+                    .lock_ops
+                    .with_label_values(&["release", "error"])
+                    .inc();
+                debug!(doc, error = %e, "lock release failed (it will expire)");
+            }
+        }
+        self.send_broadcast(Body::Released {
+            doc: doc.to_owned(),
+            epoch,
+        })
+        .await;
+    }
+}
