@@ -507,7 +507,9 @@ impl AuthThrottle {
                 _ => return None,
             }
         };
-        match remote.ban_left(key).await {
+        // boxed: the Redis call's future is kilobytes, and every caller (each authentication,
+        // each upgrade) would otherwise carry it inline
+        match Box::pin(remote.ban_left(key)).await {
             Ok(Some(left)) => {
                 let now = Instant::now();
                 let bans = {
@@ -545,7 +547,8 @@ impl AuthThrottle {
         let local = inner.table().record_failure(key, Instant::now());
         let newly_banned = match &inner.remote {
             None => local.newly_banned,
-            Some(remote) => match remote.count_failure(key, inner.limits).await {
+            // boxed, like the look-up above
+            Some(remote) => match Box::pin(remote.count_failure(key, inner.limits)).await {
                 Ok(r) => {
                     if let Some(left) = r.ban_left {
                         let now = Instant::now();
