@@ -40,7 +40,7 @@ use cluster_tests::testbed::witness::{
     Trips, assert_undisturbed, lower_priority, percentile, round_trips, rss_bytes,
 };
 use cluster_tests::testbed::{
-    ClientOptions, Cluster, ClusterSpec, Metrics, NodeProcess, NodeSpec, Scratch, TestClient, WAIT,
+    ClientOptions, Cluster, ClusterSpec, NodeProcess, NodeSpec, Scratch, TestClient, WAIT,
 };
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -794,8 +794,7 @@ async fn attack_all(
 async fn documents_loaded(nodes: &[Watched<'_>]) -> anyhow::Result<Vec<f64>> {
     let mut loaded = Vec::new();
     for n in nodes {
-        let (_, text) = n.node.operator_get("/metrics").await?;
-        loaded.push(Metrics::parse(&text).sum("hearth_documents_loaded", &[]));
+        loaded.push(n.node.metrics().await?.sum("hearth_documents_loaded", &[]));
     }
     Ok(loaded)
 }

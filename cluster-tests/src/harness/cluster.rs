@@ -363,11 +363,7 @@ impl Cluster {
 
     /// One scrape of node `i`'s `/metrics` (operator listener).
     pub async fn metrics(&self, i: usize) -> anyhow::Result<Metrics> {
-        let (status, body) = self.nodes[i].operator_get("/metrics").await?;
-        if status != 200 {
-            bail!("/metrics on {} answered {status}", self.nodes[i].id());
-        }
-        Ok(Metrics::parse(&body))
+        self.nodes[i].metrics().await
     }
 
     /// Runs `hearth <args…>` with this cluster's Redis settings and secret (≤ 10 s): exit code,

@@ -23,6 +23,7 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::{Instant, sleep, timeout};
 
+use super::cluster::Metrics;
 use super::{Scratch, signal, tail, target_dir};
 
 /// How long a node may take to write its ready file.
@@ -420,6 +421,15 @@ impl NodeProcess {
     /// reason) over plain HTTP/1.1 (≤ 5 s).
     pub async fn operator_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         http_get(self.operator, path).await
+    }
+
+    /// One scrape of `/metrics` (operator listener); an answer other than 200 is an error.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        let (status, body) = self.operator_get("/metrics").await?;
+        if status != 200 {
+            bail!("/metrics on {} answered {status}", self.id());
+        }
+        Ok(Metrics::parse(&body))
     }
 
     /// The status code of `GET /readyz`.
