@@ -6,7 +6,14 @@
 //! those `try_reserve` calls fail, so decoding returns an error instead of eating memory. A
 //! legitimate allocation above the cap would abort the process, so the cap must exceed the
 //! largest buffer Hearth ever needs (documents are bounded far below the default 1 GiB).
-//! The binary installs it as the global allocator; the cap can be changed at start-up.
+//! The binary installs it as the global allocator; [`set_cap`] changes the cap at start-up
+//! ([`crate::cli::run`] sets it from `max_allocation_bytes`). An application embedding Hearth
+//! installs it the same way in its own `main.rs`:
+//!
+//! ```no_run
+//! #[global_allocator]
+//! static ALLOCATOR: hearth::alloc::CappedAllocator = hearth::alloc::CappedAllocator::new();
+//! ```
 
 #![allow(unsafe_code)]
 
@@ -16,27 +23,31 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The default ceiling for one allocation: 1 GiB.
 pub const DEFAULT_CAP: usize = 1 << 30;
 
-/// A [`GlobalAlloc`] that refuses single allocations larger than its cap.
-#[derive(Debug)]
-pub struct CappedAllocator {
-    cap: AtomicUsize,
+/// The smallest cap [`set_cap`] accepts: 64 MiB.
+pub const MIN_CAP: usize = 64 << 20;
+
+/// The cap of every [`CappedAllocator`] in the process.
+static CAP: AtomicUsize = AtomicUsize::new(DEFAULT_CAP);
+
+/// Changes the cap of the process's [`CappedAllocator`] (call once at start-up; values below
+/// [`MIN_CAP`] are raised to it). Has no effect on allocations when the binary installed another
+/// global allocator.
+pub fn set_cap(bytes: usize) {
+    CAP.store(bytes.max(MIN_CAP), Ordering::Relaxed);
 }
 
-impl CappedAllocator {
-    /// An allocator with the default cap.
-    pub const fn new() -> Self {
-        Self {
-            cap: AtomicUsize::new(DEFAULT_CAP),
-        }
-    }
+/// A [`GlobalAlloc`] that refuses single allocations larger than the cap ([`set_cap`]).
+#[derive(Debug)]
+pub struct CappedAllocator(());
 
-    /// Changes the cap (call once at start-up).
-    pub fn set_cap(&self, bytes: usize) {
-        self.cap.store(bytes.max(64 << 20), Ordering::Relaxed);
+impl CappedAllocator {
+    /// The allocator; its cap is [`DEFAULT_CAP`] until [`set_cap`].
+    pub const fn new() -> Self {
+        Self(())
     }
 
     fn allowed(&self, size: usize) -> bool {
-        size <= self.cap.load(Ordering::Relaxed)
+        size <= CAP.load(Ordering::Relaxed)
     }
 }
 

@@ -93,9 +93,6 @@ macro_rules! settings {
             #[arg(long, env = "HEARTH_CONFIG", global = true)]
             pub config: Option<PathBuf>,
             $( $(#[$doc])* #[arg(long, env = $env, global = true)] pub $name: Option<$ty>, )*
-            /// Enable the built-in test behaviours used by the interop suite (not for production).
-            #[arg(long, hide = true, global = true)]
-            pub test_extension: bool,
         }
 
         /// The TOML file's shape (same keys, all optional).
@@ -110,13 +107,11 @@ macro_rules! settings {
         #[derive(Clone)]
         pub struct Config {
             $( $(#[$doc])* pub $name: $ty, )*
-            /// Built-in test behaviours (interop suite only).
-            pub test_extension: bool,
         }
 
         impl Default for Config {
             fn default() -> Self {
-                Self { $( $name: $default, )* test_extension: false }
+                Self { $( $name: $default, )* }
             }
         }
 
@@ -124,7 +119,7 @@ macro_rules! settings {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 let mut d = f.debug_struct("Config");
                 $( d.field(stringify!($name), &Shown(redacted(stringify!($name), format!("{:?}", self.$name)))); )*
-                d.field("test_extension", &self.test_extension).finish()
+                d.finish()
             }
         }
 
@@ -133,7 +128,6 @@ macro_rules! settings {
                 let d = Config::default();
                 Self {
                     $( $name: cli.$name.or(file.$name).unwrap_or(d.$name), )*
-                    test_extension: cli.test_extension,
                 }
             }
 

@@ -84,6 +84,7 @@ pub struct ServerBuilder {
     config: Config,
     extensions: Vec<Arc<dyn Extension>>,
     store: Option<Arc<dyn DocumentStore>>,
+    weak: WeakServer,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -99,6 +100,20 @@ impl ServerBuilder {
     pub fn extension(mut self, e: impl Extension) -> Self {
         self.extensions.push(Arc::new(e));
         self
+    }
+
+    /// Adds an extension that is already shared.
+    pub fn extension_arc(mut self, e: Arc<dyn Extension>) -> Self {
+        self.extensions.push(e);
+        self
+    }
+
+    /// A weak handle to the server being built, for extensions that call the server from their
+    /// hooks (direct connections, `lock_document`, custom events). It upgrades once
+    /// [`ServerBuilder::bind`] has succeeded and stops upgrading when the server is gone, so an
+    /// extension holding it keeps nothing alive.
+    pub fn weak_handle(&self) -> WeakServer {
+        self.weak.clone()
     }
 
     /// Uses this storage instead of the one `database_url` names.
@@ -126,13 +141,6 @@ impl ServerBuilder {
         let mut list = self.extensions;
         if !table.is_open() {
             list.push(Arc::new(StaticTokens(table)));
-        }
-        let test_ext = self
-            .config
-            .test_extension
-            .then(crate::test_extension::TestExtension::new);
-        if let Some(t) = &test_ext {
-            list.push(t.clone());
         }
         let extensions = Extensions::new(list);
         let metrics = Metrics::new()?;
@@ -195,9 +203,8 @@ impl ServerBuilder {
         if let Some((c, inbound)) = cluster {
             c.spawn_tasks(&shared, inbound);
         }
-        if let Some(t) = test_ext {
-            t.set_server(Arc::downgrade(&shared));
-        }
+        // set once: a builder is consumed by `bind`
+        let _ = self.weak.0.set(Arc::downgrade(&shared));
         shared
             .extensions
             .on_listen(local)
@@ -232,6 +239,7 @@ impl Server {
             config,
             extensions: Vec::new(),
             store: None,
+            weak: WeakServer::default(),
         }
     }
 
@@ -511,6 +519,13 @@ impl ServerHandle {
         &self.shared.metrics
     }
 
+    /// A handle that does not keep the server alive.
+    pub fn downgrade(&self) -> WeakServer {
+        let weak = WeakServer::default();
+        let _ = weak.0.set(Arc::downgrade(&self.shared));
+        weak
+    }
+
     /// Starts a graceful shutdown; [`Server::run`] returns when it is complete.
     pub fn shutdown(&self) {
         self.shared.draining.store(true, Ordering::Release);
@@ -547,19 +562,20 @@ pub enum LockDocumentError {
     Unavailable(String),
 }
 
-/// A weak server reference for extensions built before the server (breaks the Arc cycle).
+/// A weak handle to a server: what an extension keeps to call the server from its hooks
+/// without keeping the server alive. Get one from [`ServerBuilder::weak_handle`] (before the
+/// server exists) or [`ServerHandle::downgrade`]; [`WeakServer::upgrade`] gives a
+/// [`ServerHandle`] while the server runs.
+///
+/// Hooks that run inside a document's task (`on_change`, `on_stateless`, …) must not wait for
+/// work on the same document through it: spawn that work instead.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct WeakServer(pub Weak<Shared>);
+pub struct WeakServer(Arc<std::sync::OnceLock<Weak<Shared>>>);
 
 impl WeakServer {
-    pub(crate) async fn open_direct_connection(
-        &self,
-        name: &str,
-        context: Context,
-    ) -> Result<DirectConnection, LoadError> {
-        let Some(shared) = self.0.upgrade() else {
-            return Err(LoadError::Stopped);
-        };
-        open_direct(&shared, name, context).await
+    /// The server, unless it has not been bound yet or is gone.
+    pub fn upgrade(&self) -> Option<ServerHandle> {
+        let shared = self.0.get()?.upgrade()?;
+        Some(ServerHandle { shared })
     }
 }

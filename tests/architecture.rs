@@ -13,7 +13,6 @@ use std::path::Path;
 const KNOWN_CYCLES: &[&[&str]] = &[
     &["auth", "config", "hooks"],
     &["cluster", "connection", "doc", "shared", "throttle"],
-    &["server", "test_extension"],
 ];
 
 /// `module → modules it refers to`, for every top-level module of `src/`.

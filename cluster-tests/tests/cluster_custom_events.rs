@@ -1,7 +1,7 @@
 //! Custom events from outside the cluster: `hearth cluster emit <doc> <event> [--payload P|-]`
-//! (docs/cluster.md "Custom events from scripts"; affinity.md §a.9, §c.7, §d item 18).
+//! (docs/cluster.md "Custom events from scripts").
 //!
-//! Nodes run with `--test-extension`, whose `on_custom_event` answers `whoami` (the node id),
+//! Nodes run `hearth-test-server`, whose `on_custom_event` answers `whoami` (the node id),
 //! `append` (pushes the payload onto the `log` array, the test client's marker array, through a
 //! direct connection, then replies with the node id), `slow` (sleeps for the payload's number of
 //! milliseconds) and `fail` (the handler rejects).
@@ -34,7 +34,7 @@ const CLI_LIMIT: Duration = Duration::from_secs(20);
 const REJECTED: &str = "hearth_cluster_envelopes_rejected_total";
 
 fn spec() -> ClusterSpec {
-    ClusterSpec::new(3).args(["--test-extension"])
+    ClusterSpec::new(3).binary(env!("CARGO_BIN_EXE_hearth-test-server"))
 }
 
 /// `hearth cluster emit doc event [--payload p]` with `env`.

@@ -1,5 +1,5 @@
 // Reference server for validating the interop scripts: the real @hocuspocus/server (4.x)
-// with the same "test extension" behaviours Hearth implements behind `--test-extension`
+// with the same "test extension" behaviours Hearth's `hearth-test-server` implements
 // (see README.md), plus a minimal reference y-websocket server (same logic as
 // y-websocket 1.x bin/utils.js / @y/websocket-server) on the path prefix /y/<room>.
 //

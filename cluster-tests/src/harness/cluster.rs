@@ -15,6 +15,7 @@
 //! as providers do after a 4205) and [`wait_converged`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -48,6 +49,8 @@ pub struct ClusterSpec {
     pub env: Vec<(String, String)>,
     /// Further command-line arguments for every node.
     pub args: Vec<String>,
+    /// The server binary of every node (default: [`hearth_bin`]).
+    pub bin: Option<PathBuf>,
 }
 
 impl ClusterSpec {
@@ -60,7 +63,14 @@ impl ClusterSpec {
             secret: random_secret(),
             env: Vec::new(),
             args: Vec::new(),
+            bin: None,
         }
+    }
+
+    /// Runs `bin` instead of the stock `hearth` on every node (e.g. `hearth-test-server`).
+    pub fn binary(mut self, bin: impl Into<PathBuf>) -> ClusterSpec {
+        self.bin = Some(bin.into());
+        self
     }
 
     /// With this cluster secret.
@@ -213,6 +223,7 @@ impl Cluster {
                 .env("HEARTH_REDIS_PREFIX", spec.prefix.clone())
                 .env("HEARTH_CLUSTER_SECRET", spec.secret.clone())
                 .args(spec.args.iter().cloned());
+            node.bin = spec.bin.clone();
             for (k, v) in &spec.env {
                 node = node.env(k.clone(), v.clone());
             }

@@ -66,6 +66,8 @@ pub struct NodeSpec {
     /// Environment variables for the child. `HEARTH_*` variables of the test's own environment
     /// are not passed on; everything else is.
     pub env: Vec<(String, String)>,
+    /// The server binary (default: [`hearth_bin`]).
+    pub bin: Option<PathBuf>,
 }
 
 impl NodeSpec {
@@ -76,6 +78,7 @@ impl NodeSpec {
             database_url: database_url.into(),
             args: Vec::new(),
             env: Vec::new(),
+            bin: None,
         }
     }
 
@@ -113,7 +116,10 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Starts a node on a free port and waits (≤ [`START_TIMEOUT`]) until it listens.
     pub async fn start(scratch: &Scratch, spec: NodeSpec) -> anyhow::Result<NodeProcess> {
-        let bin = hearth_bin()?;
+        let bin = match &spec.bin {
+            Some(b) => b.clone(),
+            None => hearth_bin()?,
+        };
         let dir = scratch.path().to_path_buf();
         let log = dir.join(format!("node-{}.log", spec.node_id));
         let mut node = NodeProcess {

@@ -1,4 +1,5 @@
-//! Built-in behaviours for the interop suite (`--test-extension`, hidden; never for production):
+//! The behaviours the interop and cluster tests rely on, run by the `hearth-test-server` binary
+//! (the stock command line plus this extension):
 //!
 //! * token `slow`: `on_authenticate` waits 500 ms;
 //! * documents named `fail-load…`: `on_load_document` rejects with `load-failed`;
@@ -14,24 +15,23 @@
 //!   the handler rejects with `failed-on-purpose`; any other event is left to other extensions.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use yrs::{Array, Text, Transact};
 
-use crate::config::Config;
-use crate::hooks::{
+use hearth::config::Config;
+use hearth::hooks::{
     AuthPayload, Context, CustomEventPayload, Extension, HookError, HookResult, LoadPayload,
     StatelessPayload,
 };
-use crate::server::WeakServer;
-use crate::shared::Shared;
+use hearth::{ServerHandle, WeakServer};
 
 /// The test behaviours.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TestExtension {
-    server: OnceLock<WeakServer>,
+    server: WeakServer,
     node_id: OnceLock<String>,
     loads: Mutex<HashMap<String, u64>>,
 }
@@ -40,12 +40,17 @@ pub struct TestExtension {
 const MAX_SLOW: Duration = Duration::from_secs(60);
 
 impl TestExtension {
-    pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    /// The extension, calling the server through `server`.
+    pub fn new(server: WeakServer) -> Arc<Self> {
+        Arc::new(Self {
+            server,
+            node_id: OnceLock::new(),
+            loads: Mutex::default(),
+        })
     }
 
-    pub(crate) fn set_server(&self, shared: Weak<Shared>) {
-        let _ = self.server.set(WeakServer(shared));
+    fn server(&self) -> Option<ServerHandle> {
+        self.server.upgrade()
     }
 }
 
@@ -84,7 +89,7 @@ impl Extension for TestExtension {
                 // Not a document hook: this runs outside the document's task, so it may wait for
                 // work on the same document.
                 let text = String::from_utf8_lossy(p.payload).into_owned();
-                let Some(server) = self.server.get().cloned() else {
+                let Some(server) = self.server() else {
                     return Err(HookError::reject("server not ready"));
                 };
                 let conn = server
@@ -147,7 +152,7 @@ impl Extension for TestExtension {
             p.document.close_connections();
         } else if let Some(x) = p.payload.strip_prefix("direct:") {
             // Hooks run inside the document's task: work on the same document must be spawned.
-            let Some(server) = self.server.get().cloned() else {
+            let Some(server) = self.server() else {
                 return Ok(());
             };
             let (name, text) = (p.document_name.to_owned(), x.to_owned());

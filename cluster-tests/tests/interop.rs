@@ -1,14 +1,15 @@
 //! Interop tests: the real npm clients (`@hocuspocus/provider` v4 / v3.4.4 / v2.15.3,
-//! `y-websocket`, raw `ws` frames) against the real `hearth` binary.
+//! `y-websocket`, raw `ws` frames) against a real Hearth process: `hearth-test-server`, the stock
+//! command line plus the test behaviours of `cluster_tests::test_extension`.
 //!
-//! Each `#[test]` starts its own Hearth (`serve --listen 127.0.0.1:0 --ready-file … --database-url
-//! memory:// --test-extension --operator-listen ''`, short auth/idle timeouts, `RUST_LOG=debug` into a log file), runs
+//! Each `#[test]` starts its own server (`serve --listen 127.0.0.1:0 --ready-file … --database-url
+//! memory:// --operator-listen ''`, short auth/idle timeouts, `RUST_LOG=debug` into a log file), runs
 //! `node tests/interop/<script>.mjs` with `HEARTH_URL` / `HEARTH_YWS_URL`, and asserts exit status
 //! 0. On failure the script's output and the tail of the server log are printed; the scratch
 //! directory (under `CARGO_TARGET_TMPDIR/interop/`) is kept for inspection.
 //!
 //! Prerequisite: Node.js >= 20 and `npm ci --prefix tests/interop` (see tests/interop/README.md).
-//! The scenarios and the `--test-extension` behaviours are described in tests/interop/README.md.
+//! The scenarios and the test behaviours are described in tests/interop/README.md.
 //!
 //! Only std is used on purpose (no extra dev-dependencies).
 
@@ -60,7 +61,9 @@ const SCRIPTS: &[&str] = &[
 ];
 
 fn interop_dir() -> PathBuf {
+    // the scripts and their npm clients live at the repository's tests/interop/
     Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
         .join("tests")
         .join("interop")
 }
@@ -167,10 +170,10 @@ fn start_server(dir: &Path, extra_env: &[(&str, String)]) -> Server {
     let log = dir.join("server.log");
     let log_file = File::create(&log).expect("create server log file");
     let log_file2 = log_file.try_clone().expect("clone server log file handle");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-test-server"));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--ready-file"])
         .arg(&ready)
-        .args(["--database-url", "memory://", "--test-extension"])
+        .args(["--database-url", "memory://"])
         // several servers run at once: no operator listener (it would need a port each)
         .args(["--operator-listen", ""])
         .env("HEARTH_AUTH_TOKENS", AUTH_TOKENS)
@@ -185,9 +188,12 @@ fn start_server(dir: &Path, extra_env: &[(&str, String)]) -> Server {
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", env!("CARGO_BIN_EXE_hearth")));
+    let child = cmd.spawn().unwrap_or_else(|e| {
+        panic!(
+            "cannot start {}: {e}",
+            env!("CARGO_BIN_EXE_hearth-test-server")
+        )
+    });
     let mut process = KillOnDrop { child };
 
     let deadline = Instant::now() + READY_TIMEOUT;

@@ -1,0 +1,228 @@
+//! The `hearth` command line: what the `hearth` binary runs, and what an application embedding
+//! Hearth runs with its own extensions. Parses flags, environment and the configuration file,
+//! sets up logging, then serves until SIGTERM/SIGINT and shuts down gracefully (exit status 0),
+//! or runs a `cluster` subcommand. Start-up errors exit with status 64 (configuration) or 1.
+//!
+//! A custom server is a `main.rs` of a few lines:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use hearth::{Extension, WeakServer};
+//!
+//! struct MyHooks {
+//!     server: WeakServer,
+//! }
+//!
+//! #[hearth::async_trait]
+//! impl Extension for MyHooks {}
+//!
+//! #[global_allocator]
+//! static ALLOCATOR: hearth::alloc::CappedAllocator = hearth::alloc::CappedAllocator::new();
+//!
+//! fn main() -> std::process::ExitCode {
+//!     hearth::cli::run(|server: &WeakServer| {
+//!         vec![Arc::new(MyHooks { server: server.clone() }) as Arc<dyn Extension>]
+//!     })
+//! }
+//! ```
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Cli, ClusterCommand, Command, Config, LogFormat};
+use crate::hooks::Extension;
+use crate::server::{Server, ServerHandle, WeakServer};
+
+/// Builds the application's extensions, given a weak handle to the server they will run in.
+type Extensions = Box<dyn FnOnce(&WeakServer) -> Vec<Arc<dyn Extension>>>;
+
+/// Runs the `hearth` command line with the extensions `extensions` returns (called once, before
+/// the server binds, with a handle that upgrades once it has). Returns the process's exit
+/// status. Sets the [`crate::alloc`] cap from `max_allocation_bytes`; install
+/// [`crate::alloc::CappedAllocator`] as the global allocator for it to take effect.
+pub fn run<F>(extensions: F) -> ExitCode
+where
+    F: FnOnce(&WeakServer) -> Vec<Arc<dyn Extension>> + 'static,
+{
+    let cli = Cli::parse();
+    let command = cli.command;
+    let config = match Config::from_settings(cli.settings) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hearth: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    crate::alloc::set_cap(config.max_allocation_bytes);
+    init_tracing(config.log_format);
+    if let Some(Command::Cluster(cmd)) = command {
+        return cluster_command(config, cmd);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hearth: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config, Box::new(extensions))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearth: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `hearth cluster owner DOC` / `hearth cluster status` / `hearth cluster emit DOC EVENT`.
+fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
+    if !config.is_cluster() {
+        eprintln!("hearth: set HEARTH_REDIS_URL (or --redis-url) to inspect a cluster");
+        return ExitCode::from(64);
+    }
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return ExitCode::FAILURE;
+    };
+    if let ClusterCommand::Emit {
+        document,
+        event,
+        payload,
+    } = cmd
+    {
+        return runtime.block_on(emit_command(&config, &document, &event, payload.as_deref()));
+    }
+    let result = runtime.block_on(async {
+        match cmd {
+            ClusterCommand::Owner { document } => crate::cluster::owner_of(&config, &document)
+                .await
+                .map(|owner| match owner {
+                    Some(node) => {
+                        println!("{node}");
+                        true
+                    }
+                    None => false,
+                }),
+            ClusterCommand::Status => crate::cluster::live_nodes(&config).await.map(|nodes| {
+                for (node, incarnation) in &nodes {
+                    println!("{node} {incarnation}");
+                }
+                true
+            }),
+            // handled above: it has exit statuses of its own
+            ClusterCommand::Emit { .. } => Ok(false),
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("hearth: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `hearth cluster emit DOC EVENT [--payload P|-]`: the reply on stdout, byte for byte. Exit
+/// status 0 answered, 1 definitive failure (no owner, no handler, handler failed), 2 transient
+/// failure (timeout, Redis or the owner unreachable); docs/cluster.md.
+async fn emit_command(
+    config: &Config,
+    document: &str,
+    event: &str,
+    payload: Option<&str>,
+) -> ExitCode {
+    let payload = match payload {
+        None => Vec::new(),
+        Some("-") => {
+            let mut buf = Vec::new();
+            if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf) {
+                eprintln!("hearth: reading the payload from stdin: {e}");
+                return ExitCode::from(1);
+            }
+            buf
+        }
+        Some(p) => p.as_bytes().to_vec(),
+    };
+    match crate::cluster::emit_remote(config, document, event, payload).await {
+        Ok(reply) => {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out.write_all(&reply).and_then(|()| out.flush()) {
+                eprintln!("hearth: writing the reply: {e}");
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hearth: custom event {event:?} on {document:?}: {e}");
+            ExitCode::from(if e.is_transient() { 2 } else { 1 })
+        }
+    }
+}
+
+async fn serve(config: Config, extensions: Extensions) -> anyhow::Result<()> {
+    let ready_file = config.ready_file.clone();
+    let operator_ready_file = config.operator_ready_file.clone();
+    let mut builder = Server::builder(config);
+    for e in extensions(&builder.weak_handle()) {
+        builder = builder.extension_arc(e);
+    }
+    let server = builder.bind().await.context("starting the server")?;
+    // the operator file first: whoever sees the ready file finds both
+    if let Some(addr) = server.operator_addr() {
+        write_ready_file(&operator_ready_file, addr)?;
+    }
+    write_ready_file(&ready_file, server.local_addr())?;
+    tokio::spawn(on_signal(server.handle()));
+    server.run().await?;
+    Ok(())
+}
+
+/// Writes `addr` to `path` (unless empty) atomically: a reader sees the whole address or no file.
+fn write_ready_file(path: &std::path::Path, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    if path.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, addr.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+async fn on_signal(handle: ServerHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; graceful shutdown only via the API");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    handle.shutdown();
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
