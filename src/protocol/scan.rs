@@ -73,8 +73,9 @@ pub enum ScanError {
 pub struct UpdateScan {
     /// Runs of consecutive blocks: `(client, first clock, end clock)`, in encoding order.
     segments: Vec<(u64, u32, u32)>,
-    /// Highest clock each client is referred to at (origins, right origins, parents).
-    refs: HashMap<u64, u32>,
+    /// Every `(client, clock)` the update's blocks refer to (origins, right origins, parents),
+    /// in encoding order. At most three per block, so bounded by [`ScanLimits::max_structs`].
+    refs: Vec<(u64, u32)>,
     /// Deleted ranges: `(client, clock, end clock)`.
     deletes: Vec<(u64, u32, u32)>,
     /// Number of blocks.
@@ -115,16 +116,16 @@ impl UpdateScan {
     /// parent is unknown, or a deletion of unknown content. `None` when it can be integrated
     /// completely.
     pub fn missing(&self, known: impl Fn(u64) -> u32) -> Option<(u64, u32)> {
-        let mut avail: HashMap<u64, u32> = HashMap::new();
+        let mut avail = Clocks::default();
         for &(client, start, end) in &self.segments {
-            let a = avail.entry(client).or_insert_with(|| known(client));
+            let a = avail.entry(client, &known);
             if start > *a {
                 return Some((client, *a));
             }
             *a = (*a).max(end);
         }
-        let have = |c: u64| avail.get(&c).copied().unwrap_or_else(|| known(c));
-        for (&client, &clock) in &self.refs {
+        let have = |c: u64| avail.get(c).unwrap_or_else(|| known(c));
+        for &(client, clock) in &self.refs {
             if clock >= have(client) {
                 return Some((client, clock));
             }
@@ -135,6 +136,54 @@ impl UpdateScan {
             }
         }
         None
+    }
+}
+
+/// A clock per client: a short list for the usual update (one or two clients), a hash map
+/// once an update names more, so a hostile update with thousands of clients stays linear.
+enum Clocks {
+    Few(Vec<(u64, u32)>),
+    Many(HashMap<u64, u32>),
+}
+
+impl Default for Clocks {
+    fn default() -> Self {
+        Clocks::Few(Vec::new())
+    }
+}
+
+impl Clocks {
+    /// Clients kept in a list before switching to a map.
+    const FEW: usize = 8;
+
+    fn get(&self, client: u64) -> Option<u32> {
+        match self {
+            Clocks::Few(v) => v.iter().find(|e| e.0 == client).map(|e| e.1),
+            Clocks::Many(m) => m.get(&client).copied(),
+        }
+    }
+
+    /// The clock for `client`, starting from `init(client)` when absent.
+    fn entry(&mut self, client: u64, init: impl Fn(u64) -> u32) -> &mut u32 {
+        if let Clocks::Few(v) = self
+            && v.len() >= Self::FEW
+            && !v.iter().any(|e| e.0 == client)
+        {
+            *self = Clocks::Many(v.drain(..).collect());
+        }
+        match self {
+            Clocks::Few(v) => {
+                let i = match v.iter().position(|e| e.0 == client) {
+                    Some(i) => i,
+                    None => {
+                        v.push((client, init(client)));
+                        v.len() - 1
+                    }
+                };
+                &mut v[i].1
+            }
+            Clocks::Many(m) => m.entry(client).or_insert_with(|| init(client)),
+        }
     }
 }
 
@@ -280,11 +329,10 @@ impl<'a> Scanner<'a> {
         Ok(c)
     }
 
-    fn id(&mut self, refs: &mut HashMap<u64, u32>) -> Result<(), ScanError> {
+    fn id(&mut self, refs: &mut Vec<(u64, u32)>) -> Result<(), ScanError> {
         let client = self.client()?;
         let clock = self.u32("clock")?;
-        let e = refs.entry(client).or_insert(clock);
-        *e = (*e).max(clock);
+        refs.push((client, clock));
         Ok(())
     }
 
@@ -295,7 +343,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// An item's fields after its info byte; returns its length in clock units.
-    fn item(&mut self, info: u8, refs: &mut HashMap<u64, u32>) -> Result<u32, ScanError> {
+    fn item(&mut self, info: u8, refs: &mut Vec<(u64, u32)>) -> Result<u32, ScanError> {
         if info & 0x10 != 0 {
             return Err(ScanError::Unknown("content kind"));
         }
@@ -563,6 +611,55 @@ mod tests {
         let sd = scan_update(&del, &limits()).unwrap();
         assert!(sd.missing(|_| 0).is_some(), "deletes unknown content");
         assert_eq!(sd.missing(|_| 3), None);
+    }
+
+    #[test]
+    fn missing_dependencies_are_found_across_many_clients() {
+        // 20 clients, each appending after the previous one's text: more clients than the
+        // short list holds, so the lookup moves to a map part-way through.
+        let doc = Doc::new();
+        let mut updates = Vec::new();
+        for c in 1..=20u64 {
+            let d = Doc::with_client_id(c);
+            let t = d.get_or_insert_text("t");
+            let state = doc
+                .transact()
+                .encode_state_as_update_v1(&Default::default());
+            d.transact_mut()
+                .apply_update(Update::decode_v1(&state).unwrap())
+                .unwrap();
+            let mut txn = d.transact_mut();
+            let len = t.len(&txn);
+            t.insert(&mut txn, len, "x");
+            let u = txn.encode_update_v1();
+            drop(txn);
+            doc.transact_mut()
+                .apply_update(Update::decode_v1(&u).unwrap())
+                .unwrap();
+            updates.push(u);
+        }
+        let all = yrs::merge_updates_v1(&updates).unwrap();
+        let scan = scan_update(&all, &limits()).unwrap();
+        assert_eq!(
+            scan.missing(|_| 0),
+            None,
+            "the merged history is self-contained"
+        );
+        let without_first = yrs::merge_updates_v1(&updates[1..]).unwrap();
+        let scan = scan_update(&without_first, &limits()).unwrap();
+        assert_eq!(
+            scan.missing(|_| 0),
+            Some((1, 0)),
+            "client 1's text is referred to"
+        );
+        assert_eq!(scan.missing(|c| u32::from(c == 1)), None);
+        let mut clocks = Clocks::default();
+        for c in 0..100u64 {
+            *clocks.entry(c, |c| c as u32) += 1;
+        }
+        assert!(matches!(clocks, Clocks::Many(_)));
+        assert_eq!(clocks.get(42), Some(43));
+        assert_eq!(clocks.get(100), None);
     }
 
     #[test]

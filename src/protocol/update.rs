@@ -62,9 +62,9 @@ pub fn decode_state_vector(bytes: &[u8]) -> Result<StateVector, UpdateError> {
 }
 
 /// The next clock the document behind `txn` expects from each client, as a lookup.
-pub fn known_clocks<T: ReadTxn>(txn: &T) -> impl Fn(u64) -> u32 + use<T> {
-    let sv = txn.state_vector();
-    move |c| sv.get(&ClientID::new(c))
+pub fn known_clocks<T: ReadTxn>(txn: &T) -> impl Fn(u64) -> u32 + '_ {
+    let store = txn.store();
+    move |c| store.get_clock(&ClientID::new(c))
 }
 
 /// Yjs's `snapshotContainsUpdate` from a scan alone: true when the document behind `txn`

@@ -116,6 +116,12 @@ impl Store {
         self.blocks.get_clock(&self.client_id)
     }
 
+    /// Get the next clock expected from `client` (0 for a client never seen), without
+    /// materializing the whole state vector.
+    pub fn get_clock(&self, client: &ClientID) -> u32 {
+        self.blocks.get_clock(client)
+    }
+
     /// Returns a branch reference to a complex type identified by its pointer. Returns `None` if
     /// no such type could be found or was ever defined.
     pub(crate) fn get_type<K: Borrow<str>>(&self, key: K) -> Option<BranchPtr> {
