@@ -2,7 +2,7 @@
 //!
 //! Why: yrs 0.28 pre-reserves collections from counts declared in client bytes
 //! (`try_reserve(declared_len)`). With Linux overcommit a 5-byte update can reserve 21 GB and
-//! touch ~0.5 GB (rust-stack.md §5, finding B). Refusing any single allocation above the cap makes
+//! touch ~0.5 GB. Refusing any single allocation above the cap makes
 //! those `try_reserve` calls fail, so decoding returns an error instead of eating memory. A
 //! legitimate allocation above the cap would abort the process, so the cap must exceed the
 //! largest buffer Hearth ever needs (documents are bounded far below the default 1 GiB).

@@ -2,7 +2,7 @@
 //!
 //! Extensions are ordered by [`Extension::priority`] (higher first; ties keep registration
 //! order). Each hook runs over the whole chain and is awaited; the first `Err` stops the chain
-//! and decides the wire result exactly as a rejected Hocuspocus hook does (protocol.md §5, §12):
+//! and decides the wire result exactly as a rejected Hocuspocus hook does:
 //!
 //! | hook | a rejection means |
 //! |---|---|

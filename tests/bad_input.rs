@@ -1,4 +1,4 @@
-//! Bad input (reliability.md §4.3): garbage bytes, truncated sync frames, an oversized frame, a
+//! Bad input: garbage bytes, truncated sync frames, an oversized frame, a
 //! text frame, floods before auth, invalid Yjs payloads, length bombs, a seeded fuzz loop and a
 //! slow reader. In every case the server stays up and a well-behaved client on another socket
 //! (the "witness") keeps syncing.

@@ -1,5 +1,5 @@
 //! `ServerHandle::lock_document` and `ServerHandle::emit` between two in-process cluster nodes
-//! (docs/cluster.md "Server-side API in a cluster"; affinity.md §c.7 and §d items 18–19).
+//! (docs/cluster.md "Server-side API in a cluster").
 //!
 //! Two servers, `node-a` and `node-b`, share a private `redis-server` (started by this test on a
 //! free loopback port) and one SQLite store. A client opens a document on `node-a`, so `node-a`

@@ -1,4 +1,4 @@
-//! Extension hooks: lifecycle order for one client (protocol.md §12), context propagation,
+//! Extension hooks: lifecycle order for one client, context propagation,
 //! rejections and their wire effects, priority order.
 
 #![allow(clippy::unwrap_used)]

@@ -1,4 +1,4 @@
-//! Length bombs must not amplify memory (reliability.md §4.3 X4): a few bytes declaring 2^16 ..
+//! Length bombs must not amplify memory: a few bytes declaring 2^16 ..
 //! 2^28 entries in a state vector, an update (client groups, blocks, delete set) or an awareness
 //! update. yrs pre-reserves from such counts; the `hearth` binary defends with
 //! [`hearth::alloc::CappedAllocator`], which this test binary installs too, so the numbers are

@@ -1,6 +1,6 @@
-//! In-process protocol tests: per-address auth state machine (protocol.md §5), multiplexing and
-//! session addresses (§7), awareness (§8), registry single-flight and unload, direct
-//! connections (§12) and the HTTP front.
+//! In-process protocol tests: per-address auth state machine, multiplexing and
+//! session addresses, awareness, registry single-flight and unload, direct
+//! connections and the HTTP front.
 
 #![allow(clippy::unwrap_used)]
 

@@ -2,7 +2,6 @@
 //!
 //! * [`bench`](mod@bench) — the load generator (library behind `src/bin/hearth-bench.rs`).
 //! * [`fuzz`] — the mutational fuzzer (library behind `src/bin/hearth-fuzz.rs`).
-//! * [`harness`] — starting the `hearth` binary for tests.
 //! * [`test_extension`] — the behaviours the tests rely on, served by the `hearth-test-server`
 //!   binary (the stock command line plus that extension).
 //! * [`testbed`] — the process and fault harness of the persistence and cluster tests: nodes,
@@ -10,10 +9,8 @@
 
 pub mod bench;
 pub mod fuzz;
-pub mod harness;
 pub mod test_extension;
 
-// The process and fault harness (documented in the file): its files live in `src/harness/`
-// because the name `harness` is taken by `src/harness.rs`.
+// The process and fault harness (documented in the file); its files live in `src/harness/`.
 #[path = "harness/testbed.rs"]
 pub mod testbed;

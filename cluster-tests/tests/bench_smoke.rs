@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use cluster_tests::harness::{Hearth, Scratch};
+use cluster_tests::testbed::{NodeProcess, NodeSpec, Scratch};
 use serde_json::Value;
 
 /// Runs the bench binary and returns its JSON lines (panics with its stderr on failure).
@@ -66,15 +66,43 @@ fn assert_clean_window(w: &Value, peers_per_insert: u64) {
     );
 }
 
-fn start(dir: &Scratch, db: &str) -> Hearth {
-    Hearth::start(&dir.0, &["--database-url", db, "--durability", "durable"]).unwrap()
+/// A node on `db` with durable acknowledgements, and the runtime that drives its harness.
+struct Server {
+    runtime: tokio::runtime::Runtime,
+    node: NodeProcess,
+}
+
+impl Server {
+    fn start(scratch: &Scratch, db: &str) -> Server {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let spec = NodeSpec::new("bench", db).args(["--durability", "durable"]);
+        let node = runtime.block_on(NodeProcess::start(scratch, spec)).unwrap();
+        Server { runtime, node }
+    }
+
+    fn pid(&self) -> String {
+        self.node.pid().unwrap().to_string()
+    }
+
+    fn url(&self) -> String {
+        self.node.url()
+    }
+
+    /// SIGTERM; the node must exit cleanly.
+    fn stop(mut self) {
+        let status = self.runtime.block_on(self.node.term()).unwrap();
+        assert!(status.success(), "hearth exited with {status}");
+    }
 }
 
 #[test]
 fn fanout_delivers_everything() {
-    let dir = Scratch::new("bench-smoke").unwrap();
-    let h = start(&dir, "memory://");
-    let pid = h.pid().to_string();
+    let scratch = Scratch::new("bench-smoke-fanout_delivers_everything").unwrap();
+    let h = Server::start(&scratch, "memory://");
+    let pid = h.pid();
     let lines = bench(&[
         "fanout",
         "--url",
@@ -101,14 +129,14 @@ fn fanout_delivers_everything() {
     assert_eq!(w["label"], "smoke");
     assert_eq!(u(&w["clients"]), 6);
     assert_clean_window(w, 2);
-    h.stop().unwrap();
+    h.stop();
 }
 
 #[test]
 fn maxrate_and_acklatency_step_through_rates() {
-    let dir = Scratch::new("bench-smoke").unwrap();
-    let h = start(&dir, "memory://");
-    let pid = h.pid().to_string();
+    let scratch = Scratch::new("bench-smoke-maxrate_and_acklatency_step_through_rates").unwrap();
+    let h = Server::start(&scratch, "memory://");
+    let pid = h.pid();
     let lines = bench(&[
         "maxrate",
         "--url",
@@ -163,14 +191,14 @@ fn maxrate_and_acklatency_step_through_rates() {
     for s in steps {
         assert_clean_window(s, 0);
     }
-    h.stop().unwrap();
+    h.stop();
 }
 
 #[test]
 fn conns_measures_rss_per_connection() {
-    let dir = Scratch::new("bench-smoke").unwrap();
-    let h = start(&dir, "memory://");
-    let pid = h.pid().to_string();
+    let scratch = Scratch::new("bench-smoke-conns_measures_rss_per_connection").unwrap();
+    let h = Server::start(&scratch, "memory://");
+    let pid = h.pid();
     let lines = bench(&[
         "conns",
         "--url",
@@ -192,15 +220,15 @@ fn conns_measures_rss_per_connection() {
     assert_eq!(u(&r[0]["failed"]), 0);
     assert_eq!(u(&r[0]["dropped_while_idle"]), 0);
     assert!(r[0]["rss_bytes_per_conn"].is_number(), "{r:?}");
-    h.stop().unwrap();
+    h.stop();
 }
 
 #[test]
 fn coldload_reads_back_stored_documents() {
-    let dir = Scratch::new("bench-smoke").unwrap();
-    let db = format!("sqlite://{}", dir.0.join("hearth.db").display());
-    let args = |phase: &str, h: &Hearth| {
-        let pid = h.pid().to_string();
+    let scratch = Scratch::new("bench-smoke-coldload").unwrap();
+    let db = format!("sqlite://{}", scratch.join("hearth.db").display());
+    let args = |phase: &str, h: &Server| {
+        let pid = h.pid();
         bench(&[
             "coldload",
             "--url",
@@ -219,26 +247,14 @@ fn coldload_reads_back_stored_documents() {
             "0.1",
         ])
     };
-    // SQLite: seed, restart, measure (the real cold path). A server without SQLite support
-    // yet falls back to one in-memory run.
-    let lines = match Hearth::start(&dir.0, &["--database-url", &db]) {
-        Ok(h) => {
-            let seeded = args("seed", &h);
-            assert_eq!(result(&seeded, "seed").len(), 1, "{seeded:?}");
-            h.stop().unwrap();
-            let h = Hearth::start(&dir.0, &["--database-url", &db]).unwrap();
-            let lines = args("measure", &h);
-            h.stop().unwrap();
-            lines
-        }
-        Err(e) => {
-            eprintln!("SQLite not available ({e:#}); cold load against memory://");
-            let h = start(&dir, "memory://");
-            let lines = args("all", &h);
-            h.stop().unwrap();
-            lines
-        }
-    };
+    // seed, restart, measure: the real cold path, from SQLite
+    let h = Server::start(&scratch, &db);
+    let seeded = args("seed", &h);
+    assert_eq!(result(&seeded, "seed").len(), 1, "{seeded:?}");
+    h.stop();
+    let h = Server::start(&scratch, &db);
+    let lines = args("measure", &h);
+    h.stop();
     let r = result(&lines, "result");
     assert_eq!(r.len(), 1, "{lines:?}");
     assert_eq!(u(&r[0]["content_mismatches"]), 0, "{r:?}");
@@ -250,9 +266,9 @@ fn coldload_reads_back_stored_documents() {
 
 #[test]
 fn proxied_splits_latency_by_path() {
-    let dir = Scratch::new("bench-smoke").unwrap();
-    let h = start(&dir, "memory://");
-    let pid = h.pid().to_string();
+    let scratch = Scratch::new("bench-smoke-proxied_splits_latency_by_path").unwrap();
+    let h = Server::start(&scratch, "memory://");
+    let pid = h.pid();
     // one node behind three URLs; the owner command names the first as owner of every doc
     let url = h.url();
     let urls = format!("{url},{url}?n=2,{url}?n=3");
@@ -292,5 +308,5 @@ fn proxied_splits_latency_by_path() {
     ] {
         assert!(paths.contains_key(p), "no {p} in {paths:?}");
     }
-    h.stop().unwrap();
+    h.stop();
 }

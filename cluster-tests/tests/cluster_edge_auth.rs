@@ -1,6 +1,6 @@
 //! Read-only and denied clients attached through a node that does not own the document behave
 //! exactly as on the owner (docs/cluster.md "Proxying": the owner runs the same state machine
-//! for a proxied client; affinity.md §d 15, 16).
+//! for a proxied client).
 //!
 //! Three nodes with the token table `rw=read-write,ro=read-only,bad=deny,*=deny`. `acl` is owned
 //! by n1 (a read-write watcher connected there first and wrote a few markers; a second watcher

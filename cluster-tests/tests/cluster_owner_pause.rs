@@ -1,6 +1,6 @@
 //! SIGSTOP of a document's owner for longer than the lock TTL, then SIGCONT (docs/cluster.md
-//! guarantees table, "owner paused"; affinity.md §d 5): another node takes over and serves; the
-//! stale owner commits nothing after it resumes (G3); nothing the new owner acknowledged is lost.
+//! guarantees table, "owner paused"): another node takes over and serves; the
+//! stale owner commits nothing after it resumes; nothing the new owner acknowledged is lost.
 //!
 //! Four nodes (n4 outside the balancer), lock TTL 2 s, one document `pause-0` owned by n1. A
 //! "stale" client is connected directly to n1 and has written (and had acknowledged) a few

@@ -1,5 +1,5 @@
-//! SIGTERM of a document's owner (docs/cluster.md guarantees table, "owner SIGTERM"; affinity.md
-//! §d 11): hand-off without waiting for the lock TTL, no acknowledged edit lost, exit status 0.
+//! SIGTERM of a document's owner (docs/cluster.md guarantees table, "owner SIGTERM"):
+//! hand-off without waiting for the lock TTL, no acknowledged edit lost, exit status 0.
 //!
 //! Three nodes with a long lock TTL (6 s, so a hand-off that waited for it would show). Two
 //! documents owned by n1, ten clients each (the first on n1, the rest through the balancer),

@@ -1,5 +1,5 @@
 //! Redis restarted with all its data gone, mid-editing (docs/cluster.md guarantees table, "Redis
-//! restart"; affinity.md §d 6).
+//! restart").
 //!
 //! Three nodes, lock TTL 2 s, three documents, each owned by a different node (its first client
 //! connected there), six clients each (the rest through the balancer) inserting markers and

@@ -1,4 +1,4 @@
-//! Exactly one owner per document (docs/cluster.md "Ownership timeline"; affinity.md §d 1, 2).
+//! Exactly one owner per document (docs/cluster.md "Ownership timeline").
 //!
 //! Three nodes, 150 clients (50 per node) entering through the round-robin balancer, spread over
 //! 15 documents, all inserting markers for about 5 s. Five more documents have one "churning"

@@ -1,4 +1,4 @@
-//! Cluster smoke tests (reliability.md T1, short).
+//! Cluster smoke tests.
 //!
 //! * `three_nodes_behind_a_balancer_converge`: three nodes sharing one PostgreSQL database and
 //!   one Redis, clients spread over them by a round-robin load balancer, all on the same
@@ -6,7 +6,7 @@
 //!   the balancer, so on any node) sees everything. It doubles as the self-test of the harness
 //!   pieces the cluster scenarios use ([`Cluster`], `HEARTH_REDIS_URL`, `HEARTH_LOCK_TTL_MS`,
 //!   `Lb`).
-//! * `clients_on_different_nodes_converge_and_share_awareness` (affinity.md §d 1, 26): one
+//! * `clients_on_different_nodes_converge_and_share_awareness`: one
 //!   client on the owner, one on each of the two other nodes (proxied). Their edits converge;
 //!   an awareness state set on one node is seen on another (owner → edge and edge → edge, clock
 //!   updates included), and it is removed there when its client leaves — with a close handshake

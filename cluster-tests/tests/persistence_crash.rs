@@ -1,4 +1,4 @@
-//! kill -9 during writes (reliability.md T2/T4 on one node, guarantee G1).
+//! kill -9 during writes on one node: nothing acknowledged is lost.
 //!
 //! Claim under test (durable mode, the default): **every update acknowledged with
 //! `SyncStatus(1)` before the process was SIGKILLed is served after a restart on the same

@@ -1,4 +1,4 @@
-//! Database outage (reliability.md T15, guarantees G1 and G11; docs/persistence.md "Database
+//! Database outage (docs/persistence.md "Database
 //! unavailable").
 //!
 //! Claims under test, durable mode:
@@ -243,7 +243,7 @@ const SHORT_DEBOUNCE: [&str; 4] = ["--debounce-ms", "200", "--max-debounce-ms", 
 const RETRY_BOUND: usize = DOCS * 10 * OUTAGE.as_secs() as usize;
 
 /// Failed compactions must be retried with backoff (docs/persistence.md: "A failed compaction
-/// is retried"; G11: "retries with backoff"), not in a loop. SQLite made unwritable fails each
+/// is retried"), not in a loop. SQLite made unwritable fails each
 /// attempt at once, which exposes a missing backoff. Only the outage phase is checked here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_compactions_back_off() -> anyhow::Result<()> {

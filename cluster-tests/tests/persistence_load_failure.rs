@@ -1,5 +1,5 @@
-//! Load failure on corrupt stored bytes (reliability.md T22, bug class B2: "empty document
-//! overwrites the stored one when the load fails").
+//! Load failure on corrupt stored bytes: an empty document must never overwrite the stored one
+//! when the load fails.
 //!
 //! Claims under test (docs/persistence.md, "Loading"): when a document's stored state does not
 //! apply,

@@ -1,4 +1,4 @@
-//! Graceful shutdown (reliability.md T5, bug class B3: "documents not stored on shutdown").
+//! Graceful shutdown.
 //!
 //! Precise claim under test: **when hearth receives SIGTERM, every update frame that a client
 //! had completely written to its socket before the signal was sent is in the database when the

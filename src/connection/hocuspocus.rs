@@ -1,5 +1,5 @@
-//! The Hocuspocus socket task: per-address authentication state machine (protocol.md §5),
-//! multiplexing (§7), keepalive and limits (§10, §11).
+//! The Hocuspocus socket task: per-address authentication state machine,
+//! multiplexing, keepalive and limits.
 //!
 //! State per address: **Pending** (frames queue, in order, until the first Auth frame has been
 //! through `on_connect` → `on_authenticate` → load → attach, which runs in its own task so other
@@ -83,6 +83,28 @@ enum AuthFailure {
     Denied(String),
     /// The document could not be loaded.
     Load(LoadError),
+}
+
+/// What the client is told when a document of its socket did not open.
+#[derive(Debug, PartialEq, Eq)]
+enum FailureAnswer<'a> {
+    /// Not a refusal: the socket is reset, and the client reconnects and is routed afresh.
+    Reset,
+    /// `PermissionDenied` with this reason; the socket stays open.
+    Denied(&'a str),
+}
+
+impl AuthFailure {
+    /// The answer for this failure on a node that is (`clustered`) or is not in a cluster.
+    fn answer(&self, clustered: bool) -> FailureAnswer<'_> {
+        match self {
+            AuthFailure::RouteFailed => FailureAnswer::Reset,
+            // Ownership moved between routing and loading (e.g. this node just lost the lock)
+            AuthFailure::Load(LoadError::NotOwner) if clustered => FailureAnswer::Reset,
+            AuthFailure::Denied(reason) => FailureAnswer::Denied(reason),
+            AuthFailure::Load(e) => FailureAnswer::Denied(e.client_reason()),
+        }
+    }
 }
 
 struct Established {
@@ -642,21 +664,13 @@ impl Socket {
         }
         match done.result {
             Ok(Authed::Remote(owner)) => Box::pin(self.go_remote(done.address, owner, p)).await,
-            Err(AuthFailure::RouteFailed) => {
-                // Redis did not answer: the client reconnects and is routed afresh.
-                Some(End::Close(Close::ResetConnection))
-            }
-            Err(AuthFailure::Load(LoadError::NotOwner)) if self.shared.cluster.is_some() => {
-                // Ownership moved between routing and loading (e.g. this node just lost the
-                // lock): not a denial. The client reconnects and is routed afresh.
-                info!(address = %done.address, "document owned elsewhere since routing; resetting");
-                Some(End::Close(Close::ResetConnection))
-            }
             Err(failure) => {
-                let reason = match &failure {
-                    AuthFailure::Denied(reason) => reason.as_str(),
-                    AuthFailure::Load(e) => e.client_reason(),
-                    AuthFailure::RouteFailed => "permission-denied",
+                let reason = match failure.answer(self.shared.cluster.is_some()) {
+                    FailureAnswer::Reset => {
+                        info!(address = %done.address, ?failure, "routing failed or ownership moved; resetting");
+                        return Some(End::Close(Close::ResetConnection));
+                    }
+                    FailureAnswer::Denied(reason) => reason,
                 };
                 self.shared
                     .metrics
@@ -1081,5 +1095,32 @@ async fn run_remote(
             "ending proxied attachment"
         );
         cluster.close_remote(&edge, &session, how);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_resets_only_when_routing_is_at_fault() {
+        let route = AuthFailure::RouteFailed;
+        assert_eq!(route.answer(true), FailureAnswer::Reset);
+        let moved = AuthFailure::Load(LoadError::NotOwner);
+        assert_eq!(moved.answer(true), FailureAnswer::Reset);
+        assert_eq!(
+            moved.answer(false),
+            FailureAnswer::Denied(LoadError::NotOwner.client_reason())
+        );
+        let denied = AuthFailure::Denied("permission-denied".into());
+        assert_eq!(
+            denied.answer(true),
+            FailureAnswer::Denied("permission-denied")
+        );
+        let full = AuthFailure::Load(LoadError::Capacity);
+        assert_eq!(
+            full.answer(true),
+            FailureAnswer::Denied(LoadError::Capacity.client_reason())
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! The plain y-websocket protocol on `/y/<document>` (protocol.md §14): the document name is the
+//! The plain y-websocket protocol on `/y/<document>`: the document name is the
 //! raw path after the prefix (not percent-decoded), the server opens with its step1, no
 //! SyncStatus, no address prefix. Auth: the `token` query parameter goes through the same
 //! `on_connect`/`on_authenticate` hooks; a rejection sends `02 00 reason` and closes with 4403

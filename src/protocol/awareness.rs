@@ -1,4 +1,4 @@
-//! Server-side awareness state with the y-protocols rules applied literally (protocol.md §8),
+//! Server-side awareness state with the y-protocols rules applied literally,
 //! and the bounds that keep one client from exhausting a node with it.
 //!
 //! The server's own local state is always null. For every entry of an incoming update: the

@@ -1,14 +1,14 @@
 //! Hocuspocus and y-websocket frames: decoding what clients send, encoding what the server sends.
 //!
-//! Hocuspocus frame = `varString address` + `varUint type` + body (protocol.md §3, §4); the only
+//! Hocuspocus frame = `varString address` + `varUint type` + body; the only
 //! exceptions are the one-byte v4 Ping (`09`) and Pong (`0a`). A y-websocket frame is the same
-//! type + body without the address (§14). Bodies are shared, so one encoder serves both.
+//! type + body without the address. Bodies are shared, so one encoder serves both.
 
 use bytes::Bytes;
 
 use super::lib0::{DecodeError, Reader, Writer};
 
-/// Message type numbers (protocol.md §3).
+/// Message type numbers.
 pub mod kind {
     /// Yjs sync sub-protocol.
     pub const SYNC: u64 = 0;
@@ -294,7 +294,7 @@ pub fn frame(address: Option<&str>, body: &[u8]) -> Bytes {
     }
 }
 
-/// Splits an address into (document name, session id) at the first NUL (protocol.md §7).
+/// Splits an address into (document name, session id) at the first NUL.
 pub fn split_address(address: &str) -> (&str, Option<&str>) {
     match address.split_once('\0') {
         Some((name, session)) => (name, Some(session)),

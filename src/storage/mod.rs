@@ -107,7 +107,7 @@ impl StoreError {
 
 /// Rejects document names that some backend cannot store, so that every backend accepts the
 /// same names: a NUL character (PostgreSQL `TEXT` cannot hold it). The server validates names
-/// more strictly at the edge (reliability.md §5.3); this is the storage layer's own guard.
+/// more strictly at the edge; this is the storage layer's own guard.
 pub fn check_name(name: &str) -> Result<(), StoreError> {
     if name.contains('\0') {
         return Err(StoreError::Invalid(

@@ -1,4 +1,4 @@
-//! The client side of the Hocuspocus wire protocol (protocol.md §3–§8): encoding what a v4
+//! The client side of the Hocuspocus wire protocol: encoding what a v4
 //! provider sends and decoding what the server answers. Built on the server's lib0 codec
 //! (`hearth::protocol::lib0`), which only parses client→server frames itself.
 //!

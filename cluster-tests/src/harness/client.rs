@@ -1,5 +1,5 @@
 //! [`TestClient`]: a raw Hocuspocus-protocol client with a `yrs::Doc`, for checking what the
-//! server acknowledged against what it stored (reliability.md §4.1, "workload client").
+//! server acknowledged against what it stored.
 //!
 //! The client behaves like one `@hocuspocus/provider` v4 tab on one document:
 //!
@@ -16,7 +16,7 @@
 //!   lacked, and the server acknowledges a step2 only once everything it had applied before it is
 //!   committed (architecture: "released once everything applied so far is committed");
 //! * [`TestClient::reconnect`] opens a new socket and keeps the doc, so the sync exchange
-//!   re-delivers whatever the server lost — the "browser tab" of reliability.md §2.2.
+//!   re-delivers whatever the server lost — what a browser tab does.
 //!
 //! Every wait is bounded. State is shared with the socket task behind one mutex, and all access
 //! to the doc happens under it (so there is never more than one yrs transaction at a time).
@@ -97,7 +97,7 @@ pub enum ServerFrame {
     },
 }
 
-/// Decodes one server → client frame (protocol.md §4).
+/// Decodes one server → client frame.
 pub fn decode_server_frame(bytes: Bytes) -> Result<ServerFrame, DecodeError> {
     if bytes.len() == 1 && bytes[0] == PING_FRAME {
         return Ok(ServerFrame::Ping);

@@ -1,5 +1,5 @@
-//! Process and fault harness for the multi-process persistence and cluster tests
-//! (reliability.md §4.1). Everything here talks to `hearth` only through sockets, signals and
+//! Process and fault harness for the multi-process persistence and cluster tests.
+//! Everything here talks to `hearth` only through sockets, signals and
 //! files, like a real deployment.
 //!
 //! * [`node`] — [`NodeProcess`]: one `hearth` process (start, SIGKILL, SIGTERM, SIGSTOP/SIGCONT,

@@ -1,4 +1,4 @@
-//! Workload and checker for set-style tests (Jepsen's set workload, reliability.md §4.1):
+//! Workload and checker for set-style tests (Jepsen's set workload):
 //! clients insert unique markers; afterwards the final contents are compared with what was sent
 //! and what was acknowledged.
 //!
