@@ -1,5 +1,4 @@
-//! SIGKILL of a document's owner mid-editing (docs/cluster.md guarantees table, "owner SIGKILL";
-//! affinity.md §d 3).
+//! SIGKILL of a document's owner mid-editing (docs/cluster.md guarantees table, "owner SIGKILL").
 //!
 //! Three nodes, lock TTL 2 s. `kill-0` is owned by n1 (its first client connected there),
 //! `kill-1` by n2 (a bystander). Ten clients per document, the others entering through the
@@ -7,9 +6,10 @@
 //! their socket ends. n1 is SIGKILLed mid-editing (and stays in the balancer's list: connections
 //! to it are refused and skipped). Then:
 //!
-//! * 300 ms after the kill — before the dead node's lock can have expired, so before any other
-//!   node can load `kill-0` and before any client can re-deliver anything — every marker
-//!   acknowledged so far is already in the database rows of `kill-0` (durable acks);
+//! * 300 ms after the kill — with every reconnect held back, so before any other node can load
+//!   `kill-0` (a node takes a dead owner's documents over as soon as a client asks for them)
+//!   and before any client can re-deliver anything — every marker acknowledged so far is
+//!   already in the database rows of `kill-0` (durable acks);
 //! * a probe through the balancer is served and acknowledged within `lock_ttl + 5 s` of the kill
 //!   (the recovery time is printed), by a node other than n1 (lock holder and
 //!   `hearth cluster owner` agree);
@@ -63,6 +63,7 @@ async fn owner_sigkill_loses_no_acknowledged_edit() -> anyhow::Result<()> {
         seed,
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    reconnector.hold(true);
     let killed_at = Instant::now();
     cluster.nodes[0].kill()?;
 
@@ -81,8 +82,9 @@ async fn owner_sigkill_loses_no_acknowledged_edit() -> anyhow::Result<()> {
     assert_eq!(
         still_dead.as_ref(),
         Some(&old),
-        "the check above must run while the dead node's lock still stands"
+        "the check above must run before anyone took the dead node's documents over"
     );
+    reconnector.hold(false);
     assert!(
         missing.is_empty(),
         "{} of {} markers acknowledged before the kill are not in the database: {:?}",

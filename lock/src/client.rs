@@ -233,6 +233,86 @@ impl LockClient {
         Ok(None)
     }
 
+    /// Takes the lease on `resource` from `dead`, a holder the caller has evidence is gone
+    /// (its process exited), without waiting for its lease to expire.
+    ///
+    /// Atomically (one Lua script): if the key holds a lease of `dead`, or nothing, it becomes
+    /// ours with a full TTL and the guard is returned as by [`LockClient::try_acquire`];
+    /// otherwise the key is untouched and its current holder is returned. It can never take a
+    /// lease from a holder other than `dead`.
+    ///
+    /// **Safety rests on the evidence and on fencing.** If `dead` is in fact alive (frozen,
+    /// partitioned), it keeps writing until its own refresh finds the key `Taken` or its local
+    /// deadline passes, exactly as after an expiry; the store's fencing must reject those
+    /// writes. Taking over early shortens the window in which nobody owns the resource; it does
+    /// not widen the one in which two processes believe they do beyond what an expiry allows.
+    ///
+    /// Errors as [`LockClient::try_acquire`].
+    pub async fn try_take_over(
+        &self,
+        resource: &str,
+        dead: &HolderId,
+    ) -> Result<Acquire, LockError> {
+        let started = Instant::now();
+        let key = self.key_for(resource);
+        let value = self.holder.lease_value(rand::random());
+        let limit = self.timing.validity();
+        let sent = Instant::now();
+        let reply = timeout(
+            limit,
+            self.scripts.take_over.evalsha_with_reload::<Value, _, _>(
+                &self.client,
+                key.as_str(),
+                vec![
+                    dead.lease_prefix(),
+                    value.clone(),
+                    self.timing.ttl_ms().to_string(),
+                ],
+            ),
+        )
+        .await;
+        let latency = started.elapsed();
+        let reply = match reply {
+            Ok(Ok(r)) => parse_take_over_reply(r),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(LockError::Timeout {
+                op: "take_over",
+                timeout: limit,
+            }),
+        };
+        match reply {
+            Ok(None) => {
+                self.observer.on_acquire(latency, AcquireOutcome::Acquired);
+                debug!(resource = ?resource, key = %key, holder = %self.holder, from = %dead, ?latency, "lock taken over from a dead holder");
+                Ok(Acquire::Acquired(LockGuard::start(
+                    self.clone(),
+                    resource.to_owned(),
+                    key,
+                    value,
+                    sent,
+                )))
+            }
+            Ok(Some(current)) => {
+                self.observer
+                    .on_acquire(latency, AcquireOutcome::HeldByOther);
+                match HolderId::from_lease_value(&current) {
+                    Some(holder) => Ok(Acquire::HeldBy(holder)),
+                    None => Err(LockError::MalformedValue {
+                        key,
+                        value: current,
+                    }),
+                }
+            }
+            Err(error) => {
+                self.observer.on_acquire(latency, AcquireOutcome::Failed);
+                warn!(resource = ?resource, key = %key, holder = %self.holder, %error, "lock take-over failed");
+                // the script may have run: delete exactly this attempt's lease if it did
+                self.spawn_cleanup(key, value);
+                Err(error)
+            }
+        }
+    }
+
     /// Who holds `resource` right now (a plain `GET`), or `None` if nobody does.
     ///
     /// Errors with [`LockError::MalformedValue`] if the key holds something this crate did not
@@ -327,21 +407,97 @@ enum AcquireError {
     Failed { error: LockError, maybe_set: bool },
 }
 
-fn parse_refresh_reply(reply: Value) -> Result<RefreshReply, LockError> {
+/// What the refresh and take-over scripts answer: `{code}`, or `{2, value}` when the key holds
+/// another lease.
+enum ScriptReply {
+    Code(i64),
+    Holds(String),
+}
+
+fn parse_script_reply(op: &'static str, reply: Value) -> Result<ScriptReply, LockError> {
     let unexpected = |reply: &Value| LockError::UnexpectedReply {
-        op: "refresh",
+        op,
         reply: format!("{reply:?}"),
     };
     let Value::Array(items) = &reply else {
         return Err(unexpected(&reply));
     };
     match items.as_slice() {
-        [Value::Integer(1)] => Ok(RefreshReply::Refreshed),
-        [Value::Integer(0)] => Ok(RefreshReply::Missing),
-        [Value::Integer(2), Value::String(s)] => Ok(RefreshReply::Taken(s.to_string())),
+        [Value::Integer(n)] => Ok(ScriptReply::Code(*n)),
+        [Value::Integer(2), Value::String(s)] => Ok(ScriptReply::Holds(s.to_string())),
         [Value::Integer(2), Value::Bytes(b)] => {
-            Ok(RefreshReply::Taken(String::from_utf8_lossy(b).into_owned()))
+            Ok(ScriptReply::Holds(String::from_utf8_lossy(b).into_owned()))
         }
         _ => Err(unexpected(&reply)),
+    }
+}
+
+fn parse_refresh_reply(reply: Value) -> Result<RefreshReply, LockError> {
+    match parse_script_reply("refresh", reply)? {
+        ScriptReply::Code(1) => Ok(RefreshReply::Refreshed),
+        ScriptReply::Code(0) => Ok(RefreshReply::Missing),
+        ScriptReply::Holds(v) => Ok(RefreshReply::Taken(v)),
+        ScriptReply::Code(n) => Err(LockError::UnexpectedReply {
+            op: "refresh",
+            reply: format!("{{{n}}}"),
+        }),
+    }
+}
+
+/// `None` when the take-over script made the lease ours, else the value it found.
+fn parse_take_over_reply(reply: Value) -> Result<Option<String>, LockError> {
+    match parse_script_reply("take_over", reply)? {
+        ScriptReply::Code(1) => Ok(None),
+        ScriptReply::Holds(v) => Ok(Some(v)),
+        ScriptReply::Code(n) => Err(LockError::UnexpectedReply {
+            op: "take_over",
+            reply: format!("{{{n}}}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn array(items: Vec<Value>) -> Value {
+        Value::Array(items)
+    }
+
+    #[test]
+    fn script_replies_parse_and_nothing_else_does() {
+        assert!(matches!(
+            parse_refresh_reply(array(vec![Value::Integer(1)])),
+            Ok(RefreshReply::Refreshed)
+        ));
+        assert!(matches!(
+            parse_refresh_reply(array(vec![Value::Integer(0)])),
+            Ok(RefreshReply::Missing)
+        ));
+        assert!(matches!(
+            parse_refresh_reply(array(vec![Value::Integer(2), Value::String("v".into())])),
+            Ok(RefreshReply::Taken(v)) if v == "v"
+        ));
+        assert_eq!(
+            parse_take_over_reply(array(vec![Value::Integer(1)])).unwrap(),
+            None
+        );
+        assert_eq!(
+            parse_take_over_reply(array(vec![Value::Integer(2), Value::Bytes("w".into())]))
+                .unwrap()
+                .as_deref(),
+            Some("w")
+        );
+        for bad in [
+            Value::Integer(1),
+            array(vec![Value::Integer(7)]),
+            array(vec![]),
+            array(vec![Value::Integer(2)]),
+        ] {
+            assert!(parse_refresh_reply(bad.clone()).is_err(), "{bad:?}");
+            assert!(parse_take_over_reply(bad.clone()).is_err(), "{bad:?}");
+        }
+        // a take-over never reports a missing key: the script acquires it
+        assert!(parse_take_over_reply(array(vec![Value::Integer(0)])).is_err());
     }
 }

@@ -72,6 +72,11 @@ impl HolderId {
         format!("{}|{}|{lease:016x}", self.node_id, self.nonce)
     }
 
+    /// What every lease value of this holder starts with: `<node_id>|<nonce>|`.
+    pub(crate) fn lease_prefix(&self) -> String {
+        format!("{}|{}|", self.node_id, self.nonce)
+    }
+
     /// Parses a stored lease value back into its holder. `None` if it was not written by this
     /// crate.
     pub(crate) fn from_lease_value(value: &str) -> Option<Self> {

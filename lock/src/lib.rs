@@ -37,6 +37,7 @@ mod tests {
         assert_send_sync(&LockTiming::default());
         assert_send_sync(&LockError::InvalidTiming(String::new()));
         assert_send(&client.try_acquire("x"));
+        assert_send(&client.try_take_over("x", client.holder_id()));
         assert_send(&client.holder("x"));
         assert_send(&guard.lost());
         assert_send(&status.lost());

@@ -179,6 +179,54 @@ async fn restarted_holder_does_not_own_the_old_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holders_lease_is_taken_over_at_once_and_nobody_elses() {
+    with_timeout(async {
+        let redis = RedisServer::start();
+        let admin = redis_client(redis.port()).await;
+        let dead = HolderId::from_parts("node-a", "0000000000000001").unwrap();
+        let (before, _) = lock_client_for(redis.port(), dead.clone()).await;
+        let guard = expect_acquired(before.try_acquire("doc").await.unwrap());
+        let key = guard.key().to_owned();
+        // "Crash": the refresh loop stops, the key stays until it expires.
+        drop(guard);
+        drop(before);
+
+        let (b, rec_b) = lock_client(redis.port(), "node-b").await;
+        let (c, _) = lock_client(redis.port(), "node-c").await;
+        // naming a holder that does not hold it changes nothing
+        let wrong = HolderId::from_parts("node-a", "0000000000000002").unwrap();
+        assert_eq!(
+            expect_held_by(b.try_take_over("doc", &wrong).await.unwrap()),
+            dead
+        );
+        let started = Instant::now();
+        let taken = expect_acquired(b.try_take_over("doc", &dead).await.unwrap());
+        assert!(
+            started.elapsed() < test_timing().ttl() / 2,
+            "no waiting for the expiry"
+        );
+        assert!(taken.is_valid());
+        assert_eq!(taken.holder(), b.holder_id());
+        assert!(get(&admin, &key).await.unwrap().starts_with("node-b|"));
+        assert!(pttl(&admin, &key).await > 0, "the new lease has a TTL");
+        // the old holder's name no longer takes anything: the lease is b's now
+        assert_eq!(
+            &expect_held_by(c.try_take_over("doc", &dead).await.unwrap()),
+            b.holder_id()
+        );
+        // and b's lease is refreshed like any other
+        sleep(test_timing().ttl() + ms(100)).await;
+        assert!(taken.is_valid());
+        assert!(observed_losses(&rec_b).await.is_empty());
+        // a key that expired meanwhile is simply acquired
+        assert!(taken.release().await.unwrap());
+        let again = expect_acquired(c.try_take_over("doc", &dead).await.unwrap());
+        assert_eq!(again.holder(), c.holder_id());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_key_is_detected_within_a_refresh_interval() {
     with_timeout(async {
         let redis = RedisServer::start();

@@ -40,8 +40,8 @@ impl Cluster {
             .await
             == 0
         {
-            warn!(doc, owner = %owner, "owner unreachable; forgetting the route");
-            self.routes.invalidate(doc);
+            warn!(doc, owner = %owner, "owner unreachable; forgetting its routes");
+            self.routes.invalidate_node(owner);
             self.forget_edge(&session.conn);
             return None;
         }

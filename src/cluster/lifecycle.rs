@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// How often an edge checks that the owners of its proxied clients still run.
+const OWNER_PROBE: Duration = Duration::from_millis(250);
+
 impl Cluster {
     /// Starts the inbound dispatcher and the keepalive/reaper loop.
     pub(crate) fn spawn_tasks(
@@ -36,6 +39,38 @@ impl Cluster {
                 me.housekeeping().await;
             }
         });
+        let (me, sh) = (self.clone(), Arc::downgrade(shared));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(OWNER_PROBE);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(shared) = sh.upgrade() else { break };
+                if shared.shutdown.is_cancelled() {
+                    break;
+                }
+                drop(shared);
+                me.probe_owners().await;
+            }
+        });
+    }
+
+    /// Checks that the owners of this node's proxied clients still run (their inbox has a
+    /// subscriber). The clients of one that exited are reset at once, so they re-route to a new
+    /// owner (which takes the document over without waiting for the lock to expire) instead of
+    /// waiting for the next keepalive. Costs one Redis call per period for all owners, and
+    /// nothing while no client here is proxied.
+    pub(super) async fn probe_owners(&self) {
+        let owners = self.owners_of_edge_sessions();
+        let exited = self
+            .presence
+            .exited_of(self.transport.keys(), &owners, &self.me)
+            .await;
+        for owner in exited {
+            warn!(node = %self.me, owner = %owner, "owner has exited; resetting its clients here");
+            self.routes.invalidate_node(&owner);
+            self.reset_edges_of(Some(&owner), "owner_gone");
+        }
     }
 
     /// Distinct owners of the documents this node's clients are proxied to.

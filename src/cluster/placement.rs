@@ -25,7 +25,7 @@ impl Cluster {
             }
             self.routes.invalidate(doc);
         }
-        match self.lock.try_acquire(doc).await? {
+        match self.acquire(doc).await? {
             Acquire::Acquired(guard) => {
                 self.metrics.routes.with_label_values(&["claimed"]).inc();
                 debug!(doc, "claimed ownership");
@@ -57,10 +57,45 @@ impl Cluster {
         if let Some(g) = lock_map(&self.claims).remove(doc) {
             return Ok(Some(g));
         }
-        match self.lock.try_acquire(doc).await? {
+        match self.acquire(doc).await? {
             Acquire::Acquired(g) => Ok(Some(g)),
             Acquire::HeldBy(_) => Ok(None),
         }
+    }
+
+    /// Takes the lock on `doc` if it is free, or if its holder's process has exited (its
+    /// lease would otherwise block the document until it expires, a whole lock TTL).
+    async fn acquire(&self, doc: &str) -> Result<Acquire, ClusterError> {
+        let found = self.lock.try_acquire(doc).await?;
+        let Acquire::HeldBy(holder) = &found else {
+            return Ok(found);
+        };
+        if *holder == self.holder || !self.has_exited(holder).await {
+            return Ok(found);
+        }
+        let taken = self.lock.try_take_over(doc, holder).await?;
+        if matches!(taken, Acquire::Acquired(_)) {
+            self.metrics.routes.with_label_values(&["taken_over"]).inc();
+            info!(
+                node = %self.me,
+                doc,
+                from = %holder,
+                "took over a document whose owner has exited (its inbox has no subscriber)"
+            );
+        }
+        Ok(taken)
+    }
+
+    /// True when there is evidence that `holder`'s process has exited: no subscriber on its
+    /// inbox. This node's own earlier incarnation, after a restart, is the common case besides
+    /// a killed node. (Having heard from it a moment ago proves nothing: it may have died since.)
+    async fn has_exited(&self, holder: &HolderId) -> bool {
+        let Ok(addr) = holder_addr(holder) else {
+            return false;
+        };
+        self.presence
+            .has_exited(self.transport.keys(), &addr, &self.me)
+            .await
     }
 
     /// Releases a claim that no document task took (e.g. the client failed to authenticate).

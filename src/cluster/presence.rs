@@ -175,8 +175,76 @@ impl Presence {
             debug!(key = %self.key, value, "node record is not an incarnation; replacing it");
             return Ok(false);
         };
-        let inbox = keys.inbox(&NodeAddr::new(me.id.clone(), Incarnation(inc)));
-        let reply: Vec<Value> = self.redis.pubsub_numsub(inbox).await.map_err(redis_err)?;
+        self.is_running(keys, &NodeAddr::new(me.id.clone(), Incarnation(inc)))
+            .await
+    }
+
+    /// Whether there is evidence that the process `addr` has exited: its inbox has no
+    /// subscriber while `me`'s own inbox has one. The second check guards against Redis having
+    /// just restarted (every subscription is gone until the nodes resubscribe). `false` when
+    /// Redis cannot be asked.
+    pub(super) async fn has_exited(&self, keys: &Keys, addr: &NodeAddr, me: &NodeAddr) -> bool {
+        match self.is_running(keys, addr).await {
+            Ok(false) => matches!(self.is_running(keys, me).await, Ok(true)),
+            Ok(true) => false,
+            Err(e) => {
+                debug!(node = %addr, error = %e, "liveness check failed");
+                false
+            }
+        }
+    }
+
+    /// Of `addrs`, those with evidence of having exited (as [`Presence::has_exited`]), asked in
+    /// one `PUBSUB NUMSUB` for all of them and `me`. Empty when Redis cannot be asked or `me`'s
+    /// own inbox shows no subscriber.
+    pub(super) async fn exited_of(
+        &self,
+        keys: &Keys,
+        addrs: &[NodeAddr],
+        me: &NodeAddr,
+    ) -> Vec<NodeAddr> {
+        if addrs.is_empty() {
+            return Vec::new();
+        }
+        let mut channels: Vec<String> = addrs.iter().map(|a| keys.inbox(a)).collect();
+        channels.push(keys.inbox(me));
+        let reply: Vec<Value> = match self.redis.pubsub_numsub(channels).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "liveness check failed");
+                return Vec::new();
+            }
+        };
+        // [channel, count, channel, count, …] in the order asked
+        let counts: Vec<i64> = reply
+            .chunks(2)
+            .map(|pair| pair.get(1).and_then(Value::as_i64).unwrap_or(0))
+            .collect();
+        if counts.len() != addrs.len() + 1 || counts.last().is_none_or(|&mine| mine == 0) {
+            return Vec::new();
+        }
+        addrs
+            .iter()
+            .zip(&counts)
+            .filter(|(_, n)| **n == 0)
+            .map(|(a, _)| a.clone())
+            .collect()
+    }
+
+    /// Whether the process `addr` runs: its inbox channel has a subscriber (`PUBSUB NUMSUB`).
+    /// A process subscribes its inbox before it registers and keeps it subscribed until it
+    /// exits, and Redis drops the subscription as soon as the process's connection closes, so
+    /// `false` is evidence that it has exited. A frozen process still counts as running.
+    pub(super) async fn is_running(
+        &self,
+        keys: &Keys,
+        addr: &NodeAddr,
+    ) -> Result<bool, ClusterError> {
+        let reply: Vec<Value> = self
+            .redis
+            .pubsub_numsub(keys.inbox(addr))
+            .await
+            .map_err(redis_err)?;
         // [channel, count]
         let subscribers = reply.get(1).and_then(Value::as_i64).unwrap_or(0);
         Ok(subscribers > 0)

@@ -578,6 +578,7 @@ pub struct CliRun {
 #[derive(Debug)]
 pub struct Reconnector {
     stop: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
     reconnects: Arc<AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -587,12 +588,18 @@ impl Reconnector {
     /// (retrying until it is synced again), repeat.
     pub fn start(clients: &[Arc<TestClient>], url: &str) -> Reconnector {
         let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicBool::new(false));
         let reconnects = Arc::new(AtomicU64::new(0));
         let tasks = clients
             .iter()
             .map(|c| {
-                let (c, stop, count, url) =
-                    (c.clone(), stop.clone(), reconnects.clone(), url.to_string());
+                let (c, stop, held, count, url) = (
+                    c.clone(),
+                    stop.clone(),
+                    held.clone(),
+                    reconnects.clone(),
+                    url.to_string(),
+                );
                 tokio::spawn(async move {
                     // bounded: at most one reconnect attempt per 50 ms for 10 minutes
                     for _ in 0..12_000u32 {
@@ -612,6 +619,9 @@ impl Reconnector {
                         if stop.load(Ordering::Acquire) {
                             break;
                         }
+                        if held.load(Ordering::Acquire) {
+                            continue;
+                        }
                         if c.reconnect(Some(&url)).await.is_ok() {
                             count.fetch_add(1, Ordering::Relaxed);
                         }
@@ -621,9 +631,16 @@ impl Reconnector {
             .collect();
         Reconnector {
             stop,
+            held,
             reconnects,
             tasks,
         }
+    }
+
+    /// Holds every reconnect back (`true`) until released (`false`): while held, no client
+    /// whose socket ended comes back, so nothing routes its document anew.
+    pub fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::Release);
     }
 
     /// Successful reconnects so far.
