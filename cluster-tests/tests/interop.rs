@@ -2,8 +2,8 @@
 //! `y-websocket`, raw `ws` frames) against a real Hearth process: `hearth-test-server`, the stock
 //! command line plus the test behaviours of `cluster_tests::test_extension`.
 //!
-//! Each `#[test]` starts its own server (`serve --listen 127.0.0.1:0 --ready-file … --database-url
-//! memory:// --operator-listen ''`, short auth/idle timeouts, `RUST_LOG=debug` into a log file), runs
+//! Each `#[test]` starts its own server (`--listen 127.0.0.1:0 --database-url memory://`, short
+//! auth/idle timeouts, `RUST_LOG=debug` into a log file), runs
 //! `node tests/interop/<script>.mjs` with `HEARTH_URL` / `HEARTH_YWS_URL`, and asserts exit status
 //! 0. On failure the script's output and the tail of the server log are printed; the scratch
 //! directory (under `CARGO_TARGET_TMPDIR/interop/`) is kept for inspection.
@@ -11,7 +11,7 @@
 //! Prerequisite: Node.js >= 20 and `npm ci --prefix tests/interop` (see tests/interop/README.md).
 //! The scenarios and the test behaviours are described in tests/interop/README.md.
 //!
-//! Only std is used on purpose (no extra dev-dependencies).
+//! The server is started with the harness's node launcher (`cluster_tests::testbed`).
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cluster_tests::testbed::{NodeProcess, NodeSpec};
+
 /// Static token table of the test configuration (see tests/interop/README.md).
 const AUTH_TOKENS: &str = "rw=read-write,ro=read-only,bad=deny,slow=read-write,*=deny";
 /// Pre-auth deadline configured on the server (auth-timeout.mjs gets the same value).
@@ -30,8 +32,6 @@ const AUTH_TIMEOUT_MS: u64 = 2000;
 const IDLE_TIMEOUT_MS: u64 = 3000;
 /// Path prefix of the plain y-websocket endpoint: `ws://ADDR/y/<room>`.
 const YWS_PATH: &str = "/y";
-/// How long the server may take to write its ready file.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Hard bound for one script run (each script also has its own internal hard timeout).
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes of the server log shown on failure.
@@ -159,69 +159,37 @@ fn ensure_node_modules() {
 
 struct Server {
     // Declared first so the process is killed before anything else is dropped.
-    _process: KillOnDrop,
+    _node: NodeProcess,
     addr: SocketAddr,
     log: PathBuf,
 }
 
-/// Starts `hearth serve` on an ephemeral loopback port and waits (bounded) for its ready file.
+/// Starts `hearth-test-server` (through the test harness's node launcher) on an ephemeral
+/// loopback port, its log and ready files in `dir`, and waits (bounded) until it listens.
 fn start_server(dir: &Path, extra_env: &[(&str, String)]) -> Server {
-    let ready = dir.join("ready");
-    let log = dir.join("server.log");
-    let log_file = File::create(&log).expect("create server log file");
-    let log_file2 = log_file.try_clone().expect("clone server log file handle");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-test-server"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--ready-file"])
-        .arg(&ready)
-        .args(["--database-url", "memory://"])
-        // several servers run at once: no operator listener (it would need a port each)
-        .args(["--operator-listen", ""])
+    let mut spec = NodeSpec::new("interop", "memory://")
         .env("HEARTH_AUTH_TOKENS", AUTH_TOKENS)
         .env("HEARTH_AUTH_TIMEOUT_MS", AUTH_TIMEOUT_MS.to_string())
         .env("HEARTH_IDLE_TIMEOUT_MS", IDLE_TIMEOUT_MS.to_string())
-        .env("RUST_LOG", "debug")
-        .env("NO_COLOR", "1")
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log_file))
-        .stderr(Stdio::from(log_file2));
+        .env("RUST_LOG", "debug");
+    spec.bin = Some(PathBuf::from(env!("CARGO_BIN_EXE_hearth-test-server")));
     for (k, v) in extra_env {
-        cmd.env(k, v);
+        spec = spec.env(*k, v.clone());
     }
-    let child = cmd.spawn().unwrap_or_else(|e| {
-        panic!(
-            "cannot start {}: {e}",
-            env!("CARGO_BIN_EXE_hearth-test-server")
-        )
-    });
-    let mut process = KillOnDrop { child };
-
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Ok(text) = fs::read_to_string(&ready)
-            && let Ok(addr) = text.trim().parse::<SocketAddr>()
-        {
-            return Server {
-                _process: process,
-                addr,
-                log,
-            };
-        }
-        if let Ok(Some(status)) = process.child.try_wait() {
-            panic!(
-                "hearth exited ({status}) before writing its ready file {}\n--- server log ---\n{}",
-                ready.display(),
-                read_tail(&log, LOG_TAIL_BYTES)
-            );
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "hearth did not write a socket address into {} within {READY_TIMEOUT:?}\n--- server log ---\n{}",
-                ready.display(),
-                read_tail(&log, LOG_TAIL_BYTES)
-            );
-        }
-        sleep(Duration::from_millis(25));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the launcher");
+    match runtime.block_on(NodeProcess::start_in(dir, spec)) {
+        Ok(node) => Server {
+            addr: node.addr(),
+            log: node.log_path().to_path_buf(),
+            _node: node,
+        },
+        Err(e) => panic!(
+            "hearth-test-server did not start: {e:#}\n--- server log ---\n{}",
+            read_tail(&dir.join("node-interop.log"), LOG_TAIL_BYTES)
+        ),
     }
 }
 

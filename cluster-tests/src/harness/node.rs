@@ -116,11 +116,16 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Starts a node on a free port and waits (≤ [`START_TIMEOUT`]) until it listens.
     pub async fn start(scratch: &Scratch, spec: NodeSpec) -> anyhow::Result<NodeProcess> {
+        NodeProcess::start_in(scratch.path(), spec).await
+    }
+
+    /// [`NodeProcess::start`] with its ready files and log (`node-<id>.log`) in `dir`.
+    pub async fn start_in(dir: &Path, spec: NodeSpec) -> anyhow::Result<NodeProcess> {
         let bin = match &spec.bin {
             Some(b) => b.clone(),
             None => hearth_bin()?,
         };
-        let dir = scratch.path().to_path_buf();
+        let dir = dir.to_path_buf();
         let log = dir.join(format!("node-{}.log", spec.node_id));
         let mut node = NodeProcess {
             spec,
