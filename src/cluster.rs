@@ -75,7 +75,7 @@ mod owner;
 mod placement;
 mod presence;
 pub use cli::{live_nodes, owner_of};
-pub use emit::{EMITTER_NODE_ID, RemoteEmitError, emit_remote};
+pub use emit::{EMITTER_NODE_ID, emit_remote};
 pub use events::EmitError;
 pub(crate) use events::emit_local;
 use flow::{Refused, RemoteInbox, SessionLimits};
@@ -269,11 +269,6 @@ impl Cluster {
         });
         info!(node = %cluster.me, "joined the cluster");
         Ok((cluster, inbound))
-    }
-
-    /// This process's cluster address.
-    pub fn me(&self) -> &NodeAddr {
-        &self.me
     }
 
     async fn refresh_node_key(&self) {

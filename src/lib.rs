@@ -1,28 +1,30 @@
 //! Hearth: a Hocuspocus-compatible Yjs collaboration server.
 //!
-//! Layout (see ARCHITECTURE.md):
-//! * [`protocol`] — wire formats, sans-IO.
-//! * [`connection`] — one task per WebSocket (Hocuspocus and y-websocket).
-//! * [`doc`] — one task per document, the registry, group commit, direct connections.
-//! * [`storage`] — the storage trait and its backends.
-//! * [`hooks`] — the extension API.
-//! * [`server`], [`http`], [`config`], [`metrics`], [`auth`].
-//! * [`cli`] — the `hearth` command line, for the binary and for applications embedding Hearth.
-//! * [`client_ip`], [`fd_limit`], `limits` — who a connection is from, descriptor headroom,
-//!   connection caps.
-//! * [`throttle`] — bans of client addresses after repeated failed authentication.
+//! The public surface, for applications that embed Hearth or extend it:
+//! * [`cli::run`] — the whole `hearth` command line with an application's extensions: a custom
+//!   server is a `main.rs` of a few lines (see `examples/custom_server.rs`).
+//! * [`Extension`] and the payloads in [`hooks`] — one async method per Hocuspocus hook.
+//! * [`Server`], [`ServerHandle`], [`WeakServer`] — building a server by hand, and calling it
+//!   from hooks: direct connections, [`ServerHandle::lock_document`], custom events.
+//! * [`Config`] ([`config`]) — every setting; [`storage`] — the storage trait and its backends;
+//!   [`metrics`]; [`request`] — what a hook learns about the HTTP request;
+//!   [`alloc`] — the capped global allocator the binary installs.
+//! * [`protocol`] — the wire formats, sans-IO, for tools and tests that speak them.
+//!
+//! Everything else (connections, document tasks, the cluster, the HTTP front, throttling) is
+//! internal; ARCHITECTURE.md maps it.
 
 pub mod alloc;
-pub mod auth;
+pub(crate) mod auth;
 pub mod cli;
-pub mod client_ip;
-pub mod cluster;
+pub(crate) mod client_ip;
+pub(crate) mod cluster;
 pub mod config;
-pub mod connection;
-pub mod doc;
-pub mod fd_limit;
+pub(crate) mod connection;
+pub(crate) mod doc;
+pub(crate) mod fd_limit;
 pub mod hooks;
-pub mod http;
+pub(crate) mod http;
 pub(crate) mod limits;
 pub mod metrics;
 pub mod protocol;
@@ -30,11 +32,13 @@ pub mod request;
 pub mod server;
 mod shared;
 pub mod storage;
-pub mod throttle;
+pub(crate) mod throttle;
 
 pub use async_trait::async_trait;
 pub use cluster::EmitError;
 pub use config::Config;
+pub use doc::LoadError;
+pub use doc::TransactError;
 pub use doc::direct::DirectConnection;
 pub use hooks::{Context, Extension, HookError, HookResult};
 pub use server::{LockDocumentError, Server, ServerError, ServerHandle, WeakServer};

@@ -119,11 +119,6 @@ impl Outbox {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
-
-    /// True when two handles feed the same socket.
-    pub fn same_socket(&self, other: &Outbox) -> bool {
-        Arc::ptr_eq(&self.shared, &other.shared)
-    }
 }
 
 impl OutboxReceiver {

@@ -79,11 +79,6 @@ impl<T> QueueSender<T> {
     pub fn is_closed(&self) -> bool {
         self.0.lock().closed
     }
-
-    /// True when both senders feed the same queue.
-    pub fn same_queue(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
 }
 
 impl<T> QueueReceiver<T> {

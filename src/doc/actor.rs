@@ -236,9 +236,6 @@ impl Actor {
                 DocCommand::Transact { done, .. } => {
                     let _ = done.send(Err(TransactError::Closed));
                 }
-                DocCommand::Flush(done) => {
-                    let _ = done.send(Ok(()));
-                }
                 DocCommand::DirectClose(done) => {
                     let _ = done.send(());
                 }
@@ -367,14 +364,6 @@ impl Actor {
                 }
                 self.changes_applied(None, Some(context)).await;
                 let _ = done.send(Ok(()));
-            }
-            DocCommand::Flush(done) => {
-                let r = self.flush().await;
-                let fenced = matches!(&r, Err(e) if e.is_fenced());
-                let _ = done.send(r);
-                if fenced {
-                    return Some(self.fence());
-                }
             }
             DocCommand::Shutdown(done) => {
                 let ids: Vec<ConnId> = self.conns.keys().copied().collect();
@@ -696,7 +685,6 @@ impl Actor {
             name: self.name.to_string(),
             epoch: self.epoch,
             updates: batch.iter().map(|(_, b)| b.clone()).collect(),
-            lsn: upto,
             reply: self.internal_tx.clone(),
         };
         self.inflight = Some((upto, batch));

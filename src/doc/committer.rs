@@ -32,8 +32,6 @@ pub struct AppendJob {
     pub epoch: Epoch,
     /// Updates in apply order.
     pub updates: Vec<Bytes>,
-    /// The actor's sequence number of the last update in the job.
-    pub lsn: u64,
     /// Where the result goes.
     pub reply: mpsc::UnboundedSender<CommitResult>,
 }
@@ -41,8 +39,6 @@ pub struct AppendJob {
 /// The answer to an [`AppendJob`].
 #[derive(Debug)]
 pub struct CommitResult {
-    /// The job's `lsn`.
-    pub lsn: u64,
     /// The epoch the job was written under: the job's own, or, for a job of a document not
     /// stored yet ([`UNSTORED`]), the epoch its row was created with.
     pub epoch: Epoch,
@@ -81,7 +77,6 @@ impl Committer {
         };
         if let Err(mpsc::error::SendError(job)) = lane.send(job) {
             let _ = job.reply.send(CommitResult {
-                lsn: job.lsn,
                 epoch: job.epoch,
                 outcome: Err(StoreError::Database("committer stopped".into())),
             });
@@ -136,7 +131,6 @@ async fn run(
                         metrics.fenced_writes.inc();
                     }
                     let _ = job.reply.send(CommitResult {
-                        lsn: job.lsn,
                         epoch: job.epoch,
                         outcome: Ok(outcome),
                     });
@@ -159,7 +153,6 @@ async fn run(
                 warn!(error = %message, documents = jobs.len(), "group commit failed");
                 for job in jobs.drain(..) {
                     let _ = job.reply.send(CommitResult {
-                        lsn: job.lsn,
                         epoch: job.epoch,
                         outcome: Err(StoreError::Database(message.clone().into())),
                     });
@@ -197,7 +190,6 @@ async fn create_rows(store: &dyn DocumentStore, jobs: &mut Vec<AppendJob>) {
             Err(e) => Err(e),
         };
         let _ = job.reply.send(CommitResult {
-            lsn: job.lsn,
             epoch: job.epoch,
             outcome,
         });

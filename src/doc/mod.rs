@@ -24,7 +24,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::connection::outbox::Outbox;
 use crate::hooks::{Context, DocumentOps, DocumentRef};
 use crate::protocol::message::SyncMessage;
-use crate::storage::StoreError;
 
 /// Identifies one document connection (a client attachment), unique in this process.
 pub type ConnId = u64;
@@ -133,8 +132,6 @@ pub enum DocCommand {
         /// Answered after the change is applied and broadcast.
         done: oneshot::Sender<Result<(), TransactError>>,
     },
-    /// Commit and compact now.
-    Flush(oneshot::Sender<Result<(), StoreError>>),
     /// Commit, compact and stop (graceful shutdown).
     Shutdown(oneshot::Sender<()>),
 }
@@ -153,7 +150,6 @@ impl std::fmt::Debug for DocCommand {
             DocCommand::DirectOpen(_) => "DirectOpen",
             DocCommand::DirectClose(_) => "DirectClose",
             DocCommand::Transact { .. } => "Transact",
-            DocCommand::Flush(_) => "Flush",
             DocCommand::Shutdown(_) => "Shutdown",
         };
         f.write_str(name)

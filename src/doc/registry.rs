@@ -63,11 +63,6 @@ impl Registry {
         self.lock().len()
     }
 
-    /// True when no document is loaded.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The running document, if loaded (does not load).
     pub fn get(&self, name: &str) -> Option<DocHandle> {
         match self.lock().get(name) {
