@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::Parser as _;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -49,7 +49,19 @@ pub fn run<F>(extensions: F) -> ExitCode
 where
     F: FnOnce(&WeakServer) -> Vec<Arc<dyn Extension>> + 'static,
 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version: their text on stdout, success
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        // an unknown flag or a value that does not parse is a configuration error
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(64);
+        }
+    };
     let command = cli.command;
     let config = match Config::from_settings(cli.settings) {
         Ok(c) => c,
@@ -218,8 +230,12 @@ async fn on_signal(handle: ServerHandle) {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // colour only for a person at a terminal, and never when NO_COLOR is set (no-color.org)
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
