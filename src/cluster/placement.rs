@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// A cached route's owner heard from within this is trusted without asking Redis.
+const QUIET: Duration = Duration::from_millis(500);
+
 impl Cluster {
     /// Decides where `doc` is served, claiming its lock when nobody holds it.
     pub(crate) async fn route(
@@ -19,11 +22,19 @@ impl Cluster {
         {
             // Trust a cached route only while the owner is heard from (owners keepalive their
             // edges); a frozen or partitioned owner's routes are re-resolved through the lock.
-            if self.heard_from_within(&r.owner, self.lock_ttl) {
+            // An owner quiet for a moment may have exited: sending its client there would only
+            // end in a reset, so ask Redis first.
+            if self.heard_from_within(&r.owner, QUIET)
+                || (self.heard_from_within(&r.owner, self.lock_ttl)
+                    && !self
+                        .presence
+                        .has_exited(self.transport.keys(), &r.owner, &self.me)
+                        .await)
+            {
                 self.metrics.routes.with_label_values(&["cached"]).inc();
                 return Ok(Placement::Remote(r.owner));
             }
-            self.routes.invalidate(doc);
+            self.routes.invalidate_node(&r.owner);
         }
         match self.acquire(doc).await? {
             Acquire::Acquired(guard) => {
