@@ -2,7 +2,8 @@
 //! so several servers can live in one test process). Document names are never labels.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Every metric the server records.
@@ -123,6 +124,20 @@ impl Metrics {
             &["op"],
         )?;
         registry.register(Box::new(store_seconds.clone()))?;
+        // which build runs, and the process's own CPU, memory and descriptors (`process_*`)
+        let build = IntGaugeVec::new(
+            Opts::new(
+                "hearth_build_info",
+                "Always 1; the labels say which build of Hearth runs",
+            ),
+            &["version"],
+        )?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let m = Self {
             sockets: gauge("hearth_sockets", "Open WebSocket connections")?,
             connections_open: gauge(

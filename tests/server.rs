@@ -833,6 +833,22 @@ async fn http_endpoints_and_hooks() {
     assert_eq!(status, 200);
     assert!(body.contains("hearth_sockets"), "{body}");
     assert!(body.contains("hearth_slow_reader_disconnects_total"));
+    assert!(
+        body.contains(&format!(
+            "hearth_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{body}"
+    );
+    for process in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(body.contains(process), "{process} missing: {body}");
+    }
     assert_eq!(http_get(s.addr, "/no-such-path").await.0, 404);
     assert_eq!(
         http_get(s.addr, "/").await,
