@@ -579,7 +579,8 @@ impl RawClient {
     }
 
     /// Full provider handshake on a fresh address: Auth + step1(empty) → Authenticated,
-    /// [awareness snapshot], step1, step2; then the client's empty step2 → SyncStatus(1).
+    /// [awareness snapshot], step1, step2; then the client's empty step2 → SyncStatus(1) (other
+    /// clients' awareness updates may come first).
     /// Returns the server's full state (the step2 payload).
     pub async fn join(&mut self, address: &str) -> Vec<u8> {
         self.send(auth(address, "")).await;
@@ -596,7 +597,17 @@ impl RawClient {
             other => panic!("expected step2, got {other:?}"),
         };
         self.send(step2(address, EMPTY_UPDATE)).await;
-        self.expect(address, Msg::SyncStatus(1)).await;
+        // other clients' awareness may arrive before the acknowledgement
+        let frames = self
+            .recv_until(|f| !matches!(f.msg, Msg::Awareness(_)))
+            .await;
+        assert_eq!(
+            frames.last(),
+            Some(&Frame {
+                address: address.into(),
+                msg: Msg::SyncStatus(1)
+            })
+        );
         state
     }
 
