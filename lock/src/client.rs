@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fred::clients::Client;
 use fred::interfaces::KeysInterface;
@@ -119,15 +120,8 @@ impl LockClient {
         let latency = started.elapsed();
         match result {
             Ok(Some(sent)) => {
-                self.observer.on_acquire(latency, AcquireOutcome::Acquired);
                 debug!(resource = ?resource, key = %key, holder = %self.holder, ?latency, "lock acquired");
-                Ok(Acquire::Acquired(LockGuard::start(
-                    self.clone(),
-                    resource.to_owned(),
-                    key,
-                    value,
-                    sent,
-                )))
+                Ok(self.acquired(resource, key, value, sent, latency))
             }
             Ok(None) => {
                 // Unreachable in practice: `acquire_rounds` returns Ok(None) only after the key
@@ -282,15 +276,8 @@ impl LockClient {
         };
         match reply {
             Ok(None) => {
-                self.observer.on_acquire(latency, AcquireOutcome::Acquired);
                 debug!(resource = ?resource, key = %key, holder = %self.holder, from = %dead, ?latency, "lock taken over from a dead holder");
-                Ok(Acquire::Acquired(LockGuard::start(
-                    self.clone(),
-                    resource.to_owned(),
-                    key,
-                    value,
-                    sent,
-                )))
+                Ok(self.acquired(resource, key, value, sent, latency))
             }
             Ok(Some(current)) => {
                 self.observer
@@ -371,6 +358,26 @@ impl LockClient {
             .evalsha_with_reload(&self.client, key, vec![value.to_owned()])
             .await?;
         Ok(deleted == 1)
+    }
+
+    /// A lease that is now ours (`value` under `key`, its command sent at `sent`): reported to
+    /// the observer and handed to a guard that refreshes it.
+    fn acquired(
+        &self,
+        resource: &str,
+        key: String,
+        value: String,
+        sent: Instant,
+        latency: Duration,
+    ) -> Acquire {
+        self.observer.on_acquire(latency, AcquireOutcome::Acquired);
+        Acquire::Acquired(LockGuard::start(
+            self.clone(),
+            resource.to_owned(),
+            key,
+            value,
+            sent,
+        ))
     }
 
     /// After a failed or timed-out acquire whose `SET` may still land, delete that exact lease

@@ -26,31 +26,34 @@ impl Cluster {
                 }
             }
         });
-        let (me, sh) = (self.clone(), Arc::downgrade(shared));
-        tokio::spawn(async move {
-            let period = (me.lock_ttl.min(me.proxy_ttl) / 3).max(Duration::from_millis(100));
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                let Some(shared) = sh.upgrade() else { break };
-                if shared.shutdown.is_cancelled() {
-                    break;
-                }
-                me.housekeeping().await;
-            }
+        let period = (self.lock_ttl.min(self.proxy_ttl) / 3).max(Duration::from_millis(100));
+        self.spawn_every(shared, tokio::time::interval(period), |me| async move {
+            me.housekeeping().await
         });
+        let mut probe = tokio::time::interval(OWNER_PROBE);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.spawn_every(shared, probe, |me| async move { me.probe_owners().await });
+    }
+
+    /// Runs `step` at every tick of `tick` until the server is gone or shutting down.
+    fn spawn_every<F, Fut>(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        mut tick: tokio::time::Interval,
+        step: F,
+    ) where
+        F: Fn(Arc<Cluster>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let (me, sh) = (self.clone(), Arc::downgrade(shared));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(OWNER_PROBE);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let Some(shared) = sh.upgrade() else { break };
-                if shared.shutdown.is_cancelled() {
-                    break;
+                match sh.upgrade() {
+                    Some(shared) if !shared.shutdown.is_cancelled() => {}
+                    _ => break,
                 }
-                drop(shared);
-                me.probe_owners().await;
+                step(me.clone()).await;
             }
         });
     }

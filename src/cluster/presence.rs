@@ -184,14 +184,10 @@ impl Presence {
     /// just restarted (every subscription is gone until the nodes resubscribe). `false` when
     /// Redis cannot be asked.
     pub(super) async fn has_exited(&self, keys: &Keys, addr: &NodeAddr, me: &NodeAddr) -> bool {
-        match self.is_running(keys, addr).await {
-            Ok(false) => matches!(self.is_running(keys, me).await, Ok(true)),
-            Ok(true) => false,
-            Err(e) => {
-                debug!(node = %addr, error = %e, "liveness check failed");
-                false
-            }
-        }
+        !self
+            .exited_of(keys, std::slice::from_ref(addr), me)
+            .await
+            .is_empty()
     }
 
     /// Of `addrs`, those with evidence of having exited (as [`Presence::has_exited`]), asked in
@@ -235,11 +231,7 @@ impl Presence {
     /// A process subscribes its inbox before it registers and keeps it subscribed until it
     /// exits, and Redis drops the subscription as soon as the process's connection closes, so
     /// `false` is evidence that it has exited. A frozen process still counts as running.
-    pub(super) async fn is_running(
-        &self,
-        keys: &Keys,
-        addr: &NodeAddr,
-    ) -> Result<bool, ClusterError> {
+    async fn is_running(&self, keys: &Keys, addr: &NodeAddr) -> Result<bool, ClusterError> {
         let reply: Vec<Value> = self
             .redis
             .pubsub_numsub(keys.inbox(addr))
