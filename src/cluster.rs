@@ -9,7 +9,7 @@
 //!   client. Anything that breaks the link (owner gone, `not_owner`, sequence gap) closes the
 //!   client's socket with 4205 so the provider reconnects through the load balancer and resyncs.
 //! * **Owner side**: each `open` becomes a remote socket running the same Hocuspocus state
-//!   machine as a local one (`connection::hocuspocus::spawn_remote`), so auth, read-only, acks,
+//!   machine as a local one (`connection::hocuspocus::serve_stand_in`), so auth, read-only, acks,
 //!   awareness, stateless and close codes are identical. It lives until `detach`, the edge's
 //!   silence for `proxy_socket_ttl_ms`, a gap on the link, or ownership loss.
 //! * **Fencing**: the lock only routes; correctness comes from the database epoch every write
@@ -55,13 +55,13 @@ use hearth_proxy::{
 };
 use prometheus::{IntCounterVec, IntGauge, Opts};
 use tokio::time::Instant;
-use tracing::{Instrument as _, debug, info, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::config::Config;
-use crate::connection::outbox::{Outbox, Outgoing};
+use crate::connection::shared::Shared;
 use crate::hooks::CustomEventPayload;
+use crate::outbox::{Outbox, Outgoing};
 use crate::protocol::Close;
-use crate::shared::Shared;
 
 mod cli;
 mod edge;
@@ -73,13 +73,16 @@ mod lifecycle;
 mod metrics;
 mod owner;
 mod placement;
+pub(crate) use edge::ClusterPlacement;
+pub(crate) use placement::LockOwnership;
 mod presence;
+use crate::connection::stand_in::StandInInput;
 pub use cli::{live_nodes, owner_of};
 pub use emit::{EMITTER_NODE_ID, emit_remote};
 pub use events::EmitError;
 pub(crate) use events::emit_local;
+use flow::RemoteInboxRx;
 use flow::{Refused, RemoteInbox, SessionLimits};
-pub(crate) use flow::{RemoteIn, RemoteInboxRx};
 use inbox::DISPATCH_YIELD_BYTES;
 pub(crate) use metrics::ClusterMetrics;
 use metrics::Observer;
@@ -116,13 +119,13 @@ pub enum ClusterError {
     },
 }
 
-/// Where a document is served.
+/// A document's home: the node that serves it.
 #[derive(Debug, Clone)]
-pub(crate) enum Placement {
-    /// Here.
-    Local,
-    /// By this process.
-    Remote(NodeAddr),
+pub(crate) enum Home {
+    /// This node.
+    Here,
+    /// Another node (this process of it).
+    Node(NodeAddr),
 }
 
 struct EdgeSession {

@@ -530,7 +530,7 @@ impl Config {
                 );
             }
         }
-        crate::auth::TokenTable::parse(&self.auth_tokens).map_err(|message| {
+        crate::tokens::TokenTable::parse(&self.auth_tokens).map_err(|message| {
             ConfigError::Invalid {
                 name: "auth_tokens",
                 message,

@@ -39,10 +39,10 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{debug, info};
 
 use crate::client_ip::TrustedProxies;
+use crate::connection::shared::Shared;
 use crate::connection::{hocuspocus, yws};
 use crate::limits::{ConnectionSlot, IpAdmission};
 use crate::request::RequestInfo;
-use crate::shared::Shared;
 
 /// Path prefix of the y-websocket endpoint.
 pub const YWS_PREFIX: &str = "/y/";
@@ -159,7 +159,7 @@ pub(crate) async fn handle(
     else {
         return Ok(text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
     };
-    if let Some(refusal) = crate::throttle::refuse_upgrade(&shared, client).await {
+    if let Some(refusal) = crate::throttle::refuse_upgrade(&shared.throttle, client).await {
         return Ok(refusal); // banned after repeated failed authentication
     }
     let info = Arc::new(request_info(&req, remote));
@@ -228,6 +228,7 @@ pub(crate) async fn handle_operator(
         "/cluster/owned" => {
             // this node's own view: the documents it serves (and, in a cluster, holds the lock for)
             let mut names: Vec<String> = shared
+                .docs
                 .registry
                 .handles()
                 .iter()
@@ -256,7 +257,7 @@ async fn readiness(shared: &Shared) -> Result<(), String> {
     if shared.draining.load(Ordering::Acquire) {
         return Err("draining".into());
     }
-    match tokio::time::timeout(Duration::from_secs(2), shared.store.ping()).await {
+    match tokio::time::timeout(Duration::from_secs(2), shared.docs.store.ping()).await {
         Ok(Ok(())) if shared.metrics.failed_writes_recent() => Err("storage writes failing".into()),
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("storage: {e}")),

@@ -27,12 +27,13 @@ pub mod hooks;
 pub(crate) mod http;
 pub(crate) mod limits;
 pub mod metrics;
+pub(crate) mod outbox;
 pub mod protocol;
 pub mod request;
 pub mod server;
-mod shared;
 pub mod storage;
 pub(crate) mod throttle;
+pub(crate) mod tokens;
 
 pub use async_trait::async_trait;
 pub use cluster::EmitError;

@@ -24,19 +24,23 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::auth::{StaticTokens, TokenTable};
+use crate::auth::StaticTokens;
 use crate::client_ip::TrustedProxies;
-use crate::cluster::{Cluster, EmitError};
+use crate::cluster::{Cluster, ClusterPlacement, EmitError, LockOwnership};
 use crate::config::Config;
+use crate::connection::placement::Placement;
+use crate::connection::shared::Shared;
 use crate::doc::committer::Committer;
 use crate::doc::direct::DirectConnection;
+use crate::doc::ownership::Ownership;
 use crate::doc::registry::Registry;
+use crate::doc::services::DocServices;
 use crate::doc::{DocCommand, LoadError};
 use crate::hooks::{Context, Extension, Extensions};
 use crate::limits::{ConnectionLimits, ConnectionSlot, IpAdmission};
 use crate::metrics::Metrics;
-use crate::shared::Shared;
 use crate::storage::{self, DocumentStore};
+use crate::tokens::TokenTable;
 
 /// How long a shutting-down node tries to release its cluster locks and presence.
 const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -186,32 +190,50 @@ impl ServerBuilder {
             self.config.max_connections_per_ip,
             &metrics,
         );
-        let throttle = crate::throttle::AuthThrottle::start(&self.config, &metrics).await;
+        let throttle = crate::throttle::AuthThrottle::start(
+            &self.config,
+            &metrics,
+            crate::cluster::redis_client(&self.config.redis_url),
+        )
+        .await;
+        let docs = Arc::new(DocServices {
+            config: self.config.clone(),
+            extensions: extensions.clone(),
+            store,
+            metrics: metrics.clone(),
+            committer,
+            registry: Registry::default(),
+            ownership: cluster
+                .as_ref()
+                .map(|(c, _)| Arc::new(LockOwnership(c.clone())) as Arc<dyn Ownership>),
+        });
         let shared = Arc::new(Shared {
             config: self.config,
             extensions,
-            store,
             metrics,
-            registry: Registry::default(),
-            committer,
+            docs: docs.clone(),
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
             draining: Default::default(),
-            cluster: cluster.as_ref().map(|(c, _)| c.clone()),
+            placement: cluster.as_ref().map(|(c, _)| {
+                Arc::new(ClusterPlacement::new(c.clone(), docs.clone())) as Arc<dyn Placement>
+            }),
             throttle,
         });
-        if let Some((c, inbound)) = cluster {
+        let cluster = cluster.map(|(c, inbound)| {
             c.spawn_tasks(&shared, inbound);
-        }
+            c
+        });
+        let node = Arc::new(Node { shared, cluster });
         // set once: a builder is consumed by `bind`
-        let _ = self.weak.0.set(Arc::downgrade(&shared));
-        shared
+        let _ = self.weak.0.set(Arc::downgrade(&node));
+        node.shared
             .extensions
             .on_listen(local)
             .await
             .map_err(|e| ServerError::Extension(e.reason))?;
         Ok(Server {
-            shared,
+            node,
             listener,
             local,
             operator,
@@ -221,10 +243,17 @@ impl ServerBuilder {
     }
 }
 
+/// The running node: the state its tasks share and, in a cluster, its membership.
+#[derive(Debug)]
+struct Node {
+    shared: Arc<Shared>,
+    cluster: Option<Arc<Cluster>>,
+}
+
 /// A bound server. Call [`Server::run`].
 #[derive(Debug)]
 pub struct Server {
-    shared: Arc<Shared>,
+    node: Arc<Node>,
     listener: TcpListener,
     local: SocketAddr,
     operator: Option<(TcpListener, SocketAddr)>,
@@ -263,22 +292,23 @@ impl Server {
     /// A handle for the server-side API.
     pub fn handle(&self) -> ServerHandle {
         ServerHandle {
-            shared: self.shared.clone(),
+            node: self.node.clone(),
         }
     }
 
     /// Serves until [`ServerHandle::shutdown`] is called, then shuts down gracefully.
     pub async fn run(self) -> Result<(), ServerError> {
         let Server {
-            shared,
+            node,
             listener,
             local,
             operator,
             limits,
             trusted,
         } = self;
+        let shared = node.shared.clone();
         let operator_addr = operator.as_ref().map(|(_, a)| *a);
-        info!(addr = %local, operator = ?operator_addr, max_connections = limits.max_total(), node = %shared.config.node_id, storage = shared.store.backend(), durability = ?shared.config.durability, "hearth listening");
+        info!(addr = %local, operator = ?operator_addr, max_connections = limits.max_total(), node = %shared.config.node_id, storage = shared.docs.store.backend(), durability = ?shared.config.durability, "hearth listening");
         let operator_task = operator.map(|(l, _)| tokio::spawn(serve_operator(shared.clone(), l)));
         loop {
             tokio::select! {
@@ -308,7 +338,7 @@ impl Server {
             }
         }
         drop(listener);
-        shutdown(&shared).await;
+        shutdown(&node).await;
         if let Some(t) = operator_task {
             t.abort();
         }
@@ -384,10 +414,11 @@ async fn serve_operator(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-async fn shutdown(shared: &Arc<Shared>) {
+async fn shutdown(node: &Node) {
+    let shared = &node.shared;
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(shared.config.shutdown_timeout_ms);
-    if let Some(c) = &shared.cluster {
+    if let Some(c) = &node.cluster {
         // peers stop routing here at once instead of waiting for lock expiry
         c.drain().await;
     }
@@ -403,7 +434,7 @@ async fn shutdown(shared: &Arc<Shared>) {
             "sockets still open at the shutdown deadline"
         );
     }
-    let handles = shared.registry.handles();
+    let handles = shared.docs.registry.handles();
     info!(documents = handles.len(), "storing documents");
     let mut waits = Vec::new();
     for h in handles {
@@ -417,7 +448,7 @@ async fn shutdown(shared: &Arc<Shared>) {
             warn!("a document did not finish storing before the shutdown deadline");
         }
     }
-    if let Some(c) = &shared.cluster {
+    if let Some(c) = &node.cluster {
         // Releasing locks needs Redis; when it is unreachable the locks expire on their own
         // (lock_ttl), so the exit is not held up for longer than this.
         if tokio::time::timeout(LEAVE_TIMEOUT, c.leave())
@@ -439,7 +470,7 @@ async fn shutdown(shared: &Arc<Shared>) {
 /// Server-side API; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ServerHandle {
-    shared: Arc<Shared>,
+    node: Arc<Node>,
 }
 
 impl ServerHandle {
@@ -449,14 +480,14 @@ impl ServerHandle {
         name: &str,
         context: Context,
     ) -> Result<DirectConnection, LoadError> {
-        open_direct(&self.shared, name, context).await
+        open_direct(&self.node.shared, name, context).await
     }
 
     /// Closes every connection of `name` (or of every document) with `CLOSE("Reset Connection")`.
     pub fn close_connections(&self, name: Option<&str>) {
         let handles = match name {
-            Some(n) => self.shared.registry.get(n).into_iter().collect(),
-            None => self.shared.registry.handles(),
+            Some(n) => self.node.shared.docs.registry.get(n).into_iter().collect(),
+            None => self.node.shared.docs.registry.handles(),
         };
         for h in handles {
             h.send_detached(DocCommand::CloseConnections(
@@ -473,9 +504,9 @@ impl ServerHandle {
         name: &str,
         payload: Vec<u8>,
     ) -> Result<Vec<u8>, EmitError> {
-        match &self.shared.cluster {
-            Some(c) => c.emit(&self.shared, document, name, payload).await,
-            None => crate::cluster::emit_local(&self.shared, document, name, &payload).await,
+        match &self.node.cluster {
+            Some(c) => c.emit(&self.node.shared, document, name, payload).await,
+            None => crate::cluster::emit_local(&self.node.shared, document, name, &payload).await,
         }
     }
 
@@ -488,10 +519,10 @@ impl ServerHandle {
         document: &str,
         context: Context,
     ) -> Result<DirectConnection, LockDocumentError> {
-        if let Some(c) = &self.shared.cluster {
-            match c.route(&self.shared, document).await {
-                Ok(crate::cluster::Placement::Local) => {}
-                Ok(crate::cluster::Placement::Remote(owner)) => {
+        if let Some(c) = &self.node.cluster {
+            match c.route(&self.node.shared.docs.registry, document).await {
+                Ok(crate::cluster::Home::Here) => {}
+                Ok(crate::cluster::Home::Node(owner)) => {
                     return Err(LockDocumentError::Owned {
                         node: owner.id.as_str().to_owned(),
                     });
@@ -499,14 +530,16 @@ impl ServerHandle {
                 Err(e) => return Err(LockDocumentError::Unavailable(e.to_string())),
             }
         }
-        open_direct(&self.shared, document, context)
+        open_direct(&self.node.shared, document, context)
             .await
             .map_err(|e| LockDocumentError::Unavailable(e.to_string()))
     }
 
     /// Names of the loaded documents.
     pub fn documents(&self) -> Vec<String> {
-        self.shared
+        self.node
+            .shared
+            .docs
             .registry
             .handles()
             .iter()
@@ -516,20 +549,20 @@ impl ServerHandle {
 
     /// The server's metrics.
     pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+        &self.node.shared.metrics
     }
 
     /// A handle that does not keep the server alive.
     pub fn downgrade(&self) -> WeakServer {
         let weak = WeakServer::default();
-        let _ = weak.0.set(Arc::downgrade(&self.shared));
+        let _ = weak.0.set(Arc::downgrade(&self.node));
         weak
     }
 
     /// Starts a graceful shutdown; [`Server::run`] returns when it is complete.
     pub fn shutdown(&self) {
-        self.shared.draining.store(true, Ordering::Release);
-        self.shared.shutdown.cancel();
+        self.node.shared.draining.store(true, Ordering::Release);
+        self.node.shared.shutdown.cancel();
     }
 }
 
@@ -539,7 +572,7 @@ pub(crate) async fn open_direct(
     context: Context,
 ) -> Result<DirectConnection, LoadError> {
     for _ in 0..10 {
-        let handle = shared.registry.open(shared, name, &context).await?;
+        let handle = shared.docs.open(name, &context).await?;
         let (tx, rx) = oneshot::channel();
         if handle.send(DocCommand::DirectOpen(tx)).await && matches!(rx.await, Ok(Ok(()))) {
             return Ok(DirectConnection::new(handle, context));
@@ -570,12 +603,12 @@ pub enum LockDocumentError {
 /// Hooks that run inside a document's task (`on_change`, `on_stateless`, …) must not wait for
 /// work on the same document through it: spawn that work instead.
 #[derive(Debug, Clone, Default)]
-pub struct WeakServer(Arc<std::sync::OnceLock<Weak<Shared>>>);
+pub struct WeakServer(Arc<std::sync::OnceLock<Weak<Node>>>);
 
 impl WeakServer {
     /// The server, unless it has not been bound yet or is gone.
     pub fn upgrade(&self) -> Option<ServerHandle> {
-        let shared = self.0.get()?.upgrade()?;
-        Some(ServerHandle { shared })
+        let node = self.0.get()?.upgrade()?;
+        Some(ServerHandle { node })
     }
 }

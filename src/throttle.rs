@@ -44,7 +44,6 @@ use crate::client_ip::TrustedProxies;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::request::RequestInfo;
-use crate::shared::Shared;
 
 /// How long a node trusts "not banned" from Redis for one address.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -407,7 +406,12 @@ impl AuthThrottle {
     /// The throttle `config` asks for, counting in Redis when the server is in a cluster (its
     /// own connection, so a flood of failures never delays lock refreshes), and a task sweeping
     /// its table every second.
-    pub(crate) async fn start(config: &Config, metrics: &Metrics) -> Self {
+    /// `connect` opens that Redis connection (the caller knows how); its error is only logged.
+    pub(crate) async fn start<F, E>(config: &Config, metrics: &Metrics, connect: F) -> Self
+    where
+        F: Future<Output = Result<fred::clients::Client, E>>,
+        E: std::fmt::Display,
+    {
         if config.auth_failures_before_ban == 0 {
             return Self::disabled();
         }
@@ -418,12 +422,7 @@ impl AuthThrottle {
             max_entries: config.auth_throttle_max_addresses,
         };
         let remote = if config.is_cluster() {
-            match tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                crate::cluster::redis_client(&config.redis_url),
-            )
-            .await
-            {
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
                 Ok(Ok(client)) => Some(Remote {
                     client,
                     prefix: config.redis_prefix.clone(),
@@ -586,11 +585,11 @@ impl AuthThrottle {
 /// The answer to a WebSocket upgrade from a banned client address: 429 with `Retry-After`
 /// (whole seconds, rounded up), closing the connection; `None` when `client` is not banned.
 pub(crate) async fn refuse_upgrade(
-    shared: &Shared,
+    throttle: &AuthThrottle,
     client: IpAddr,
 ) -> Option<Response<Full<Bytes>>> {
-    let left = shared.throttle.ban_remaining(client).await?;
-    shared.throttle.count_refusal("upgrade");
+    let left = throttle.ban_remaining(client).await?;
+    throttle.count_refusal("upgrade");
     debug!(client = %client, "upgrade from a banned address: 429");
     let mut r = Response::new(Full::new(Bytes::from_static(
         b"too many failed authentication attempts\n",

@@ -1,24 +1,26 @@
 //! The module graph of `src/` (ARCHITECTURE.md, "Dependencies"): which top-level modules refer
-//! to which (`crate::<module>` anywhere in a module's files, comments excluded), and the cycles
-//! among them. Dependencies are meant to point one way; the cycles that exist today are listed
-//! in [`KNOWN_CYCLES`], and this test fails when a new one appears or a known one grows. When a
-//! cycle is broken, remove it from the list (the test says so).
+//! to which (`crate::<module>` anywhere in a module's files, comments excluded). Dependencies
+//! point one way: there is no cycle among the modules, the core layers
+//! `protocol` ← `doc` ← `connection` ← `cluster` ← `server`/`cli` never refer upwards, and the
+//! lock and proxy crates are used only by `cluster/` (and by `config`, which checks the cluster
+//! secret with the proxy's strength policy).
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// Strongly connected groups of top-level modules that exist today, each sorted.
-const KNOWN_CYCLES: &[&[&str]] = &[
-    &["auth", "config", "hooks"],
-    &["cluster", "connection", "doc", "shared", "throttle"],
-];
+/// The core layers, lowest first: a module may refer only to modules below it.
+const LAYERS: &[&str] = &["protocol", "doc", "connection", "cluster", "server", "cli"];
 
-/// `module → modules it refers to`, for every top-level module of `src/`.
-fn graph() -> BTreeMap<String, BTreeSet<String>> {
+/// The modules that may name the `hearth_lock` and `hearth_proxy` crates.
+const LOCK_AND_PROXY_USERS: &[&str] = &["cluster", "config"];
+
+/// Every `.rs` file of `src/`: (top-level module it belongs to, path inside `src/`, code
+/// lines with comments cut off).
+fn source_files() -> Vec<(String, String, Vec<String>)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut files = Vec::new();
     let mut stack = vec![src.clone()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
@@ -33,20 +35,32 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
             let rel = path.strip_prefix(&src).unwrap();
             let first = rel.components().next().unwrap().as_os_str();
             let module = first.to_string_lossy().trim_end_matches(".rs").to_string();
-            let text = std::fs::read_to_string(&path).unwrap();
-            let targets = edges.entry(module.clone()).or_default();
-            for line in text.lines() {
-                let code = line.split("//").next().unwrap_or("");
-                let mut rest = code;
-                while let Some(i) = rest.find("crate::") {
-                    rest = &rest[i + "crate::".len()..];
-                    let name: String = rest
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                        .collect();
-                    if !name.is_empty() && name != module && name.starts_with(char::is_lowercase) {
-                        targets.insert(name);
-                    }
+            let code = std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .map(|l| l.split("//").next().unwrap_or("").to_string())
+                .collect();
+            files.push((module, rel.display().to_string(), code));
+        }
+    }
+    files
+}
+
+/// `module → modules it refers to`, for every top-level module of `src/`.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (module, _, code) in source_files() {
+        let targets = edges.entry(module.clone()).or_default();
+        for line in &code {
+            let mut rest = line.as_str();
+            while let Some(i) = rest.find("crate::") {
+                rest = &rest[i + "crate::".len()..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != module && name.starts_with(char::is_lowercase) {
+                    targets.insert(name);
                 }
             }
         }
@@ -120,15 +134,8 @@ fn cycles(edges: &BTreeMap<String, BTreeSet<String>>) -> BTreeSet<Vec<String>> {
     s.out
 }
 
-#[test]
-fn no_new_cycles_between_modules() {
-    let edges = graph();
-    let found = cycles(&edges);
-    let known: BTreeSet<Vec<String>> = KNOWN_CYCLES
-        .iter()
-        .map(|c| c.iter().map(|m| m.to_string()).collect())
-        .collect();
-    let graph_text: Vec<String> = edges
+fn graph_text(edges: &BTreeMap<String, BTreeSet<String>>) -> String {
+    edges
         .iter()
         .map(|(m, t)| {
             format!(
@@ -136,19 +143,48 @@ fn no_new_cycles_between_modules() {
                 t.iter().cloned().collect::<Vec<_>>().join(", ")
             )
         })
-        .collect();
-    for c in &found {
-        assert!(
-            known.contains(c),
-            "a new or larger cycle between modules: {c:?}\nmodule graph:\n{}",
-            graph_text.join("\n")
-        );
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn no_cycles_between_modules() {
+    let edges = graph();
+    let found = cycles(&edges);
+    assert!(
+        found.is_empty(),
+        "modules that refer to each other in a circle: {found:?}\nmodule graph:\n{}",
+        graph_text(&edges)
+    );
+}
+
+#[test]
+fn core_layers_refer_only_downwards() {
+    let edges = graph();
+    for (i, module) in LAYERS.iter().enumerate() {
+        let targets = edges.get(*module).unwrap();
+        for above in &LAYERS[i + 1..] {
+            assert!(
+                !targets.contains(*above),
+                "`{module}` refers to `{above}`, a layer above it\nmodule graph:\n{}",
+                graph_text(&edges)
+            );
+        }
     }
-    for c in &known {
-        assert!(
-            found.contains(c),
-            "the cycle {c:?} is gone or smaller: update KNOWN_CYCLES (now {found:?})"
-        );
+}
+
+#[test]
+fn only_the_cluster_uses_the_lock_and_proxy_crates() {
+    for (module, path, code) in source_files() {
+        if LOCK_AND_PROXY_USERS.contains(&module.as_str()) {
+            continue;
+        }
+        for line in &code {
+            assert!(
+                !line.contains("hearth_lock") && !line.contains("hearth_proxy"),
+                "{path} uses the lock or proxy crate: {line}"
+            );
+        }
     }
 }
 

@@ -1,11 +1,14 @@
 //! The edge side: clients connected here whose documents are owned by another node.
 
 use super::*;
+use crate::connection::placement::{Link, LinkClient, Placement, Route, RouteError};
+use crate::doc::services::DocServices;
+use crate::request::RequestInfo;
 
 impl Cluster {
     /// Attaches a client address to a remote owner: registers the session and sends `open`.
     /// Returns the session, or `None` when the owner is unreachable (route invalidated).
-    pub(crate) async fn open_remote(
+    async fn open_remote(
         &self,
         owner: &NodeAddr,
         doc: &str,
@@ -54,7 +57,7 @@ impl Cluster {
     /// socket gets a close with [`Close::TryAgainLater`], the owner a `detach`), and a client whose session
     /// was reset has a close queued. False when the transport refused the frame: the caller
     /// closes the socket.
-    pub(crate) fn forward(&self, owner: &NodeAddr, session: &Session, frame: Bytes) -> bool {
+    fn forward(&self, owner: &NodeAddr, session: &Session, frame: Bytes) -> bool {
         let backlog = {
             let mut map = lock_map(&self.edge_sessions);
             let Some(s) = map.get(&session.conn) else {
@@ -122,7 +125,7 @@ impl Cluster {
     }
 
     /// The client left: tell the owner and forget the session.
-    pub(crate) fn detach_remote(&self, owner: &NodeAddr, session: &Session) {
+    fn detach_remote(&self, owner: &NodeAddr, session: &Session) {
         if self.forget_edge(&session.conn) {
             self.post(
                 owner,
@@ -161,4 +164,96 @@ impl Cluster {
                 .control(Outgoing::CloseSocket(Close::ResetConnection));
         }
     }
+}
+
+/// The cluster as the connection layer's [`Placement`]: routing through the lock and the route
+/// cache, remote documents reached through [`EdgeLink`]s.
+#[derive(Debug)]
+pub(crate) struct ClusterPlacement {
+    cluster: Arc<Cluster>,
+    docs: Arc<DocServices>,
+}
+
+impl ClusterPlacement {
+    /// Placement through `cluster`, for the documents of `docs`.
+    pub(crate) fn new(cluster: Arc<Cluster>, docs: Arc<DocServices>) -> Self {
+        ClusterPlacement { cluster, docs }
+    }
+}
+
+#[async_trait::async_trait]
+impl Placement for ClusterPlacement {
+    async fn route(&self, doc: &str, client: LinkClient<'_>) -> Result<Route, RouteError> {
+        let owner = match Box::pin(self.cluster.route(&self.docs.registry, doc)).await? {
+            Home::Here => return Ok(Route::Local),
+            Home::Node(owner) => owner,
+        };
+        let request = client.request;
+        let meta = OpenMeta {
+            path: request.path.clone(),
+            query: request.query.clone(),
+            headers: forwarded_headers(request),
+            remote: request.remote_addr.map(|a| a.to_string()),
+            provider_version: None,
+        };
+        let session = self
+            .cluster
+            .open_remote(
+                &owner,
+                doc,
+                meta,
+                client.outbox.clone(),
+                client.authenticated.clone(),
+            )
+            .await
+            .ok_or_else(|| format!("owner {owner} is unreachable"))?;
+        Ok(Route::Remote(Box::new(EdgeLink {
+            cluster: self.cluster.clone(),
+            owner,
+            session,
+        })))
+    }
+
+    fn release_unused(&self, doc: &str) {
+        self.cluster.drop_unused_claim(&self.docs.registry, doc);
+    }
+}
+
+/// One client address proxied from this node (its edge) to the document's owner.
+#[derive(Debug)]
+struct EdgeLink {
+    cluster: Arc<Cluster>,
+    owner: NodeAddr,
+    session: Session,
+}
+
+impl Link for EdgeLink {
+    fn forward(&self, frame: Bytes) -> bool {
+        self.cluster.forward(&self.owner, &self.session, frame)
+    }
+
+    fn detach(&self) {
+        self.cluster.detach_remote(&self.owner, &self.session);
+    }
+}
+
+/// Request headers worth forwarding to an owner (hooks may read them); cookies and
+/// authorization are included because `on_authenticate` may need them, but hop-by-hop and
+/// WebSocket handshake headers are not.
+fn forwarded_headers(req: &RequestInfo) -> Vec<(String, String)> {
+    const SKIP: [&str; 8] = [
+        "connection",
+        "upgrade",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "host",
+        "content-length",
+        "transfer-encoding",
+    ];
+    req.headers
+        .iter()
+        .filter(|(k, _)| !SKIP.contains(&k.as_str()))
+        .cloned()
+        .collect()
 }

@@ -9,7 +9,7 @@ impl Cluster {
         from: NodeAddr,
         req: RpcRequest,
     ) {
-        let owned = shared.registry.get(&req.doc).is_some()
+        let owned = shared.docs.registry.get(&req.doc).is_some()
             || lock_map(&self.claims).contains_key(&req.doc);
         let result = if !owned && req.only_if_open {
             Err(RpcFailure {
@@ -18,8 +18,8 @@ impl Cluster {
                 holder: None,
             })
         } else {
-            match self.route(&shared, &req.doc).await {
-                Ok(Placement::Local) => run_event(&shared, &req.doc, &req.name, &req.payload).await,
+            match self.route(&shared.docs.registry, &req.doc).await {
+                Ok(Home::Here) => run_event(&shared, &req.doc, &req.name, &req.payload).await,
                 _ => Err(RpcFailure {
                     code: RpcErrorCode::NotOwner,
                     msg: "not the owner".into(),
@@ -27,7 +27,7 @@ impl Cluster {
                 }),
             }
         };
-        self.drop_unused_claim(&shared, &req.doc);
+        self.drop_unused_claim(&shared.docs.registry, &req.doc);
         if let Err(e) = self.rpc.reply(&from, &req, result).await {
             debug!(error = %e, "custom event reply failed");
         }
@@ -44,18 +44,18 @@ impl Cluster {
         let mut last = EmitError::Unavailable("ownership kept moving".into());
         for _ in 0..2 {
             match self
-                .route(shared, doc)
+                .route(&shared.docs.registry, doc)
                 .await
                 .map_err(|e| EmitError::Unavailable(e.to_string()))?
             {
-                Placement::Local => {
+                Home::Here => {
                     let r = run_event(shared, doc, name, &payload)
                         .await
                         .map_err(EmitError::from_failure);
-                    self.drop_unused_claim(shared, doc);
+                    self.drop_unused_claim(&shared.docs.registry, doc);
                     return r;
                 }
-                Placement::Remote(owner) => {
+                Home::Node(owner) => {
                     let r = self
                         .rpc
                         .call(&owner, doc, name, payload.clone(), self.event_ttl)

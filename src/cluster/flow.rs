@@ -26,6 +26,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::connection::stand_in::StandInInput;
 
 /// The most frames one proxied client may have in one of its queues.
 const MAX_FRAMES: usize = 256;
@@ -63,20 +64,6 @@ impl SessionLimits {
     pub(crate) fn full(&self, bytes: usize, frames: usize) -> bool {
         bytes >= self.bytes || frames >= self.frames
     }
-}
-
-/// Input to an owner-side stand-in socket.
-#[derive(Debug)]
-pub(crate) enum RemoteIn {
-    /// A raw client frame (its bytes count against the client's `owner_in` queue while any
-    /// part of them lives).
-    Frame(Bytes),
-    /// The edge detached (client gone).
-    Detach,
-    /// The link lost envelopes: reset the client.
-    Reset,
-    /// The client's frames piled up beyond its limits: end it with 1013 "Try Again Later".
-    Shed,
 }
 
 /// Bytes and frames of one client held on the owner.
@@ -119,13 +106,13 @@ pub(crate) enum Refused {
 /// clone.
 #[derive(Debug, Clone)]
 pub(crate) struct RemoteInbox {
-    tx: mpsc::UnboundedSender<RemoteIn>,
+    tx: mpsc::UnboundedSender<StandInInput>,
     held: Arc<Held>,
     limits: SessionLimits,
 }
 
 /// The stand-in socket's end.
-pub(crate) type RemoteInboxRx = mpsc::UnboundedReceiver<RemoteIn>;
+pub(crate) type RemoteInboxRx = mpsc::UnboundedReceiver<StandInInput>;
 
 /// A queue into one stand-in socket, bounded by `limits`.
 pub(crate) fn remote_inbox(limits: SessionLimits) -> (RemoteInbox, RemoteInboxRx) {
@@ -156,13 +143,13 @@ impl RemoteInbox {
             held: self.held.clone(),
         });
         self.tx
-            .send(RemoteIn::Frame(frame))
+            .send(StandInInput::Frame(frame))
             .map_err(|_| Refused::Gone)
     }
 
     /// Queues a control message (not bounded: a session gets at most a few). False when the
     /// stand-in socket has ended.
-    pub(crate) fn control(&self, msg: RemoteIn) -> bool {
+    pub(crate) fn control(&self, msg: StandInInput) -> bool {
         self.tx.send(msg).is_ok()
     }
 
@@ -190,7 +177,7 @@ mod tests {
         let (inbox, mut rx) = remote_inbox(limits());
         inbox.frame(vec![1; 60]).unwrap();
         assert_eq!(inbox.held_bytes(), 60);
-        let Some(RemoteIn::Frame(f)) = rx.try_recv().ok() else {
+        let Some(StandInInput::Frame(f)) = rx.try_recv().ok() else {
             panic!("no frame")
         };
         let tail = f.slice(10..);
@@ -211,7 +198,7 @@ mod tests {
         }
         assert_eq!(inbox.frame(vec![0; 1]), Err(Refused::Full), "frame limit");
         assert!(
-            inbox.control(RemoteIn::Shed),
+            inbox.control(StandInInput::Shed),
             "control messages are not bounded"
         );
         drop(rx);

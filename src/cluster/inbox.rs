@@ -59,7 +59,7 @@ impl Cluster {
                         let mut map = lock_map(&self.owner_sessions);
                         match map.get(&key) {
                             Some(OwnerSession::Live(tx)) => {
-                                tx.control(RemoteIn::Detach);
+                                tx.control(StandInInput::Detach);
                             }
                             Some(OwnerSession::Ended(_)) => {
                                 map.remove(&key);

@@ -2,6 +2,9 @@
 //! a stand-in socket.
 
 use super::*;
+use crate::connection::hocuspocus::serve_stand_in;
+use crate::connection::stand_in::ToEdge;
+use crate::request::RequestInfo;
 
 impl Cluster {
     /// A client of `from` opens a document here. The session is registered at once, so the
@@ -26,9 +29,9 @@ impl Cluster {
         let (me, shared) = (self.clone(), shared.clone());
         tokio::spawn(
             async move {
-                let owns = match me.route(&shared, &session.doc).await {
-                    Ok(Placement::Local) => true,
-                    Ok(Placement::Remote(_)) | Err(_) => false,
+                let owns = match me.route(&shared.docs.registry, &session.doc).await {
+                    Ok(Home::Here) => true,
+                    Ok(Home::Node(_)) | Err(_) => false,
                 };
                 if !owns || shared.draining.load(Ordering::Acquire) {
                     debug!(doc = %session.doc, edge = %from, "refusing open: not the owner");
@@ -43,20 +46,48 @@ impl Cluster {
                     );
                     return;
                 }
-                crate::connection::hocuspocus::spawn_remote(shared, me, from, session, meta, rx);
+                me.spawn_stand_in(shared, from, session, meta, rx);
             }
             .in_current_span(),
         );
     }
 
+    /// Serves a client of `edge` here: a stand-in socket fed by `rx`, answering through an
+    /// [`OwnerEdge`], tracked with the node's sockets.
+    fn spawn_stand_in(
+        self: Arc<Self>,
+        shared: Arc<Shared>,
+        edge: NodeAddr,
+        session: Session,
+        meta: OpenMeta,
+        rx: RemoteInboxRx,
+    ) {
+        let id: Arc<str> = Arc::from(session.conn.as_uuid().to_string());
+        let span = info_span!("remote", socket = %id, doc = %session.doc, edge = %edge, node = %shared.config.node_id);
+        let request = Arc::new(RequestInfo {
+            path: meta.path,
+            query: meta.query,
+            headers: meta.headers,
+            remote_addr: meta.remote.and_then(|r| r.parse().ok()),
+        });
+        let to_edge = OwnerEdge {
+            cluster: self,
+            edge,
+            session,
+            backlog: hearth_proxy::Backlog::new(),
+        };
+        let tasks = shared.sockets.clone();
+        tasks.spawn(serve_stand_in(shared, id, request, rx, to_edge).instrument(span));
+    }
+
     /// True while a remote client's `owner_out` queue (`backlog`, see [`flow`]) is full: its
     /// stand-in socket sends nothing more until Redis has taken some of it.
-    pub(crate) fn out_full(&self, backlog: &hearth_proxy::Backlog) -> bool {
+    fn out_full(&self, backlog: &hearth_proxy::Backlog) -> bool {
         self.limits.full(backlog.bytes(), backlog.envelopes())
     }
 
     /// Resolves once a remote client's `owner_out` queue has room again.
-    pub(crate) async fn out_room(&self, backlog: &hearth_proxy::Backlog) {
+    async fn out_room(&self, backlog: &hearth_proxy::Backlog) {
         backlog.below(self.limits.bytes, self.limits.frames).await;
     }
 
@@ -65,7 +96,7 @@ impl Cluster {
     /// close the client's stand-in socket must end with. A frame beyond
     /// `max_proxied_frame_bytes` cannot cross: the client is reset (it may reconnect to this
     /// node directly).
-    pub(crate) fn send_out(
+    fn send_out(
         &self,
         edge: &NodeAddr,
         session: &Session,
@@ -109,7 +140,7 @@ impl Cluster {
     }
 
     /// Ends a remote client's session with a close (owner side).
-    pub(crate) fn close_remote(&self, edge: &NodeAddr, session: &Session, how: Close) {
+    pub(super) fn close_remote(&self, edge: &NodeAddr, session: &Session, how: Close) {
         self.post(
             edge,
             Body::CloseDoc {
@@ -125,7 +156,7 @@ impl Cluster {
 
     /// A remote socket task ended. `told_edge`: it sent the edge a `close_doc`, so frames of
     /// the client still on their way are dropped quietly for a while.
-    pub(crate) fn remote_ended(&self, edge: &NodeAddr, conn: ConnId, told_edge: bool) {
+    pub(super) fn remote_ended(&self, edge: &NodeAddr, conn: ConnId, told_edge: bool) {
         let key = (edge.clone(), conn);
         let mut map = lock_map(&self.owner_sessions);
         let was_live = matches!(map.get(&key), Some(OwnerSession::Live(_)));
@@ -163,7 +194,7 @@ impl Cluster {
             edge = %edge,
             "client of another node sends faster than its document takes it; shedding it"
         );
-        inbox.control(RemoteIn::Shed);
+        inbox.control(StandInInput::Shed);
         self.remote_ended(edge, session.conn, true);
     }
 
@@ -178,7 +209,7 @@ impl Cluster {
             .collect();
         for tx in victims {
             self.metrics.resyncs.with_label_values(&[reason]).inc();
-            tx.control(RemoteIn::Reset);
+            tx.control(StandInInput::Reset);
         }
     }
 
@@ -202,11 +233,43 @@ impl Cluster {
             return true;
         }
         match self.owner_inbox(peer, session.conn) {
-            Some(tx) if tx.control(RemoteIn::Reset) => {
+            Some(tx) if tx.control(StandInInput::Reset) => {
                 self.metrics.resyncs.with_label_values(&[reason]).inc();
                 true
             }
             _ => false,
+        }
+    }
+}
+
+/// A stand-in socket's way back to its client's edge: `out` envelopes charged to the client's
+/// `owner_out` queue (`backlog`, see [`flow`]).
+struct OwnerEdge {
+    cluster: Arc<Cluster>,
+    edge: NodeAddr,
+    session: Session,
+    backlog: hearth_proxy::Backlog,
+}
+
+impl ToEdge for OwnerEdge {
+    fn is_full(&self) -> bool {
+        self.cluster.out_full(&self.backlog)
+    }
+
+    async fn room(&self) {
+        self.cluster.out_room(&self.backlog).await;
+    }
+
+    fn send(&self, frame: &Bytes) -> Result<(), Close> {
+        self.cluster
+            .send_out(&self.edge, &self.session, &self.backlog, frame)
+    }
+
+    fn ended(self, close: Option<Close>) {
+        self.cluster
+            .remote_ended(&self.edge, self.session.conn, close.is_some());
+        if let Some(how) = close {
+            self.cluster.close_remote(&self.edge, &self.session, how);
         }
     }
 }

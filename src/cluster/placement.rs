@@ -2,20 +2,18 @@
 //! the documents served here.
 
 use super::*;
+use crate::doc::ownership::{Claim, ClaimError, Lost, Ownership};
+use crate::doc::registry::Registry;
 
 /// A cached route's owner heard from within this is trusted without asking Redis.
 const QUIET: Duration = Duration::from_millis(500);
 
 impl Cluster {
     /// Decides where `doc` is served, claiming its lock when nobody holds it.
-    pub(crate) async fn route(
-        &self,
-        shared: &Shared,
-        doc: &str,
-    ) -> Result<Placement, ClusterError> {
-        if shared.registry.get(doc).is_some() || lock_map(&self.claims).contains_key(doc) {
+    pub(crate) async fn route(&self, registry: &Registry, doc: &str) -> Result<Home, ClusterError> {
+        if registry.get(doc).is_some() || lock_map(&self.claims).contains_key(doc) {
             self.metrics.routes.with_label_values(&["local"]).inc();
-            return Ok(Placement::Local);
+            return Ok(Home::Here);
         }
         if let Some(r) = self.routes.get(doc)
             && r.owner != self.me
@@ -32,7 +30,7 @@ impl Cluster {
                         .await)
             {
                 self.metrics.routes.with_label_values(&["cached"]).inc();
-                return Ok(Placement::Remote(r.owner));
+                return Ok(Home::Node(r.owner));
             }
             self.routes.invalidate_node(&r.owner);
         }
@@ -41,9 +39,9 @@ impl Cluster {
                 self.metrics.routes.with_label_values(&["claimed"]).inc();
                 debug!(doc, "claimed ownership");
                 lock_map(&self.claims).insert(doc.to_owned(), guard);
-                Ok(Placement::Local)
+                Ok(Home::Here)
             }
-            Acquire::HeldBy(h) if h == self.holder => Ok(Placement::Local),
+            Acquire::HeldBy(h) if h == self.holder => Ok(Home::Here),
             Acquire::HeldBy(h) => {
                 self.metrics.routes.with_label_values(&["remote"]).inc();
                 let owner = holder_addr(&h)?;
@@ -54,17 +52,14 @@ impl Cluster {
                         epoch: 0,
                     },
                 );
-                Ok(Placement::Remote(owner))
+                Ok(Home::Node(owner))
             }
         }
     }
 
     /// The lease for a document about to load here: the claim made by [`Cluster::route`], or a
     /// fresh acquisition. `None` when another node owns it.
-    pub(crate) async fn lease_for_load(
-        &self,
-        doc: &str,
-    ) -> Result<Option<LockGuard>, ClusterError> {
+    async fn lease_for_load(&self, doc: &str) -> Result<Option<LockGuard>, ClusterError> {
         if let Some(g) = lock_map(&self.claims).remove(doc) {
             return Ok(Some(g));
         }
@@ -110,8 +105,8 @@ impl Cluster {
     }
 
     /// Releases a claim that no document task took (e.g. the client failed to authenticate).
-    pub(crate) fn drop_unused_claim(&self, shared: &Shared, doc: &str) {
-        if shared.registry.get(doc).is_some() {
+    pub(super) fn drop_unused_claim(&self, registry: &Registry, doc: &str) {
+        if registry.get(doc).is_some() {
             return;
         }
         if let Some(g) = lock_map(&self.claims).remove(doc) {
@@ -122,13 +117,9 @@ impl Cluster {
     }
 
     /// Called by a document task that took a lease.
-    pub(crate) fn owned_inc(&self) {
-        self.metrics.owned.inc();
-    }
-
     /// Called by a stopping document task: release the lease (compare-and-delete) and tell
     /// every node to forget the route.
-    pub(crate) async fn release(&self, doc: &str, epoch: i64, lease: LockGuard) {
+    async fn release(&self, doc: &str, epoch: i64, lease: LockGuard) {
         self.metrics.owned.dec();
         match lease.release().await {
             Ok(_) => self
@@ -149,5 +140,59 @@ impl Cluster {
             epoch,
         })
         .await;
+    }
+}
+
+/// The cluster as the document layer's [`Ownership`]: a document's claim is its Redis lock.
+#[derive(Debug)]
+pub(crate) struct LockOwnership(pub Arc<Cluster>);
+
+#[async_trait::async_trait]
+impl Ownership for LockOwnership {
+    async fn claim(&self, doc: &str) -> Result<Option<Box<dyn Claim>>, ClaimError> {
+        let Some(guard) = self.0.lease_for_load(doc).await? else {
+            return Ok(None);
+        };
+        self.0.metrics.owned.inc();
+        Ok(Some(Box::new(DocLease {
+            doc: doc.to_owned(),
+            guard,
+            cluster: self.0.clone(),
+        })))
+    }
+}
+
+/// A loaded document's lease, counted in `hearth_cluster_owned_documents` while held.
+#[derive(Debug)]
+struct DocLease {
+    doc: String,
+    guard: LockGuard,
+    cluster: Arc<Cluster>,
+}
+
+#[async_trait::async_trait]
+impl Claim for DocLease {
+    fn is_valid(&self) -> bool {
+        self.guard.is_valid()
+    }
+
+    fn lost(&self) -> Lost {
+        let status = self.guard.status();
+        Box::pin(async move { status.lost().await.as_str() })
+    }
+
+    async fn release(self: Box<Self>, epoch: i64) {
+        let DocLease {
+            doc,
+            guard,
+            cluster,
+        } = *self;
+        // compare-and-delete: a lease that is no longer ours is left alone
+        cluster.release(&doc, epoch, guard).await;
+    }
+
+    async fn abandon(self: Box<Self>) {
+        self.cluster.metrics.owned.dec();
+        let _ = self.guard.release().await;
     }
 }

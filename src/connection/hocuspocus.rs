@@ -25,10 +25,9 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::cluster::{Cluster, RemoteIn, RemoteInboxRx};
-
-use super::outbox::{Outbox, OutboxReceiver, Outgoing, outbox};
-use super::queue::{QueueSender, queue};
+use super::placement::{Link, LinkClient, Route};
+use super::shared::Shared;
+use super::stand_in::{StandInInput, ToEdge};
 use super::{Stop, Ws, close, flush_final, guarded, stop_signal, write_batch, write_ping};
 use crate::doc::{
     Attach, ConnId, DocCommand, DocHandle, Framing, LoadError, WeakDocHandle, next_conn_id,
@@ -36,14 +35,14 @@ use crate::doc::{
 use crate::hooks::{
     AuthPayload, ConnectionOps, ConnectionRef, Context, DocumentPayload, MessagePayload,
 };
+use crate::outbox::queue::{QueueSender, queue};
+use crate::outbox::{Outbox, OutboxReceiver, Outgoing, outbox};
 use crate::protocol::Close;
 use crate::protocol::lib0::DecodeError;
 use crate::protocol::message::{
     ClientFrame, ClientMessage, PING_FRAME, ServerMessage, decode_client_frame, kind, split_address,
 };
 use crate::request::RequestInfo;
-use crate::shared::Shared;
-use hearth_proxy::{NodeAddr, OpenMeta, Session};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 struct Pending {
@@ -68,8 +67,21 @@ struct PendingAuth {
 enum Authed {
     /// Here: attached to the local document task.
     Here(Established),
-    /// By this owner: the address is proxied there.
-    Remote(NodeAddr),
+    /// By another node: the address is proxied there through this link.
+    Remote(Box<dyn Link>),
+}
+
+impl Authed {
+    /// Undoes what the authentication set up, for a socket or an address that is gone.
+    fn undo(self) {
+        match self {
+            Authed::Here(e) => e.doc.send_detached(DocCommand::Detach {
+                conn: e.conn,
+                reply: None,
+            }),
+            Authed::Remote(link) => link.detach(),
+        }
+    }
 }
 
 /// Why a document of this socket did not open.
@@ -114,16 +126,11 @@ struct Established {
     context: Arc<Context>,
 }
 
-/// An address whose document is owned by another node: frames are forwarded there.
-struct Remote {
-    owner: NodeAddr,
-    session: Session,
-}
-
 enum Addr {
     Pending(Pending),
     Established(Established),
-    Remote(Remote),
+    /// Served by another node: frames are forwarded there.
+    Remote(Box<dyn Link>),
 }
 
 struct AuthDone {
@@ -414,61 +421,36 @@ impl Socket {
                     conn: e.conn,
                     reply: None,
                 }),
-                Addr::Remote(r) => {
-                    if let Some(c) = &self.shared.cluster {
-                        c.detach_remote(&r.owner, &r.session);
-                    }
-                }
+                Addr::Remote(link) => link.detach(),
                 Addr::Pending(_) => {}
             }
         }
     }
 
-    /// Moves an address authenticated here, whose document another node owns, to that owner:
-    /// `open`, then the queued frames and the Auth frame, in arrival order (`p` is already out
-    /// of the pending tables).
-    async fn go_remote(&mut self, address: String, owner: NodeAddr, p: Pending) -> Option<End> {
-        let cluster = self.shared.cluster.clone()?;
+    /// Moves an address authenticated here, whose document another node owns, to that owner
+    /// through `link`: the queued frames and the Auth frame, in arrival order (`p` is already
+    /// out of the pending tables).
+    fn go_remote(&mut self, address: String, link: Box<dyn Link>, p: Pending) -> Option<End> {
         let Some(auth) = p.auth else {
+            link.detach();
             return Some(End::Close(Close::ResetConnection));
         };
-        let (name, _) = split_address(&address);
-        let meta = OpenMeta {
-            path: self.request.path.clone(),
-            query: self.request.query.clone(),
-            headers: forwarded_headers(&self.request),
-            remote: self.request.remote_addr.map(|a| a.to_string()),
-            provider_version: None,
-        };
-        let Some(session) = cluster
-            .open_remote(
-                &owner,
-                name,
-                meta,
-                self.outbox.clone(),
-                self.remote_authenticated.clone(),
-            )
-            .await
-        else {
-            return Some(End::Close(Close::ResetConnection));
-        };
-        debug!(address, owner = %owner, "proxying to the owner");
+        debug!(address, "proxying to the owner");
         let mut queue = p.queue;
         let after = queue.split_off(auth.at.min(queue.len()));
         let mut sent = true;
         for (raw, _, _) in queue {
-            sent &= cluster.forward(&owner, &session, raw);
+            sent &= link.forward(raw);
         }
-        sent &= cluster.forward(&owner, &session, auth.frame);
+        sent &= link.forward(auth.frame);
         for (raw, _, _) in after {
-            sent &= cluster.forward(&owner, &session, raw);
+            sent &= link.forward(raw);
         }
         if !sent {
-            cluster.detach_remote(&owner, &session);
+            link.detach();
             return Some(End::Close(Close::ResetConnection));
         }
-        self.addrs
-            .insert(address, Addr::Remote(Remote { owner, session }));
+        self.addrs.insert(address, Addr::Remote(link));
         None
     }
 
@@ -513,13 +495,8 @@ impl Socket {
         match self.addrs.get_mut(&address) {
             Some(Addr::Established(_)) => self.on_established(&address, bytes, body).await,
             Some(Addr::Pending(_)) => self.on_pending(address, bytes, kind, body).await,
-            Some(Addr::Remote(r)) => {
-                let ok = self
-                    .shared
-                    .cluster
-                    .as_ref()
-                    .is_some_and(|c| c.forward(&r.owner, &r.session, bytes));
-                (!ok).then_some(End::Close(Close::ResetConnection))
+            Some(Addr::Remote(link)) => {
+                (!link.forward(bytes)).then_some(End::Close(Close::ResetConnection))
             }
             None => {
                 let cap = self.shared.config.max_documents_per_connection;
@@ -586,7 +563,7 @@ impl Socket {
                 .is_some_and(|m| m >= 4);
             // An edge in a cluster learns only after authentication whether the document is
             // served here (then the client is a v4 provider of this socket) or proxied.
-            let routed = !self.stand_in && self.shared.cluster.is_some();
+            let routed = !self.stand_in && self.shared.placement.is_some();
             if v4 && !routed {
                 self.provider_v4 = true;
             }
@@ -600,6 +577,7 @@ impl Socket {
                 self.id.clone(),
                 self.request.clone(),
                 self.outbox.clone(),
+                self.remote_authenticated.clone(),
                 address.clone(),
                 token,
                 version,
@@ -611,11 +589,8 @@ impl Socket {
                     let result = task.await;
                     if let Err(done) = tx.send(Box::new(AuthDone { address, result })) {
                         // the socket closed while this was running: undo the attach
-                        if let Ok(Authed::Here(e)) = done.result {
-                            e.doc.send_detached(DocCommand::Detach {
-                                conn: e.conn,
-                                reply: None,
-                            });
+                        if let Ok(authed) = done.result {
+                            authed.undo();
                         }
                     }
                 }
@@ -643,17 +618,14 @@ impl Socket {
 
     async fn on_auth_done(&mut self, done: AuthDone) -> Option<End> {
         if done.result.is_err()
-            && let Some(c) = &self.shared.cluster
+            && let Some(placement) = &self.shared.placement
         {
-            c.drop_unused_claim(&self.shared, split_address(&done.address).0);
+            placement.release_unused(split_address(&done.address).0);
         }
         let Some(Addr::Pending(p)) = self.addrs.remove(&done.address) else {
             // the address vanished meanwhile (cannot happen while pending); undo an attach
-            if let Ok(Authed::Here(e)) = done.result {
-                e.doc.send_detached(DocCommand::Detach {
-                    conn: e.conn,
-                    reply: None,
-                });
+            if let Ok(authed) = done.result {
+                authed.undo();
             }
             return None;
         };
@@ -663,9 +635,9 @@ impl Socket {
             self.provider_v4 = true;
         }
         match done.result {
-            Ok(Authed::Remote(owner)) => Box::pin(self.go_remote(done.address, owner, p)).await,
+            Ok(Authed::Remote(link)) => self.go_remote(done.address, link, p),
             Err(failure) => {
-                let reason = match failure.answer(self.shared.cluster.is_some()) {
+                let reason = match failure.answer(self.shared.placement.is_some()) {
                     FailureAnswer::Reset => {
                         info!(address = %done.address, ?failure, "routing failed or ownership moved; resetting");
                         return Some(End::Close(Close::ResetConnection));
@@ -846,6 +818,7 @@ async fn authenticate(
     socket_id: Arc<str>,
     request: Arc<RequestInfo>,
     outbox: Outbox,
+    remote_authenticated: Arc<AtomicBool>,
     address: String,
     token: String,
     version: Option<String>,
@@ -886,12 +859,17 @@ async fn authenticate(
     }
     // Authenticated: only now may the cluster do work for this document (Redis, a claim).
     if !stand_in
-        && let Some(cluster) = &shared.cluster
+        && let Some(placement) = &shared.placement
         && valid_document_name(name, shared.config.max_document_name_bytes)
     {
-        match Box::pin(cluster.route(&shared, name)).await {
-            Ok(crate::cluster::Placement::Local) => {}
-            Ok(crate::cluster::Placement::Remote(owner)) => return Ok(Authed::Remote(owner)),
+        let client = LinkClient {
+            request: &request,
+            outbox: &outbox,
+            authenticated: &remote_authenticated,
+        };
+        match placement.route(name, client).await {
+            Ok(Route::Local) => {}
+            Ok(Route::Remote(link)) => return Ok(Authed::Remote(link)),
             Err(e) => {
                 warn!(doc = name, error = %e, "cannot route the document (Redis unavailable?)");
                 return Err(AuthFailure::RouteFailed);
@@ -911,7 +889,7 @@ async fn authenticate(
     }
     let address: Arc<str> = Arc::from(address.as_str());
     for _ in 0..10 {
-        let doc = match shared.registry.open(&shared, name, &context).await {
+        let doc = match shared.docs.open(name, &context).await {
             Ok(d) => d,
             Err(e) => {
                 shared
@@ -959,71 +937,27 @@ async fn authenticate(
     )))
 }
 
-/// Request headers worth forwarding to an owner (hooks may read them); cookies and
-/// authorization are included because `on_authenticate` may need them, but hop-by-hop and
-/// WebSocket handshake headers are not.
-fn forwarded_headers(req: &RequestInfo) -> Vec<(String, String)> {
-    const SKIP: [&str; 8] = [
-        "connection",
-        "upgrade",
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "host",
-        "content-length",
-        "transfer-encoding",
-    ];
-    req.headers
-        .iter()
-        .filter(|(k, _)| !SKIP.contains(&k.as_str()))
-        .cloned()
-        .collect()
-}
-
-/// Owner side: runs the Hocuspocus state machine for a client attached to another node (the
-/// edge), fed through `rx` (the session registered by the open) by `frame` envelopes, and
-/// answering with `out` envelopes.
-pub(crate) fn spawn_remote(
+/// Owner side: runs the Hocuspocus state machine for a client attached to another node (its
+/// edge), fed by `input` and answering through `edge`, until the client detaches, the link
+/// fails or the node shuts down. `id` names the stand-in socket; `request` is the client's
+/// upgrade request as its edge saw it.
+pub(crate) async fn serve_stand_in<E: ToEdge>(
     shared: Arc<Shared>,
-    cluster: Arc<Cluster>,
-    edge: NodeAddr,
-    session: Session,
-    meta: OpenMeta,
-    rx: RemoteInboxRx,
-) {
-    let id: Arc<str> = Arc::from(session.conn.as_uuid().to_string());
-    let span = info_span!("remote", socket = %id, doc = %session.doc, edge = %edge, node = %shared.config.node_id);
-    let tasks = shared.sockets.clone();
-    tasks.spawn(run_remote(shared, cluster, edge, session, meta, id, rx).instrument(span));
-}
-
-async fn run_remote(
-    shared: Arc<Shared>,
-    cluster: Arc<Cluster>,
-    edge: NodeAddr,
-    session: Session,
-    meta: OpenMeta,
     id: Arc<str>,
-    mut rx: RemoteInboxRx,
+    request: Arc<RequestInfo>,
+    mut input: tokio::sync::mpsc::UnboundedReceiver<StandInInput>,
+    edge: E,
 ) {
-    let request = Arc::new(RequestInfo {
-        path: meta.path,
-        query: meta.query,
-        headers: meta.headers,
-        remote_addr: meta.remote.and_then(|r| r.parse().ok()),
-    });
     let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
     let stop = stop_signal(shared.shutdown.clone(), out_rx.overflow_signal());
     tokio::pin!(stop);
     let (auth_tx, mut auth_rx) = queue();
     let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, true);
-    // Frames for the client not yet published (`owner_out`, see `cluster::flow`): while it is
-    // full the outbox is not drained, so a client that cannot take its frames fast enough ends
-    // as a slow reader, like a local one.
-    let backlog = hearth_proxy::Backlog::new();
     debug!("proxied attachment open");
     let end = loop {
-        let out_full = cluster.out_full(&backlog);
+        // while the queue to the edge is full the outbox is not drained, so a client that
+        // cannot take its frames fast enough ends as a slow reader, like a local one
+        let out_full = edge.is_full();
         tokio::select! {
             biased;
             why = &mut stop => {
@@ -1032,7 +966,7 @@ async fn run_remote(
                     break Some(End::Close(Close::SlowReader));
                 }
                 // frames the edge already forwarded are applied before the documents store
-                while let Ok(RemoteIn::Frame(bytes)) = rx.try_recv() {
+                while let Ok(StandInInput::Frame(bytes)) = input.try_recv() {
                     if Box::pin(s.on_frame(bytes)).await.is_some() {
                         break;
                     }
@@ -1045,14 +979,14 @@ async fn run_remote(
                 loop {
                     match msg {
                         Outgoing::Frame(f) => {
-                            if let Err(how) = cluster.send_out(&edge, &session, &backlog, &f) {
+                            if let Err(how) = edge.send(&f) {
                                 failed = Some(how);
                                 break;
                             }
                         }
                         other => controls.push(other),
                     }
-                    if cluster.out_full(&backlog) {
+                    if edge.is_full() {
                         break;
                     }
                     match out_rx.try_recv() {
@@ -1063,15 +997,15 @@ async fn run_remote(
                 if let Some(how) = failed { break Some(End::Close(how)); }
                 if let Some(end) = s.on_controls(controls) { break Some(end); }
             }
-            () = cluster.out_room(&backlog), if out_full => {}
+            () = edge.room(), if out_full => {}
             done = auth_rx.recv() => {
                 if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break Some(end); }
             }
-            input = rx.recv() => match input {
-                None | Some(RemoteIn::Detach) => break None,
-                Some(RemoteIn::Reset) => break Some(End::Close(Close::ResetConnection)),
-                Some(RemoteIn::Shed) => break Some(End::Close(Close::TryAgainLater)),
-                Some(RemoteIn::Frame(bytes)) => {
+            next = input.recv() => match next {
+                None | Some(StandInInput::Detach) => break None,
+                Some(StandInInput::Reset) => break Some(End::Close(Close::ResetConnection)),
+                Some(StandInInput::Shed) => break Some(End::Close(Close::TryAgainLater)),
+                Some(StandInInput::Frame(bytes)) => {
                     s.last_inbound = Instant::now();
                     if let Some(end) = Box::pin(s.on_frame(bytes)).await { break Some(end); }
                 }
@@ -1081,21 +1015,24 @@ async fn run_remote(
     // deliver what is queued (e.g. CLOSE frames) before ending the session
     while let Some(msg) = out_rx.try_recv() {
         if let Outgoing::Frame(f) = msg
-            && cluster.send_out(&edge, &session, &backlog, &f).is_err()
+            && edge.send(&f).is_err()
         {
             break;
         }
     }
     s.detach_all();
-    cluster.remote_ended(&edge, session.conn, end.is_some());
-    if let Some(End::Close(how)) = end {
-        debug!(
-            code = how.code(),
-            reason = how.reason(),
-            "ending proxied attachment"
-        );
-        cluster.close_remote(&edge, &session, how);
-    }
+    let close = match end {
+        Some(End::Close(how)) => {
+            debug!(
+                code = how.code(),
+                reason = how.reason(),
+                "ending proxied attachment"
+            );
+            Some(how)
+        }
+        Some(End::Gone) | None => None,
+    };
+    edge.ended(close);
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Client sockets: one task per WebSocket owns it, reads frames in order and writes what the
-//! document tasks queue in its [`outbox::Outbox`].
+//! document tasks queue in its [`Outbox`](crate::outbox::Outbox).
 //!
 //! * [`hocuspocus`] — the Hocuspocus protocol: per-address auth state machine, multiplexing.
 //! * [`yws`] — the plain y-websocket protocol on `/y/<document>`.
@@ -8,8 +8,9 @@
 //! byte-bounded outbox and a client that cannot keep up is disconnected.
 
 pub mod hocuspocus;
-pub mod outbox;
-pub mod queue;
+pub(crate) mod placement;
+pub(crate) mod shared;
+pub(crate) mod stand_in;
 pub mod yws;
 
 use std::sync::Arc;
@@ -23,8 +24,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
-use self::outbox::{OutboxReceiver, Outgoing};
 use crate::limits::ConnectionSlot;
+use crate::outbox::{self, OutboxReceiver, Outgoing};
 use crate::protocol::Close;
 use tracing::debug;
 

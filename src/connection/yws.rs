@@ -15,14 +15,14 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument, debug, info, info_span};
 
 use super::hocuspocus::valid_document_name;
-use super::outbox::{Outgoing, outbox};
+use super::shared::Shared;
 use super::{Stop, Ws, close, guarded, stop_signal, write_batch, write_ping};
 use crate::doc::{Attach, DocCommand, Framing, next_conn_id};
 use crate::hooks::{AuthPayload, Context};
+use crate::outbox::{Outgoing, outbox};
 use crate::protocol::Close;
 use crate::protocol::message::{ServerMessage, YwsMessage, decode_yws_frame};
 use crate::request::RequestInfo;
-use crate::shared::Shared;
 
 /// Runs one y-websocket connection for document `name`.
 pub(crate) async fn serve(shared: Arc<Shared>, ws: Ws, request: Arc<RequestInfo>, name: String) {
@@ -87,7 +87,7 @@ async fn run(
     let conn = next_conn_id();
     let mut doc = None;
     for _ in 0..10 {
-        let Ok(handle) = shared.registry.open(&shared, &name, &context).await else {
+        let Ok(handle) = shared.docs.open(&name, &context).await else {
             break;
         };
         let (tx, rx) = oneshot::channel();

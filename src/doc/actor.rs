@@ -23,15 +23,17 @@ use yrs::{Doc, ReadTxn, Transact};
 
 use super::committer::{AppendJob, CommitResult};
 use super::offload;
+use super::ownership::Claim;
+use super::services::DocServices;
 use super::{
     Attach, ConnId, DocCommand, DocHandle, Framing, TransactError, Unloading, WeakDocHandle,
 };
 use crate::config::Durability;
-use crate::connection::outbox::{Outbox, Outgoing};
 use crate::hooks::{
     AwarenessPayload, ChangePayload, ConnectionRef, Context, DisconnectPayload, DocumentPayload,
     StatelessPayload, StorePayload,
 };
+use crate::outbox::{Outbox, Outgoing};
 use crate::protocol::Close;
 use crate::protocol::awareness::{self, Awareness, Change, RateLimit, Violation};
 use crate::protocol::message::{ServerMessage, SyncMessage, frame};
@@ -39,7 +41,6 @@ use crate::protocol::scan::scan_update;
 use crate::protocol::update::{
     UpdateError, contains_scanned, decode_scanned, decode_state_vector, known_clocks,
 };
-use crate::shared::Shared;
 use crate::storage::{AppendOutcome, Epoch, LogSeq, StoreError, UNSTORED};
 
 const AWARENESS_TICK: Duration = Duration::from_secs(3);
@@ -71,7 +72,7 @@ pub(crate) struct Loaded {
     /// True when `on_load_document` hooks changed the stored state (compact soon).
     pub dirty: bool,
     /// The ownership lock (cluster mode).
-    pub lease: Option<hearth_lock::LockGuard>,
+    pub lease: Option<Box<dyn Claim>>,
     /// Encoded size of the loaded state (snapshot and log), in bytes.
     pub size: usize,
 }
@@ -86,7 +87,7 @@ enum Exit {
 /// The document task's state.
 pub(crate) struct Actor {
     name: Arc<str>,
-    shared: Arc<Shared>,
+    svc: Arc<DocServices>,
     doc: Doc,
     changes: Arc<Mutex<Vec<Vec<u8>>>>,
     awareness: Awareness,
@@ -113,7 +114,7 @@ pub(crate) struct Actor {
     internal_tx: mpsc::UnboundedSender<CommitResult>,
     internal_rx: mpsc::UnboundedReceiver<CommitResult>,
     me: WeakDocHandle,
-    lease: Option<hearth_lock::LockGuard>,
+    lease: Option<Box<dyn Claim>>,
     /// Whether this document is currently counted in `hearth_dirty_documents`.
     counted_dirty: bool,
     /// The awareness (states, bytes) this document counts in the node-wide gauges.
@@ -127,7 +128,7 @@ pub(crate) struct Actor {
 
 impl Actor {
     /// Starts the task for a loaded document and returns its handle.
-    pub(crate) fn spawn(name: Arc<str>, shared: Arc<Shared>, loaded: Loaded) -> DocHandle {
+    pub(crate) fn spawn(name: Arc<str>, svc: Arc<DocServices>, loaded: Loaded) -> DocHandle {
         let (tx, rx) = mpsc::channel(1024);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let changes = Arc::new(Mutex::new(Vec::new()));
@@ -141,7 +142,7 @@ impl Actor {
             error!(doc = %name, error = %e, "cannot observe document updates");
         }
         let now = Instant::now();
-        let awareness = Awareness::with_limits(shared.config.awareness_limits());
+        let awareness = Awareness::with_limits(svc.config.awareness_limits());
         let handle = DocHandle {
             name: name.clone(),
             tx,
@@ -154,8 +155,8 @@ impl Actor {
             compact_retry: None,
             size: loaded.size,
             name: name.clone(),
-            durable: shared.config.durability == Durability::Durable,
-            shared,
+            durable: svc.config.durability == Durability::Durable,
+            svc,
             doc: loaded.doc,
             changes,
             awareness,
@@ -184,17 +185,12 @@ impl Actor {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<DocCommand>) {
-        self.shared.metrics.documents.inc();
+        self.svc.metrics.documents.inc();
         debug!(doc = %self.name, epoch = self.epoch, "document task started");
-        let lease_status = self.lease.as_ref().map(|l| l.status());
-        if self.lease.is_some()
-            && let Some(c) = &self.shared.cluster
-        {
-            c.owned_inc();
-        }
+        let lost = self.lease.as_ref().map(|l| l.lost());
         let lost = async move {
-            match lease_status {
-                Some(s) => s.lost().await,
+            match lost {
+                Some(lost) => lost.await,
                 None => std::future::pending().await,
             }
         };
@@ -204,13 +200,13 @@ impl Actor {
             let step = tokio::select! {
                 biased;
                 reason = &mut lost => {
-                    warn!(doc = %self.name, reason = reason.as_str(), "ownership lock lost: stop writing");
+                    warn!(doc = %self.name, reason, "ownership lock lost: stop writing");
                     Some(self.fence())
                 }
                 Some(result) = self.internal_rx.recv() => self.on_commit_result(result),
                 // the queue to the committer is bounded: a document whose applied updates are
                 // this far ahead of the database takes nothing new until a commit returns
-                cmd = rx.recv(), if self.uncommitted < self.shared.config.max_message_bytes => match cmd {
+                cmd = rx.recv(), if self.uncommitted < self.svc.config.max_message_bytes => match cmd {
                     Some(cmd) => self.handle(cmd).await,
                     None => Some(Exit::Unloaded),
                 },
@@ -248,33 +244,32 @@ impl Actor {
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in conns {
             if let Some(c) = self.conns.remove(&id) {
-                self.shared.metrics.pending_acks.sub(c.acks.len() as i64);
-                self.shared.metrics.doc_connections.dec();
+                self.svc.metrics.pending_acks.sub(c.acks.len() as i64);
+                self.svc.metrics.doc_connections.dec();
             }
         }
         if self.counted_dirty {
-            self.shared.metrics.dirty_documents.dec();
+            self.svc.metrics.dirty_documents.dec();
         }
-        self.shared
+        self.svc
             .metrics
             .awareness_states
             .sub(self.counted_awareness.0);
-        self.shared
+        self.svc
             .metrics
             .awareness_bytes
             .sub(self.counted_awareness.1);
-        if let (Some(lease), Some(cluster)) = (self.lease.take(), self.shared.cluster.clone()) {
-            // compare-and-delete: a lease that is no longer ours is left alone
-            cluster.release(&self.name, self.epoch, lease).await;
+        if let Some(lease) = self.lease.take() {
+            lease.release(self.epoch).await;
         }
-        self.shared.registry.remove(&self.name);
-        self.shared.metrics.documents.dec();
+        self.svc.registry.remove(&self.name);
+        self.svc.metrics.documents.dec();
         let payload = DocumentPayload {
             document_name: &self.name,
             context: None,
         };
         if matches!(exit, Exit::Unloaded | Exit::Shutdown(_))
-            && let Err(e) = self.shared.extensions.after_unload_document(&payload).await
+            && let Err(e) = self.svc.extensions.after_unload_document(&payload).await
         {
             warn!(doc = %self.name, reason = %e, "after_unload_document failed");
         }
@@ -295,7 +290,7 @@ impl Actor {
             d = d.min(due);
         }
         if let Some(idle) = self.idle_since {
-            d = d.min(idle + Duration::from_millis(self.shared.config.unload_delay_ms));
+            d = d.min(idle + Duration::from_millis(self.svc.config.unload_delay_ms));
         }
         if let Some(r) = self.retry_at {
             d = d.min(r);
@@ -344,11 +339,11 @@ impl Actor {
                     socket_id: "server",
                     clients_count: self.clients_count(),
                 };
-                let _ = self.shared.extensions.on_disconnect(&payload).await;
+                let _ = self.svc.extensions.on_disconnect(&payload).await;
                 if self.clients_count() == 0 {
                     // unloadImmediately: unload now rather than after the delay
                     self.idle_since = Some(
-                        Instant::now() - Duration::from_millis(self.shared.config.unload_delay_ms),
+                        Instant::now() - Duration::from_millis(self.svc.config.unload_delay_ms),
                     );
                 }
             }
@@ -390,7 +385,7 @@ impl Actor {
             socket_id: a.socket_id,
             conn_ref: a.conn_ref,
             awareness_rate: RateLimit::new(
-                self.shared.config.max_awareness_updates_per_sec,
+                self.svc.config.max_awareness_updates_per_sec,
                 Instant::now(),
             ),
             acks: VecDeque::new(),
@@ -405,7 +400,7 @@ impl Actor {
                 .send(ServerMessage::Awareness(&bytes).frame(conn.framing.address()));
         }
         self.conns.insert(a.conn, conn);
-        self.shared.metrics.doc_connections.inc();
+        self.svc.metrics.doc_connections.inc();
         self.idle_since = None;
     }
 
@@ -417,8 +412,8 @@ impl Actor {
         let Some(conn) = self.conns.remove(&id) else {
             return;
         };
-        self.shared.metrics.doc_connections.dec();
-        self.shared.metrics.pending_acks.sub(conn.acks.len() as i64);
+        self.svc.metrics.doc_connections.dec();
+        self.svc.metrics.pending_acks.sub(conn.acks.len() as i64);
         if let (Some(reason), Framing::Hocuspocus(address)) = (&reply, &conn.framing) {
             conn.outbox
                 .send(ServerMessage::Close(reason).frame(Some(address)));
@@ -439,7 +434,7 @@ impl Actor {
             socket_id: &conn.socket_id,
             clients_count: self.clients_count(),
         };
-        if let Err(e) = self.shared.extensions.on_disconnect(&payload).await {
+        if let Err(e) = self.svc.extensions.on_disconnect(&payload).await {
             debug!(doc = %self.name, reason = %e, "on_disconnect rejected");
         }
         if self.clients_count() == 0 {
@@ -457,7 +452,7 @@ impl Actor {
                     Ok(sv) => sv,
                     Err(e) => {
                         debug!(doc = %self.name, conn = id, error = %e, "invalid state vector");
-                        self.shared
+                        self.svc
                             .metrics
                             .updates_rejected
                             .with_label_values(&["invalid_state_vector"])
@@ -490,11 +485,11 @@ impl Actor {
     ) -> Option<Exit> {
         let read_only = self.conns.get(&id).is_some_and(|c| c.read_only);
         // Iterative and bounded: nothing recursive has seen the bytes yet.
-        let scanned = scan_update(&update, &self.shared.config.scan_limits());
+        let scanned = scan_update(&update, &self.svc.config.scan_limits());
         if read_only {
             // A read-only connection never decodes or applies: its step2 is acknowledged when
             // the server already has all of it (decided from the scan), an update never is.
-            self.shared
+            self.svc
                 .metrics
                 .updates_rejected
                 .with_label_values(&["read_only"])
@@ -529,7 +524,7 @@ impl Actor {
             }
             return None;
         }
-        let max_size = self.shared.config.max_document_bytes;
+        let max_size = self.svc.config.max_document_bytes;
         if self.size.saturating_add(update.len()) > max_size {
             warn!(doc = %self.name, conn = id, size = self.size, update = update.len(), max_size, "update refused: document at its size limit");
             self.reject(id, yws, "document_too_large");
@@ -577,7 +572,7 @@ impl Actor {
             None => Some(Arc::from("server")),
         };
         for change in changes {
-            self.shared.metrics.updates_applied.inc();
+            self.svc.metrics.updates_applied.inc();
             self.lsn += 1;
             let bytes = Bytes::from(change);
             if self.durable {
@@ -593,7 +588,7 @@ impl Actor {
                 context: context.as_deref(),
                 socket_id: socket_id.as_deref(),
             };
-            if let Err(e) = self.shared.extensions.on_change(&payload).await {
+            if let Err(e) = self.svc.extensions.on_change(&payload).await {
                 debug!(doc = %self.name, reason = %e, "on_change rejected");
             }
         }
@@ -618,7 +613,7 @@ impl Actor {
     /// `SyncStatus 0` (a Hocuspocus client; y-websocket has no answer), in order with the
     /// connection's other acknowledgements.
     fn reject(&mut self, id: ConnId, yws: bool, label: &str) {
-        self.shared
+        self.svc
             .metrics
             .updates_rejected
             .with_label_values(&[label])
@@ -634,7 +629,7 @@ impl Actor {
         };
         let frame = ServerMessage::SyncStatus(ok).frame(conn.framing.address());
         conn.acks.push_back((lsn, frame, Instant::now()));
-        self.shared.metrics.pending_acks.inc();
+        self.svc.metrics.pending_acks.inc();
         self.release_acks_of(id);
     }
 
@@ -649,8 +644,8 @@ impl Actor {
             .is_some_and(|(lsn, _, _)| *lsn <= committed)
         {
             if let Some((_, frame, at)) = conn.acks.pop_front() {
-                self.shared.metrics.pending_acks.dec();
-                self.shared
+                self.svc.metrics.pending_acks.dec();
+                self.svc
                     .metrics
                     .ack_seconds
                     .observe(at.elapsed().as_secs_f64());
@@ -688,7 +683,7 @@ impl Actor {
             reply: self.internal_tx.clone(),
         };
         self.inflight = Some((upto, batch));
-        self.shared.committer.submit(job);
+        self.svc.committer.submit(job);
     }
 
     fn on_commit_result(&mut self, result: CommitResult) -> Option<Exit> {
@@ -726,8 +721,8 @@ impl Actor {
 
     /// Waits until every applied update is committed (durable), then compacts.
     async fn flush(&mut self) -> Result<(), StoreError> {
-        let deadline = Instant::now()
-            + Duration::from_millis(self.shared.config.shutdown_timeout_ms.max(1000));
+        let deadline =
+            Instant::now() + Duration::from_millis(self.svc.config.shutdown_timeout_ms.max(1000));
         while self.durable && (self.inflight.is_some() || !self.unsent.is_empty()) {
             if Instant::now() >= deadline {
                 return Err(StoreError::Database(
@@ -764,7 +759,7 @@ impl Actor {
     async fn compact(&mut self) -> Result<(), StoreError> {
         let encoded = offload::encode_state(&self.doc, self.size).await;
         let Ok(state) = encoded else {
-            self.shared.metrics.panics.inc();
+            self.svc.metrics.panics.inc();
             return Err(StoreError::Corrupt("encoding the document panicked".into()));
         };
         let payload = StorePayload {
@@ -773,8 +768,8 @@ impl Actor {
             last_context: self.last_context.as_deref(),
             clients_count: self.clients_count(),
         };
-        if let Err(e) = self.shared.extensions.on_store_document(&payload).await {
-            self.shared.metrics.failed_writes.inc();
+        if let Err(e) = self.svc.extensions.on_store_document(&payload).await {
+            self.svc.metrics.failed_writes.inc();
             return Err(StoreError::Database(
                 format!("on_store_document rejected: {e}").into(),
             ));
@@ -783,27 +778,27 @@ impl Actor {
         if self.epoch == UNSTORED {
             // a document loaded empty is stored for the first time: create its row, unless
             // someone else did first (then this node is fenced)
-            match self.shared.store.create_epoch(&self.name).await {
+            match self.svc.store.create_epoch(&self.name).await {
                 Ok(Some(epoch)) => self.epoch = epoch,
                 Ok(None) => {
-                    self.shared.metrics.fenced_writes.inc();
+                    self.svc.metrics.fenced_writes.inc();
                     return Err(StoreError::Fenced {
                         current: 1,
                         mine: UNSTORED,
                     });
                 }
                 Err(e) => {
-                    self.shared.metrics.failed_writes.inc();
+                    self.svc.metrics.failed_writes.inc();
                     return Err(e);
                 }
             }
         }
         let result = self
-            .shared
+            .svc
             .store
             .compact(&self.name, self.epoch, &state, self.db_seq)
             .await;
-        let m = &self.shared.metrics;
+        let m = &self.svc.metrics;
         m.store_seconds
             .with_label_values(&["compact"])
             .observe(started.elapsed().as_secs_f64());
@@ -816,7 +811,7 @@ impl Actor {
                 self.dirty_since = None;
                 self.size = state.len();
                 debug!(doc = %self.name, bytes = state.len(), "document stored");
-                if let Err(e) = self.shared.extensions.after_store_document(&payload).await {
+                if let Err(e) = self.svc.extensions.after_store_document(&payload).await {
                     debug!(doc = %self.name, reason = %e, "after_store_document rejected");
                 }
             }
@@ -836,7 +831,7 @@ impl Actor {
         let now = Instant::now();
         if now >= self.next_awareness_tick {
             self.next_awareness_tick = now + AWARENESS_TICK;
-            let timeout = Duration::from_millis(self.shared.config.awareness_timeout_ms);
+            let timeout = Duration::from_millis(self.svc.config.awareness_timeout_ms);
             let change = self.awareness.expire(now, timeout);
             if !change.is_empty() {
                 self.broadcast_awareness(&change, None).await;
@@ -865,7 +860,7 @@ impl Actor {
             }
         }
         if let Some(idle) = self.idle_since
-            && now >= idle + Duration::from_millis(self.shared.config.unload_delay_ms)
+            && now >= idle + Duration::from_millis(self.svc.config.unload_delay_ms)
             && self.clients_count() == 0
         {
             return self.try_unload(rx).await;
@@ -888,8 +883,8 @@ impl Actor {
 
     fn send_detached_self(&mut self, id: ConnId) {
         if let Some(conn) = self.conns.remove(&id) {
-            self.shared.metrics.doc_connections.dec();
-            self.shared.metrics.pending_acks.sub(conn.acks.len() as i64);
+            self.svc.metrics.doc_connections.dec();
+            self.svc.metrics.pending_acks.sub(conn.acks.len() as i64);
             let change = self.awareness.remove_owner(id, Instant::now());
             if !change.is_empty() {
                 let bytes = self.awareness.encode(change.all());
@@ -916,12 +911,7 @@ impl Actor {
             document_name: &self.name,
             context: None,
         };
-        if let Err(e) = self
-            .shared
-            .extensions
-            .before_unload_document(&payload)
-            .await
-        {
+        if let Err(e) = self.svc.extensions.before_unload_document(&payload).await {
             debug!(doc = %self.name, reason = %e, "before_unload_document cancelled the unload");
             self.idle_since = None;
             return None;
@@ -931,7 +921,7 @@ impl Actor {
             self.idle_since = None;
             return None;
         }
-        if !self.shared.registry.begin_unload(&self.name) {
+        if !self.svc.registry.begin_unload(&self.name) {
             return None;
         }
         debug!(doc = %self.name, "unloading");
@@ -942,8 +932,8 @@ impl Actor {
     /// max-debounce after the first uncompacted one, never before a pending retry time.
     fn compaction_due(&self) -> Option<Instant> {
         let since = self.dirty_since?;
-        let due = (self.last_change + self.shared.config.debounce())
-            .min(since + self.shared.config.max_debounce());
+        let due = (self.last_change + self.svc.config.debounce())
+            .min(since + self.svc.config.max_debounce());
         Some(match self.compact_retry {
             Some((at, _)) => due.max(at),
             None => due,
@@ -957,9 +947,9 @@ impl Actor {
             self.dirty_since.is_some() || !self.unsent.is_empty() || self.inflight.is_some();
         if dirty != self.counted_dirty {
             if dirty {
-                self.shared.metrics.dirty_documents.inc();
+                self.svc.metrics.dirty_documents.inc();
             } else {
-                self.shared.metrics.dirty_documents.dec();
+                self.svc.metrics.dirty_documents.dec();
             }
             self.counted_dirty = dirty;
         }
@@ -972,14 +962,14 @@ impl Actor {
     }
 
     fn fence(&mut self) -> Exit {
-        self.shared.metrics.fenced_writes.inc();
+        self.svc.metrics.fenced_writes.inc();
         warn!(doc = %self.name, epoch = self.epoch, "ownership lost (fenced): dropping the document without storing");
         self.reset_clients();
         Exit::Fenced
     }
 
     fn poison(&mut self, what: &str) -> Exit {
-        self.shared.metrics.panics.inc();
+        self.svc.metrics.panics.inc();
         error!(doc = %self.name, "{what}; dropping in-memory state, clients will reload from storage");
         self.reset_clients();
         Exit::Poisoned
@@ -1014,7 +1004,7 @@ impl Actor {
             document: &document,
             context: &context,
         };
-        if let Err(e) = self.shared.extensions.on_stateless(&p).await {
+        if let Err(e) = self.svc.extensions.on_stateless(&p).await {
             debug!(doc = %self.name, conn = id, reason = %e, "on_stateless rejected");
         }
     }
@@ -1028,12 +1018,12 @@ impl Actor {
         if !self.conns.contains_key(&id) {
             return;
         }
-        let max = self.shared.config.max_awareness_state_bytes;
+        let max = self.svc.config.max_awareness_state_bytes;
         let update = match awareness::Update::parse(update, max) {
             Ok(u) => u,
             Err(e) => {
                 debug!(doc = %self.name, conn = id, error = %e, "refused awareness update");
-                self.shared
+                self.svc
                     .metrics
                     .awareness_refused
                     .with_label_values(&[e.label()])
@@ -1045,7 +1035,7 @@ impl Actor {
         let applied = self.awareness.apply(id, &update, now);
         for (reason, n) in applied.refused.iter() {
             debug!(doc = %self.name, conn = id, reason = reason.label(), states = n, "document awareness full; states ignored");
-            self.shared
+            self.svc
                 .metrics
                 .awareness_refused
                 .with_label_values(&[reason.label()])
@@ -1094,7 +1084,7 @@ impl Actor {
             return;
         };
         warn!(doc = %self.name, conn = id, limit = v.label(), "awareness limit exceeded; closing the client's socket");
-        self.shared
+        self.svc
             .metrics
             .awareness_refused
             .with_label_values(&[v.label()])
@@ -1111,7 +1101,7 @@ impl Actor {
             self.awareness.encoded_len() as i64,
         );
         if now != self.counted_awareness {
-            let m = &self.shared.metrics;
+            let m = &self.svc.metrics;
             m.awareness_states.add(now.0 - self.counted_awareness.0);
             m.awareness_bytes.add(now.1 - self.counted_awareness.1);
             self.counted_awareness = now;
@@ -1128,7 +1118,7 @@ impl Actor {
             removed: &change.removed,
             context: context.as_deref(),
         };
-        if let Err(e) = self.shared.extensions.on_awareness_update(&payload).await {
+        if let Err(e) = self.svc.extensions.on_awareness_update(&payload).await {
             debug!(doc = %self.name, reason = %e, "on_awareness_update rejected");
         }
     }
@@ -1138,7 +1128,7 @@ impl Actor {
             if !conn.outbox.send(msg.frame(conn.framing.address())) {
                 self.send_detached_self(id);
             } else {
-                self.shared.metrics.frames_out.inc();
+                self.svc.metrics.frames_out.inc();
             }
         }
     }
@@ -1164,7 +1154,7 @@ impl Actor {
                 }
             };
             if conn.outbox.send(framed) {
-                self.shared.metrics.frames_out.inc();
+                self.svc.metrics.frames_out.inc();
             } else {
                 dead.push(*id);
             }

@@ -6,6 +6,8 @@
 //!   acks until commit, compacts, unloads.
 //! * [`committer`] — the node-wide group commit of durable appends.
 //! * [`direct`] — server-side direct connections.
+//! * [`ownership`] — the claim a document holds while loaded (the cluster implements it).
+//! * [`services`] — what the document layer uses of the node.
 //!
 //! **Invariant:** only the actor touches `yrs::Doc`; no yrs transaction is held across `.await`.
 
@@ -13,7 +15,9 @@ pub mod actor;
 pub mod committer;
 pub mod direct;
 pub(crate) mod offload;
+pub(crate) mod ownership;
 pub mod registry;
+pub(crate) mod services;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::connection::outbox::Outbox;
 use crate::hooks::{Context, DocumentOps, DocumentRef};
+use crate::outbox::Outbox;
 use crate::protocol::message::SyncMessage;
 
 /// Identifies one document connection (a client attachment), unique in this process.

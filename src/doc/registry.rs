@@ -17,10 +17,10 @@ use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, StateVector, Transact};
 
 use super::actor::{Actor, Loaded};
+use super::services::DocServices;
 use super::{DocHandle, LoadError};
 use crate::hooks::{Context, DocumentPayload, LoadPayload};
 use crate::protocol::update::decode_guarded;
-use crate::shared::Shared;
 use crate::storage::{Epoch, StoreError, StoredDocument, UNSTORED};
 
 type LoadResult = Option<Result<DocHandle, LoadError>>;
@@ -85,7 +85,7 @@ impl Registry {
     /// Returns the document's task, loading it first if needed (single-flight).
     pub(crate) async fn open(
         &self,
-        shared: &Arc<Shared>,
+        svc: &Arc<DocServices>,
         name: &str,
         context: &Context,
     ) -> Result<DocHandle, LoadError> {
@@ -96,8 +96,8 @@ impl Registry {
                     Some(Slot::Ready(h)) if !h.is_closed() => Next::Ready(h.clone()),
                     Some(Slot::Loading(rx)) => Next::Wait(rx.clone()),
                     Some(Slot::Unloading(tx)) => Next::WaitUnload(tx.subscribe()),
-                    _ if slots.len() >= shared.config.max_documents => {
-                        shared.metrics.loads.with_label_values(&["capacity"]).inc();
+                    _ if slots.len() >= svc.config.max_documents => {
+                        svc.metrics.loads.with_label_values(&["capacity"]).inc();
                         warn!(
                             doc = name,
                             loaded = slots.len(),
@@ -120,13 +120,13 @@ impl Registry {
                 }
                 Next::Wait(rx) => rx,
                 Next::Load(tx, rx) => {
-                    let shared = shared.clone();
+                    let svc = svc.clone();
                     let name: Arc<str> = Arc::from(name);
                     let context = context.clone();
                     tokio::spawn(async move {
-                        let result = load(&shared, name.clone(), &context).await;
+                        let result = load(&svc, name.clone(), &context).await;
                         {
-                            let mut slots = shared.registry.lock();
+                            let mut slots = svc.registry.lock();
                             match &result {
                                 Ok(h) => {
                                     slots.insert(name, Slot::Ready(h.clone()));
@@ -181,20 +181,20 @@ impl Registry {
 /// Loads a document: take the ownership epoch, read storage, apply, run the load hooks, start
 /// the task. Nothing is written on failure (only the epoch advances).
 async fn load(
-    shared: &Arc<Shared>,
+    svc: &Arc<DocServices>,
     name: Arc<str>,
     context: &Context,
 ) -> Result<DocHandle, LoadError> {
     let started = Instant::now();
-    let m = &shared.metrics;
+    let m = &svc.metrics;
     let fail = |what: &'static str, e: LoadError| {
         m.loads.with_label_values(&[what]).inc();
         e
     };
     // Cluster: the ownership lock first (the claim made when the client was routed here).
-    let lease = match &shared.cluster {
+    let lease = match &svc.ownership {
         None => None,
-        Some(c) => match c.lease_for_load(&name).await {
+        Some(o) => match o.claim(&name).await {
             Ok(Some(g)) => Some(g),
             Ok(None) => {
                 info!(doc = %name, "another node owns the document; not loading it here");
@@ -209,16 +209,14 @@ async fn load(
             }
         },
     };
-    match load_state(shared, &name, context, started).await {
+    match load_state(svc, &name, context, started).await {
         Ok(mut loaded) => {
             loaded.lease = lease;
-            Ok(Actor::spawn(name, shared.clone(), loaded))
+            Ok(Actor::spawn(name, svc.clone(), loaded))
         }
         Err(e) => {
-            if let Some(g) = lease {
-                tokio::spawn(async move {
-                    let _ = g.release().await;
-                });
+            if let Some(claim) = lease {
+                tokio::spawn(claim.abandon());
             }
             Err(e)
         }
@@ -230,33 +228,33 @@ async fn load(
 /// read without writing anything: it stays out of the database until its first write creates
 /// the row ([`UNSTORED`]); if another node creates it first, that write is fenced.
 async fn epoch_and_state(
-    shared: &Shared,
+    svc: &DocServices,
     name: &str,
 ) -> Result<(Epoch, StoredDocument), StoreError> {
-    if shared.store.current_epoch(name).await?.is_none() {
-        let stored = shared.store.load(name).await?;
+    if svc.store.current_epoch(name).await?.is_none() {
+        let stored = svc.store.load(name).await?;
         if stored.is_empty() {
             return Ok((UNSTORED, stored));
         }
         // stored meanwhile by another node: take it over like any stored document
     }
-    let epoch = shared.store.acquire_epoch(name).await?;
-    Ok((epoch, shared.store.load(name).await?))
+    let epoch = svc.store.acquire_epoch(name).await?;
+    Ok((epoch, svc.store.load(name).await?))
 }
 
 /// Epoch, storage, load hooks: everything of a load but the lease.
 async fn load_state(
-    shared: &Arc<Shared>,
+    svc: &Arc<DocServices>,
     name: &Arc<str>,
     context: &Context,
     started: Instant,
 ) -> Result<Loaded, LoadError> {
-    let m = &shared.metrics;
+    let m = &svc.metrics;
     let fail = |what: &'static str, e: LoadError| {
         m.loads.with_label_values(&[what]).inc();
         e
     };
-    let (epoch, stored) = match epoch_and_state(shared, name).await {
+    let (epoch, stored) = match epoch_and_state(svc, name).await {
         Ok(r) => r,
         Err(e) => {
             warn!(doc = %name, error = %e, "cannot take the document's epoch or read it");
@@ -272,7 +270,7 @@ async fn load_state(
     let doc = Doc::with_client_id(u64::from(rand::random::<u32>()));
     let mut size: usize = stored.snapshot.as_ref().map_or(0, Vec::len)
         + stored.updates.iter().map(Vec::len).sum::<usize>();
-    let limits = shared.config.storage_scan_limits();
+    let limits = svc.config.storage_scan_limits();
     let parts = stored.snapshot.iter().chain(stored.updates.iter());
     for (i, bytes) in parts.enumerate() {
         let applied = decode_guarded(bytes, &limits)
@@ -294,7 +292,7 @@ async fn load_state(
         }
     }
     let mut dirty = false;
-    if !shared.extensions.is_empty() {
+    if !svc.extensions.is_empty() {
         let state = if stored.is_empty() {
             None
         } else {
@@ -308,7 +306,7 @@ async fn load_state(
             context,
             stored_state: state.as_deref(),
         };
-        let updates = match shared.extensions.on_load_document(&payload).await {
+        let updates = match svc.extensions.on_load_document(&payload).await {
             Ok(u) => u,
             Err(e) => {
                 info!(doc = %name, reason = %e, "on_load_document rejected");
@@ -341,7 +339,7 @@ async fn load_state(
             document_name: name,
             context: Some(context),
         };
-        if let Err(e) = shared.extensions.after_load_document(&payload).await {
+        if let Err(e) = svc.extensions.after_load_document(&payload).await {
             return Err(fail("hook_rejected", LoadError::Refused(e.reason)));
         }
     }

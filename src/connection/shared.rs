@@ -6,22 +6,20 @@ use std::sync::atomic::AtomicBool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::placement::Placement;
 use crate::config::Config;
-use crate::doc::committer::Committer;
-use crate::doc::registry::Registry;
+use crate::doc::services::DocServices;
 use crate::hooks::Extensions;
 use crate::metrics::Metrics;
-use crate::storage::DocumentStore;
 
 /// Server-wide state.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub config: Config,
     pub extensions: Extensions,
-    pub store: Arc<dyn DocumentStore>,
     pub metrics: Metrics,
-    pub registry: Registry,
-    pub committer: Committer,
+    /// The document layer: storage, the loaded documents, the group commit.
+    pub docs: Arc<DocServices>,
     /// Cancelled when the server starts shutting down: sockets close, listeners stop.
     pub shutdown: CancellationToken,
     /// Every socket task (local sockets, and stand-ins for clients of other nodes): a shutdown
@@ -29,8 +27,8 @@ pub(crate) struct Shared {
     pub sockets: TaskTracker,
     /// True while shutting down (`/readyz` reports not ready).
     pub draining: AtomicBool,
-    /// Cluster membership, when `redis_url` is set.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Where authenticated documents are served; `None` on a single node (all local).
+    pub placement: Option<Arc<dyn Placement>>,
     /// Failed-authentication counts and bans per client address.
     pub throttle: crate::throttle::AuthThrottle,
 }

@@ -4,13 +4,15 @@
 //! exceed the limit, the socket is marked overflowed and its task disconnects the client (a slow
 //! reader is disconnected, never skipped); every later send is refused.
 
+pub(crate) mod queue;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::queue::{QueueReceiver, QueueSender, queue};
+use self::queue::{QueueReceiver, QueueSender, queue};
 use crate::protocol::Close;
 
 /// Something for the socket task to do, in order with the frames.

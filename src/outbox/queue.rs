@@ -2,8 +2,8 @@
 //! no memory while it is empty.
 //!
 //! Why not `tokio::sync::mpsc`: its channel allocates a 32-slot block up front and keeps its
-//! blocks after a burst, about 2 KB per channel that every idle socket pays (issue 5's
-//! memory target is 8 KB per idle connection in all). Here the buffer is a `VecDeque` that is
+//! blocks after a burst, about 2 KB per channel that every idle socket would pay (an idle
+//! connection is meant to cost about 8 KB in all). Here the buffer is a `VecDeque` that is
 //! allocated on the first message and freed once the consumer has drained it. Senders and the
 //! consumer only ever hold the lock for a push or a pop.
 

@@ -1,0 +1,43 @@
+//! [`DocServices`]: what the document layer uses of the node, handed to the registry and to
+//! every document task (instead of the whole server's state).
+
+use std::sync::Arc;
+
+use super::committer::Committer;
+use super::ownership::Ownership;
+use super::registry::Registry;
+use super::{DocHandle, LoadError};
+use crate::config::Config;
+use crate::hooks::{Context, Extensions};
+use crate::metrics::Metrics;
+use crate::storage::DocumentStore;
+
+/// The node's services as document tasks see them.
+#[derive(Debug)]
+pub(crate) struct DocServices {
+    /// The node's configuration (limits, durability, timings).
+    pub config: Config,
+    /// The extension chain (load, change, store and unload hooks).
+    pub extensions: Extensions,
+    /// Where documents are read from and written to.
+    pub store: Arc<dyn DocumentStore>,
+    /// The node's metrics.
+    pub metrics: Metrics,
+    /// The group commit of durable appends.
+    pub committer: Committer,
+    /// The loaded documents.
+    pub registry: Registry,
+    /// Document ownership across nodes; `None` on a single node.
+    pub ownership: Option<Arc<dyn Ownership>>,
+}
+
+impl DocServices {
+    /// Returns the document's task, loading it first if needed (see [`Registry::open`]).
+    pub(crate) async fn open(
+        self: &Arc<Self>,
+        name: &str,
+        context: &Context,
+    ) -> Result<DocHandle, LoadError> {
+        self.registry.open(self, name, context).await
+    }
+}
