@@ -128,15 +128,6 @@ pub(crate) enum Home {
     Node(NodeAddr),
 }
 
-struct EdgeSession {
-    owner: NodeAddr,
-    doc: String,
-    outbox: Outbox,
-    authenticated: Arc<AtomicBool>,
-    /// The client's frames in the transport (`edge_out`, see [`flow`]).
-    backlog: hearth_proxy::Backlog,
-}
-
 /// A client of another node attached to a document here (owner side).
 enum OwnerSession {
     /// Its stand-in socket runs; frames go into its queue.
@@ -162,7 +153,7 @@ pub struct Cluster {
     owner_sessions: Mutex<HashMap<(NodeAddr, ConnId), OwnerSession>>,
     /// Bounds of each proxied client's queues.
     limits: SessionLimits,
-    edge_sessions: Mutex<HashMap<ConnId, EdgeSession>>,
+    edge_sessions: Mutex<HashMap<ConnId, Arc<edge::EdgeClient>>>,
     peers_seen: Mutex<HashMap<NodeAddr, Instant>>,
     pub(crate) metrics: ClusterMetrics,
 }

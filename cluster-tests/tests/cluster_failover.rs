@@ -6,7 +6,8 @@
 //!
 //! * survivors: an edit made on n3 right after the kill reaches the client on n2 long before the
 //!   dead node's lock could have expired (n2 or n3 took the document over: the lock names it,
-//!   and its `taken_over` route count says so);
+//!   and its `taken_over` route count says so), and neither survivor's socket was closed: they
+//!   were moved to the new owner (`hearth_cluster_client_moves_total{outcome="moved"}`);
 //! * the killed node's client, reconnecting through the balancer, edits again as fast;
 //! * n1 restarted at once reclaims `reclaim` from its own previous incarnation without waiting
 //!   for that lease to expire;
@@ -30,6 +31,17 @@ const LOCK_TTL_MS: u64 = 10_000;
 /// Survivors and the killed node's clients must be editing again well within this: the dead
 /// node's lease, refreshed every third of the TTL, lives at least two thirds of it.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(4);
+/// Survivors, whose sockets stay open, edit again within this.
+const SURVIVOR_LIMIT: Duration = Duration::from_secs(2);
+
+async fn moved_clients(cluster: &Cluster, nodes: &[usize]) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for &i in nodes {
+        let m = cluster.nodes[i].metrics().await?;
+        total += m.sum("hearth_cluster_client_moves_total", &[("outcome", "moved")]);
+    }
+    Ok(total)
+}
 
 async fn taken_over(cluster: &Cluster, nodes: &[usize]) -> anyhow::Result<f64> {
     let mut total = 0.0;
@@ -85,7 +97,7 @@ async fn a_killed_owner_is_replaced_without_waiting_for_its_lock() -> anyhow::Re
 
     // survivors: n3's edit reaches n2
     clients[1]
-        .wait_for("n3's edit after the kill", RECOVERY_LIMIT, |s| {
+        .wait_for("n3's edit after the kill", SURVIVOR_LIMIT, |s| {
             s.contents().iter().any(|m| m == "n3-after-kill")
         })
         .await?;
@@ -102,6 +114,17 @@ async fn a_killed_owner_is_replaced_without_waiting_for_its_lock() -> anyhow::Re
     assert!(
         taken_over(&cluster, &[1, 2]).await? >= 1.0,
         "the new owner took the lock over rather than waiting for it to expire"
+    );
+    for c in &clients[1..] {
+        assert_eq!(
+            c.view(|s| s.connects()),
+            1,
+            "a survivor's socket was closed: it should have been moved to the new owner"
+        );
+    }
+    assert!(
+        moved_clients(&cluster, &[1, 2]).await? >= 1.0,
+        "the survivors' client proxied to n1 was moved to the new owner"
     );
 
     // n1 comes back and reclaims what its previous incarnation held
@@ -177,7 +200,8 @@ struct ProviderFailover {
 }
 
 /// The same kill as seen by real `@hocuspocus/provider` clients: one on each survivor, editing
-/// through the killed owner. Their edits must flow again long before the lock TTL.
+/// through the killed owner. Their edits flow again within two seconds, and neither provider
+/// sees its socket close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::Result<()> {
     use tokio::io::{AsyncWriteExt, BufReader};
@@ -229,9 +253,14 @@ async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::R
         result.survivor_ms, result.reverse_ms, result.acked_ms, result.a_closes, result.b_closes
     );
     assert!(
-        Duration::from_millis(result.survivor_ms) < RECOVERY_LIMIT,
+        Duration::from_millis(result.survivor_ms) < SURVIVOR_LIMIT,
         "survivors waited {} ms",
         result.survivor_ms
+    );
+    assert_eq!(
+        (result.a_closes, result.b_closes),
+        (0, 0),
+        "the survivors' providers were disconnected"
     );
     Ok(())
 }

@@ -6,10 +6,11 @@
 //! their socket ends. n1 is SIGKILLed mid-editing (and stays in the balancer's list: connections
 //! to it are refused and skipped). Then:
 //!
-//! * 300 ms after the kill — with every reconnect held back, so before any other node can load
-//!   `kill-0` (a node takes a dead owner's documents over as soon as a client asks for them)
-//!   and before any client can re-deliver anything — every marker acknowledged so far is
-//!   already in the database rows of `kill-0` (durable acks);
+//! * 300 ms after the kill — with every reconnect held back, so the dead node's own clients
+//!   have re-delivered nothing yet — every marker acknowledged so far is already in the database
+//!   rows of `kill-0` (durable acks). The clients proxied to n1 from the survivors are moved to
+//!   the node that takes `kill-0` over within that time, and what it acknowledges is in the rows
+//!   as well;
 //! * a probe through the balancer is served and acknowledged within `lock_ttl + 5 s` of the kill
 //!   (the recovery time is printed), by a node other than n1 (lock holder and
 //!   `hearth cluster owner` agree);
@@ -67,7 +68,8 @@ async fn owner_sigkill_loses_no_acknowledged_edit() -> anyhow::Result<()> {
     let killed_at = Instant::now();
     cluster.nodes[0].kill()?;
 
-    // Durable acks: everything acknowledged by the dead owner is already in its rows.
+    // Durable acks: everything acknowledged (by the dead owner, or by the new owner of the
+    // clients moved there) is already in the rows.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut acked_by_dead = History::default();
     for c in clients.iter().filter(|c| c.doc_name() == docs[0]) {
@@ -78,12 +80,6 @@ async fn owner_sigkill_loses_no_acknowledged_edit() -> anyhow::Result<()> {
         .acked_markers(docs[0])
         .filter(|m| !blobs.iter().any(|b| marker_hits(b, m) > 0))
         .collect();
-    let still_dead = cluster.holder(docs[0]).await?;
-    assert_eq!(
-        still_dead.as_ref(),
-        Some(&old),
-        "the check above must run before anyone took the dead node's documents over"
-    );
     reconnector.hold(false);
     assert!(
         missing.is_empty(),

@@ -7,12 +7,6 @@ pub(super) const DISPATCH_YIELD_BYTES: usize = 4 << 20;
 /// What one event counts towards [`DISPATCH_YIELD_BYTES`] besides its payload.
 const DISPATCH_EVENT_BYTES: usize = 1024;
 
-/// True when `frame` (server → client) is an `Authenticated` message.
-fn is_authenticated_frame(frame: &[u8]) -> bool {
-    let mut r = crate::protocol::lib0::Reader::new(Bytes::copy_from_slice(frame));
-    r.read_var_string().is_ok() && r.read_var_uint() == Ok(2) && r.read_var_uint() == Ok(2)
-}
-
 impl Cluster {
     /// Handles one inbound event. Never waits (the module's invariant): it is the only consumer
     /// of the node's subscription. Returns roughly how many bytes it handled.
@@ -67,33 +61,18 @@ impl Cluster {
                             None => {}
                         }
                     }
-                    Body::Out { session, data } => {
-                        let map = lock_map(&self.edge_sessions);
-                        if let Some(s) = map.get(&session.conn) {
-                            if is_authenticated_frame(&data) {
-                                s.authenticated.store(true, Ordering::Release);
-                            }
-                            s.outbox.send(Bytes::from(data));
-                        }
-                    }
+                    Body::Out { session, data } => self.deliver_out(&from, &session.conn, data),
                     Body::CloseDoc { session, close } => {
-                        let s = lock_map(&self.edge_sessions).remove(&session.conn);
-                        if let Some(s) = s {
-                            self.metrics.edge_sessions.dec();
-                            s.outbox.control(Outgoing::CloseSocket(Close::from_wire(
-                                close.code,
-                                &close.reason,
-                            )));
+                        if self.edge_owned_by(&session.conn, &from) {
+                            let close = Close::from_wire(close.code, &close.reason);
+                            self.close_edge(&session.conn, close, None);
                         }
                     }
                     Body::NotOwner { session, .. } => {
                         self.routes.invalidate(&session.doc);
-                        let s = lock_map(&self.edge_sessions).remove(&session.conn);
-                        if let Some(s) = s {
-                            self.metrics.edge_sessions.dec();
-                            self.metrics.resyncs.with_label_values(&["not_owner"]).inc();
-                            s.outbox
-                                .control(Outgoing::CloseSocket(Close::ResetConnection));
+                        if self.edge_owned_by(&session.conn, &from) {
+                            // ownership moved: follow it instead of closing the client
+                            self.rehome(shared, session.conn, "not_owner");
                         }
                     }
                     Body::Released { doc, .. } => {

@@ -27,12 +27,16 @@ impl Cluster {
             }
         });
         let period = (self.lock_ttl.min(self.proxy_ttl) / 3).max(Duration::from_millis(100));
-        self.spawn_every(shared, tokio::time::interval(period), |me| async move {
-            me.housekeeping().await
+        self.spawn_every(shared, tokio::time::interval(period), |me, sh| async move {
+            me.housekeeping(&sh).await
         });
         let mut probe = tokio::time::interval(OWNER_PROBE);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.spawn_every(shared, probe, |me| async move { me.probe_owners().await });
+        self.spawn_every(
+            shared,
+            probe,
+            |me, sh| async move { me.probe_owners(&sh).await },
+        );
     }
 
     /// Runs `step` at every tick of `tick` until the server is gone or shutting down.
@@ -42,37 +46,36 @@ impl Cluster {
         mut tick: tokio::time::Interval,
         step: F,
     ) where
-        F: Fn(Arc<Cluster>) -> Fut + Send + 'static,
+        F: Fn(Arc<Cluster>, Arc<Shared>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
     {
         let (me, sh) = (self.clone(), Arc::downgrade(shared));
         tokio::spawn(async move {
             loop {
                 tick.tick().await;
-                match sh.upgrade() {
-                    Some(shared) if !shared.shutdown.is_cancelled() => {}
+                let shared = match sh.upgrade() {
+                    Some(shared) if !shared.shutdown.is_cancelled() => shared,
                     _ => break,
-                }
-                step(me.clone()).await;
+                };
+                step(me.clone(), shared).await;
             }
         });
     }
 
     /// Checks that the owners of this node's proxied clients still run (their inbox has a
-    /// subscriber). The clients of one that exited are reset at once, so they re-route to a new
-    /// owner (which takes the document over without waiting for the lock to expire) instead of
-    /// waiting for the next keepalive. Costs one Redis call per period for all owners, and
-    /// nothing while no client here is proxied.
-    pub(super) async fn probe_owners(&self) {
+    /// subscriber). The clients of one that exited are moved at once to a new owner (which
+    /// takes the document over without waiting for the lock to expire), their sockets kept
+    /// open, instead of waiting for the next keepalive. Costs one Redis call per period for
+    /// all owners, and nothing while no client here is proxied.
+    pub(super) async fn probe_owners(self: &Arc<Self>, shared: &Arc<Shared>) {
         let owners = self.owners_of_edge_sessions();
         let exited = self
             .presence
             .exited_of(self.transport.keys(), &owners, &self.me)
             .await;
         for owner in exited {
-            warn!(node = %self.me, owner = %owner, "owner has exited; resetting its clients here");
-            self.routes.invalidate_node(&owner);
-            self.reset_edges_of(Some(&owner), "owner_gone");
+            warn!(node = %self.me, owner = %owner, "owner has exited; moving its clients here to the new owners");
+            self.rehome_edges_of(shared, &owner);
         }
     }
 
@@ -80,7 +83,7 @@ impl Cluster {
     pub(super) fn owners_of_edge_sessions(&self) -> Vec<NodeAddr> {
         let mut v: Vec<NodeAddr> = lock_map(&self.edge_sessions)
             .values()
-            .map(|s| s.owner.clone())
+            .map(|c| c.owner())
             .collect();
         v.sort();
         v.dedup();
@@ -109,21 +112,19 @@ impl Cluster {
         });
     }
 
-    pub(super) async fn housekeeping(&self) {
+    pub(super) async fn housekeeping(self: &Arc<Self>, shared: &Arc<Shared>) {
         self.refresh_node_key().await;
         self.forget_ended_owner_sessions();
         for owner in self.owners_of_edge_sessions() {
             // edge → owner keepalive: no receiver means the owner is gone
             if self.send(&owner, Body::Keepalive { session: None }).await == 0 {
-                warn!(owner = %owner, "owner unreachable; resetting its clients here");
-                self.routes.invalidate_node(&owner);
-                self.reset_edges_of(Some(&owner), "owner_gone");
+                warn!(owner = %owner, "owner unreachable; moving its clients here to the new owners");
+                self.rehome_edges_of(shared, &owner);
             } else if !self.heard_from_within(&owner, self.lock_ttl) {
                 // an owner silent for longer than its lock could live (frozen, partitioned) no
-                // longer owns anything it had; reset its clients here so they re-route
-                warn!(owner = %owner, "owner silent for longer than the lock TTL; resetting its clients here");
-                self.routes.invalidate_node(&owner);
-                self.reset_edges_of(Some(&owner), "owner_silent");
+                // longer owns anything it had; its clients here follow the documents' new owners
+                warn!(owner = %owner, "owner silent for longer than the lock TTL; moving its clients here to the new owners");
+                self.rehome_edges_of(shared, &owner);
             }
         }
         self.forget_dead_peers();

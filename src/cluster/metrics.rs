@@ -13,6 +13,7 @@ pub(crate) struct ClusterMetrics {
     pub(super) envelopes_out: IntCounterVec,
     pub(super) rejected: IntCounterVec,
     pub(super) resyncs: IntCounterVec,
+    pub(super) rehomes: IntCounterVec,
     pub(super) routes: IntCounterVec,
     pub(super) lock_ops: IntCounterVec,
     pub(super) lock_losses: IntCounterVec,
@@ -67,6 +68,11 @@ impl ClusterMetrics {
                 "hearth_cluster_resyncs_total",
                 "Client resets forced by link problems",
                 &["reason"],
+            )?,
+            rehomes: c(
+                "hearth_cluster_client_moves_total",
+                "Clients here whose owner went away, by outcome: moved to the new owner with their socket kept open, or reset",
+                &["outcome"],
             )?,
             routes: c(
                 "hearth_cluster_route_lookups_total",

@@ -217,19 +217,8 @@ impl Cluster {
     /// (close 4205), or its attachment here at the owner (ends with 4205). False when it is
     /// already gone.
     pub(super) fn reset_session(&self, peer: &NodeAddr, session: &Session, reason: &str) -> bool {
-        let edge = {
-            let mut map = lock_map(&self.edge_sessions);
-            if map.get(&session.conn).is_some_and(|s| &s.owner == peer) {
-                map.remove(&session.conn)
-            } else {
-                None
-            }
-        };
-        if let Some(s) = edge {
-            self.metrics.edge_sessions.dec();
-            self.metrics.resyncs.with_label_values(&[reason]).inc();
-            s.outbox
-                .control(Outgoing::CloseSocket(Close::ResetConnection));
+        if self.edge_owned_by(&session.conn, peer) {
+            self.close_edge(&session.conn, Close::ResetConnection, Some(reason));
             return true;
         }
         match self.owner_inbox(peer, session.conn) {
