@@ -1,12 +1,13 @@
 //! The client side of the Hocuspocus wire protocol: encoding what a v4
-//! provider sends and decoding what the server answers. Built on the server's lib0 codec
-//! (`hearth::protocol::lib0`), which only parses client→server frames itself.
+//! provider sends, and the server's answers (decoded by `hearth::protocol::client`) in the
+//! flat shape the load generator matches on.
 //!
 //! Decoding borrows the frame: the address and payloads are zero-copy [`Bytes`] slices, so the
 //! hot receive path allocates nothing here.
 
 use bytes::Bytes;
-use hearth::protocol::lib0::{DecodeError, Reader, Writer};
+use hearth::protocol::client::{self, ServerMsg};
+use hearth::protocol::lib0::{DecodeError, Writer};
 use hearth::protocol::message::kind;
 
 /// Provider version sent in Auth (a v4 provider, so the server treats us as one).
@@ -48,51 +49,25 @@ pub enum ServerFrame {
 
 /// Parses one server frame into (address, frame). The address is empty for Ping.
 pub fn decode_server_frame(frame: Bytes) -> Result<(Bytes, ServerFrame), DecodeError> {
-    if frame.len() == 1 && frame[0] == 0x09 {
-        return Ok((Bytes::new(), ServerFrame::Ping));
-    }
-    let mut r = Reader::new(frame);
-    let address = r.read_var_bytes()?;
-    let t = r.read_var_uint()?;
-    let f = match t {
-        kind::SYNC | kind::SYNC_REPLY => {
-            let sub = r.read_var_uint()?;
-            let payload = r.read_var_bytes()?;
-            match sub {
-                0 => ServerFrame::Step1(payload),
-                1 => ServerFrame::Step2(payload),
-                2 => ServerFrame::Update(payload),
-                other => {
-                    return Err(DecodeError::UnknownType {
-                        what: "sync",
-                        value: other,
-                    });
-                }
-            }
-        }
-        kind::AWARENESS => ServerFrame::Awareness(r.read_var_bytes()?),
-        kind::AUTH => match r.read_var_uint()? {
-            0 => ServerFrame::AuthRequest,
-            1 => ServerFrame::PermissionDenied(r.read_var_string()?),
-            2 => ServerFrame::Authenticated {
-                read_only: r.read_var_string()? == "readonly",
-            },
-            other => {
-                return Err(DecodeError::UnknownType {
-                    what: "auth",
-                    value: other,
-                });
-            }
+    let (address, msg) = match client::decode_server_frame(frame)? {
+        client::ServerFrame::Ping => return Ok((Bytes::new(), ServerFrame::Ping)),
+        client::ServerFrame::Addressed { address, msg } => (address, msg),
+    };
+    let f = match msg {
+        ServerMsg::Step1(b) => ServerFrame::Step1(b),
+        ServerMsg::Step2(b) => ServerFrame::Step2(b),
+        ServerMsg::Update(b) => ServerFrame::Update(b),
+        ServerMsg::Awareness(b) => ServerFrame::Awareness(b),
+        ServerMsg::AuthRequest => ServerFrame::AuthRequest,
+        ServerMsg::PermissionDenied(r) => ServerFrame::PermissionDenied(r),
+        ServerMsg::Authenticated(scope) => ServerFrame::Authenticated {
+            read_only: scope == "readonly",
         },
-        kind::QUERY_AWARENESS => ServerFrame::QueryAwareness,
-        kind::STATELESS => ServerFrame::Stateless(r.read_var_bytes()?),
-        kind::CLOSE => ServerFrame::Close(if r.remaining() > 0 {
-            r.read_var_string()?
-        } else {
-            String::new()
-        }),
-        kind::SYNC_STATUS => ServerFrame::SyncStatus(r.read_var_uint()? == 1),
-        other => ServerFrame::Other(other),
+        ServerMsg::QueryAwareness => ServerFrame::QueryAwareness,
+        ServerMsg::Stateless(p) => ServerFrame::Stateless(Bytes::from(p)),
+        ServerMsg::Close(r) => ServerFrame::Close(r),
+        ServerMsg::SyncStatus(ok) => ServerFrame::SyncStatus(ok),
+        ServerMsg::Other(t) => ServerFrame::Other(t),
     };
     Ok((address, f))
 }

@@ -557,7 +557,8 @@ pub async fn proxied(
                 url: t.urls[(d * topo.clients_per_doc) % t.urls.len()].clone(),
                 address: format!("{}-{d}", t.prefix),
                 token: t.token.clone(),
-                client_id: u64::MAX / 2 - d as u64,
+                // Yjs client ids have 53 bits; these stay clear of the random 31-bit ones
+                client_id: (1 << 52) - 1 - d as u64,
                 awareness: false,
                 renew_awareness: false,
                 handshake_timeout: t.handshake_timeout,

@@ -30,8 +30,8 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use hearth::protocol::awareness;
-use hearth::protocol::lib0::{DecodeError, Reader, Writer as _};
-use hearth::protocol::message::{PING_FRAME, PONG_FRAME, ServerMessage, frame, kind};
+use hearth::protocol::lib0::Writer as _;
+use hearth::protocol::message::{PONG_FRAME, ServerMessage, frame, kind};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -54,97 +54,7 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 // Server → client frames
 // ---------------------------------------------------------------------------------------------
 
-/// A decoded server → client message (the body after the address).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServerMsg {
-    /// `00 00 sv`.
-    Step1(Bytes),
-    /// `00 01 update`.
-    Step2(Bytes),
-    /// `00 02 update`.
-    Update(Bytes),
-    /// `01 awareness-update`.
-    Awareness(Bytes),
-    /// `02 00`: the server asks for the token again.
-    AuthRequest,
-    /// `02 01 reason`.
-    PermissionDenied(String),
-    /// `02 02 scope`.
-    Authenticated(String),
-    /// `03`.
-    QueryAwareness,
-    /// `05 payload`.
-    Stateless(String),
-    /// `07 reason`.
-    Close(String),
-    /// `08 0|1`.
-    SyncStatus(bool),
-    /// Any other type number (a client must never receive these).
-    Other(u64),
-}
-
-/// A decoded server → client frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServerFrame {
-    /// The one-byte v4 Ping.
-    Ping,
-    /// A frame for one address.
-    Addressed {
-        /// Document name (or `name\0session`).
-        address: String,
-        /// The message.
-        msg: ServerMsg,
-    },
-}
-
-/// Decodes one server → client frame.
-pub fn decode_server_frame(bytes: Bytes) -> Result<ServerFrame, DecodeError> {
-    if bytes.len() == 1 && bytes[0] == PING_FRAME {
-        return Ok(ServerFrame::Ping);
-    }
-    let mut r = Reader::new(bytes);
-    let address = r.read_var_string()?;
-    let t = r.read_var_uint()?;
-    let msg = match t {
-        kind::SYNC | kind::SYNC_REPLY => {
-            let sub = r.read_var_uint()?;
-            let payload = r.read_var_bytes()?;
-            match sub {
-                0 => ServerMsg::Step1(payload),
-                1 => ServerMsg::Step2(payload),
-                2 => ServerMsg::Update(payload),
-                other => {
-                    return Err(DecodeError::UnknownType {
-                        what: "sync",
-                        value: other,
-                    });
-                }
-            }
-        }
-        kind::AWARENESS => ServerMsg::Awareness(r.read_var_bytes()?),
-        kind::AUTH => match r.read_var_uint()? {
-            0 => ServerMsg::AuthRequest,
-            1 => ServerMsg::PermissionDenied(r.read_var_string()?),
-            2 => ServerMsg::Authenticated(r.read_var_string()?),
-            other => {
-                return Err(DecodeError::UnknownType {
-                    what: "auth",
-                    value: other,
-                });
-            }
-        },
-        kind::QUERY_AWARENESS => ServerMsg::QueryAwareness,
-        kind::STATELESS => ServerMsg::Stateless(r.read_var_string()?),
-        kind::CLOSE => ServerMsg::Close(if r.remaining() > 0 {
-            r.read_var_string()?
-        } else {
-            String::new()
-        }),
-        kind::SYNC_STATUS => ServerMsg::SyncStatus(r.read_var_uint()? == 1),
-        other => ServerMsg::Other(other),
-    };
-    Ok(ServerFrame::Addressed { address, msg })
-}
+pub use hearth::protocol::client::{ServerFrame, ServerMsg, decode_server_frame};
 
 /// `A 02 00 token [version]` — the provider's Auth frame.
 pub fn auth_frame(address: &str, token: &str, version: Option<&str>) -> Bytes {
