@@ -709,6 +709,12 @@ impl Actor {
             Err(e) => {
                 // Keep everything, withhold the acks, retry with backoff.
                 warn!(doc = %self.name, error = %e, retry_in_ms = self.backoff.as_millis() as u64, "append failed; will retry");
+                // The first write of a document loaded empty may have created its row before
+                // the append failed: retry under that epoch, or the retry would find the row
+                // taken and fence this, its rightful owner.
+                if result.epoch != UNSTORED {
+                    self.epoch = result.epoch;
+                }
                 let mut restored = batch;
                 restored.append(&mut self.unsent);
                 self.unsent = restored;

@@ -18,6 +18,8 @@ pub(crate) mod offload;
 pub(crate) mod ownership;
 pub mod registry;
 pub(crate) mod services;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -221,6 +223,12 @@ impl DocHandle {
     /// True once the task has stopped.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    /// Resolves once the document task has ended.
+    #[cfg(test)]
+    pub(crate) async fn closed(&self) {
+        self.tx.closed().await;
     }
 
     pub(crate) fn downgrade(&self) -> WeakDocHandle {
