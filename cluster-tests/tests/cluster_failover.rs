@@ -195,13 +195,15 @@ struct ProviderFailover {
     survivor_ms: u64,
     reverse_ms: u64,
     acked_ms: u64,
+    killed_ms: u64,
     a_closes: u64,
     b_closes: u64,
 }
 
 /// The same kill as seen by real `@hocuspocus/provider` clients: one on each survivor, editing
-/// through the killed owner. Their edits flow again within two seconds, and neither provider
-/// sees its socket close.
+/// through the killed owner, and one on the killed node that reconnects to a survivor. The
+/// survivors' edits flow again within two seconds and neither of them sees its socket close;
+/// the killed node's provider is editing again within four.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::Result<()> {
     use tokio::io::{AsyncWriteExt, BufReader};
@@ -231,8 +233,13 @@ async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::R
     let mut out = BufReader::new(script.stdout.take().expect("piped")).lines();
     let mut seen = Vec::new();
     while next_line(&mut out, &mut seen, "READY").await? != "READY" {}
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
     cluster.nodes[0].kill()?;
-    stdin.write_all(b"KILLED\n").await?;
+    stdin
+        .write_all(format!("KILLED {killed_at}\n").as_bytes())
+        .await?;
     stdin.flush().await?;
     let result = loop {
         let line = next_line(&mut out, &mut seen, "its RESULT").await?;
@@ -249,8 +256,14 @@ async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::R
     eprintln!(
         "[{test}] lock TTL {LOCK_TTL_MS} ms; real providers after SIGKILL of the owner: an edit on \
          n3 reached n2 after {} ms, one on n2 reached n3 {} ms later, every edit acknowledged \
-         after {} ms; socket closes seen by the survivors' providers: {} and {}",
-        result.survivor_ms, result.reverse_ms, result.acked_ms, result.a_closes, result.b_closes
+         after {} ms; socket closes seen by the survivors' providers: {} and {}; the killed \
+         node's provider, reconnecting to a survivor, had its edit seen after {} ms",
+        result.survivor_ms,
+        result.reverse_ms,
+        result.acked_ms,
+        result.a_closes,
+        result.b_closes,
+        result.killed_ms
     );
     assert!(
         Duration::from_millis(result.survivor_ms) < SURVIVOR_LIMIT,
@@ -261,6 +274,11 @@ async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::R
         (result.a_closes, result.b_closes),
         (0, 0),
         "the survivors' providers were disconnected"
+    );
+    assert!(
+        Duration::from_millis(result.killed_ms) < RECOVERY_LIMIT,
+        "the killed node's provider waited {} ms",
+        result.killed_ms
     );
     Ok(())
 }

@@ -2,8 +2,11 @@
 // part of scripts.json: it needs a cluster and a driver that kills a node).
 //
 // Env: HEARTH_NODE_URLS = "ws://n1,ws://n2,ws://n3" (n1 is the node that will be killed).
-// Provider O on n1 makes n1 the owner; A on n2 and B on n3 edit through n1. The script prints
-// READY, waits for a line KILLED on stdin (the driver SIGKILLs n1 first), then measures how long
+// Provider O on n1 makes n1 the owner; A on n2 and B on n3 edit through n1. After the kill O's
+// reconnects go to n3 (as a balancer would send them) and the time until its edit reaches A is
+// measured too. The script prints
+// READY, waits for a line `KILLED <epoch ms of the kill>` on stdin (the driver SIGKILLs n1 first),
+// then measures from the kill how long
 // an edit made on n3 takes to reach n2 and back, counts the socket closes A and B saw, waits
 // until every edit is acknowledged, and prints `RESULT {json}`.
 import * as readline from "node:readline";
@@ -37,13 +40,21 @@ scenario(
     await waitFor(() => !a.hasUnsyncedChanges, 10000, "A's edit acknowledged", () => providerState(a));
 
     const lines = readline.createInterface({ input: process.stdin });
-    const killed = new Promise((resolve) => lines.on("line", (l) => l.trim() === "KILLED" && resolve()));
+    // "KILLED <ms since the epoch when the driver sent the signal>": times count from the kill
+    const killed = new Promise((resolve) =>
+      lines.on("line", (l) => {
+        const [word, at] = l.trim().split(/\s+/);
+        if (word === "KILLED") resolve(Number(at) || Date.now());
+      }),
+    );
     console.log("READY");
-    await killed;
-    const t0 = Date.now();
-    o.destroy(); // its node is gone; it would only retry a dead address
+    const t0 = await killed;
+    // O's node is gone: like a balancer that skips a dead backend, its reconnects go to n3
+    o.socket.configuration.url = urls[2];
     step("n1 killed");
 
+    o.text.insert(o.text.length, "o1 ");
+    const oBack = waitFor(() => a.text.toString().includes("o1"), 20000, "O's edit reaches A after the kill", () => `${providerState(o)} ${providerState(a)}`).then(() => Date.now() - t0);
     b.text.insert(b.text.length, "b1 ");
     await waitFor(() => a.text.toString().includes("b1"), 20000, "B's edit reaches A after the kill", () => `${providerState(a)} ${providerState(b)}`);
     const survivorMs = Date.now() - t0;
@@ -58,19 +69,29 @@ scenario(
       () => `${providerState(a)} ${providerState(b)}`,
     );
     const ackedMs = Date.now() - t0;
+    const killedMs = await oBack;
+    await waitFor(() => !o.hasUnsyncedChanges && o.synced, 20000, "O's edit acknowledged", () => providerState(o));
+    await waitFor(
+      () => o.text.toString() === a.text.toString() && a.text.toString() === b.text.toString(),
+      20000,
+      "everyone converges",
+      () => [o, a, b].map((p) => JSON.stringify(p.text.toString())).join(" | "),
+    );
     const text = a.text.toString();
-    for (const m of ["a0", "b1", "a1"]) {
+    for (const m of ["a0", "o1", "b1", "a1"]) {
       if (!text.includes(m) || !b.text.toString().includes(m)) throw new Error(`${m} missing: ${providerState(a)} ${providerState(b)}`);
     }
     const result = {
       survivor_ms: survivorMs,
       reverse_ms: reverseMs,
       acked_ms: ackedMs,
+      killed_ms: killedMs,
       a_closes: closesSince(a, t0),
       b_closes: closesSince(b, t0),
     };
     console.log(`RESULT ${JSON.stringify(result)}`);
     lines.close();
+    o.destroy();
     a.destroy();
     b.destroy();
   },
