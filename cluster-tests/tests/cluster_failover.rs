@@ -14,14 +14,15 @@
 //! * every edit is acknowledged, nothing acknowledged is lost, everyone converges.
 //!
 //! The recovery times are printed. A second test measures the same kill with real
-//! `@hocuspocus/provider` clients (`tests/interop/failover.mjs`).
+//! `@hocuspocus/provider` clients (`tests/interop/failover.mjs`), and a third the same script
+//! against Hocuspocus 4.7 with `@hocuspocus/extension-redis` on three nodes, for comparison.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use cluster_tests::testbed::{
-    ClientOptions, Cluster, ClusterSpec, History, Reconnector, Scratch, TestClient, WAIT,
-    wait_all_acked, wait_converged,
+    ClientOptions, Cluster, ClusterSpec, History, Reconnector, RedisProcess, Scratch, TestClient,
+    WAIT, wait_all_acked, wait_converged,
 };
 use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
@@ -200,29 +201,29 @@ struct ProviderFailover {
     b_closes: u64,
 }
 
-/// The same kill as seen by real `@hocuspocus/provider` clients: one on each survivor, editing
-/// through the killed owner, and one on the killed node that reconnects to a survivor. The
-/// survivors' edits flow again within two seconds and neither of them sees its socket close;
-/// the killed node's provider is editing again within four.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::Result<()> {
-    use tokio::io::{AsyncWriteExt, BufReader};
-
-    let test = "cluster_failover_providers";
+/// The npm clients' folder, checked.
+fn interop_dir() -> anyhow::Result<std::path::PathBuf> {
     let interop = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/interop");
     anyhow::ensure!(
         interop.join("node_modules/@hocuspocus/provider").is_dir(),
         "the npm clients are missing: run `npm ci --prefix tests/interop` (scripts/test does)"
     );
-    let scratch = Scratch::new(test)?;
-    let mut cluster =
-        Cluster::start(&scratch, ClusterSpec::new(3).lock_ttl_ms(LOCK_TTL_MS)).await?;
-    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    Ok(interop)
+}
+
+/// Runs `tests/interop/failover.mjs` against three servers (`urls`; the first is the one
+/// `kill` SIGKILLs once the providers are ready) and returns what it measured.
+async fn provider_failover(
+    urls: &[String],
+    kill: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<ProviderFailover> {
+    use tokio::io::{AsyncWriteExt, BufReader};
+
     let mut script = tokio::process::Command::new(
         std::env::var("HEARTH_INTEROP_NODE").unwrap_or_else(|_| "node".into()),
     )
     .arg("failover.mjs")
-    .current_dir(&interop)
+    .current_dir(interop_dir()?)
     .env("HEARTH_NODE_URLS", urls.join(","))
     .stdin(std::process::Stdio::piped())
     .stdout(std::process::Stdio::piped())
@@ -236,7 +237,7 @@ async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::R
     let killed_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis();
-    cluster.nodes[0].kill()?;
+    kill()?;
     stdin
         .write_all(format!("KILLED {killed_at}\n").as_bytes())
         .await?;
@@ -253,18 +254,41 @@ async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::R
         "failover.mjs failed:\n{}",
         seen.join("\n")
     );
-    eprintln!(
-        "[{test}] lock TTL {LOCK_TTL_MS} ms; real providers after SIGKILL of the owner: an edit on \
-         n3 reached n2 after {} ms, one on n2 reached n3 {} ms later, every edit acknowledged \
-         after {} ms; socket closes seen by the survivors' providers: {} and {}; the killed \
-         node's provider, reconnecting to a survivor, had its edit seen after {} ms",
-        result.survivor_ms,
-        result.reverse_ms,
-        result.acked_ms,
-        result.a_closes,
-        result.b_closes,
-        result.killed_ms
-    );
+    Ok(result)
+}
+
+impl std::fmt::Display for ProviderFailover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "an edit on n3 reached n2 {} ms after the kill, one on n2 reached n3 {} ms later, \
+             every edit acknowledged after {} ms; socket closes seen by the survivors' providers: \
+             {} and {}; the killed node's provider, reconnecting to a survivor, had its edit seen \
+             after {} ms",
+            self.survivor_ms,
+            self.reverse_ms,
+            self.acked_ms,
+            self.a_closes,
+            self.b_closes,
+            self.killed_ms
+        )
+    }
+}
+
+/// The same kill as seen by real `@hocuspocus/provider` clients: one on each survivor, editing
+/// through the killed owner, and one on the killed node that reconnects to a survivor. The
+/// survivors' edits flow again within two seconds and neither of them sees its socket close;
+/// the killed node's provider is editing again within four.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::Result<()> {
+    let test = "cluster_failover_providers";
+    interop_dir()?;
+    let scratch = Scratch::new(test)?;
+    let mut cluster =
+        Cluster::start(&scratch, ClusterSpec::new(3).lock_ttl_ms(LOCK_TTL_MS)).await?;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let result = provider_failover(&urls, || cluster.nodes[0].kill().map(|_| ())).await?;
+    eprintln!("[{test}] Hearth, lock TTL {LOCK_TTL_MS} ms, SIGKILL of the owner: {result}");
     assert!(
         Duration::from_millis(result.survivor_ms) < SURVIVOR_LIMIT,
         "survivors waited {} ms",
@@ -280,5 +304,52 @@ async fn real_providers_edit_again_soon_after_the_owner_is_killed() -> anyhow::R
         "the killed node's provider waited {} ms",
         result.killed_ms
     );
+    Ok(())
+}
+
+/// The same measurement against Hocuspocus 4.7 scaled out the way it scales out
+/// (`@hocuspocus/extension-redis`, three nodes sharing one Redis, no database), for comparison:
+/// the figures are printed next to Hearth's; only the run itself is asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_kill_with_hocuspocus_and_its_redis_extension() -> anyhow::Result<()> {
+    use tokio::io::BufReader;
+
+    let test = "cluster_failover_hocuspocus";
+    let interop = interop_dir()?;
+    anyhow::ensure!(
+        interop
+            .join("node_modules/@hocuspocus/extension-redis")
+            .is_dir(),
+        "@hocuspocus/extension-redis is missing: run `npm ci --prefix tests/interop`"
+    );
+    let scratch = Scratch::new(test)?;
+    let redis = RedisProcess::start(&scratch).await?;
+    let mut nodes = Vec::new();
+    let mut urls = Vec::new();
+    for _ in 0..3 {
+        let mut child = tokio::process::Command::new(
+            std::env::var("HEARTH_INTEROP_NODE").unwrap_or_else(|_| "node".into()),
+        )
+        .arg("hocuspocus-cluster-node.mjs")
+        .current_dir(&interop)
+        .env("REDIS_PORT", redis.port().to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+        let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut seen = Vec::new();
+        let addr = loop {
+            let line = next_line(&mut out, &mut seen, "LISTENING").await?;
+            if let Some(rest) = line.strip_prefix("LISTENING ") {
+                break rest.to_string();
+            }
+        };
+        urls.push(format!("ws://{addr}/"));
+        nodes.push(child);
+    }
+    // SIGKILL, like `kill -9` of a Hearth node
+    let result = provider_failover(&urls, || Ok(nodes[0].start_kill()?)).await?;
+    eprintln!("[{test}] Hocuspocus 4.7 + extension-redis, SIGKILL of node 1: {result}");
     Ok(())
 }
