@@ -640,7 +640,15 @@ impl Socket {
                 let reason = match failure.answer(self.shared.placement.is_some()) {
                     FailureAnswer::Reset => {
                         info!(address = %done.address, ?failure, "routing failed or ownership moved; resetting");
-                        return Some(End::Close(Close::ResetConnection));
+                        // A provider counts a connection that received no message as a failed
+                        // attempt and backs off further on each; one message first (a harmless
+                        // QueryAwareness for the address) makes it reconnect at its first step.
+                        // The close follows the frame through the outbox, so it is written after.
+                        self.outbox
+                            .send(ServerMessage::QueryAwareness.frame(Some(&done.address)));
+                        self.outbox
+                            .control(Outgoing::CloseSocket(Close::ResetConnection));
+                        return None;
                     }
                     FailureAnswer::Denied(reason) => reason,
                 };
