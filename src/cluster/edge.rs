@@ -26,6 +26,7 @@ use std::sync::MutexGuard;
 use super::*;
 use crate::connection::placement::{Link, LinkClient, Placement, Route, RouteError};
 use crate::doc::services::DocServices;
+use crate::protocol::lib0::Reader;
 use crate::protocol::message::kind;
 use crate::request::RequestInfo;
 
@@ -89,37 +90,23 @@ enum Tracked {
     Other,
 }
 
-/// Reads a lib0 variable-length unsigned integer from the front of `b`.
-fn read_var_uint(b: &mut &[u8]) -> Option<u64> {
-    let mut value: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = b.split_first()?;
-        *b = rest;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// The message kind after a frame's address, and the rest of the frame.
-fn message_kind(frame: &[u8]) -> Option<(u64, &[u8])> {
-    let mut b = frame;
-    let len = usize::try_from(read_var_uint(&mut b)?).ok()?;
-    b = b.get(len..)?;
-    let k = read_var_uint(&mut b)?;
-    Some((k, b))
+/// The message kind after a frame's address, and a reader positioned after it (the project's
+/// lib0 reader: bounded, never panics; the payload is not decoded).
+fn message_kind(frame: &Bytes) -> Option<(u64, Reader)> {
+    let mut r = Reader::new(frame.clone());
+    r.read_var_bytes().ok()?;
+    let k = r.read_var_uint().ok()?;
+    Some((k, r))
 }
 
 /// Classifies a client frame (Hocuspocus framing) without decoding its payload.
-fn tracked(frame: &[u8]) -> Tracked {
+fn tracked(frame: &Bytes) -> Tracked {
     match message_kind(frame) {
         Some((kind::AUTH, _)) => Tracked::Auth,
         Some((kind::AWARENESS, _)) => Tracked::Awareness,
-        Some((kind::SYNC | kind::SYNC_REPLY, mut rest)) => match read_var_uint(&mut rest) {
-            Some(0) => Tracked::Step1,
-            Some(1 | 2) => Tracked::Update,
+        Some((kind::SYNC | kind::SYNC_REPLY, mut rest)) => match rest.read_var_uint() {
+            Ok(0) => Tracked::Step1,
+            Ok(1 | 2) => Tracked::Update,
             _ => Tracked::Other,
         },
         _ => Tracked::Other,
@@ -127,7 +114,7 @@ fn tracked(frame: &[u8]) -> Tracked {
 }
 
 /// The sub-type of an Auth message that says `Authenticated`.
-const AUTHENTICATED: u8 = 2;
+const AUTHENTICATED: u64 = 2;
 
 impl Replay {
     /// Records a client frame; false when the unacknowledged updates exceed `max_bytes`.
@@ -243,31 +230,32 @@ impl Cluster {
         if st.closed {
             return true;
         }
-        if let Some(parked) = &mut st.parked {
-            // recorded for a later move once it is sent (after the replay)
-            parked.bytes += frame.len();
-            parked.frames.push(frame);
-            if self.limits.full(parked.bytes, parked.frames.len()) {
-                let queued = (parked.bytes, parked.frames.len());
-                let (owner, session) = (st.owner.clone(), st.session.clone());
-                drop(st);
-                if self.forget_edge(&session.conn) {
-                    self.shed_edge_session(&owner, &session, client, queued);
+        // what is waiting towards the owner: parked frames while moving, else the transport's
+        let queued = match &mut st.parked {
+            Some(parked) => {
+                // recorded for a later move once it is sent (after the replay)
+                parked.bytes += frame.len();
+                parked.frames.push(frame);
+                if !self.limits.full(parked.bytes, parked.frames.len()) {
+                    return true;
                 }
+                (parked.bytes, parked.frames.len())
             }
-            return true;
-        }
-        if self.limits.full(st.backlog.bytes(), st.backlog.envelopes()) {
-            let queued = (st.backlog.bytes(), st.backlog.envelopes());
-            let (owner, session) = (st.owner.clone(), st.session.clone());
-            drop(st);
-            if self.forget_edge(&session.conn) {
-                self.shed_edge_session(&owner, &session, client, queued);
+            None => {
+                let queued = (st.backlog.bytes(), st.backlog.envelopes());
+                if !self.limits.full(queued.0, queued.1) {
+                    self.record(&mut st, client, &frame);
+                    return self.send_frame(&st, client, frame);
+                }
+                queued
             }
-            return true;
+        };
+        let (owner, session) = (st.owner.clone(), st.session.clone());
+        drop(st);
+        if self.forget_edge(&session.conn) {
+            self.shed_edge_session(&owner, &session, client, queued);
         }
-        self.record(&mut st, client, &frame);
-        self.send_frame(&st, client, frame)
+        true
     }
 
     /// Keeps what a later move would replay of a frame sent to the owner.
@@ -315,16 +303,17 @@ impl Cluster {
             return;
         }
         st.rehomes = 0;
+        let data = Bytes::from(data);
         match message_kind(&data) {
             Some((kind::SYNC_STATUS, _)) => {
                 if let Some(replay) = &mut st.replay {
                     replay.acked();
                 }
             }
-            Some((kind::AUTH, rest)) => {
+            Some((kind::AUTH, mut rest)) => {
                 // only the answer to a replayed Auth is swallowed, and only if it is positive
                 let swallow = std::mem::take(&mut st.swallow_authenticated);
-                if rest.first() == Some(&AUTHENTICATED) {
+                if rest.read_var_uint() == Ok(AUTHENTICATED) {
                     client.authenticated.store(true, Ordering::Release);
                     if swallow {
                         return;
@@ -333,7 +322,7 @@ impl Cluster {
             }
             _ => {}
         }
-        client.outbox.send(Bytes::from(data));
+        client.outbox.send(data);
     }
 
     /// A client here filled a queue towards its owner: close it with [`Close::TryAgainLater`]
@@ -694,10 +683,9 @@ mod tests {
             Tracked::Other
         );
         // truncated or hostile frames are never tracked and never panic
-        assert_eq!(tracked(&[]), Tracked::Other);
-        assert_eq!(tracked(&[200]), Tracked::Other);
-        assert_eq!(tracked(&[0xff; 12]), Tracked::Other);
-        assert_eq!(tracked(&[3, b'd']), Tracked::Other);
+        for hostile in [&[][..], &[200], &[0xff; 12], &[3, b'd']] {
+            assert_eq!(tracked(&Bytes::copy_from_slice(hostile)), Tracked::Other);
+        }
     }
 
     #[test]
@@ -708,12 +696,12 @@ mod tests {
             Some((kind::SYNC_STATUS, _))
         ));
         let authed = ServerMessage::Authenticated { read_only: false }.frame(Some("doc"));
-        let (k, rest) = message_kind(&authed).unwrap();
-        assert_eq!((k, rest.first()), (kind::AUTH, Some(&AUTHENTICATED)));
+        let (k, mut rest) = message_kind(&authed).unwrap();
+        assert_eq!((k, rest.read_var_uint()), (kind::AUTH, Ok(AUTHENTICATED)));
         let denied = ServerMessage::PermissionDenied("no").frame(Some("doc"));
-        let (k, rest) = message_kind(&denied).unwrap();
+        let (k, mut rest) = message_kind(&denied).unwrap();
         assert_eq!(k, kind::AUTH);
-        assert_ne!(rest.first(), Some(&AUTHENTICATED));
+        assert_ne!(rest.read_var_uint(), Ok(AUTHENTICATED));
     }
 
     #[test]
