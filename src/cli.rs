@@ -96,6 +96,14 @@ where
 
 /// `hearth cluster owner DOC` / `hearth cluster status` / `hearth cluster emit DOC EVENT`.
 fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
+    if let ClusterCommand::Decode {
+        file,
+        hex,
+        listen: None,
+    } = &cmd
+    {
+        return decode_command(&config, file.as_deref(), *hex);
+    }
     if !config.is_cluster() {
         eprintln!("hearth: set HEARTH_REDIS_URL (or --redis-url) to inspect a cluster");
         return ExitCode::from(64);
@@ -131,8 +139,13 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
                 }
                 true
             }),
-            // handled above: it has exit statuses of its own
-            ClusterCommand::Emit { .. } => Ok(false),
+            ClusterCommand::Decode {
+                listen: Some(n), ..
+            } => crate::cluster::listen(&config, n, |line| println!("{line}"))
+                .await
+                .map(|()| true),
+            // handled above: they have exit statuses of their own
+            ClusterCommand::Emit { .. } | ClusterCommand::Decode { .. } => Ok(false),
         }
     });
     match result {
@@ -143,6 +156,58 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `hearth cluster decode [FILE] [--hex]`: one captured message, printed as JSON lines. Exit
+/// status 0 when it decoded, 1 when it was rejected (the line says why), 64 for unreadable
+/// input.
+fn decode_command(config: &Config, file: Option<&std::path::Path>, hex: bool) -> ExitCode {
+    let raw = match file {
+        Some(path) => std::fs::read(path).map_err(|e| format!("{}: {e}", path.display())),
+        None => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                .map(|_| buf)
+                .map_err(|e| format!("standard input: {e}"))
+        }
+    };
+    let bytes = match raw.and_then(|raw| if hex { from_hex(&raw) } else { Ok(raw) }) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            eprintln!("hearth: cluster decode: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let described = crate::cluster::describe_message(config, &bytes);
+    for line in &described.lines {
+        println!("{line}");
+    }
+    if described.rejected {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Hex text (whitespace ignored) to bytes.
+fn from_hex(text: &[u8]) -> Result<Vec<u8>, String> {
+    let digits: Vec<u8> = text
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    if !digits.len().is_multiple_of(2) {
+        return Err("hex input has an odd number of digits".into());
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|s| u8::from_str_radix(s, 16).ok())
+                .ok_or_else(|| format!("not hex: {:?}", String::from_utf8_lossy(pair)))
+        })
+        .collect()
 }
 
 /// `hearth cluster emit DOC EVENT [--payload P|-]`: the reply on stdout, byte for byte. Exit

@@ -74,10 +74,11 @@ mod metrics;
 mod owner;
 mod placement;
 pub(crate) use edge::ClusterPlacement;
+pub(crate) use owner::TransportBurst;
 pub(crate) use placement::LockOwnership;
 mod presence;
 use crate::connection::stand_in::StandInInput;
-pub use cli::{live_nodes, owner_of};
+pub use cli::{describe_message, listen, live_nodes, owner_of};
 pub use emit::{EMITTER_NODE_ID, emit_remote};
 pub use events::EmitError;
 pub(crate) use events::emit_local;
@@ -193,21 +194,7 @@ fn holder_addr(h: &HolderId) -> Result<NodeAddr, ClusterError> {
 }
 
 fn kind_of(body: &Body) -> &'static str {
-    match body {
-        Body::Open { .. } => "open",
-        Body::Frame { .. } => "frame",
-        Body::Out { .. } => "out",
-        Body::Detach { .. } => "detach",
-        Body::CloseDoc { .. } => "close_doc",
-        Body::NotOwner { .. } => "not_owner",
-        Body::Released { .. } => "released",
-        Body::Draining { .. } => "draining",
-        Body::NodeDown { .. } => "node_down",
-        Body::Rpc(_) => "rpc",
-        Body::RpcReply(_) => "rpc_reply",
-        Body::Keepalive { .. } => "keepalive",
-        Body::Part { .. } => "part",
-    }
+    body.kind().tag()
 }
 
 impl Cluster {
@@ -232,6 +219,8 @@ impl Cluster {
         let (transport, inbound) = Transport::connect(tc).await?;
         let redis = redis_client(&config.redis_url).await?;
         let metrics = ClusterMetrics::register(registry)
+            .map_err(|e| ClusterError::Redis(format!("metrics: {e}")))?;
+        metrics::PublishCollector::register(registry, transport.stats_handle())
             .map_err(|e| ClusterError::Redis(format!("metrics: {e}")))?;
         let lock_ttl = Duration::from_millis(config.lock_ttl_ms);
         let lock = LockClient::new(

@@ -82,6 +82,20 @@ pub enum ClusterCommand {
         #[arg(long, allow_hyphen_values = true)]
         payload: Option<String>,
     },
+    /// Print cross-node messages as JSON, one line per envelope (a batch gives several): a
+    /// captured message from FILE (or standard input; raw bytes, or hex with `--hex`), or, with
+    /// `--listen N`, the next N messages on the cluster's Redis (every channel under
+    /// `redis_prefix`). MACs are verified when a cluster secret is configured.
+    Decode {
+        /// File holding one captured message (default: standard input).
+        file: Option<PathBuf>,
+        /// The input is hex text (whitespace ignored).
+        #[arg(long)]
+        hex: bool,
+        /// Subscribe and print the next N messages instead of reading one.
+        #[arg(long, value_name = "N")]
+        listen: Option<usize>,
+    },
 }
 
 macro_rules! settings {
@@ -293,6 +307,9 @@ settings! {
     max_proxied_frame_bytes: usize = 64 << 20, env = "HEARTH_MAX_PROXIED_FRAME_BYTES";
     /// How long a custom event waits for the owner's reply (ms).
     custom_event_ttl_ms: u64 = 30000, env = "HEARTH_CUSTOM_EVENT_TTL_MS";
+    /// Send envelopes queued for the same node at the same time as one Redis message, with a
+    /// frame for several clients of that node sent once (only to nodes that read batches).
+    cluster_batching: bool = true, env = "HEARTH_CLUSTER_BATCHING";
     /// Shared secret authenticating cross-node envelopes (HMAC-SHA256); required in a cluster:
     /// at least 32 bytes, no placeholder, e.g. `openssl rand -base64 48`.
     cluster_secret: String = String::new(), env = "HEARTH_CLUSTER_SECRET";

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::StaticTokens;
 use crate::client_ip::TrustedProxies;
-use crate::cluster::{Cluster, ClusterPlacement, EmitError, LockOwnership};
+use crate::cluster::{Cluster, ClusterPlacement, EmitError, LockOwnership, TransportBurst};
 use crate::config::Config;
 use crate::connection::placement::Placement;
 use crate::connection::shared::Shared;
@@ -34,7 +34,7 @@ use crate::doc::committer::Committer;
 use crate::doc::direct::DirectConnection;
 use crate::doc::ownership::Ownership;
 use crate::doc::registry::Registry;
-use crate::doc::services::DocServices;
+use crate::doc::services::{Burst, DocServices};
 use crate::doc::{DocCommand, LoadError};
 use crate::hooks::{Context, Extension, Extensions};
 use crate::limits::{ConnectionLimits, ConnectionSlot, IpAdmission};
@@ -206,6 +206,9 @@ impl ServerBuilder {
             ownership: cluster
                 .as_ref()
                 .map(|(c, _)| Arc::new(LockOwnership(c.clone())) as Arc<dyn Ownership>),
+            burst: cluster
+                .as_ref()
+                .map(|(c, _)| Arc::new(TransportBurst(c.clone())) as Arc<dyn Burst>),
         });
         let shared = Arc::new(Shared {
             config: self.config,

@@ -14,9 +14,11 @@ use crate::ids::{ConnId, NodeAddr, RequestId};
 ///
 /// Each envelope is stamped with the lowest version that defines its kind ([`Kind::since`]):
 /// version 1 for every kind of the first schema, version 2 for `part` (frames split across
-/// envelopes). A version-1 node therefore still reads every envelope of a version-2 node except
-/// parts, which it counts as `unsupported_version` and skips with its sequence tracking intact.
-pub const SCHEMA_VERSION: u8 = 2;
+/// envelopes), version 3 for batches and `fan`. A version-1 node therefore still reads every
+/// envelope of a version-2 node except parts, which it counts as `unsupported_version` and skips
+/// with its sequence tracking intact. Batches (version 3) go only to a peer that said it reads
+/// them (`mv` in its envelopes), so a version-2 node never receives one.
+pub const SCHEMA_VERSION: u8 = 3;
 
 /// The lowest schema version this build reads.
 pub const MIN_SCHEMA_VERSION: u8 = 1;
@@ -278,6 +280,20 @@ pub enum Body {
         /// The piece.
         part: Part,
     },
+    /// Owner → edge: one frame for several clients of one document on the receiving node
+    /// (schema version 3, only inside a batch). `fan`. The transport builds these itself out of
+    /// `out`s with the same document, epoch and bytes; callers receive them and deliver `data`
+    /// to each connection in `conns`, in that order, exactly as if each had its own `out`.
+    Fan {
+        /// Document name.
+        doc: String,
+        /// The owner epoch.
+        epoch: i64,
+        /// The receiving node's connections the frame is for (at least one).
+        conns: Vec<ConnId>,
+        /// Raw frame bytes (opaque).
+        data: Vec<u8>,
+    },
 }
 
 /// The envelope kind (`t` on the wire).
@@ -309,11 +325,13 @@ pub enum Kind {
     Keepalive,
     /// `part` (since schema version 2)
     Part,
+    /// `fan` (since schema version 3, only inside a batch)
+    Fan,
 }
 
 impl Kind {
     /// Every kind this build knows.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Open,
         Kind::Frame,
         Kind::Out,
@@ -327,6 +345,7 @@ impl Kind {
         Kind::RpcReply,
         Kind::Keepalive,
         Kind::Part,
+        Kind::Fan,
     ];
 
     /// The wire tag.
@@ -345,6 +364,7 @@ impl Kind {
             Kind::RpcReply => "rpc_reply",
             Kind::Keepalive => "keepalive",
             Kind::Part => "part",
+            Kind::Fan => "fan",
         }
     }
 
@@ -353,6 +373,7 @@ impl Kind {
     pub fn since(self) -> u8 {
         match self {
             Kind::Part => 2,
+            Kind::Fan => 3,
             _ => 1,
         }
     }
@@ -394,6 +415,7 @@ impl Body {
             Body::RpcReply(_) => Kind::RpcReply,
             Body::Keepalive { .. } => Kind::Keepalive,
             Body::Part { .. } => Kind::Part,
+            Body::Fan { .. } => Kind::Fan,
         }
     }
 
@@ -412,14 +434,40 @@ impl Body {
             | Body::Draining { .. }
             | Body::NodeDown { .. }
             | Body::Rpc(_)
-            | Body::RpcReply(_) => None,
+            | Body::RpcReply(_)
+            | Body::Fan { .. } => None,
+        }
+    }
+
+    /// Roughly the bytes this body carries besides its fixed fields: frame and event payloads,
+    /// and the variable parts of an `open` (for sizing buffers and batches).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Body::Frame { data, .. } | Body::Out { data, .. } => data.len(),
+            Body::Fan { data, conns, .. } => data.len() + 18 * conns.len(),
+            Body::Part { part, .. } => part.data.len(),
+            Body::Rpc(req) => req.payload.len() + req.name.len() + req.doc.len(),
+            Body::RpcReply(RpcReply {
+                result: Ok(payload),
+                ..
+            }) => payload.len(),
+            Body::Open { meta, .. } => {
+                meta.path.len()
+                    + meta.query.len()
+                    + meta
+                        .headers
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len() + 4)
+                        .sum::<usize>()
+            }
+            _ => 0,
         }
     }
 
     /// The document this body is about, if any.
     pub fn doc(&self) -> Option<&str> {
         match self {
-            Body::Released { doc, .. } => Some(doc),
+            Body::Released { doc, .. } | Body::Fan { doc, .. } => Some(doc),
             Body::Rpc(req) => Some(&req.doc),
             other => other.session().map(|s| s.doc.as_str()),
         }

@@ -99,11 +99,12 @@
 //!
 //! | key | type | meaning |
 //! |---|---|---|
-//! | `v` | u8 | schema version that defines the kind ([`Kind::since`]): 1, or 2 for `part`; this build reads up to [`SCHEMA_VERSION`] = 2 |
+//! | `v` | u8 | schema version that defines the kind ([`Kind::since`]): 1, 2 for `part`, 3 for `fan` and batches; this build reads up to [`SCHEMA_VERSION`] = 3 |
 //! | `t` | str | kind tag (table below) |
 //! | `from` | `{id: str, inc: u64}` | sending process ([`NodeAddr`]) |
 //! | `to` | `{id, inc}` or nil | destination process; nil on broadcasts |
 //! | `seq` | u64 | per-link sequence number, from 1 |
+//! | `mv` | u8 | the highest schema version the sender reads (since 3; absent = 2) |
 //! | `s` | `{conn: bin16, doc: str, epoch: i64}` | session, on session kinds only |
 //! | `b` | map | kind-specific body (must come after `v` and `t`) |
 //!
@@ -122,6 +123,32 @@
 //! | `rpc_reply` | owner → caller | no | `id`, `ok`, `payload` bin (if ok), `err` {`code`, `msg`, `holder`?} (if not) |
 //! | `keepalive` | either | optional | empty (per attachment with `s`, per node pair without) |
 //! | `part` (v2) | either | yes | `k` (`frame` or `out`), `n` u32 (piece index from 0), `last` bool, `data` bin (a piece of the frame) |
+//! | `fan` (v3) | owner → edge | no | `doc`, `epoch`, `conns` [bin16…], `data` bin (one frame for each of these clients of the receiver) |
+//!
+//! ## Batches (schema 3)
+//!
+//! Envelopes queued for the same destination at the same time travel as **one** message, signed
+//! once: a map `{v: 3, t: "batch", from, to, seq, mv, n, items}`, where `seq` is the number of
+//! the first of the `n` envelopes it carries (they are numbered `seq`, `seq + 1`, … on the
+//! link, exactly as if sent one by one) and `items` their compact forms, msgpack arrays:
+//!
+//! | item | form |
+//! |---|---|
+//! | `frame`, `out` | `[t, [conn, doc, epoch], data]` |
+//! | `fan` | `["fan", [doc, epoch], [conn…], data]` |
+//! | any other kind except `part` | `[t, [conn, doc, epoch] or nil, b]`, `b` as above |
+//!
+//! While gathering a batch, the writer merges an `out` into an earlier `out` (or `fan`) of the
+//! same bytes for the same document and epoch, as long as its connection has nothing queued
+//! between the two, so one frame for several clients of the receiving node crosses Redis once;
+//! the receiver hands it to each listed connection in order, as if each had its own `out`.
+//! Per-connection order is never changed; sync replies and acknowledgements stay per session.
+//!
+//! A batch goes only to a peer whose messages said `mv` ≥ 3: a node of version 2 never receives
+//! one (and every message it sends lacks `mv`, so it keeps receiving single envelopes). Batching
+//! can be turned off ([`TransportConfig::batching`]). A receiver that meets a batch of a version
+//! it doesn't read skips all `n` numbers (counted as `unsupported_version`), keeping its
+//! sequence tracking right.
 //!
 //! # Compatibility rules
 //!
@@ -133,7 +160,8 @@
 //!   [`DecodeError::UnknownKind`] / [`DecodeError::UnsupportedVersion`], which the caller counts
 //!   and ignores. Decoding never fails the stream.
 //! * Unknown keys, in the header map or in a body, are ignored; missing optional fields decode
-//!   as absent. Adding an optional field is a compatible change; anything else bumps `v`.
+//!   as absent; extra trailing elements of a batch item are ignored. Adding an optional field is
+//!   a compatible change; anything else bumps `v`.
 //! * A writer stamps each envelope with the version that introduced its kind, not with its own
 //!   [`SCHEMA_VERSION`]: a version-1 node keeps reading every v1 kind from a version-2 node and
 //!   only skips (and counts) `part`s, so a rolling upgrade loses nothing that used to work.
@@ -192,7 +220,9 @@ pub mod transport;
 
 pub use auth::{Auth, KEY_ID, MIN_SECRET_LEN, Secret, Secrets, WeakSecret};
 pub use chunk::{DropReason, Reassembler, Reassembly, ReassemblyLimits, split};
-pub use codec::{Codec, DEFAULT_MAX_ENVELOPE_BYTES, DecodeError, RejectReason};
+pub use codec::{
+    Codec, DEFAULT_MAX_ENVELOPE_BYTES, DecodeError, MAX_BATCH_ITEMS, Message, RejectReason,
+};
 pub use envelope::{
     Body, CloseDoc, Envelope, Header, Holder, Kind, OpenMeta, Part, RpcErrorCode, RpcFailure,
     RpcReply, RpcRequest, SCHEMA_VERSION, Session,
@@ -204,6 +234,6 @@ pub use routes::{Route, RouteCache};
 pub use rpc::{Call, Rpc, RpcError};
 pub use seq::{LinkId, SeqCheck, SeqTracker};
 pub use transport::{
-    Backlog, EnvelopeSink, Inbound, InboundReceiver, PubSubMode, SendReceipt, Transport,
-    TransportConfig,
+    Backlog, Cork, EnvelopeSink, Inbound, InboundReceiver, MAX_CORK, PubSubMode, SendReceipt,
+    StatsHandle, Transport, TransportConfig, TransportStats,
 };

@@ -7,11 +7,17 @@
 //!   messages in bursts) and an exponential reconnect policy;
 //! * a separate fred `Client` for `PUBLISH` (a subscribed RESP2 connection can't publish);
 //! * a **writer task** that owns the per-link sequence counters. It drains the bounded outbound
-//!   queue in batches, assigns `seq`, encodes and signs, and sends each batch as one pipeline, so
+//!   queue in rounds, assigns `seq`, encodes and signs, and sends each round as one pipeline, so
 //!   sequence order is publish order on one connection and Redis keeps that order per
-//!   subscriber. It does not wait for a batch's replies before sending the next (up to 8
-//!   batches await theirs in tasks of their own). A `frame` or `out` whose envelope would exceed the cap is split into `part`
-//!   envelopes ([`crate::chunk`]) with consecutive numbers, published back to back;
+//!   subscriber. It does not wait for a round's replies before sending the next (up to 8
+//!   rounds await theirs in tasks of their own). Within a round, the envelopes for one peer that
+//!   reads schema 3 go out as batch messages (one `PUBLISH` and one MAC each, `out`s of the same
+//!   frame merged into a `fan`; see the crate docs). Nothing waits on a timer: the writer takes
+//!   what is queued when it wakes, after letting the tasks woken with it queue theirs (a few
+//!   scheduler passes while the queue still grows) and after the caller's [`Cork`], if one is
+//!   held (a document broadcasting to many clients), is dropped. A `frame` or `out` whose
+//!   envelope would exceed the cap is split into `part` envelopes ([`crate::chunk`]) with
+//!   consecutive numbers, published back to back;
 //! * the **receiver** ([`InboundReceiver`], returned by [`Transport::connect`]): in the caller's
 //!   task, it verifies, decodes, checks the destination and the sequence number of every
 //!   message and reassembles parts. If the caller is slow, fred's broadcast channel overflows
@@ -29,9 +35,10 @@
 //! shows up at the receiver as a [`Inbound::Gap`] on the next envelope of that link, or as [`Inbound::Resubscribed`] /
 //! [`Inbound::Lagged`] (tail losses), which mean "treat every link as having a gap".
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -48,10 +55,10 @@ use tokio::task::JoinHandle;
 
 use crate::auth::Auth;
 use crate::chunk::{self, DropReason, Reassembler, Reassembly, ReassemblyLimits};
-use crate::codec::{Codec, DEFAULT_MAX_ENVELOPE_BYTES, RejectReason};
+use crate::codec::{Codec, DEFAULT_MAX_ENVELOPE_BYTES, MAX_BATCH_ITEMS, RejectReason};
 use crate::envelope::{Body, Envelope, Header, Kind, Part, Session};
 use crate::error::ProxyError;
-use crate::ids::NodeAddr;
+use crate::ids::{ConnId, NodeAddr};
 use crate::keys::Keys;
 use crate::seq::{LinkId, SeqCheck, SeqTracker};
 
@@ -94,6 +101,10 @@ pub struct TransportConfig {
     pub max_outbound_bytes: usize,
     /// Most envelopes sent in one pipeline. Default 256.
     pub max_batch: usize,
+    /// Whether envelopes queued for the same peer at the same time go out as one batch message
+    /// (one `PUBLISH`, one MAC), with `out`s of the same frame for several of its clients
+    /// merged into one `fan`. Only towards peers that read schema version 3. Default on.
+    pub batching: bool,
     /// fred's message broadcast capacity for the subscriber. Default 65 536.
     pub broadcast_channel_capacity: usize,
     /// Timeout on every Redis command, publishes included. Default 5 s.
@@ -120,6 +131,7 @@ impl TransportConfig {
             outbound_capacity: 16_384,
             max_outbound_bytes: 256 << 20,
             max_batch: 256,
+            batching: true,
             broadcast_channel_capacity: 65_536,
             command_timeout: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(50),
@@ -267,6 +279,69 @@ struct Outgoing {
     held: [Option<Charge>; 2],
 }
 
+/// What the writer has published since the transport started (monotonic).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Pub/sub messages published (one `PUBLISH` each).
+    pub messages: u64,
+    /// Envelopes (sequence numbers) those messages carried.
+    pub envelopes: u64,
+    /// Messages that were batches.
+    pub batches: u64,
+    /// `out`s that did not need an envelope of their own: merged into a `fan` with the same
+    /// frame for another client of the same node.
+    pub fanned: u64,
+}
+
+/// The longest the writer waits for a [`Cork`] to be dropped.
+pub const MAX_CORK: Duration = Duration::from_millis(2);
+
+#[derive(Debug, Default)]
+struct Corks {
+    held: AtomicUsize,
+    released: Notify,
+}
+
+/// See [`Transport::cork`]. Dropping it lets the writer go on.
+#[derive(Debug)]
+pub struct Cork(Arc<Corks>);
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        if self.0.held.fetch_sub(1, AtomicOrdering::AcqRel) == 1 {
+            self.0.released.notify_waiters();
+        }
+    }
+}
+
+/// Reads a transport's [`TransportStats`]; see [`Transport::stats_handle`].
+#[derive(Debug, Clone)]
+pub struct StatsHandle(Arc<Counters>);
+
+impl StatsHandle {
+    /// The counters now.
+    pub fn read(&self) -> TransportStats {
+        let c = &self.0;
+        TransportStats {
+            messages: c.messages.load(AtomicOrdering::Relaxed),
+            envelopes: c.envelopes.load(AtomicOrdering::Relaxed),
+            batches: c.batches.load(AtomicOrdering::Relaxed),
+            fanned: c.fanned.load(AtomicOrdering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    messages: AtomicU64,
+    envelopes: AtomicU64,
+    batches: AtomicU64,
+    fanned: AtomicU64,
+}
+
+/// The highest schema version each peer said it reads (`mv`), learnt from its messages.
+type PeerReads = Arc<Mutex<HashMap<NodeAddr, u8>>>;
+
 /// The bytes and envelopes of one flow of envelopes that the transport holds: queued, being
 /// published, or published and awaiting Redis's reply. The caller defines the flow (for
 /// example every frame of one proxied client) and decides what to do when it grows too large;
@@ -381,6 +456,9 @@ struct Inner {
     tx_seqs: TxSeqs,
     rx_seqs: Arc<Mutex<SeqTracker>>,
     parts: Arc<Mutex<Reassembler>>,
+    peer_reads: PeerReads,
+    stats: Arc<Counters>,
+    corks: Arc<Corks>,
     max_frame_bytes: usize,
     sub: SubscriberClient,
     publisher: Client,
@@ -483,6 +561,9 @@ impl Transport {
         let rx_seqs = Arc::new(Mutex::new(SeqTracker::new()));
         let parts = Arc::new(Mutex::new(Reassembler::new(config.reassembly)));
         let codec = Codec::new(config.auth.clone(), config.max_envelope_bytes);
+        let peer_reads: PeerReads = Arc::default();
+        let stats = Arc::new(Counters::default());
+        let corks = Arc::new(Corks::default());
 
         let writer = Writer {
             rx: out_rx,
@@ -493,6 +574,10 @@ impl Transport {
             bcast: bcast.clone(),
             seqs: tx_seqs.clone(),
             max_batch: config.max_batch,
+            batching: config.batching,
+            peer_reads: peer_reads.clone(),
+            stats: stats.clone(),
+            corks: corks.clone(),
             mode: config.pubsub,
             timeout: config.command_timeout + Duration::from_secs(1),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -504,6 +589,7 @@ impl Transport {
             bcast,
             seqs: rx_seqs.clone(),
             parts: parts.clone(),
+            peer_reads: peer_reads.clone(),
         };
         let tasks = vec![
             tokio::spawn(writer.run()),
@@ -530,6 +616,9 @@ impl Transport {
                 tx_seqs,
                 rx_seqs,
                 parts,
+                peer_reads,
+                stats,
+                corks,
                 max_frame_bytes: config.reassembly.max_frame_bytes,
                 sub,
                 publisher,
@@ -540,7 +629,7 @@ impl Transport {
             messages,
             filter,
             control: in_rx,
-            pending: None,
+            pending: VecDeque::new(),
         };
         Ok((transport, inbound))
     }
@@ -644,6 +733,27 @@ impl Transport {
         lock(&self.inner.tx_seqs).remove(&Some(peer.clone()));
         lock(&self.inner.rx_seqs).forget_node(peer);
         lock(&self.inner.parts).forget_node(peer);
+        lock(&self.inner.peer_reads).remove(peer);
+    }
+
+    /// What the writer has published so far (monotonic counters, for metrics).
+    pub fn stats(&self) -> TransportStats {
+        self.stats_handle().read()
+    }
+
+    /// Holds back the writer while the returned guard lives, so that what the caller queues in
+    /// one go (a frame for many clients, say) leaves in the same messages. For a synchronous
+    /// burst of sends only: never hold it across an `.await`. The writer waits at most
+    /// [`MAX_CORK`] for it.
+    pub fn cork(&self) -> Cork {
+        self.inner.corks.held.fetch_add(1, AtomicOrdering::AcqRel);
+        Cork(self.inner.corks.clone())
+    }
+
+    /// A handle that reads [`Transport::stats`] without keeping the transport alive (for a
+    /// metrics collector).
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(self.inner.stats.clone())
     }
 
     /// Frames being reassembled from parts right now (a gauge).
@@ -726,19 +836,37 @@ async fn subscribe<const N: usize>(
 /// How many published batches may await their Redis replies at once.
 const MAX_IN_FLIGHT: usize = 8;
 
+/// How many times the writer lets other tasks run while its queue keeps growing, before it
+/// takes what is queued.
+const GATHER_YIELDS: usize = 4;
+
+/// The schema version that reads batch messages.
+const BATCH_SCHEMA: u8 = 3;
+
+/// The largest batch message (bounded further by half the envelope cap).
+const MAX_BATCH_BYTES: usize = 256 << 10;
+
 /// Reports each body's publish outcome: a body sent in parts reached the destination only if
-/// every part did, so it gets the smallest receiver count, or the first error.
+/// every part did, so it gets the smallest receiver count, or the first error. `results` are
+/// the pipeline's replies in order; each waiting body names the range of them it depends on
+/// (the envelopes of one batch share one).
 fn deliver_replies(
     results: Vec<Result<i64, fred::error::Error>>,
-    waiting: Vec<(Option<Reply>, usize)>,
+    waiting: Vec<(Option<Reply>, Range<usize>)>,
 ) {
-    let mut results = results.into_iter();
-    for (reply, n) in waiting {
+    let mut results: Vec<Option<Result<i64, fred::error::Error>>> =
+        results.into_iter().map(Some).collect();
+    for (reply, range) in waiting {
         let mut outcome: Result<u64, ProxyError> = Ok(u64::MAX);
-        for _ in 0..n {
-            let one = match results.next() {
-                Some(Ok(n)) => Ok(u64::try_from(n).unwrap_or(0)),
-                Some(Err(e)) => Err(ProxyError::Redis(e)),
+        for i in range {
+            let one = match results.get_mut(i) {
+                Some(Some(Ok(n))) => Ok(u64::try_from(*n).unwrap_or(0)),
+                Some(slot @ Some(Err(_))) => match slot.take() {
+                    Some(Err(e)) => Err(ProxyError::Redis(e)),
+                    _ => Err(ProxyError::Closed),
+                },
+                // an error already handed to another body of the same batch
+                Some(None) => Err(ProxyError::Closed),
                 None => Err(ProxyError::Redis(fred::error::Error::new(
                     fred::error::ErrorKind::Timeout,
                     "publish pipeline timed out",
@@ -755,6 +883,9 @@ fn deliver_replies(
     }
 }
 
+/// The longest run of queued envelopes searched for an `out` of the same frame to merge with.
+const FAN_LOOKBACK: usize = 64;
+
 struct Writer {
     rx: mpsc::Receiver<Outgoing>,
     publisher: Client,
@@ -764,9 +895,106 @@ struct Writer {
     bcast: String,
     seqs: TxSeqs,
     max_batch: usize,
+    batching: bool,
+    peer_reads: PeerReads,
+    stats: Arc<Counters>,
+    corks: Arc<Corks>,
     mode: PubSubMode,
     timeout: Duration,
     in_flight: Arc<Semaphore>,
+}
+
+/// One pipeline being filled: the publishes queued in it and who waits for which.
+struct Flush {
+    pipeline: fred::clients::Pipeline<Client>,
+    /// Publishes queued so far (the index of the next one).
+    published: usize,
+    /// Per outgoing body: where its result goes (`None` once an error was sent) and which
+    /// publishes it depends on.
+    waiting: Vec<(Option<Reply>, Range<usize>)>,
+    /// The backlog charges of the envelopes in this pipeline, given back once Redis has
+    /// answered (or the pipeline timed out).
+    held: Vec<Charge>,
+}
+
+/// Envelopes for one peer gathered into the next batch message.
+#[derive(Default)]
+struct Gathered {
+    bodies: Vec<Body>,
+    members: Vec<(Reply, [Option<Charge>; 2])>,
+    bytes: usize,
+    /// Per connection, the index of its latest body in `bodies`: an `out` may join an earlier
+    /// `fan` only if its connection has nothing after that position.
+    last: HashMap<ConnId, usize>,
+}
+
+impl Gathered {
+    /// Adds `out`, merging an `out` into an earlier one (or `fan`) of the same frame for the
+    /// same document when that keeps every connection's order. True if it was merged.
+    fn push(&mut self, out: Outgoing) -> bool {
+        let Outgoing {
+            body, reply, held, ..
+        } = out;
+        self.members.push((reply, held));
+        self.bytes += 48 + body.payload_len();
+        if let Body::Out { session, data } = &body {
+            let floor = self.last.get(&session.conn).map_or(0, |i| i + 1);
+            let from = self.bodies.len().saturating_sub(FAN_LOOKBACK).max(floor);
+            for i in (from..self.bodies.len()).rev() {
+                let same = match &self.bodies[i] {
+                    Body::Out {
+                        session: s,
+                        data: d,
+                    } => s.epoch == session.epoch && d == data && s.doc == session.doc,
+                    Body::Fan {
+                        doc,
+                        epoch,
+                        data: d,
+                        ..
+                    } => *epoch == session.epoch && d == data && *doc == session.doc,
+                    _ => false,
+                };
+                if !same {
+                    continue;
+                }
+                let conn = session.conn;
+                let merged =
+                    match std::mem::replace(&mut self.bodies[i], Body::Keepalive { session: None })
+                    {
+                        Body::Out { session: s, data } => Body::Fan {
+                            doc: s.doc,
+                            epoch: s.epoch,
+                            conns: vec![s.conn, conn],
+                            data,
+                        },
+                        Body::Fan {
+                            doc,
+                            epoch,
+                            mut conns,
+                            data,
+                        } => {
+                            conns.push(conn);
+                            Body::Fan {
+                                doc,
+                                epoch,
+                                conns,
+                                data,
+                            }
+                        }
+                        other => other,
+                    };
+                self.bodies[i] = merged;
+                self.bytes = self.bytes.saturating_sub(body.payload_len() + 30);
+                self.last.insert(conn, i);
+                return true;
+            }
+        }
+        if let Some(session) = body.session() {
+            self.last.insert(session.conn, self.bodies.len());
+        }
+        self.bodies.push(body);
+        false
+    }
 }
 
 impl Writer {
@@ -774,6 +1002,18 @@ impl Writer {
         let mut batch = Vec::with_capacity(self.max_batch);
         while let Some(first) = self.rx.recv().await {
             batch.push(first);
+            self.uncorked().await;
+            // Let the tasks woken together with this one (other clients' sockets answering the
+            // same broadcast) queue their envelopes first: they then share this round's
+            // messages. Costs a few passes of the scheduler while the queue still grows, never
+            // a timer.
+            for _ in 0..GATHER_YIELDS {
+                let queued = self.rx.len();
+                tokio::task::yield_now().await;
+                if self.rx.len() == queued {
+                    break;
+                }
+            }
             while batch.len() < self.max_batch {
                 match self.rx.try_recv() {
                     Ok(next) => batch.push(next),
@@ -784,61 +1024,216 @@ impl Writer {
         }
     }
 
+    /// Waits (at most [`MAX_CORK`]) for the next moment no [`Cork`] is held. Only that once:
+    /// bursts that begin after it do not hold the writer any further.
+    async fn uncorked(&self) {
+        let corks = &self.corks;
+        let released = corks.released.notified();
+        if corks.held.load(AtomicOrdering::Acquire) == 0 {
+            return;
+        }
+        let _ = tokio::time::timeout(MAX_CORK, released).await;
+    }
+
+    /// Whether envelopes for `to` may be batched: batching is on and the peer reads batches.
+    fn batches_to(&self, to: Option<&NodeAddr>) -> bool {
+        self.batching
+            && to.is_some_and(|peer| {
+                lock(&self.peer_reads)
+                    .get(peer)
+                    .is_some_and(|&v| v >= BATCH_SCHEMA)
+            })
+    }
+
+    /// The largest batch message, and the largest body that joins one.
+    fn batch_limits(&self) -> (usize, usize) {
+        let max = (self.codec.max_envelope_bytes() / 2).min(MAX_BATCH_BYTES);
+        (max, max / 4)
+    }
+
     async fn flush(&mut self, batch: &mut Vec<Outgoing>) {
-        let pipeline = self.publisher.pipeline();
-        // Per outgoing body: where to send its result (`None` once an error was sent) and how
-        // many publishes (one, or one per part) it queued.
-        let mut waiting: Vec<(Option<Reply>, usize)> = Vec::with_capacity(batch.len());
-        // The backlog charges of the envelopes published in this batch, given back once Redis
-        // has answered (or the pipeline timed out).
-        let mut held: Vec<Charge> = Vec::with_capacity(batch.len());
+        let mut flush = Flush {
+            pipeline: self.publisher.pipeline(),
+            published: 0,
+            waiting: Vec::with_capacity(batch.len()),
+            held: Vec::with_capacity(batch.len()),
+        };
+        // Per destination, in queue order (different links have no order between them).
+        let mut groups: Vec<(Option<NodeAddr>, Vec<Outgoing>)> = Vec::new();
         for out in batch.drain(..) {
-            let channel = match &out.to {
-                Some(addr) => self.keys.inbox(addr),
-                None => self.bcast.clone(),
-            };
-            let first = lock(&self.seqs).get(&out.to).copied().unwrap_or(0) + 1;
-            // Encode before committing the numbers, so a refused envelope leaves no gap.
-            let encoded = match self.encode(out.to.clone(), first, out.body) {
-                Ok(encoded) => encoded,
-                Err(e) => {
-                    let _ = out.reply.send(Err(e));
+            match groups.iter_mut().find(|(to, _)| *to == out.to) {
+                Some((_, group)) => group.push(out),
+                None => groups.push((out.to.clone(), vec![out])),
+            }
+        }
+        let (max_bytes, max_item) = self.batch_limits();
+        for (to, group) in groups {
+            if group.len() < 2 || !self.batches_to(to.as_ref()) {
+                for out in group {
+                    self.publish_one(&mut flush, out).await;
+                }
+                continue;
+            }
+            let mut gathered = Gathered::default();
+            for out in group {
+                if out.body.payload_len() > max_item {
+                    self.publish_gathered(&mut flush, to.as_ref(), &mut gathered)
+                        .await;
+                    self.publish_one(&mut flush, out).await;
                     continue;
                 }
-            };
-            let mut queued = 0usize;
-            let mut failed = None;
-            for bytes in encoded {
-                let result: Result<(), fred::error::Error> = match self.mode {
-                    PubSubMode::Classic => pipeline.publish(channel.clone(), bytes).await,
-                    PubSubMode::Sharded => pipeline.spublish(channel.clone(), bytes).await,
-                };
-                match result {
-                    Ok(()) => queued += 1,
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
+                if gathered.push(out) {
+                    self.stats.fanned.fetch_add(1, AtomicOrdering::Relaxed);
+                }
+                if gathered.bytes >= max_bytes || gathered.bodies.len() >= MAX_BATCH_ITEMS {
+                    self.publish_gathered(&mut flush, to.as_ref(), &mut gathered)
+                        .await;
                 }
             }
-            if queued > 0 {
-                let last = first.saturating_add(u64::try_from(queued - 1).unwrap_or(u64::MAX));
-                lock(&self.seqs).insert(out.to, last);
+            self.publish_gathered(&mut flush, to.as_ref(), &mut gathered)
+                .await;
+        }
+        self.send(flush).await;
+    }
+
+    /// Queues one publish of `bytes` on `to`'s channel.
+    async fn publish(
+        &self,
+        flush: &mut Flush,
+        to: Option<&NodeAddr>,
+        bytes: Bytes,
+    ) -> Result<(), fred::error::Error> {
+        let channel = match to {
+            Some(addr) => self.keys.inbox(addr),
+            None => self.bcast.clone(),
+        };
+        match self.mode {
+            PubSubMode::Classic => flush.pipeline.publish(channel, bytes).await?,
+            PubSubMode::Sharded => flush.pipeline.spublish(channel, bytes).await?,
+        }
+        flush.published += 1;
+        self.stats.messages.fetch_add(1, AtomicOrdering::Relaxed);
+        Ok(())
+    }
+
+    /// The next sequence number on the link to `to`.
+    fn next_seq(&self, to: &Option<NodeAddr>) -> u64 {
+        lock(&self.seqs).get(to).copied().unwrap_or(0) + 1
+    }
+
+    /// Queues `gathered` as one message (a single envelope if it holds just one body that was
+    /// never merged) and empties it.
+    async fn publish_gathered(
+        &self,
+        flush: &mut Flush,
+        to: Option<&NodeAddr>,
+        gathered: &mut Gathered,
+    ) {
+        let Gathered {
+            bodies, members, ..
+        } = std::mem::take(gathered);
+        if bodies.is_empty() {
+            return;
+        }
+        let link = to.cloned();
+        if bodies.len() == 1 && members.len() == 1 && !matches!(bodies[0], Body::Fan { .. }) {
+            let (reply, held) = members.into_iter().next().expect("one member");
+            let body = bodies.into_iter().next().expect("one body");
+            self.publish_one(
+                flush,
+                Outgoing {
+                    to: link,
+                    body,
+                    reply,
+                    held,
+                },
+            )
+            .await;
+            return;
+        }
+        let first = self.next_seq(&link);
+        let encoded = self
+            .codec
+            .encode_batch(&self.me, to, first, &bodies)
+            .map(Bytes::from);
+        let outcome = match encoded {
+            Ok(bytes) => self
+                .publish(flush, to, bytes)
+                .await
+                .map_err(ProxyError::from),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                let n = u64::try_from(bodies.len()).unwrap_or(u64::MAX);
+                lock(&self.seqs).insert(link, first.saturating_add(n - 1));
+                self.stats.envelopes.fetch_add(n, AtomicOrdering::Relaxed);
+                self.stats.batches.fetch_add(1, AtomicOrdering::Relaxed);
+                let at = flush.published - 1;
+                for (reply, held) in members {
+                    flush.waiting.push((Some(reply), at..at + 1));
+                    flush.held.extend(held.into_iter().flatten());
+                }
             }
-            if queued > 0 {
-                held.extend(out.held.into_iter().flatten());
-            }
-            match failed {
-                None => waiting.push((Some(out.reply), queued)),
-                Some(e) => {
-                    // Parts already queued still go out (the receiver drops the unfinished frame
-                    // when the next envelope on the link doesn't continue it).
-                    let _ = out.reply.send(Err(e.into()));
-                    waiting.push((None, queued));
+            Err(e) => {
+                tracing::warn!(error = %e, envelopes = bodies.len(), "cannot publish a batch");
+                for (reply, _) in members {
+                    let _ = reply.send(Err(ProxyError::Encode(e.to_string())));
                 }
             }
         }
-        if waiting.iter().all(|(_, n)| *n == 0) {
+    }
+
+    /// Queues one envelope (or its parts) as messages of its own.
+    async fn publish_one(&self, flush: &mut Flush, out: Outgoing) {
+        let first = self.next_seq(&out.to);
+        // Encode before committing the numbers, so a refused envelope leaves no gap.
+        let encoded = match self.encode(out.to.clone(), first, out.body) {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                let _ = out.reply.send(Err(e));
+                return;
+            }
+        };
+        let start = flush.published;
+        let mut failed = None;
+        for bytes in encoded {
+            if let Err(e) = self.publish(flush, out.to.as_ref(), bytes).await {
+                failed = Some(e);
+                break;
+            }
+        }
+        let queued = flush.published - start;
+        if queued > 0 {
+            let last = first.saturating_add(u64::try_from(queued - 1).unwrap_or(u64::MAX));
+            lock(&self.seqs).insert(out.to, last);
+            self.stats
+                .envelopes
+                .fetch_add(queued as u64, AtomicOrdering::Relaxed);
+            flush.held.extend(out.held.into_iter().flatten());
+        }
+        match failed {
+            None => flush
+                .waiting
+                .push((Some(out.reply), start..flush.published)),
+            Some(e) => {
+                // Parts already queued still go out (the receiver drops the unfinished frame
+                // when the next envelope on the link doesn't continue it).
+                let _ = out.reply.send(Err(e.into()));
+                flush.waiting.push((None, start..flush.published));
+            }
+        }
+    }
+
+    /// Hands the pipeline to Redis and collects its replies.
+    async fn send(&self, flush: Flush) {
+        let Flush {
+            pipeline,
+            published,
+            waiting,
+            held,
+        } = flush;
+        if published == 0 {
             return;
         }
         // Hand the pipeline to fred's router now, then collect the replies in a task of their
@@ -970,6 +1365,7 @@ struct InboundFilter {
     bcast: String,
     seqs: Arc<Mutex<SeqTracker>>,
     parts: Arc<Mutex<Reassembler>>,
+    peer_reads: PeerReads,
 }
 
 /// Longest `detail` kept in [`Inbound::Rejected`] (error texts can quote attacker input).
@@ -989,81 +1385,106 @@ fn rejected(reason: RejectReason, detail: impl Into<String>) -> Inbound {
 }
 
 impl InboundFilter {
-    /// Up to two events per message: a gap report and/or the envelope (whole, or the frame its
-    /// last part completes) or a dropped partial frame; or one rejection.
-    fn process(&self, channel: &str, bytes: &[u8]) -> [Option<Inbound>; 2] {
+    /// The events of one message, appended to `events`: per envelope it carries (one, or the
+    /// envelopes of a batch, in link order), a gap report and/or the envelope (whole, or the
+    /// frame its last part completes) or a dropped partial frame; or one rejection.
+    fn process(&self, channel: &str, bytes: &[u8], events: &mut VecDeque<Inbound>) {
         let on_broadcast = if channel == self.inbox {
             false
         } else if channel == self.bcast {
             true
         } else {
-            return [
-                Some(rejected(
-                    RejectReason::WrongDestination,
-                    format!("message on unexpected channel {channel:?}"),
-                )),
-                None,
-            ];
+            events.push_back(rejected(
+                RejectReason::WrongDestination,
+                format!("message on unexpected channel {channel:?}"),
+            ));
+            return;
         };
-        let (header, envelope, error) = match self.codec.decode(bytes) {
-            Ok(env) => (env.header.clone(), Some(env), None),
-            Err(e) => match e.header().cloned() {
-                Some(header) => (header, None, Some(e)),
-                None => return [Some(rejected(e.reason(), e.to_string())), None],
-            },
+        let message = match self.codec.decode_message(bytes) {
+            Ok(message) => message,
+            Err(e) => {
+                events.push_back(rejected(e.reason(), e.to_string()));
+                return;
+            }
         };
-        if let Some(problem) = self.destination_problem(&header, on_broadcast) {
-            return [
-                Some(rejected(RejectReason::WrongDestination, problem)),
-                None,
-            ];
+        let mut noted = false;
+        for item in message.envelopes {
+            let (header, envelope, error) = match item {
+                Ok(env) => (env.header.clone(), Some(env), None),
+                Err(e) => match e.header().cloned() {
+                    Some(header) => (header, None, Some(e)),
+                    None => {
+                        events.push_back(rejected(e.reason(), e.to_string()));
+                        return;
+                    }
+                },
+            };
+            if let Some(problem) = self.destination_problem(&header, on_broadcast) {
+                events.push_back(rejected(RejectReason::WrongDestination, problem));
+                return;
+            }
+            if on_broadcast && header.from == self.me {
+                return;
+            }
+            if !noted {
+                noted = true;
+                let mut reads = lock(&self.peer_reads);
+                if reads.get(&header.from) != Some(&message.sender_reads) {
+                    reads.insert(header.from.clone(), message.sender_reads);
+                }
+            }
+            self.accept(header, envelope, error, on_broadcast, events);
         }
-        if on_broadcast && header.from == self.me {
-            return [None, None];
-        }
+    }
+
+    /// Sequence-checks one authentic envelope of the link it arrived on and queues its events.
+    fn accept(
+        &self,
+        header: Header,
+        envelope: Option<Envelope>,
+        error: Option<crate::codec::DecodeError>,
+        on_broadcast: bool,
+        events: &mut VecDeque<Inbound>,
+    ) {
         let link = LinkId {
             from: header.from.clone(),
             broadcast: on_broadcast,
         };
         let check = lock(&self.seqs).observe(&link, header.seq);
-        let first = match check {
-            SeqCheck::InOrder => None,
+        match check {
+            SeqCheck::InOrder => {}
             SeqCheck::Gap { expected, got } => {
                 // A frame cut by the gap must never be delivered with a hole in it.
                 lock(&self.parts).drop_link(&link);
-                Some(Inbound::Gap {
+                events.push_back(Inbound::Gap {
                     from: header.from,
                     broadcast: on_broadcast,
                     expected,
                     got,
-                })
+                });
             }
             SeqCheck::Duplicate { got } => {
-                return [
-                    Some(Inbound::OutOfOrder {
-                        from: header.from,
-                        broadcast: on_broadcast,
-                        expected: got.saturating_add(1),
-                        got,
-                        duplicate: true,
-                    }),
-                    None,
-                ];
+                events.push_back(Inbound::OutOfOrder {
+                    from: header.from,
+                    broadcast: on_broadcast,
+                    expected: got.saturating_add(1),
+                    got,
+                    duplicate: true,
+                });
+                return;
             }
             SeqCheck::Late { expected, got } => {
-                return [
-                    Some(Inbound::OutOfOrder {
-                        from: header.from,
-                        broadcast: on_broadcast,
-                        expected,
-                        got,
-                        duplicate: false,
-                    }),
-                    None,
-                ];
+                events.push_back(Inbound::OutOfOrder {
+                    from: header.from,
+                    broadcast: on_broadcast,
+                    expected,
+                    got,
+                    duplicate: false,
+                });
+                return;
             }
-        };
-        let second = match (envelope, error) {
+        }
+        let event = match (envelope, error) {
             (
                 Some(Envelope {
                     header,
@@ -1083,7 +1504,30 @@ impl InboundFilter {
             (None, Some(e)) => Some(rejected(e.reason(), e.to_string())),
             (None, None) => None,
         };
-        [first, second]
+        events.extend(event);
+    }
+
+    /// [`process`](Self::process) for a single envelope: `[gap report, its event]`.
+    #[cfg(test)]
+    fn process_pair(&self, channel: &str, bytes: &[u8]) -> [Option<Inbound>; 2] {
+        let mut events = VecDeque::new();
+        self.process(channel, bytes, &mut events);
+        assert!(events.len() <= 2, "{events:?}");
+        if events.len() == 2 {
+            return [events.pop_front(), events.pop_front()];
+        }
+        // one event: in the second slot if it is about the envelope's body
+        match events.pop_front() {
+            Some(
+                e @ (Inbound::Envelope(_)
+                | Inbound::FrameDropped { .. }
+                | Inbound::Rejected {
+                    reason: RejectReason::UnknownKind | RejectReason::UnsupportedVersion,
+                    ..
+                }),
+            ) => [None, Some(e)],
+            other => [other, None],
+        }
     }
 
     fn destination_problem(&self, header: &Header, on_broadcast: bool) -> Option<String> {
@@ -1109,8 +1553,8 @@ pub struct InboundReceiver {
     /// Events of the resubscribe task ([`Inbound::Resubscribed`]); closed when the transport
     /// is shut down or dropped.
     control: mpsc::Receiver<Inbound>,
-    /// The second event of a message that produced two.
-    pending: Option<Inbound>,
+    /// Events of the last message not handed out yet (a batch yields several).
+    pending: VecDeque<Inbound>,
 }
 
 impl std::fmt::Debug for InboundReceiver {
@@ -1125,24 +1569,21 @@ impl InboundReceiver {
     /// The next event; `None` once the transport is shut down or dropped. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Inbound> {
         loop {
-            if let Some(event) = self.pending.take() {
+            if let Some(event) = self.pending.pop_front() {
                 return Some(event);
             }
-            let [first, second] = tokio::select! {
+            tokio::select! {
                 biased;
                 control = self.control.recv() => return control,
                 message = self.messages.recv() => match message {
                     Ok(message) => {
                         let channel: &str = &message.channel;
                         match message.value.as_bytes() {
-                            Some(bytes) => self.filter.process(channel, bytes),
-                            None => [
-                                Some(rejected(
-                                    RejectReason::Malformed,
-                                    "pub/sub message is not a byte string",
-                                )),
-                                None,
-                            ],
+                            Some(bytes) => self.filter.process(channel, bytes, &mut self.pending),
+                            None => self.pending.push_back(rejected(
+                                RejectReason::Malformed,
+                                "pub/sub message is not a byte string",
+                            )),
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -1151,18 +1592,10 @@ impl InboundReceiver {
                             missed,
                             "pub/sub receiver lagged; reporting a gap on every link"
                         );
-                        [Some(Inbound::Lagged { missed }), None]
+                        return Some(Inbound::Lagged { missed });
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
-            };
-            match (first, second) {
-                (Some(a), b) => {
-                    self.pending = b;
-                    return Some(a);
-                }
-                (None, Some(b)) => return Some(b),
-                (None, None) => {}
             }
         }
     }
@@ -1216,6 +1649,7 @@ mod tests {
             me,
             seqs: Arc::default(),
             parts: Arc::default(),
+            peer_reads: Arc::default(),
         }
     }
 
@@ -1285,11 +1719,11 @@ mod tests {
         let inbox = f.inbox.clone();
         let enc = |seq| codec.encode(&frame(peer.clone(), me.clone(), seq)).unwrap();
 
-        let [a, b] = f.process(&inbox, &enc(1));
+        let [a, b] = f.process_pair(&inbox, &enc(1));
         assert!(a.is_none());
         assert!(matches!(b, Some(Inbound::Envelope(ref e)) if e.header.seq == 1));
 
-        let [a, b] = f.process(&inbox, &enc(3));
+        let [a, b] = f.process_pair(&inbox, &enc(3));
         assert_eq!(
             a,
             Some(Inbound::Gap {
@@ -1301,7 +1735,7 @@ mod tests {
         );
         assert!(matches!(b, Some(Inbound::Envelope(ref e)) if e.header.seq == 3));
 
-        let [a, b] = f.process(&inbox, &enc(3));
+        let [a, b] = f.process_pair(&inbox, &enc(3));
         assert!(matches!(
             a,
             Some(Inbound::OutOfOrder {
@@ -1352,9 +1786,9 @@ mod tests {
         let parts = part_envelopes(&peer, &f.me, 1, &s, &data, 200);
         assert_eq!(parts.len(), 5);
         for p in &parts[..4] {
-            assert_eq!(f.process(&f.inbox, &enc(p)), [None, None]);
+            assert_eq!(f.process_pair(&f.inbox, &enc(p)), [None, None]);
         }
-        let [a, b] = f.process(&f.inbox, &enc(&parts[4]));
+        let [a, b] = f.process_pair(&f.inbox, &enc(&parts[4]));
         assert!(a.is_none());
         let Some(Inbound::Envelope(env)) = b else {
             panic!("{b:?}")
@@ -1372,7 +1806,7 @@ mod tests {
         // The next frame, numbered 6..=10, loses number 8: a gap, and its tail is dropped.
         let parts = part_envelopes(&peer, &f.me, 6, &s, &data, 200);
         for p in &parts[..2] {
-            assert_eq!(f.process(&f.inbox, &enc(p)), [None, None]);
+            assert_eq!(f.process_pair(&f.inbox, &enc(p)), [None, None]);
         }
         assert_eq!(lock(&f.parts).len(), 1);
         let dropped = Some(Inbound::FrameDropped {
@@ -1380,7 +1814,7 @@ mod tests {
             session: s.clone(),
             reason: DropReason::Sequence,
         });
-        let [a, b] = f.process(&f.inbox, &enc(&parts[3]));
+        let [a, b] = f.process_pair(&f.inbox, &enc(&parts[3]));
         assert!(matches!(
             a,
             Some(Inbound::Gap {
@@ -1390,13 +1824,13 @@ mod tests {
             })
         ));
         assert_eq!(b, dropped);
-        assert_eq!(f.process(&f.inbox, &enc(&parts[4])), [None, dropped]);
+        assert_eq!(f.process_pair(&f.inbox, &enc(&parts[4])), [None, dropped]);
         assert_eq!(lock(&f.parts).len(), 0);
 
         // A duplicate part is dropped by the sequence check before reassembly.
         let parts = part_envelopes(&peer, &f.me, 11, &s, &data, 600);
-        assert_eq!(f.process(&f.inbox, &enc(&parts[0])), [None, None]);
-        let [a, b] = f.process(&f.inbox, &enc(&parts[0]));
+        assert_eq!(f.process_pair(&f.inbox, &enc(&parts[0])), [None, None]);
+        let [a, b] = f.process_pair(&f.inbox, &enc(&parts[0]));
         assert!(matches!(
             a,
             Some(Inbound::OutOfOrder {
@@ -1405,7 +1839,7 @@ mod tests {
             })
         ));
         assert!(b.is_none());
-        let [_, b] = f.process(&f.inbox, &enc(&parts[1]));
+        let [_, b] = f.process_pair(&f.inbox, &enc(&parts[1]));
         assert!(matches!(b, Some(Inbound::Envelope(_))));
     }
 
@@ -1418,7 +1852,7 @@ mod tests {
             .codec
             .encode(&frame(peer.clone(), Some(stale_me), 1))
             .unwrap();
-        let [a, _] = f.process(&f.inbox, &bytes);
+        let [a, _] = f.process_pair(&f.inbox, &bytes);
         assert!(matches!(
             a,
             Some(Inbound::Rejected {
@@ -1431,7 +1865,7 @@ mod tests {
             .codec
             .encode(&frame(peer.clone(), Some(f.me.clone()), 1))
             .unwrap();
-        let [a, _] = f.process(&f.bcast, &bytes);
+        let [a, _] = f.process_pair(&f.bcast, &bytes);
         assert!(matches!(
             a,
             Some(Inbound::Rejected {
@@ -1441,7 +1875,7 @@ mod tests {
         ));
         // A broadcast published into an inbox.
         let bytes = f.codec.encode(&frame(peer, None, 1)).unwrap();
-        let [a, _] = f.process(&f.inbox, &bytes);
+        let [a, _] = f.process_pair(&f.inbox, &bytes);
         assert!(matches!(
             a,
             Some(Inbound::Rejected {
@@ -1467,9 +1901,9 @@ mod tests {
     fn own_broadcasts_are_skipped() {
         let f = filter(Auth::disabled());
         let bytes = f.codec.encode(&frame(f.me.clone(), None, 1)).unwrap();
-        assert_eq!(f.process(&f.bcast, &bytes), [None, None]);
+        assert_eq!(f.process_pair(&f.bcast, &bytes), [None, None]);
         let other = f.codec.encode(&frame(addr("x", 1), None, 50)).unwrap();
-        let [a, b] = f.process(&f.bcast, &other);
+        let [a, b] = f.process_pair(&f.bcast, &other);
         assert!(a.is_none(), "first broadcast number is accepted as is");
         assert!(matches!(b, Some(Inbound::Envelope(_))));
     }
@@ -1477,7 +1911,7 @@ mod tests {
     #[test]
     fn garbage_and_unsigned_are_rejected_with_reasons() {
         let f = filter(Auth::with_secret(b"Tq6Wm2Xr8Lk4Vb1Zn7Hc3Pd9Jf5Gs0Ya").unwrap());
-        let [a, b] = f.process(&f.inbox, b"\x02garbage");
+        let [a, b] = f.process_pair(&f.inbox, b"\x02garbage");
         assert!(matches!(
             a,
             Some(Inbound::Rejected {
@@ -1489,7 +1923,7 @@ mod tests {
         let plain = Codec::new(Auth::disabled(), DEFAULT_MAX_ENVELOPE_BYTES)
             .encode(&frame(addr("x", 1), Some(f.me.clone()), 1))
             .unwrap();
-        let [a, _] = f.process(&f.inbox, &plain);
+        let [a, _] = f.process_pair(&f.inbox, &plain);
         assert!(matches!(
             a,
             Some(Inbound::Rejected {

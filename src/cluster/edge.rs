@@ -294,7 +294,7 @@ impl Cluster {
 
     /// A frame from `from` for the client of `conn`: passed to its socket unless it comes from
     /// an owner that no longer serves it, or is a new owner's repeated `Authenticated`.
-    pub(super) fn deliver_out(&self, from: &NodeAddr, conn: &ConnId, data: Vec<u8>) {
+    pub(super) fn deliver_out(&self, from: &NodeAddr, conn: &ConnId, data: Bytes) {
         let Some(client) = self.edge_client(conn) else {
             return;
         };
@@ -303,7 +303,6 @@ impl Cluster {
             return;
         }
         st.rehomes = 0;
-        let data = Bytes::from(data);
         match message_kind(&data) {
             Some((kind::SYNC_STATUS, _)) => {
                 if let Some(replay) = &mut st.replay {

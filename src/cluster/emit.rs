@@ -44,6 +44,7 @@ pub(crate) fn transport_config(
     let mut tc = TransportConfig::new(config.redis_url.clone(), config.redis_prefix.clone(), me);
     tc.auth = Auth::new(&config.cluster_secrets()?);
     tc.max_envelope_bytes = max_payload_bytes(config) + 4096;
+    tc.batching = config.cluster_batching;
     Ok(tc)
 }
 

@@ -14,7 +14,9 @@ impl Cluster {
         let mut weight = DISPATCH_EVENT_BYTES;
         match ev {
             Inbound::Envelope(env) => {
-                if let Body::Frame { data, .. } | Body::Out { data, .. } = &env.body {
+                if let Body::Frame { data, .. } | Body::Out { data, .. } | Body::Fan { data, .. } =
+                    &env.body
+                {
                     weight += data.len();
                 }
                 let from = env.header.from.clone();
@@ -61,7 +63,16 @@ impl Cluster {
                             None => {}
                         }
                     }
-                    Body::Out { session, data } => self.deliver_out(&from, &session.conn, data),
+                    Body::Out { session, data } => {
+                        self.deliver_out(&from, &session.conn, Bytes::from(data));
+                    }
+                    Body::Fan { conns, data, .. } => {
+                        // one frame for several clients here: each gets it as if sent alone
+                        let data = Bytes::from(data);
+                        for conn in &conns {
+                            self.deliver_out(&from, conn, data.clone());
+                        }
+                    }
                     Body::CloseDoc { session, close } => {
                         if self.edge_owned_by(&session.conn, &from) {
                             let close = Close::from_wire(close.code, &close.reason);

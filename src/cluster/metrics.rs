@@ -99,6 +99,71 @@ impl ClusterMetrics {
     }
 }
 
+/// The transport's publishing counters, read when Prometheus scrapes.
+pub(super) struct PublishCollector {
+    stats: hearth_proxy::StatsHandle,
+    messages: prometheus::IntCounter,
+    envelopes: prometheus::IntCounter,
+    batches: prometheus::IntCounter,
+    fanned: prometheus::IntCounter,
+}
+
+impl PublishCollector {
+    /// Registers the counters of `stats` into `r`.
+    pub(super) fn register(
+        r: &prometheus::Registry,
+        stats: hearth_proxy::StatsHandle,
+    ) -> prometheus::Result<()> {
+        let c = prometheus::IntCounter::new;
+        r.register(Box::new(PublishCollector {
+            stats,
+            messages: c(
+                "hearth_cluster_messages_published_total",
+                "Redis pub/sub messages published to other nodes (one PUBLISH each)",
+            )?,
+            envelopes: c(
+                "hearth_cluster_envelopes_published_total",
+                "Envelopes those messages carried (a batch carries several)",
+            )?,
+            batches: c(
+                "hearth_cluster_batches_published_total",
+                "Messages that were batches of envelopes for one node",
+            )?,
+            fanned: c(
+                "hearth_cluster_fanned_frames_total",
+                "Frames for a client on another node that travelled inside one message with the \
+                 same frame for another client of that node, instead of on their own",
+            )?,
+        }))
+    }
+}
+
+impl prometheus::core::Collector for PublishCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        [&self.messages, &self.envelopes, &self.batches, &self.fanned]
+            .into_iter()
+            .flat_map(|c| c.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let now = self.stats.read();
+        let pairs = [
+            (&self.messages, now.messages),
+            (&self.envelopes, now.envelopes),
+            (&self.batches, now.batches),
+            (&self.fanned, now.fanned),
+        ];
+        let mut families = Vec::with_capacity(pairs.len());
+        for (counter, value) in pairs {
+            // the transport's counters only grow; catch up to them
+            counter.inc_by(value.saturating_sub(counter.get()));
+            families.extend(counter.collect());
+        }
+        families
+    }
+}
+
 pub(super) struct Observer(pub(super) ClusterMetrics);
 
 impl hearth_lock::LockObserver for Observer {

@@ -103,15 +103,8 @@ impl Cluster {
         backlog: &hearth_proxy::Backlog,
         frame: &Bytes,
     ) -> Result<(), Close> {
-        let body = Body::Out {
-            session: session.clone(),
-            data: frame.to_vec(),
-        };
-        match self.transport.start_send_counted(edge, body, backlog) {
-            Ok(_) => {
-                self.metrics.envelopes_out.with_label_values(&["out"]).inc();
-                Ok(())
-            }
+        match self.forward_out(edge, session, backlog, frame) {
+            Ok(()) => Ok(()),
             Err(hearth_proxy::ProxyError::FrameTooLarge { size, max }) => {
                 warn!(
                     edge = %edge,
@@ -137,6 +130,24 @@ impl Cluster {
                 Err(Close::ResetConnection)
             }
         }
+    }
+
+    /// Queues an `out` for a remote client, charged to its `owner_out` queue; no side effects
+    /// when it fails.
+    fn forward_out(
+        &self,
+        edge: &NodeAddr,
+        session: &Session,
+        backlog: &hearth_proxy::Backlog,
+        frame: &Bytes,
+    ) -> Result<(), hearth_proxy::ProxyError> {
+        let body = Body::Out {
+            session: session.clone(),
+            data: frame.to_vec(),
+        };
+        self.transport.start_send_counted(edge, body, backlog)?;
+        self.metrics.envelopes_out.with_label_values(&["out"]).inc();
+        Ok(())
     }
 
     /// Ends a remote client's session with a close (owner side).
@@ -254,11 +265,31 @@ impl ToEdge for OwnerEdge {
             .send_out(&self.edge, &self.session, &self.backlog, frame)
     }
 
-    fn ended(self, close: Option<Close>) {
+    fn try_forward(&self, frame: &Bytes) -> bool {
+        !self.cluster.out_full(&self.backlog)
+            && self
+                .cluster
+                .forward_out(&self.edge, &self.session, &self.backlog, frame)
+                .is_ok()
+    }
+
+    fn ended(&self, close: Option<Close>) {
         self.cluster
             .remote_ended(&self.edge, self.session.conn, close.is_some());
         if let Some(how) = close {
             self.cluster.close_remote(&self.edge, &self.session, how);
         }
+    }
+}
+
+/// The document layer's [`Burst`](crate::doc::services::Burst) in a cluster: while a document
+/// broadcasts, the transport's writer waits, so the `out`s for the clients of one node leave
+/// together, as one `fan`.
+#[derive(Debug)]
+pub(crate) struct TransportBurst(pub(crate) Arc<Cluster>);
+
+impl crate::doc::services::Burst for TransportBurst {
+    fn begin(&self) -> crate::doc::services::BurstGuard {
+        Box::new(self.0.transport.cork())
     }
 }

@@ -36,7 +36,7 @@ use crate::hooks::{
     AuthPayload, ConnectionOps, ConnectionRef, Context, DocumentPayload, MessagePayload,
 };
 use crate::outbox::queue::{QueueSender, queue};
-use crate::outbox::{Outbox, OutboxReceiver, Outgoing, outbox};
+use crate::outbox::{Outbox, OutboxReceiver, Outgoing, outbox, outbox_direct};
 use crate::protocol::Close;
 use crate::protocol::lib0::DecodeError;
 use crate::protocol::message::{
@@ -956,7 +956,14 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
     mut input: tokio::sync::mpsc::UnboundedReceiver<StandInInput>,
     edge: E,
 ) {
-    let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
+    // frames with nothing queued ahead of them go to the edge from the sender's task (the
+    // document's broadcast reaches the transport for every remote client at once)
+    let edge = Arc::new(edge);
+    let direct: crate::outbox::Direct = {
+        let edge = edge.clone();
+        Arc::new(move |frame: &Bytes| edge.try_forward(frame))
+    };
+    let (outbox, mut out_rx) = outbox_direct(shared.config.outbound_queue_bytes, direct);
     let stop = stop_signal(shared.shutdown.clone(), out_rx.overflow_signal());
     tokio::pin!(stop);
     let (auth_tx, mut auth_rx) = queue();
@@ -1002,6 +1009,7 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
                         None => break,
                     }
                 }
+                out_rx.idle();
                 if let Some(how) = failed { break Some(End::Close(how)); }
                 if let Some(end) = s.on_controls(controls) { break Some(end); }
             }

@@ -36,6 +36,11 @@ pub(crate) trait ToEdge: Send + Sync + 'static {
     /// error is the close the stand-in must end with.
     fn send(&self, frame: &Bytes) -> Result<(), Close>;
 
+    /// Sends one frame now if the queue towards the edge has room; false (with no side
+    /// effects) otherwise, and the frame waits in the stand-in's outbox for [`ToEdge::send`].
+    /// Called from the sender's task (typically the document's) with the outbox locked.
+    fn try_forward(&self, frame: &Bytes) -> bool;
+
     /// The stand-in ended; with `Some(close)` the client's socket is to be closed that way.
-    fn ended(self, close: Option<Close>);
+    fn ended(&self, close: Option<Close>);
 }

@@ -1141,6 +1141,9 @@ impl Actor {
 
     /// Sends `body` to every connection (framed per address, each distinct frame built once).
     fn broadcast(&mut self, body: &[u8], except: Option<ConnId>) {
+        let _burst = (self.conns.len() > 1)
+            .then(|| self.svc.burst.as_ref().map(|b| b.begin()))
+            .flatten();
         let mut cache: Vec<(Option<Arc<str>>, Bytes)> = Vec::with_capacity(2);
         let mut dead = Vec::new();
         for (id, conn) in &self.conns {

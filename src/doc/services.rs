@@ -29,7 +29,21 @@ pub(crate) struct DocServices {
     pub registry: Registry,
     /// Document ownership across nodes; `None` on a single node.
     pub ownership: Option<Arc<dyn Ownership>>,
+    /// Groups a document's sends to many connections; `None` on a single node.
+    pub burst: Option<Arc<dyn Burst>>,
 }
+
+/// Lets what a document sends to many connections in one go (a broadcast) travel together: a
+/// frame for several clients of the same remote node leaves as one message. The document
+/// holds the guard of [`Burst::begin`] for the length of a synchronous loop of sends, never
+/// across an `.await`.
+pub(crate) trait Burst: Send + Sync + std::fmt::Debug {
+    /// Starts a burst; it ends when the guard is dropped.
+    fn begin(&self) -> BurstGuard;
+}
+
+/// The guard of a [`Burst`].
+pub(crate) type BurstGuard = Box<dyn Send>;
 
 impl DocServices {
     /// Returns the document's task, loading it first if needed (see [`Registry::open`]).

@@ -141,6 +141,7 @@ fn node(config: Config, ownership: Option<Arc<dyn Ownership>>) -> Node {
         committer,
         registry: Registry::default(),
         ownership,
+        burst: None,
     });
     Node { svc, store }
 }

@@ -3,6 +3,13 @@
 //! **Invariant:** a send never blocks and never drops silently. When the queued bytes would
 //! exceed the limit, the socket is marked overflowed and its task disconnects the client (a slow
 //! reader is disconnected, never skipped); every later send is refused.
+//!
+//! An outbox may have a **direct path** ([`outbox_direct`]): a frame with nothing queued ahead
+//! of it is handed to it in the sender's task instead of waking the socket task (a client on
+//! another node: its frames go straight to the transport, and a document's broadcast reaches
+//! the transport for all such clients in one go). Order is kept: a frame takes the direct path
+//! only while the queue is empty and the socket task holds nothing it took and has not
+//! finished ([`OutboxReceiver::idle`]).
 
 pub(crate) mod queue;
 
@@ -39,11 +46,25 @@ struct Shared {
     notify: Notify,
 }
 
+/// The direct path of an outbox: sends a frame now, or returns false to have it queued. Runs
+/// in the sender's task under the queue's lock: quick, and no side effects when it refuses.
+pub type Direct = Arc<dyn Fn(&Bytes) -> bool + Send + Sync>;
+
 /// Sender side; cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Outbox {
     tx: QueueSender<Outgoing>,
     shared: Arc<Shared>,
+    direct: Option<Direct>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("shared", &self.shared)
+            .field("direct", &self.direct.is_some())
+            .finish()
+    }
 }
 
 /// Receiver side, owned by the socket task.
@@ -72,6 +93,15 @@ impl OverflowSignal {
 
 /// Creates a queue that holds at most `limit` bytes of frames.
 pub fn outbox(limit: usize) -> (Outbox, OutboxReceiver) {
+    build(limit, None)
+}
+
+/// [`outbox`] with a direct path (see the module docs).
+pub fn outbox_direct(limit: usize, direct: Direct) -> (Outbox, OutboxReceiver) {
+    build(limit, Some(direct))
+}
+
+fn build(limit: usize, direct: Option<Direct>) -> (Outbox, OutboxReceiver) {
     let (tx, rx) = queue();
     let shared = Arc::new(Shared {
         queued: AtomicUsize::new(0),
@@ -83,6 +113,7 @@ pub fn outbox(limit: usize) -> (Outbox, OutboxReceiver) {
         Outbox {
             tx,
             shared: shared.clone(),
+            direct,
         },
         OutboxReceiver { rx, shared },
     )
@@ -105,11 +136,25 @@ impl Outbox {
             self.shared.notify.notify_one();
             return false;
         }
-        if self.tx.send(Outgoing::Frame(frame)).is_err() {
-            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
-            return false;
+        let sent = match &self.direct {
+            None => self.tx.send(Outgoing::Frame(frame)).map(|()| false),
+            Some(direct) => self.tx.send_or_pass(Outgoing::Frame(frame), |m| match m {
+                Outgoing::Frame(f) => direct(f),
+                _ => false,
+            }),
+        };
+        match sent {
+            Ok(false) => true,
+            Ok(true) => {
+                // passed on directly: it never waited in the queue
+                self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+                true
+            }
+            Err(_) => {
+                self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+                false
+            }
         }
-        true
     }
 
     /// Queues a control message (not counted against the byte limit).
@@ -144,6 +189,12 @@ impl OutboxReceiver {
         if let Outgoing::Frame(f) = msg {
             self.shared.queued.fetch_sub(f.len(), Ordering::AcqRel);
         }
+    }
+
+    /// The socket task has finished with every message it took: frames may take the direct
+    /// path again while nothing is queued.
+    pub fn idle(&mut self) {
+        self.rx.idle();
     }
 
     /// A handle that resolves when a sender found the queue over its limit.

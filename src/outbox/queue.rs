@@ -26,6 +26,8 @@ struct Inner<T> {
 struct State<T> {
     items: VecDeque<T>,
     closed: bool,
+    /// The consumer holds an item it took and has not finished with ([`QueueReceiver::idle`]).
+    busy: bool,
 }
 
 /// The sending side; cheap to clone.
@@ -42,6 +44,7 @@ pub fn queue<T>() -> (QueueSender<T>, QueueReceiver<T>) {
         state: Mutex::new(State {
             items: VecDeque::new(),
             closed: false,
+            busy: false,
         }),
         waker: AtomicWaker::new(),
     });
@@ -75,6 +78,26 @@ impl<T> QueueSender<T> {
         Ok(())
     }
 
+    /// Hands `item` to `pass` instead of queueing it when nothing is ahead of it (the queue is
+    /// empty and the consumer is not busy with an item it took), so the order of everything
+    /// sent stays the order it is handled in; `pass` returns false to have it queued after all.
+    /// `pass` runs under the queue's lock: it must be quick and must not touch this queue.
+    /// `Ok(true)`: passed on; `Ok(false)`: queued; `Err`: the receiver is gone.
+    pub fn send_or_pass(&self, item: T, pass: impl FnOnce(&T) -> bool) -> Result<bool, T> {
+        {
+            let mut state = self.0.lock();
+            if state.closed {
+                return Err(item);
+            }
+            if state.items.is_empty() && !state.busy && pass(&item) {
+                return Ok(true);
+            }
+            state.items.push_back(item);
+        }
+        self.0.waker.wake();
+        Ok(false)
+    }
+
     /// True once the receiver has been dropped.
     pub fn is_closed(&self) -> bool {
         self.0.lock().closed
@@ -82,14 +105,24 @@ impl<T> QueueSender<T> {
 }
 
 impl<T> QueueReceiver<T> {
-    /// An item if one is queued now.
+    /// An item if one is queued now. Taking one marks the consumer busy until
+    /// [`idle`](Self::idle).
     pub fn try_recv(&mut self) -> Option<T> {
         let mut state = self.0.lock();
         let item = state.items.pop_front();
+        if item.is_some() {
+            state.busy = true;
+        }
         if state.items.is_empty() && state.items.capacity() > KEEP_CAPACITY {
             state.items = VecDeque::new();
         }
         item
+    }
+
+    /// The consumer has finished with every item it took: senders may pass items on directly
+    /// again ([`QueueSender::send_or_pass`]) while the queue is empty.
+    pub fn idle(&mut self) {
+        self.0.lock().busy = false;
     }
 
     /// Waits for the next item. Cancel-safe: an item is removed only when it is returned.
@@ -126,6 +159,31 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn items_pass_on_only_with_nothing_ahead_of_them() {
+        let (tx, mut rx) = queue::<u32>();
+        let passed = std::sync::Mutex::new(Vec::new());
+        let pass = |n: &u32| {
+            passed.lock().unwrap().push(*n);
+            true
+        };
+        assert_eq!(tx.send_or_pass(1, pass), Ok(true));
+        // refused by `pass`: queued
+        assert_eq!(tx.send_or_pass(2, |_| false), Ok(false));
+        // something queued ahead: queued, `pass` not asked
+        assert_eq!(tx.send_or_pass(3, |_| panic!("asked")), Ok(false));
+        assert_eq!(rx.try_recv(), Some(2));
+        assert_eq!(rx.try_recv(), Some(3));
+        // empty, but the consumer still holds what it took
+        assert_eq!(tx.send_or_pass(4, |_| panic!("asked")), Ok(false));
+        assert_eq!(rx.try_recv(), Some(4));
+        rx.idle();
+        assert_eq!(tx.send_or_pass(5, pass), Ok(true));
+        assert_eq!(*passed.lock().unwrap(), [1, 5]);
+        drop(rx);
+        assert_eq!(tx.send_or_pass(6, |_| panic!("asked")), Err(6));
+    }
 
     #[tokio::test]
     async fn delivers_in_order_and_wakes_the_receiver() {

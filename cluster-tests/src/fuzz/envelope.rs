@@ -1,7 +1,8 @@
 //! The envelope target: what a peer node (or anyone who can publish on the cluster's Redis
-//! channels) sends. Valid envelopes of every kind, encoded as the transport encodes them, are
-//! mutated and decoded by the receiving codec, signed and unsigned; what decodes goes through the
-//! receiver's next steps (the sequence check and, for parts, reassembly).
+//! channels) sends. Valid envelopes of every kind and batches of them, encoded as the transport
+//! encodes them, are mutated and decoded by the receiving codec, signed and unsigned; what
+//! decodes goes through the receiver's next steps (the sequence check and, for parts,
+//! reassembly).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -37,8 +38,29 @@ pub fn build(rng: &mut StdRng) -> Vec<Vec<u8>> {
         return Vec::new();
     };
     let which = usize::from(rng.random_bool(0.7));
-    let env = valid_envelope(rng);
-    let Ok(encoded) = codecs[which].encode(&env) else {
+    let encoded = if rng.random_bool(0.4) {
+        let n = rng.random_range(1..8);
+        let bodies: Vec<Body> = (0..n)
+            .map(|_| {
+                loop {
+                    let body = valid_body(rng);
+                    if !matches!(body, Body::Part { .. }) {
+                        break body;
+                    }
+                }
+            })
+            .collect();
+        let to = rng.random_bool(0.9).then(|| node(rng));
+        codecs[which].encode_batch(
+            &node(rng),
+            to.as_ref(),
+            rng.random_range(1..1_000_000),
+            &bodies,
+        )
+    } else {
+        codecs[which].encode(&valid_envelope(rng))
+    };
+    let Ok(encoded) = encoded else {
         return Vec::new();
     };
     let mutated = if rng.random_bool(0.3) {
@@ -59,8 +81,8 @@ pub fn feed(input: &[Vec<u8>], out: &mut Outcome) {
         return;
     };
     let codec = &codecs[usize::from(selector.first().copied().unwrap_or(0) != 0)];
-    let decoded = catch_unwind(AssertUnwindSafe(|| codec.decode(bytes)));
-    let env = match decoded {
+    let decoded = catch_unwind(AssertUnwindSafe(|| codec.decode_message(bytes)));
+    let message = match decoded {
         Err(_) => {
             out.violation = Some("the envelope decoder panicked".into());
             return;
@@ -69,16 +91,45 @@ pub fn feed(input: &[Vec<u8>], out: &mut Outcome) {
             out.refused += 1;
             return;
         }
-        Ok(Ok(env)) => env,
+        Ok(Ok(message)) => message,
     };
     out.accepted += 1;
-    // What decodes must encode again and decode to the same envelope: the receiver forwards
+    let envelopes: Vec<Envelope> = message.envelopes.iter().flatten().cloned().collect();
+    // What decodes must encode again and decode to the same envelopes: the receiver forwards
     // and answers with what it decoded.
     // An envelope can decode within the cap and re-encode a few bytes over it (framing); the
     // transport never re-encodes what it received, so only a successful re-encoding is checked.
-    if let Ok(again) = codec.encode(&env) {
+    if message.batch {
+        let all_known = envelopes.len() == message.envelopes.len();
+        if let (true, Some(first)) = (all_known, envelopes.first()) {
+            let bodies: Vec<Body> = envelopes.iter().map(|e| e.body.clone()).collect();
+            let again = codec.encode_batch(
+                &first.header.from,
+                first.header.to.as_ref(),
+                first.header.seq,
+                &bodies,
+            );
+            if let Ok(again) = again {
+                match codec.decode_message(&again) {
+                    Ok(back) => {
+                        let back: Vec<Envelope> = back.envelopes.into_iter().flatten().collect();
+                        if back != envelopes {
+                            out.violation = Some(format!(
+                                "re-encoding changed a batch: {envelopes:?} → {back:?}"
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        out.violation = Some(format!("a re-encoded batch does not decode: {e}"))
+                    }
+                }
+            }
+        }
+    } else if let Some(env) = envelopes.first()
+        && let Ok(again) = codec.encode(env)
+    {
         match codec.decode(&again) {
-            Ok(back) if back == env => {}
+            Ok(back) if &back == env => {}
             Ok(back) => {
                 out.violation = Some(format!(
                     "re-encoding changed the envelope: {env:?} → {back:?}"
@@ -87,14 +138,17 @@ pub fn feed(input: &[Vec<u8>], out: &mut Outcome) {
             Err(e) => out.violation = Some(format!("a re-encoded envelope does not decode: {e}")),
         }
     }
-    let link = LinkId {
-        from: env.header.from.clone(),
-        broadcast: env.header.to.is_none(),
-    };
-    let _ = SeqTracker::new().observe(&link, env.header.seq);
-    if let Body::Part { session, part } = env.body {
-        let mut parts = Reassembler::new(ReassemblyLimits::new(1 << 20));
-        let _ = parts.push(&link, session, part);
+    let mut seqs = SeqTracker::new();
+    let mut parts = Reassembler::new(ReassemblyLimits::new(1 << 20));
+    for env in envelopes {
+        let link = LinkId {
+            from: env.header.from.clone(),
+            broadcast: env.header.to.is_none(),
+        };
+        let _ = seqs.observe(&link, env.header.seq);
+        if let Body::Part { session, part } = env.body {
+            let _ = parts.push(&link, session, part);
+        }
     }
 }
 
@@ -135,7 +189,7 @@ fn bytes(rng: &mut StdRng) -> Vec<u8> {
 
 fn valid_body(rng: &mut StdRng) -> Body {
     let s = session(rng);
-    match rng.random_range(0..13) {
+    match rng.random_range(0..14) {
         0 => Body::Open {
             session: s,
             meta: OpenMeta {
@@ -208,6 +262,14 @@ fn valid_body(rng: &mut StdRng) -> Body {
         }),
         11 => Body::Keepalive {
             session: rng.random_bool(0.5).then_some(s),
+        },
+        12 => Body::Fan {
+            doc: s.doc,
+            epoch: s.epoch,
+            conns: (0..rng.random_range(1..5))
+                .map(|_| ConnId::generate())
+                .collect(),
+            data: bytes(rng),
         },
         _ => Body::Part {
             session: s,

@@ -179,6 +179,12 @@ fn all_bodies() -> Vec<Body> {
                 data: Vec::new(),
             },
         },
+        Body::Fan {
+            doc: "doc with spaces".into(),
+            epoch: 9,
+            conns: vec![ConnId::generate(), ConnId::generate(), ConnId::generate()],
+            data: binary.clone(),
+        },
     ]
 }
 
@@ -244,13 +250,13 @@ fn body_is_a_named_map() {
     let bytes = plain()
         .encode(&envelope(Body::Keepalive { session: None }))
         .unwrap();
-    // fixmap of 6 entries, first key "v" = 1.
-    assert_eq!(&bytes[1..5], &[0x86, 0xa1, b'v', 0x01]);
+    // fixmap of 7 entries, first key "v" = 1.
+    assert_eq!(&bytes[1..5], &[0x87, 0xa1, b'v', 0x01]);
     let text = String::from_utf8_lossy(&bytes);
     for key in ["from", "seq", "keepalive"] {
         assert!(text.contains(key), "{key} missing");
     }
-    // A part: version 2, seven entries (with `s`), its fields named.
+    // A part: version 2, eight entries (with `s`), its fields named.
     let bytes = plain()
         .encode(&envelope(Body::Part {
             session: session(),
@@ -262,7 +268,7 @@ fn body_is_a_named_map() {
             },
         }))
         .unwrap();
-    assert_eq!(&bytes[1..5], &[0x87, 0xa1, b'v', 0x02]);
+    assert_eq!(&bytes[1..5], &[0x88, 0xa1, b'v', 0x02]);
     let text = String::from_utf8_lossy(&bytes);
     for key in ["part", "last", "data"] {
         assert!(text.contains(key), "{key} missing");
@@ -270,9 +276,13 @@ fn body_is_a_named_map() {
 }
 
 #[test]
-fn only_part_kinds_are_newer_than_version_1() {
+fn kinds_carry_the_version_that_introduced_them() {
     for kind in Kind::ALL {
-        let want = if kind == Kind::Part { 2 } else { 1 };
+        let want = match kind {
+            Kind::Part => 2,
+            Kind::Fan => 3,
+            _ => 1,
+        };
         assert_eq!(kind.since(), want, "{kind:?}");
         assert!(kind.since() <= SCHEMA_VERSION);
     }
@@ -745,4 +755,265 @@ fn reject_reason_labels_are_distinct() {
     let labels: std::collections::HashSet<&str> =
         RejectReason::ALL.iter().map(|r| r.as_str()).collect();
     assert_eq!(labels.len(), RejectReason::ALL.len());
+}
+
+// === batches ===
+
+/// Every body that may travel in a batch (all but parts), each as the transport would number it.
+fn batchable() -> Vec<Body> {
+    all_bodies()
+        .into_iter()
+        .filter(|b| !matches!(b, Body::Part { .. }))
+        .collect()
+}
+
+#[test]
+fn a_batch_round_trips_with_consecutive_numbers() {
+    let from = addr("owner-1", 5);
+    let to = addr("edge-2", 6);
+    let bodies = batchable();
+    for codec in [plain(), signed()] {
+        let bytes = codec.encode_batch(&from, Some(&to), 41, &bodies).unwrap();
+        let message = codec.decode_message(&bytes).unwrap();
+        assert!(message.batch);
+        assert_eq!(message.sender_reads, SCHEMA_VERSION);
+        assert_eq!(message.envelopes.len(), bodies.len());
+        for (i, (got, body)) in message.envelopes.into_iter().zip(&bodies).enumerate() {
+            let got = got.unwrap();
+            assert_eq!(got.header.seq, 41 + i as u64);
+            assert_eq!(got.header.from, from);
+            assert_eq!(got.header.to.as_ref(), Some(&to));
+            assert_eq!(got.header.version, body.kind().since());
+            assert_eq!(&got.body, body);
+        }
+        // one envelope expected: a batch is refused
+        assert_eq!(
+            codec.decode(&bytes).unwrap_err().reason(),
+            RejectReason::Malformed
+        );
+    }
+}
+
+#[test]
+fn a_batch_is_smaller_than_its_envelopes_and_signed_once() {
+    let from = addr("owner-1", 5);
+    let to = addr("edge-2", 6);
+    let codec = signed();
+    let bodies: Vec<Body> = (0..20)
+        .map(|i| Body::Out {
+            session: session(),
+            data: vec![i; 30],
+        })
+        .collect();
+    let batch = codec.encode_batch(&from, Some(&to), 1, &bodies).unwrap();
+    let singles: usize = bodies
+        .iter()
+        .map(|b| {
+            codec
+                .encode(&Envelope {
+                    header: Header {
+                        version: 1,
+                        from: from.clone(),
+                        to: Some(to.clone()),
+                        seq: 1,
+                    },
+                    body: b.clone(),
+                })
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert!(batch.len() * 2 < singles, "{} vs {singles}", batch.len());
+    // tampering anywhere in the batch fails its one MAC
+    for at in [40, batch.len() / 2, batch.len() - 1] {
+        let mut bad = batch.clone();
+        bad[at] ^= 1;
+        assert!(codec.decode_message(&bad).is_err());
+    }
+}
+
+#[test]
+fn encode_batch_refuses_empty_oversized_and_parts() {
+    let from = addr("a", 1);
+    let codec = plain();
+    assert!(codec.encode_batch(&from, None, 1, &[]).is_err());
+    let part = all_bodies()
+        .into_iter()
+        .find(|b| matches!(b, Body::Part { .. }))
+        .unwrap();
+    assert!(codec.encode_batch(&from, None, 1, &[part]).is_err());
+    let many = vec![Body::Keepalive { session: None }; MAX_BATCH_ITEMS + 1];
+    assert!(codec.encode_batch(&from, None, 1, &many).is_err());
+    let small = Codec::new(Auth::disabled(), 2048);
+    let big = vec![
+        Body::Frame {
+            session: session(),
+            data: vec![1; 1500],
+        };
+        2
+    ];
+    assert!(matches!(
+        small.encode_batch(&from, None, 1, &big),
+        Err(ProxyError::Oversize { .. })
+    ));
+}
+
+/// A hand-built batch map (`items` as given), for the decoder's error paths.
+fn raw_batch<I: Serialize>(v: u8, n: u64, items: I) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct RawBatch<'a, I> {
+        v: u8,
+        t: &'a str,
+        from: NodeAddr,
+        to: Option<NodeAddr>,
+        seq: u64,
+        n: u64,
+        items: I,
+    }
+    let mut buf = vec![FORMAT_PLAIN];
+    RawBatch {
+        v,
+        t: "batch",
+        from: addr("peer", 1),
+        to: Some(addr("me", 2)),
+        seq: 10,
+        n,
+        items,
+    }
+    .serialize(&mut rmp_serde::Serializer::new(&mut buf).with_struct_map())
+    .unwrap();
+    buf
+}
+
+#[test]
+fn unknown_items_and_newer_batches_keep_their_numbers() {
+    let codec = plain();
+    let conn = ConnId::generate();
+    let out = ("out", (conn, "d", 1i64), serde_bytes::Bytes::new(b"xy"));
+    let items = (
+        out,
+        ("teleport", 1, 2, 3),
+        (
+            "out",
+            (conn, "d", 1i64),
+            serde_bytes::Bytes::new(b"z"),
+            "future",
+        ),
+    );
+    let message = codec.decode_message(&raw_batch(3, 3, items)).unwrap();
+    assert_eq!(message.sender_reads, 2, "no `mv`: a version-2 sender");
+    let [a, b, c] = <[_; 3]>::try_from(message.envelopes).unwrap();
+    assert_eq!(a.unwrap().header.seq, 10);
+    let b = b.unwrap_err();
+    assert_eq!(b.reason(), RejectReason::UnknownKind);
+    assert_eq!(b.header().map(|h| h.seq), Some(11));
+    let c = c.unwrap();
+    assert_eq!(c.header.seq, 12);
+    assert!(matches!(c.body, Body::Out { ref data, .. } if data == b"z"));
+
+    // a batch of a later version: every number accounted for, nothing decoded
+    let next = SCHEMA_VERSION + 1;
+    let message = codec
+        .decode_message(&raw_batch(next, 4, ("whatever", 1)))
+        .unwrap();
+    let seqs: Vec<u64> = message
+        .envelopes
+        .iter()
+        .map(|e| {
+            let e = e.as_ref().unwrap_err();
+            assert_eq!(e.reason(), RejectReason::UnsupportedVersion);
+            e.header().unwrap().seq
+        })
+        .collect();
+    assert_eq!(seqs, [10, 11, 12, 13]);
+}
+
+#[test]
+fn malformed_batches_are_rejected() {
+    let codec = plain();
+    let conn = ConnId::generate();
+    let out = || ("out", (conn, "d", 1i64), serde_bytes::Bytes::new(b"xy"));
+    let part = ("part", (conn, "d", 1i64), BTreeMap::from([("k", "out")]));
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("count mismatch", raw_batch(3, 2, (out(),))),
+        ("zero count", raw_batch(3, 0, ())),
+        (
+            "count over the cap",
+            raw_batch(3, MAX_BATCH_ITEMS as u64 + 1, (out(),)),
+        ),
+        ("batch before version 3", raw_batch(2, 1, (out(),))),
+        ("a part inside", raw_batch(3, 1, (part,))),
+        (
+            "fan without connections",
+            raw_batch(
+                3,
+                1,
+                ((
+                    "fan",
+                    ("d", 1i64),
+                    Vec::<ConnId>::new(),
+                    serde_bytes::Bytes::new(b"x"),
+                ),),
+            ),
+        ),
+        (
+            "item too short",
+            raw_batch(3, 1, (("out", (conn, "d", 1i64)),)),
+        ),
+        ("item not an array", raw_batch(3, 1, ("out",))),
+        (
+            "session of the wrong shape",
+            raw_batch(3, 1, (("out", ("d", 1i64), serde_bytes::Bytes::new(b"x")),)),
+        ),
+        ("items not an array", raw_batch(3, 1, 7)),
+    ];
+    for (what, bytes) in cases {
+        let err = codec.decode_message(&bytes).unwrap_err();
+        assert_eq!(err.reason(), RejectReason::Malformed, "{what}: {err}");
+    }
+    // `items` before the header fields
+    #[derive(Serialize)]
+    struct ItemsFirst<I> {
+        v: u8,
+        t: &'static str,
+        items: I,
+        from: NodeAddr,
+        to: Option<NodeAddr>,
+        seq: u64,
+        n: u64,
+    }
+    let mut buf = vec![FORMAT_PLAIN];
+    ItemsFirst {
+        v: 3,
+        t: "batch",
+        items: (out(),),
+        from: addr("peer", 1),
+        to: None,
+        seq: 1,
+        n: 1,
+    }
+    .serialize(&mut rmp_serde::Serializer::new(&mut buf).with_struct_map())
+    .unwrap();
+    assert_eq!(
+        codec.decode_message(&buf).unwrap_err().reason(),
+        RejectReason::Malformed
+    );
+}
+
+#[test]
+fn a_truncated_batch_is_an_error_at_every_length() {
+    let codec = signed();
+    let bytes = codec
+        .encode_batch(&addr("a", 1), Some(&addr("b", 2)), 1, &batchable())
+        .unwrap();
+    for len in 0..bytes.len() {
+        assert!(codec.decode_message(&bytes[..len]).is_err(), "length {len}");
+    }
+    let plain = plain();
+    let bytes = plain
+        .encode_batch(&addr("a", 1), Some(&addr("b", 2)), 1, &batchable())
+        .unwrap();
+    for len in 0..bytes.len() {
+        assert!(plain.decode_message(&bytes[..len]).is_err(), "length {len}");
+    }
 }
