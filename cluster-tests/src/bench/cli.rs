@@ -34,6 +34,10 @@ pub struct Common {
     /// Server process id(s) whose CPU and RSS are measured (summed).
     #[arg(long = "server-pid", value_delimiter = ',', global = true)]
     pub server_pids: Vec<u32>,
+    /// A Redis process whose CPU is also reported on its own (`redis_cpu_*`; include it in
+    /// `--server-pid` too for the total).
+    #[arg(long, global = true)]
+    pub redis_pid: Option<u32>,
     /// Document name prefix (default: a random run id, so every run starts on fresh documents).
     #[arg(long, global = true)]
     pub prefix: Option<String>,
@@ -219,6 +223,7 @@ impl Cli {
             urls: c.urls.clone(),
             token: c.token.clone(),
             pids: c.server_pids.clone(),
+            redis_pid: c.redis_pid,
             prefix,
             connect_concurrency: c.connect_concurrency,
             handshake_timeout: secs(c.handshake_timeout),

@@ -26,6 +26,8 @@ pub struct Target {
     pub token: String,
     /// Server processes to measure (CPU and RSS are summed).
     pub pids: Vec<u32>,
+    /// A Redis process whose CPU is reported on its own.
+    pub redis_pid: Option<u32>,
     /// Document name prefix.
     pub prefix: String,
     /// Concurrent connection attempts.
@@ -212,7 +214,7 @@ impl Fleet {
         let interval_ns = (1e9 / per_client.max(1e-6)) as u64;
         let _ = self.plan.send(Plan::Send { interval_ns });
         self.sleep_with_progress(warmup, "warmup").await;
-        let start = Snapshot::take(&rec, &self.target.pids);
+        let start = Snapshot::take(&rec, &self.target.pids, self.target.redis_pid);
         rec.take_window(start.at);
         self.sleep_with_progress(duration, "measure").await;
         let sent_end = rec.sent.load(Ordering::Relaxed);
@@ -228,7 +230,7 @@ impl Fleet {
             }
             sleep(Duration::from_millis(10)).await;
         }
-        let end = Snapshot::take(&rec, &self.target.pids);
+        let end = Snapshot::take(&rec, &self.target.pids, self.target.redis_pid);
         let hist = rec.take_window(end.at);
         Window {
             total_rate,
@@ -254,14 +256,14 @@ impl Fleet {
 
     async fn sleep_with_progress(&self, d: Duration, what: &str) {
         let until = Instant::now() + d;
-        let mut prev = Snapshot::take(&self.rec, &self.target.pids);
+        let mut prev = Snapshot::take(&self.rec, &self.target.pids, self.target.redis_pid);
         while Instant::now() < until {
             let step = (until - Instant::now()).min(Duration::from_secs(1));
             sleep(step).await;
             if !self.target.progress || step < Duration::from_millis(500) {
                 continue;
             }
-            let now = Snapshot::take(&self.rec, &self.target.pids);
+            let now = Snapshot::take(&self.rec, &self.target.pids, self.target.redis_pid);
             let secs = (now.at - prev.at) as f64 / 1e9;
             let p99 = self
                 .rec
@@ -313,6 +315,8 @@ pub struct Snapshot {
     pub server_sys_cpu: Option<f64>,
     /// Server RSS KiB.
     pub server_rss: Option<u64>,
+    /// Redis CPU seconds, if a Redis pid was given.
+    pub redis_cpu: Option<f64>,
     /// Generator CPU seconds.
     pub bench_cpu: Option<f64>,
     /// Busy CPU seconds of the whole machine.
@@ -321,7 +325,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Reads the counters and `/proc`.
-    pub fn take(rec: &Recorder, pids: &[u32]) -> Snapshot {
+    pub fn take(rec: &Recorder, pids: &[u32], redis: Option<u32>) -> Snapshot {
         let measurable = !pids.is_empty();
         Snapshot {
             at: now_ns(),
@@ -331,6 +335,7 @@ impl Snapshot {
             server_cpu: measurable.then(|| procfs::cpu_sum(pids)).flatten(),
             server_sys_cpu: measurable.then(|| procfs::sys_cpu_sum(pids)).flatten(),
             server_rss: measurable.then(|| procfs::rss_sum(pids)).flatten(),
+            redis_cpu: redis.and_then(|pid| procfs::cpu_sum(&[pid])),
             bench_cpu: procfs::self_cpu_seconds(),
             machine_cpu: procfs::machine_busy_seconds(),
         }
@@ -401,6 +406,11 @@ impl Window {
             .server_sys_cpu
             .zip(self.start.server_sys_cpu)
             .map(|(a, b)| a - b);
+        let redis_cpu = self
+            .end
+            .redis_cpu
+            .zip(self.start.redis_cpu)
+            .map(|(a, b)| a - b);
         let bench_cpu = self
             .end
             .bench_cpu
@@ -436,6 +446,8 @@ impl Window {
             "server_sys_cpu_us_per_delivery": sys_cpu.filter(|_| delivered > 0).map(|c| round3(c * 1e6 / delivered as f64)),
             "server_cpu_us_per_update": cpu.filter(|_| self.sent_in_window > 0).map(|c| round3(c * 1e6 / self.sent_in_window as f64)),
             "server_rss_kib": self.end.server_rss,
+            "redis_cpu_cores": redis_cpu.map(|c| round3(c / secs)),
+            "redis_cpu_us_per_delivery": redis_cpu.filter(|_| delivered > 0).map(|c| round3(c * 1e6 / delivered as f64)),
             "bench_cpu_cores": bench_cpu.map(|c| round3(c / secs)),
             "other_cpu_cores": other.map(|c| round3(c / secs)),
             "send_lag_max_ms": round3(self.lag_max_ns as f64 / 1e6),
