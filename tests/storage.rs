@@ -228,6 +228,7 @@ suite!(
     ping_and_backend_name,
     rows_record_their_epoch_and_newer_migrations_are_tolerated,
     create_epoch_creates_only_an_absent_row,
+    a_large_group_commit_keeps_every_document_in_order,
 );
 
 async fn create_epoch_creates_only_an_absent_row(env: &Env) {
@@ -401,6 +402,46 @@ async fn group_commit_skips_fenced_items(env: &Env) {
         vec![b"f1".to_vec()]
     );
     assert_eq!(s.load("fenced").await.unwrap().last_seq, f);
+}
+
+/// More updates in one batch than one statement writes (SQLite: 256 rows per `INSERT`),
+/// interleaved over documents, one of them fenced: every committed document has exactly its
+/// updates in order, its outcome is the seq of its own last update, and nothing of the fenced
+/// item is written.
+async fn a_large_group_commit_keeps_every_document_in_order(env: &Env) {
+    let s = env.open().await;
+    let names = ["d0", "d1", "d2"];
+    let mut epochs = Vec::new();
+    for n in names {
+        epochs.push(s.acquire_epoch(n).await.unwrap());
+    }
+    let data: Vec<Vec<Vec<u8>>> = (0..3)
+        .map(|d| {
+            (0..300 + d * 37)
+                .map(|i| format!("{d}:{i}").into_bytes())
+                .collect()
+        })
+        .collect();
+    let refs: Vec<Vec<&[u8]>> = data
+        .iter()
+        .map(|d| d.iter().map(Vec::as_slice).collect())
+        .collect();
+    let out = s
+        .append(&[
+            item("d0", epochs[0], &refs[0]),
+            item("d1", epochs[1] + 1, &refs[1]),
+            item("d2", epochs[2], &refs[2]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[1], AppendOutcome::Fenced { current: epochs[1] });
+    for d in [0, 2] {
+        let doc = s.load(names[d]).await.unwrap();
+        assert_eq!(doc.updates, data[d], "{}", names[d]);
+        assert_eq!(doc.last_seq, committed(out[d]), "{}", names[d]);
+    }
+    assert!(committed(out[0]) < committed(out[2]));
+    assert!(s.load("d1").await.unwrap().updates.is_empty());
 }
 
 async fn group_commit_with_repeated_document(env: &Env) {

@@ -194,58 +194,133 @@ pub(super) async fn append(p: &Pools, batch: &[Append]) -> Result<Vec<AppendOutc
     with_writer!(p, |conn| append_on(conn, batch))
 }
 
+/// The epochs of the documents named in `$1` (a JSON array of names).
+const READ_EPOCHS: &str = "\
+SELECT name, epoch, snapshot_seq FROM documents \
+WHERE name IN (SELECT value FROM json_each($1))";
+
+/// The most log rows one `INSERT` writes (three variables each, far below SQLite's limit).
+const MAX_INSERT_ROWS: usize = 256;
+
+/// Group commit in a handful of statements whatever the number of updates: `BEGIN IMMEDIATE`,
+/// one read of every document's epoch, one multi-row `INSERT` per [`MAX_INSERT_ROWS`] updates
+/// (statement sizes are powers of two, so few distinct statements are prepared), `COMMIT`.
+/// Items of a stale epoch are fenced and write nothing.
 async fn append_on(
     conn: &mut SqliteConnection,
     batch: &[Append],
 ) -> Result<Vec<AppendOutcome>, StoreError> {
+    let mut names: Vec<&str> = batch.iter().map(|a| a.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let names_json = serde_json::to_string(&names)
+        .map_err(|e| StoreError::Database(format!("encoding names: {e}").into()))?;
+
     let mut tx = begin_write(conn).await?;
-    let mut out = Vec::with_capacity(batch.len());
+    let rows: Vec<(String, Epoch, LogSeq)> = sqlx::query_as(READ_EPOCHS)
+        .bind(&names_json)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    let docs: std::collections::HashMap<&str, (Epoch, LogSeq)> = rows
+        .iter()
+        .map(|(n, e, s)| (n.as_str(), (*e, *s)))
+        .collect();
+
+    // Decide every item; flatten the updates of those that commit, in batch order.
+    let mut rows_in: Vec<(&str, &[u8], Epoch)> = Vec::new();
+    let mut decided: Vec<Result<usize, Epoch>> = Vec::with_capacity(batch.len());
     for item in batch {
-        let row: Option<(Epoch, LogSeq)> =
-            sqlx::query_as("SELECT epoch, snapshot_seq FROM documents WHERE name = $1")
-                .bind(&item.name)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        let snapshot_seq = match row {
-            Some((current, snapshot_seq)) if current == item.epoch => snapshot_seq,
-            Some((current, _)) => {
-                out.push(AppendOutcome::Fenced { current });
-                continue;
+        match docs.get(item.name.as_str()) {
+            Some(&(current, _)) if current == item.epoch => {
+                for u in &item.updates {
+                    rows_in.push((&item.name, u.as_ref(), item.epoch));
+                }
+                decided.push(Ok(item.updates.len()));
             }
-            None => {
-                out.push(AppendOutcome::Fenced { current: 0 });
-                continue;
-            }
-        };
-        let mut last: Option<LogSeq> = None;
-        for update in &item.updates {
-            let seq: LogSeq = sqlx::query_scalar(
-                "INSERT INTO document_updates (name, data, epoch) VALUES ($1, $2, $3) RETURNING seq",
-            )
-            .bind(&item.name)
-            .bind(update.as_ref())
-            .bind(item.epoch)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            last = Some(seq);
+            Some(&(current, _)) => decided.push(Err(current)),
+            None => decided.push(Err(0)),
         }
-        let last = match last {
-            Some(seq) => seq,
-            None => sqlx::query_scalar::<_, Option<LogSeq>>(
-                "SELECT MAX(seq) FROM document_updates WHERE name = $1",
-            )
-            .bind(&item.name)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?
-            .unwrap_or(snapshot_seq),
-        };
-        out.push(AppendOutcome::Committed(last));
+    }
+
+    // Last logged seq of each document before this batch, for items that append nothing.
+    let mut last: std::collections::HashMap<&str, LogSeq> = std::collections::HashMap::new();
+    for (item, decision) in batch.iter().zip(&decided) {
+        if matches!(decision, Ok(0)) && !last.contains_key(item.name.as_str()) {
+            let logged: Option<LogSeq> =
+                sqlx::query_scalar("SELECT MAX(seq) FROM document_updates WHERE name = $1")
+                    .bind(&item.name)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            let snapshot_seq = docs.get(item.name.as_str()).map_or(0, |d| d.1);
+            last.insert(&item.name, logged.unwrap_or(snapshot_seq));
+        }
+    }
+
+    // Rows of one INSERT get increasing seqs in VALUES order: sorted, they line up with it.
+    let mut seqs: Vec<LogSeq> = Vec::with_capacity(rows_in.len());
+    let mut rest = rows_in.as_slice();
+    while !rest.is_empty() {
+        let n = chunk_rows(rest.len());
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        // built from constant text only: no input reaches the statement but through binds
+        let mut query = sqlx::query_scalar::<_, LogSeq>(sqlx::AssertSqlSafe(insert_sql(n)));
+        for (name, data, epoch) in chunk {
+            query = query.bind(*name).bind(*data).bind(*epoch);
+        }
+        let mut got = query.fetch_all(&mut *tx).await.map_err(db_err)?;
+        if got.len() != n {
+            return Err(StoreError::Database(
+                format!("inserted {n} log rows, got {} seqs back", got.len()).into(),
+            ));
+        }
+        got.sort_unstable();
+        seqs.extend(got);
+    }
+
+    // Each item's outcome as of its place in the batch.
+    let mut out = Vec::with_capacity(batch.len());
+    let mut next = 0usize;
+    for (item, decision) in batch.iter().zip(decided) {
+        match decision {
+            Err(current) => out.push(AppendOutcome::Fenced { current }),
+            Ok(count) => {
+                if count > 0 {
+                    next += count;
+                    let seq = seqs.get(next - 1).copied().ok_or_else(|| {
+                        StoreError::Database("fewer log seqs than updates".into())
+                    })?;
+                    last.insert(&item.name, seq);
+                }
+                let seq = last.get(item.name.as_str()).copied().unwrap_or(0);
+                out.push(AppendOutcome::Committed(seq));
+            }
+        }
     }
     tx.commit().await.map_err(db_err)?;
     Ok(out)
+}
+
+/// How many of `remaining` rows the next `INSERT` writes: the largest power of two that fits,
+/// at most [`MAX_INSERT_ROWS`].
+fn chunk_rows(remaining: usize) -> usize {
+    let n = remaining.min(MAX_INSERT_ROWS);
+    1 << (usize::BITS - 1 - n.leading_zeros())
+}
+
+/// `INSERT … VALUES (?, ?, ?) × rows RETURNING seq`.
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from("INSERT INTO document_updates (name, data, epoch) VALUES ");
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("(?, ?, ?)");
+    }
+    sql.push_str(" RETURNING seq");
+    sql
 }
 
 pub(super) async fn compact(
@@ -307,4 +382,23 @@ pub(super) async fn ping(p: &Pools) -> Result<(), StoreError> {
         .await
         .map_err(db_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn insert_chunks_are_powers_of_two_that_cover_every_row() {
+        for total in 1..1000usize {
+            let mut left = total;
+            let mut sizes = Vec::new();
+            while left > 0 {
+                let n = super::chunk_rows(left);
+                assert!(n.is_power_of_two() && n <= super::MAX_INSERT_ROWS && n <= left);
+                sizes.push(n);
+                left -= n;
+            }
+            assert_eq!(sizes.iter().sum::<usize>(), total);
+        }
+        assert_eq!(super::insert_sql(2).matches("(?, ?, ?)").count(), 2);
+    }
 }
