@@ -11,5 +11,6 @@ USER hearth
 WORKDIR /data
 EXPOSE 1234
 ENV HEARTH_LISTEN=0.0.0.0:1234
-HEALTHCHECK --interval=10s --timeout=2s CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/1234"]
+# asks GET /healthz on HEARTH_LISTEN (whatever it is set to), on loopback
+HEALTHCHECK --interval=10s --timeout=3s CMD ["/usr/local/bin/hearth", "health"]
 ENTRYPOINT ["/usr/local/bin/hearth"]

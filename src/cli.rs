@@ -75,6 +75,9 @@ where
     if let Some(Command::Cluster(cmd)) = command {
         return cluster_command(config, cmd);
     }
+    if let Some(Command::Health) = command {
+        return health_command(config.listen);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -267,6 +270,63 @@ async fn serve(config: Config, extensions: Extensions) -> anyhow::Result<()> {
 }
 
 /// Writes `addr` to `path` (unless empty) atomically: a reader sees the whole address or no file.
+/// `hearth health`: `GET /healthz` on `listen` (see [`Command::Health`]).
+fn health_command(listen: std::net::SocketAddr) -> ExitCode {
+    match check_health(listen) {
+        Ok(()) => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hearth: health: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_health(listen: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+    const LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let addr = SocketAddr::new(ip, listen.port());
+    let mut stream = TcpStream::connect_timeout(&addr, LIMIT)
+        .map_err(|e| format!("cannot connect to {addr} (listen = {listen}): {e}"))?;
+    stream
+        .set_read_timeout(Some(LIMIT))
+        .and_then(|()| stream.set_write_timeout(Some(LIMIT)))
+        .map_err(|e| format!("{addr}: {e}"))?;
+    stream
+        .write_all(
+            format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .map_err(|e| format!("sending the request to {addr}: {e}"))?;
+    let mut head = [0u8; 64];
+    let mut got = 0;
+    while got < head.len() {
+        match stream.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return Err(format!("reading the answer from {addr}: {e}")),
+        }
+        if head[..got].contains(&b'\n') {
+            break;
+        }
+    }
+    let status_line = String::from_utf8_lossy(&head[..got]);
+    let status_line = status_line.lines().next().unwrap_or("").trim();
+    match status_line.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        Some(code) => Err(format!("{addr} answered {code} to GET /healthz")),
+        None => Err(format!("{addr} gave no HTTP answer to GET /healthz")),
+    }
+}
+
 fn write_ready_file(path: &std::path::Path, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     if path.as_os_str().is_empty() {
         return Ok(());

@@ -57,6 +57,11 @@ pub enum Command {
     /// Inspect a cluster or send it a custom event (needs `HEARTH_REDIS_URL`).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Ask the server on this machine whether it is up: `GET /healthz` on the configured
+    /// `listen` address (a wildcard address is asked on loopback), 2 s at most. Exit status 0
+    /// when it answers 200, 1 otherwise (one line on stderr says why). For container health
+    /// checks: it takes the same settings as the server.
+    Health,
 }
 
 /// `hearth cluster …`

@@ -1,5 +1,6 @@
 //! The `hearth` command line as a process (docs/configuration.md): exit statuses of a bad flag,
-//! a bad value and `--help`, and plain (uncoloured) log lines when stderr is not a terminal.
+//! a bad value and `--help`, plain (uncoloured) log lines when stderr is not a terminal, and
+//! `hearth health` against a running server and against nothing.
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -91,5 +92,44 @@ fn logs_are_plain_text_when_stderr_is_not_a_terminal() -> anyhow::Result<()> {
         !err.contains('\u{1b}'),
         "no ANSI escape codes in a file: {err:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn health_answers_0_for_a_running_server_and_1_for_none() -> anyhow::Result<()> {
+    let scratch = Scratch::new("command_line_health")?;
+    let ready = scratch.join("ready");
+    let mut cmd = Command::new(hearth_bin()?);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("HEARTH_") {
+            cmd.env_remove(&k);
+        }
+    }
+    let mut child = cmd
+        .args(["--listen", "127.0.0.1:0", "--operator-listen", ""])
+        .args(["--database-url", "memory://", "--ready-file"])
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let addr = std::fs::read_to_string(&ready)?;
+    let up = hearth(&["--listen", addr.trim(), "health"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let up = up?;
+    assert_eq!(up.status.code(), Some(0), "{up:?}");
+    assert_eq!(String::from_utf8_lossy(&up.stdout).trim(), "ok");
+
+    // nothing listens there any more
+    let down = hearth(&["--listen", addr.trim(), "health"])?;
+    assert_eq!(down.status.code(), Some(1), "{down:?}");
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(addr.trim()), "names the address: {err}");
     Ok(())
 }
