@@ -854,19 +854,12 @@ fn deliver_replies(
     results: Vec<Result<i64, fred::error::Error>>,
     waiting: Vec<(Option<Reply>, Range<usize>)>,
 ) {
-    let mut results: Vec<Option<Result<i64, fred::error::Error>>> =
-        results.into_iter().map(Some).collect();
     for (reply, range) in waiting {
         let mut outcome: Result<u64, ProxyError> = Ok(u64::MAX);
         for i in range {
-            let one = match results.get_mut(i) {
-                Some(Some(Ok(n))) => Ok(u64::try_from(*n).unwrap_or(0)),
-                Some(slot @ Some(Err(_))) => match slot.take() {
-                    Some(Err(e)) => Err(ProxyError::Redis(e)),
-                    _ => Err(ProxyError::Closed),
-                },
-                // an error already handed to another body of the same batch
-                Some(None) => Err(ProxyError::Closed),
+            let one = match results.get(i) {
+                Some(Ok(n)) => Ok(u64::try_from(*n).unwrap_or(0)),
+                Some(Err(e)) => Err(ProxyError::Redis(e.clone())),
                 None => Err(ProxyError::Redis(fred::error::Error::new(
                     fred::error::ErrorKind::Timeout,
                     "publish pipeline timed out",
@@ -936,64 +929,53 @@ impl Gathered {
             body, reply, held, ..
         } = out;
         self.members.push((reply, held));
-        self.bytes += 48 + body.payload_len();
-        if let Body::Out { session, data } = &body {
+        if let (Body::Out { session, .. }, Some(key)) = (&body, fan_key(&body)) {
             let floor = self.last.get(&session.conn).map_or(0, |i| i + 1);
             let from = self.bodies.len().saturating_sub(FAN_LOOKBACK).max(floor);
-            for i in (from..self.bodies.len()).rev() {
-                let same = match &self.bodies[i] {
-                    Body::Out {
-                        session: s,
-                        data: d,
-                    } => s.epoch == session.epoch && d == data && s.doc == session.doc,
-                    Body::Fan {
-                        doc,
-                        epoch,
-                        data: d,
-                        ..
-                    } => *epoch == session.epoch && d == data && *doc == session.doc,
-                    _ => false,
-                };
-                if !same {
-                    continue;
-                }
+            if let Some(i) = (from..self.bodies.len())
+                .rev()
+                .find(|&i| fan_key(&self.bodies[i]) == Some(key))
+            {
                 let conn = session.conn;
-                let merged =
-                    match std::mem::replace(&mut self.bodies[i], Body::Keepalive { session: None })
-                    {
-                        Body::Out { session: s, data } => Body::Fan {
-                            doc: s.doc,
-                            epoch: s.epoch,
-                            conns: vec![s.conn, conn],
-                            data,
-                        },
-                        Body::Fan {
-                            doc,
-                            epoch,
-                            mut conns,
-                            data,
-                        } => {
-                            conns.push(conn);
-                            Body::Fan {
-                                doc,
-                                epoch,
-                                conns,
+                let slot = &mut self.bodies[i];
+                match slot {
+                    Body::Fan { conns, .. } => conns.push(conn),
+                    _ => {
+                        if let Body::Out { session: s, data } =
+                            std::mem::replace(slot, Body::Keepalive { session: None })
+                        {
+                            *slot = Body::Fan {
+                                doc: s.doc,
+                                epoch: s.epoch,
+                                conns: vec![s.conn, conn],
                                 data,
-                            }
+                            };
                         }
-                        other => other,
-                    };
-                self.bodies[i] = merged;
-                self.bytes = self.bytes.saturating_sub(body.payload_len() + 30);
+                    }
+                }
+                // one more connection id in the fan
+                self.bytes += 18;
                 self.last.insert(conn, i);
                 return true;
             }
         }
+        self.bytes += 48 + body.payload_len();
         if let Some(session) = body.session() {
             self.last.insert(session.conn, self.bodies.len());
         }
         self.bodies.push(body);
         false
+    }
+}
+
+/// What an `out` or a `fan` must share with another to be merged: document, epoch, frame.
+fn fan_key(body: &Body) -> Option<(&str, i64, &[u8])> {
+    match body {
+        Body::Out { session, data } => Some((&session.doc, session.epoch, data)),
+        Body::Fan {
+            doc, epoch, data, ..
+        } => Some((doc, *epoch, data)),
+        _ => None,
     }
 }
 
@@ -1130,25 +1112,24 @@ impl Writer {
         gathered: &mut Gathered,
     ) {
         let Gathered {
-            bodies, members, ..
+            mut bodies,
+            mut members,
+            ..
         } = std::mem::take(gathered);
         if bodies.is_empty() {
             return;
         }
         let link = to.cloned();
         if bodies.len() == 1 && members.len() == 1 && !matches!(bodies[0], Body::Fan { .. }) {
-            let (reply, held) = members.into_iter().next().expect("one member");
-            let body = bodies.into_iter().next().expect("one body");
-            self.publish_one(
-                flush,
-                Outgoing {
+            if let (Some(body), Some((reply, held))) = (bodies.pop(), members.pop()) {
+                let out = Outgoing {
                     to: link,
                     body,
                     reply,
                     held,
-                },
-            )
-            .await;
+                };
+                self.publish_one(flush, out).await;
+            }
             return;
         }
         let first = self.next_seq(&link);

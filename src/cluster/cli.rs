@@ -65,55 +65,78 @@ pub struct Described {
 /// gives several), or one line saying why it was rejected. With a cluster secret configured the
 /// MAC is verified; without one it is not (and the line says `"verified": false`).
 pub fn describe_message(config: &Config, bytes: &[u8]) -> Described {
-    let secrets = config.cluster_secrets().ok();
-    let auth = secrets
-        .as_ref()
-        .map_or_else(hearth_proxy::Auth::disabled, hearth_proxy::Auth::new);
-    let verified = auth.is_enabled();
-    let codec = hearth_proxy::Codec::new(auth, usize::MAX);
-    let message = match codec.decode_message(bytes) {
-        Ok(message) => message,
-        Err(e) => {
-            return Described {
-                lines: vec![
-                    serde_json::json!({
-                        "rejected": e.reason().as_str(),
-                        "error": e.to_string(),
-                        "bytes": bytes.len(),
-                        "verified": verified,
-                    })
-                    .to_string(),
-                ],
-                rejected: true,
-            };
+    Decoder::new(config).describe(bytes, None)
+}
+
+/// The codec `hearth cluster decode` reads messages with: the cluster secrets when configured.
+struct Decoder {
+    codec: hearth_proxy::Codec,
+    verified: bool,
+}
+
+impl Decoder {
+    fn new(config: &Config) -> Decoder {
+        let secrets = config.cluster_secrets().ok();
+        let auth = secrets
+            .as_ref()
+            .map_or_else(hearth_proxy::Auth::disabled, hearth_proxy::Auth::new);
+        Decoder {
+            verified: auth.is_enabled(),
+            codec: hearth_proxy::Codec::new(auth, usize::MAX),
         }
-    };
-    let count = message.envelopes.len();
-    let lines = message
-        .envelopes
-        .into_iter()
-        .map(|item| {
-            let mut line = match item {
-                Ok(env) => describe_envelope(&env),
-                Err(e) => serde_json::json!({
-                    "skipped": e.reason().as_str(),
-                    "error": e.to_string(),
-                    "seq": e.header().map(|h| h.seq),
-                }),
-            };
+    }
+
+    /// See [`describe_message`]; every line also names `channel` when given.
+    fn describe(&self, bytes: &[u8], channel: Option<&str>) -> Described {
+        let stamp = |mut line: serde_json::Value| {
             if let Some(obj) = line.as_object_mut() {
-                obj.insert("verified".into(), verified.into());
-                obj.insert("sender_reads".into(), message.sender_reads.into());
-                if message.batch {
-                    obj.insert("batch_of".into(), count.into());
+                obj.insert("verified".into(), self.verified.into());
+                if let Some(channel) = channel {
+                    obj.insert("channel".into(), channel.into());
                 }
             }
-            line.to_string()
-        })
-        .collect();
-    Described {
-        lines,
-        rejected: false,
+            line
+        };
+        let message = match self.codec.decode_message(bytes) {
+            Ok(message) => message,
+            Err(e) => {
+                let line = stamp(serde_json::json!({
+                    "rejected": e.reason().as_str(),
+                    "error": e.to_string(),
+                    "bytes": bytes.len(),
+                }));
+                return Described {
+                    lines: vec![line.to_string()],
+                    rejected: true,
+                };
+            }
+        };
+        let count = message.envelopes.len();
+        let lines = message
+            .envelopes
+            .into_iter()
+            .map(|item| {
+                let mut line = stamp(match item {
+                    Ok(env) => describe_envelope(&env),
+                    Err(e) => serde_json::json!({
+                        "skipped": e.reason().as_str(),
+                        "error": e.to_string(),
+                        "seq": e.header().map(|h| h.seq),
+                    }),
+                });
+                if let Some(obj) = line.as_object_mut() {
+                    obj.insert("sender_reads".into(), message.sender_reads.into());
+                    if message.batch {
+                        obj.insert("batch_of".into(), count.into());
+                    }
+                }
+                line.to_string()
+            })
+            .collect();
+        Described {
+            lines,
+            rejected: false,
+        }
     }
 }
 
@@ -214,6 +237,7 @@ pub async fn listen(
     sub.psubscribe(format!("{}:*", config.redis_prefix))
         .await
         .map_err(|e| ClusterError::Redis(e.to_string()))?;
+    let decoder = Decoder::new(config);
     let mut seen = 0;
     while seen < count {
         let message = match messages.recv().await {
@@ -228,13 +252,8 @@ pub async fn listen(
         let Some(bytes) = message.value.as_bytes() else {
             continue;
         };
-        for line in describe_message(config, bytes).lines {
-            let mut value: serde_json::Value =
-                serde_json::from_str(&line).unwrap_or(serde_json::Value::Null);
-            if let Some(obj) = value.as_object_mut() {
-                obj.insert("channel".into(), message.channel.to_string().into());
-            }
-            print(&value.to_string());
+        for line in decoder.describe(bytes, Some(&message.channel)).lines {
+            print(&line);
         }
     }
     let _ = sub.quit().await;

@@ -143,18 +143,11 @@ impl Outbox {
                 _ => false,
             }),
         };
-        match sent {
-            Ok(false) => true,
-            Ok(true) => {
-                // passed on directly: it never waited in the queue
-                self.shared.queued.fetch_sub(len, Ordering::AcqRel);
-                true
-            }
-            Err(_) => {
-                self.shared.queued.fetch_sub(len, Ordering::AcqRel);
-                false
-            }
+        if !matches!(sent, Ok(false)) {
+            // passed on directly (it never waited in the queue) or refused: not queued
+            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
         }
+        sent.is_ok()
     }
 
     /// Queues a control message (not counted against the byte limit).
