@@ -10,8 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hearth::storage::{
-    Append, AppendOutcome, DocumentStore, SqlOptions, SqlStore, StoreError, StoredDocument,
-    open_store,
+    Append, AppendOutcome, DocumentInfo, DocumentStore, ListQuery, SqlOptions, SqlStore,
+    StoreError, StoredDocument, UNSTORED, open_store,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -229,6 +229,13 @@ suite!(
     rows_record_their_epoch_and_newer_migrations_are_tolerated,
     create_epoch_creates_only_an_absent_row,
     a_large_group_commit_keeps_every_document_in_order,
+    list_orders_by_bytes_and_skips_documents_without_content,
+    list_prefix_is_literal,
+    list_pages_with_after_and_limit,
+    delete_removes_content_and_fences_every_writer,
+    delete_with_stale_epoch_changes_nothing,
+    delete_of_unknown_or_empty_document,
+    delete_fences_concurrent_appends,
 );
 
 async fn create_epoch_creates_only_an_absent_row(env: &Env) {
@@ -922,6 +929,350 @@ async fn rows_record_their_epoch_and_newer_migrations_are_tolerated(env: &Env) {
     let s = env.open_sql(SqlOptions::default()).await.unwrap();
     assert_eq!(s.load("ep").await.unwrap().updates.len(), 3);
     s.close().await;
+}
+
+/// Stores `updates` for `name` under a fresh epoch and returns that epoch.
+async fn store_doc(s: &Arc<dyn DocumentStore>, name: &str, updates: &[&[u8]]) -> i64 {
+    let e = s.acquire_epoch(name).await.unwrap();
+    committed(s.append(&[item(name, e, updates)]).await.unwrap()[0]);
+    e
+}
+
+fn query(prefix: &str, after: Option<&str>, limit: usize) -> ListQuery {
+    ListQuery {
+        prefix: prefix.to_owned(),
+        after: after.map(str::to_owned),
+        limit,
+    }
+}
+
+async fn names(s: &Arc<dyn DocumentStore>, q: ListQuery) -> Vec<String> {
+    s.list(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect()
+}
+
+async fn list_orders_by_bytes_and_skips_documents_without_content(env: &Env) {
+    let s = env.open().await;
+    assert!(s.list(&query("", None, 100)).await.unwrap().is_empty());
+    // byte order: uppercase before lowercase, "a b" before "a/x" before "ab", non-ASCII last
+    for name in ["b", "ä", "a/x", "B", "ab", "a b", "a"] {
+        store_doc(&s, name, &[b"u"]).await;
+    }
+    // a second epoch is what the listing reports
+    let e = store_doc(&s, "b", &[b"v"]).await;
+    assert_eq!(e, 2);
+    // only a snapshot (the log compacted away entirely): listed
+    let es = s.acquire_epoch("snap").await.unwrap();
+    let seq = committed(s.append(&[item("snap", es, &[b"x"])]).await.unwrap()[0]);
+    s.compact("snap", es, b"S", seq).await.unwrap();
+    // rows without content: not listed
+    s.acquire_epoch("acquired-only").await.unwrap();
+    assert_eq!(s.create_epoch("created-only").await.unwrap(), Some(1));
+    let ea = s.acquire_epoch("appended-nothing").await.unwrap();
+    committed(
+        s.append(&[item("appended-nothing", ea, &[])])
+            .await
+            .unwrap()[0],
+    );
+    // a document that was never stored at all: not listed, and listing creates nothing
+    let _ = s.load("loaded-only").await.unwrap();
+
+    let all = s.list(&query("", None, 100)).await.unwrap();
+    let mut want: Vec<&str> = vec!["b", "ä", "a/x", "B", "ab", "a b", "a", "snap"];
+    want.sort_unstable();
+    assert_eq!(
+        want,
+        ["B", "a", "a b", "a/x", "ab", "b", "snap", "ä"],
+        "Rust str order is byte order"
+    );
+    assert_eq!(
+        all.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+        want
+    );
+    assert!(all.contains(&DocumentInfo {
+        name: "b".into(),
+        epoch: 2
+    }));
+    assert!(all.contains(&DocumentInfo {
+        name: "a".into(),
+        epoch: 1
+    }));
+    assert_eq!(s.current_epoch("loaded-only").await.unwrap(), None);
+}
+
+async fn list_prefix_is_literal(env: &Env) {
+    let s = env.open().await;
+    let stored = [
+        "100%",
+        "100%x",
+        "1000",
+        "100",
+        "a_b",
+        "a_bc",
+        "axb",
+        "a\\b",
+        "a\\",
+        "ab",
+        "\u{e9}1",
+        "\u{e9}z",
+        "\u{ea}",
+        "e\u{301}",
+        "\u{d7ff}x",
+        "\u{e000}",
+        "\u{10ffff}",
+        "\u{10ffff}a",
+        "\u{10ffff}\u{10ffff}",
+        "z",
+        "%",
+        "_",
+    ];
+    for name in stored {
+        store_doc(&s, name, &[b"u"]).await;
+    }
+    let cases: &[(&str, &[&str])] = &[
+        ("100%", &["100%", "100%x"]),
+        ("100", &["100", "100%", "100%x", "1000"]),
+        ("a_", &["a_b", "a_bc"]),
+        ("a\\", &["a\\", "a\\b"]),
+        ("%", &["%"]),
+        ("_", &["_"]),
+        ("\u{e9}", &["\u{e9}1", "\u{e9}z"]),
+        ("\u{d7ff}", &["\u{d7ff}x"]),
+        (
+            "\u{10ffff}",
+            &["\u{10ffff}", "\u{10ffff}a", "\u{10ffff}\u{10ffff}"],
+        ),
+        ("\u{10ffff}\u{10ffff}", &["\u{10ffff}\u{10ffff}"]),
+        ("nothing", &[]),
+        ("100%x-longer", &[]),
+    ];
+    for (prefix, want) in cases {
+        assert_eq!(
+            names(&s, query(prefix, None, 100)).await,
+            *want,
+            "prefix {prefix:?}"
+        );
+    }
+    let mut everything: Vec<&str> = stored.to_vec();
+    everything.sort_unstable();
+    assert_eq!(names(&s, query("", None, 100)).await, everything);
+
+    // no stored name contains NUL: rejected like a NUL in a name, by every backend
+    for q in [query("a\0", None, 10), query("", Some("a\0"), 10)] {
+        let err = s.list(&q).await.unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    }
+}
+
+async fn list_pages_with_after_and_limit(env: &Env) {
+    let s = env.open().await;
+    let pages: Vec<String> = (0..25).map(|i| format!("p/{i:02}")).collect();
+    for name in pages
+        .iter()
+        .map(String::as_str)
+        .chain(["o", "p", "p0", "q"])
+    {
+        store_doc(&s, name, &[b"u"]).await;
+    }
+
+    // walk the prefix in pages of 10, each page starting after the previous one's last name
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = names(&s, query("p/", after.as_deref(), 10)).await;
+        assert!(page.len() <= 10);
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        seen.extend(page);
+        after = Some(last);
+    }
+    assert_eq!(seen, pages);
+
+    assert!(names(&s, query("p/", None, 0)).await.is_empty());
+    assert!(names(&s, query("", None, 0)).await.is_empty());
+    assert_eq!(names(&s, query("", None, 2)).await, ["o", "p"]);
+    assert_eq!(names(&s, query("", Some("p/24"), 100)).await, ["p0", "q"]);
+    assert!(names(&s, query("", Some("q"), 100)).await.is_empty());
+    // `after` is strict, and need not be a stored name
+    assert_eq!(
+        names(&s, query("p/", Some("p/05"), 2)).await,
+        ["p/06", "p/07"]
+    );
+    assert_eq!(
+        names(&s, query("p/", Some("p/05x"), 2)).await,
+        ["p/06", "p/07"]
+    );
+    // `after` before the prefix: the page starts at the prefix
+    assert_eq!(names(&s, query("p/", Some("a"), 1)).await, ["p/00"]);
+    assert_eq!(names(&s, query("p/", Some("p"), 1)).await, ["p/00"]);
+    assert_eq!(names(&s, query("p/", Some(""), 1)).await, ["p/00"]);
+    // `after` beyond the prefix's names: nothing
+    assert!(names(&s, query("p/", Some("p0"), 10)).await.is_empty());
+    assert!(names(&s, query("p/", Some("p/24"), 10)).await.is_empty());
+    // a huge limit is fine
+    assert_eq!(names(&s, query("p/", None, usize::MAX)).await, pages);
+}
+
+async fn delete_removes_content_and_fences_every_writer(env: &Env) {
+    let s = env.open().await;
+    let e1 = s.acquire_epoch("doc").await.unwrap();
+    let first = committed(s.append(&[item("doc", e1, &[b"u1", b"u2"])]).await.unwrap()[0]);
+    s.compact("doc", e1, b"snap", first).await.unwrap();
+    let old_last = committed(s.append(&[item("doc", e1, &[b"u3"])]).await.unwrap()[0]);
+    let other = store_doc(&s, "other", &[b"o1"]).await;
+
+    assert!(s.delete("doc", e1).await.unwrap());
+    let deleted = e1 + 1;
+    assert_eq!(s.current_epoch("doc").await.unwrap(), Some(deleted));
+    assert_eq!(s.load("doc").await.unwrap(), StoredDocument::default());
+    assert_eq!(names(&s, query("", None, 10)).await, ["other"]);
+    // another document is untouched
+    assert_eq!(s.load("other").await.unwrap().updates, vec![b"o1".to_vec()]);
+    assert_eq!(s.current_epoch("other").await.unwrap(), Some(other));
+
+    // the deleting writer is fenced like any other old owner
+    assert_eq!(
+        s.append(&[item("doc", e1, &[b"late"])]).await.unwrap(),
+        vec![AppendOutcome::Fenced { current: deleted }]
+    );
+    let err = s
+        .compact("doc", e1, b"late-state", old_last)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Fenced { current, mine } if current == deleted && mine == e1),
+        "{err:?}"
+    );
+    let err = s.delete("doc", e1).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Fenced { current, mine } if current == deleted && mine == e1),
+        "{err:?}"
+    );
+    // the tombstone is a row: a writer that loaded the document empty cannot create it
+    assert_eq!(s.create_epoch("doc").await.unwrap(), None);
+    assert!(s.load("doc").await.unwrap().is_empty());
+
+    // the next owner takes a newer epoch and starts empty; only its own content is loaded
+    let e2 = s.acquire_epoch("doc").await.unwrap();
+    assert_eq!(e2, deleted + 1);
+    assert!(s.load("doc").await.unwrap().is_empty());
+    assert_eq!(
+        s.append(&[item("doc", e2, &[])]).await.unwrap(),
+        vec![AppendOutcome::Committed(0)]
+    );
+    let n1 = committed(s.append(&[item("doc", e2, &[b"n1"])]).await.unwrap()[0]);
+    assert!(n1 > old_last, "seqs are never reused: {n1} <= {old_last}");
+    let doc = s.load("doc").await.unwrap();
+    assert_eq!(doc.snapshot, None);
+    assert_eq!(doc.updates, vec![b"n1".to_vec()]);
+    assert_eq!(doc.last_seq, n1);
+    let n2 = committed(s.append(&[item("doc", e2, &[b"n2"])]).await.unwrap()[0]);
+    s.compact("doc", e2, b"new-snap", n1).await.unwrap();
+    let doc = s.load("doc").await.unwrap();
+    assert_eq!(doc.snapshot.as_deref(), Some(&b"new-snap"[..]));
+    assert_eq!(doc.updates, vec![b"n2".to_vec()]);
+    assert_eq!(doc.last_seq, n2);
+    assert_eq!(
+        s.list(&query("d", None, 10)).await.unwrap(),
+        vec![DocumentInfo {
+            name: "doc".into(),
+            epoch: e2
+        }]
+    );
+
+    // deleting again (only a snapshot left after a full compaction) works the same way
+    s.compact("doc", e2, b"final", n2).await.unwrap();
+    assert!(s.delete("doc", e2).await.unwrap());
+    assert_eq!(s.load("doc").await.unwrap(), StoredDocument::default());
+    assert_eq!(s.current_epoch("doc").await.unwrap(), Some(e2 + 1));
+}
+
+async fn delete_with_stale_epoch_changes_nothing(env: &Env) {
+    let s = env.open().await;
+    let old = store_doc(&s, "doc", &[b"u1"]).await;
+    let new = store_doc(&s, "doc", &[b"u2"]).await;
+    let before = s.load("doc").await.unwrap();
+    for stale in [old, new + 1, UNSTORED] {
+        let err = s.delete("doc", stale).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Fenced { current, mine } if current == new && mine == stale),
+            "{err:?}"
+        );
+    }
+    assert_eq!(s.load("doc").await.unwrap(), before);
+    assert_eq!(before.updates, vec![b"u1".to_vec(), b"u2".to_vec()]);
+    assert_eq!(s.current_epoch("doc").await.unwrap(), Some(new));
+    assert_eq!(names(&s, query("", None, 10)).await, ["doc"]);
+}
+
+async fn delete_of_unknown_or_empty_document(env: &Env) {
+    let s = env.open().await;
+    // no row: under UNSTORED nothing to do and nothing created; any other epoch is fenced
+    assert!(!s.delete("ghost", UNSTORED).await.unwrap());
+    assert_eq!(s.current_epoch("ghost").await.unwrap(), None);
+    let err = s.delete("ghost", 1).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Fenced {
+                current: 0,
+                mine: 1
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(s.current_epoch("ghost").await.unwrap(), None);
+    assert_eq!(s.acquire_epoch("ghost").await.unwrap(), 1);
+
+    // a row without content: nothing deleted, but the epoch still moves on
+    let e = s.acquire_epoch("empty").await.unwrap();
+    assert!(!s.delete("empty", e).await.unwrap());
+    assert_eq!(s.current_epoch("empty").await.unwrap(), Some(e + 1));
+    assert_eq!(
+        s.append(&[item("empty", e, &[b"x"])]).await.unwrap(),
+        vec![AppendOutcome::Fenced { current: e + 1 }]
+    );
+    assert!(s.load("empty").await.unwrap().is_empty());
+
+    let err = s.delete("bad\0name", 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+}
+
+/// Appends racing a delete under the same epoch either commit before it (and are deleted with
+/// the rest) or are fenced: nothing written under that epoch survives.
+async fn delete_fences_concurrent_appends(env: &Env) {
+    let s = env.open().await;
+    let e = store_doc(&s, "doc", &[b"first"]).await;
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for j in 0..10 {
+                    let u = format!("w{i}-{j}");
+                    outcomes.push(s.append(&[item("doc", e, &[u.as_bytes()])]).await.unwrap()[0]);
+                }
+                outcomes
+            })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    assert!(s.delete("doc", e).await.unwrap());
+    for w in writers {
+        for outcome in w.await.unwrap() {
+            match outcome {
+                AppendOutcome::Committed(_) => {}
+                AppendOutcome::Fenced { current } => assert_eq!(current, e + 1),
+            }
+        }
+    }
+    assert_eq!(s.load("doc").await.unwrap(), StoredDocument::default());
+    assert_eq!(s.current_epoch("doc").await.unwrap(), Some(e + 1));
 }
 
 async fn ping_and_backend_name(env: &Env) {

@@ -28,7 +28,8 @@ use crate::outbox::{OutboxReceiver, Outgoing, outbox};
 use crate::protocol::Close;
 use crate::protocol::client::{ServerFrame, ServerMsg, decode_server_frame};
 use crate::storage::{
-    Append, AppendOutcome, DocumentStore, Epoch, LogSeq, MemoryStore, StoreError, StoredDocument,
+    Append, AppendOutcome, DocumentInfo, DocumentStore, Epoch, ListQuery, LogSeq, MemoryStore,
+    StoreError, StoredDocument,
 };
 
 const NAME: &str = "doc";
@@ -70,6 +71,12 @@ impl DocumentStore for Store {
         upto: LogSeq,
     ) -> Result<(), StoreError> {
         self.inner.compact(name, epoch, state, upto).await
+    }
+    async fn list(&self, query: &ListQuery) -> Result<Vec<DocumentInfo>, StoreError> {
+        self.inner.list(query).await
+    }
+    async fn delete(&self, name: &str, epoch: Epoch) -> Result<bool, StoreError> {
+        self.inner.delete(name, epoch).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())

@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{
-    Append, AppendOutcome, DocumentStore, Epoch, LogSeq, StoreError, StoredDocument, check_name,
+    Append, AppendOutcome, DocumentInfo, DocumentStore, Epoch, ListQuery, LogSeq, StoreError,
+    StoredDocument, UNSTORED, check_name,
 };
 
 #[derive(Debug, Default)]
@@ -129,6 +130,60 @@ impl DocumentStore for MemoryStore {
             row.log.retain(|(s, _)| *s > upto);
             row.compacted_upto = row.compacted_upto.max(upto);
             Ok(())
+        })
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<DocumentInfo>, StoreError> {
+        query.check()?;
+        if query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.with(|rows, _| {
+            let mut found: Vec<DocumentInfo> = rows
+                .iter()
+                .filter(|(name, row)| {
+                    (row.snapshot.is_some() || !row.log.is_empty())
+                        && name.starts_with(&query.prefix)
+                        && query.after.as_ref().is_none_or(|after| *name > after)
+                })
+                .map(|(name, row)| DocumentInfo {
+                    name: name.clone(),
+                    epoch: row.epoch,
+                })
+                .collect();
+            // String order is byte order
+            found.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+            found.truncate(query.limit);
+            found
+        }))
+    }
+
+    async fn delete(&self, name: &str, epoch: Epoch) -> Result<bool, StoreError> {
+        check_name(name)?;
+        self.with(|rows, _| {
+            let Some(row) = rows.get_mut(name) else {
+                if epoch == UNSTORED {
+                    return Ok(false);
+                }
+                return Err(StoreError::Fenced {
+                    current: 0,
+                    mine: epoch,
+                });
+            };
+            if row.epoch != epoch {
+                return Err(StoreError::Fenced {
+                    current: row.epoch,
+                    mine: epoch,
+                });
+            }
+            let had_content = row.snapshot.is_some() || !row.log.is_empty();
+            // Seqs stay global and increasing: whatever is appended later is above every
+            // deleted entry, so the compaction point can start over like a new document's.
+            row.snapshot = None;
+            row.log.clear();
+            row.compacted_upto = 0;
+            row.epoch += 1;
+            Ok(had_content)
         })
     }
 

@@ -52,6 +52,65 @@ impl StoredDocument {
     }
 }
 
+/// One stored document, as listed by [`DocumentStore::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentInfo {
+    /// Document name.
+    pub name: String,
+    /// The document's current ownership epoch.
+    pub epoch: Epoch,
+}
+
+/// A page of [`DocumentStore::list`]: the names starting with `prefix` that sort after `after`.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only names starting with this (compared as bytes: no wildcards). Empty: every name.
+    pub prefix: String,
+    /// Only names sorting strictly after this one (byte order): the last name of the previous
+    /// page, or `None` for the first page.
+    pub after: Option<String>,
+    /// At most this many documents. Callers bound it; `0` returns nothing.
+    pub limit: usize,
+}
+
+impl ListQuery {
+    /// Rejects a `prefix` or `after` that no stored name can match in every backend (see
+    /// [`check_name`]).
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        check_name(&self.prefix)?;
+        self.after.as_deref().map_or(Ok(()), check_name)
+    }
+
+    /// The exclusive upper bound of the names starting with `prefix`: `prefix` with its last
+    /// character that is not `char::MAX` replaced by the next character and the rest dropped,
+    /// or `None` when there is no such character (an empty prefix, or only `char::MAX`), in
+    /// which case every name `>= prefix` starts with `prefix`. Byte order of UTF-8 is code point
+    /// order, so `prefix <= name < end` holds exactly for the names starting with `prefix`.
+    pub(crate) fn prefix_end(&self) -> Option<String> {
+        let mut end = self.prefix.clone();
+        while let Some(last) = end.pop() {
+            // the next scalar value (skipping the surrogate gap); `None` only after char::MAX
+            if let Some(next) =
+                (u32::from(last) + 1..=u32::from(char::MAX)).find_map(char::from_u32)
+            {
+                end.push(next);
+                return Some(end);
+            }
+        }
+        None
+    }
+
+    /// The lower bound of the page: `(bound, strict)`, i.e. names `> bound` when `strict`, else
+    /// names `>= bound`. It is `after` when that sorts at or after `prefix` (a name after it
+    /// and below [`ListQuery::prefix_end`] starts with `prefix`), else `prefix`.
+    pub(crate) fn lower_bound(&self) -> (&str, bool) {
+        match &self.after {
+            Some(after) if after.as_str() >= self.prefix.as_str() => (after, true),
+            _ => (&self.prefix, false),
+        }
+    }
+}
+
 /// One document's share of a group commit: updates to append under `epoch`.
 #[derive(Debug, Clone)]
 pub struct Append {
@@ -156,6 +215,26 @@ pub trait DocumentStore: Send + Sync + fmt::Debug + 'static {
         upto: LogSeq,
     ) -> Result<(), StoreError>;
 
+    /// Lists the documents that have stored content (a snapshot or at least one logged update),
+    /// sorted by name in byte order: those whose name starts with `query.prefix` (literally;
+    /// `%` and `_` are ordinary characters) and sorts strictly after `query.after`, at most
+    /// `query.limit` of them. Rows without content (acquired but never written, or deleted) are
+    /// not listed. [`StoreError::Invalid`] if `prefix` or `after` contains NUL. Never writes.
+    async fn list(&self, query: &ListQuery) -> Result<Vec<DocumentInfo>, StoreError>;
+
+    /// Deletes the document's content under `epoch`: in one transaction, iff `epoch` is the
+    /// document's current epoch, removes its snapshot and every logged update and increments
+    /// its epoch. The row stays, empty, as a tombstone: every writer (the deleting one
+    /// included) is fenced from then on, and the next owner's [`DocumentStore::acquire_epoch`]
+    /// issues a newer epoch and loads an empty document.
+    ///
+    /// Returns `Ok(true)` if there was content, `Ok(false)` if there was none (the epoch is
+    /// still incremented when the row exists, and a document without a row deleted under
+    /// [`UNSTORED`] changes nothing). A stale `epoch` is [`StoreError::Fenced`] and changes
+    /// nothing; on a document without a row, any epoch but [`UNSTORED`] is fenced with
+    /// `current = 0`.
+    async fn delete(&self, name: &str, epoch: Epoch) -> Result<bool, StoreError>;
+
     /// Cheap liveness probe used by `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -176,4 +255,42 @@ pub async fn open_store(url: &str, opts: SqlOptions) -> Result<Arc<dyn DocumentS
         return Ok(Arc::new(MemoryStore::new()));
     }
     Ok(Arc::new(SqlStore::connect(url, opts).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ListQuery;
+
+    fn q(prefix: &str, after: Option<&str>) -> ListQuery {
+        ListQuery {
+            prefix: prefix.to_owned(),
+            after: after.map(str::to_owned),
+            limit: 1,
+        }
+    }
+
+    #[test]
+    fn prefix_end_is_the_least_string_above_every_name_with_the_prefix() {
+        let end = |p: &str| q(p, None).prefix_end();
+        assert_eq!(end(""), None);
+        assert_eq!(end("a"), Some("b".into()));
+        assert_eq!(end("ab%"), Some("ab&".into()));
+        assert_eq!(end("a\u{7f}"), Some("a\u{80}".into()));
+        assert_eq!(end("\u{d7ff}"), Some("\u{e000}".into()));
+        assert_eq!(end("a\u{10ffff}"), Some("b".into()));
+        assert_eq!(end("\u{10ffff}\u{10ffff}"), None);
+        for (prefix, name) in [("a", "a\u{10ffff}\u{10ffff}"), ("a\u{7f}", "a\u{7f}\u{7f}")] {
+            let end = end(prefix).unwrap_or_default();
+            assert!(name.starts_with(prefix) && name < end.as_str());
+        }
+    }
+
+    #[test]
+    fn lower_bound_is_the_later_of_prefix_and_after() {
+        assert_eq!(q("p/", None).lower_bound(), ("p/", false));
+        assert_eq!(q("p/", Some("a")).lower_bound(), ("p/", false));
+        assert_eq!(q("p/", Some("p/")).lower_bound(), ("p/", true));
+        assert_eq!(q("p/", Some("p/3")).lower_bound(), ("p/3", true));
+        assert_eq!(q("", Some("")).lower_bound(), ("", true));
+    }
 }

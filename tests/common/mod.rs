@@ -934,6 +934,24 @@ impl DocumentStore for FlakyStore {
         r
     }
 
+    async fn list(
+        &self,
+        query: &hearth::storage::ListQuery,
+    ) -> Result<Vec<hearth::storage::DocumentInfo>, hearth::storage::StoreError> {
+        self.inner.list(query).await
+    }
+
+    async fn delete(&self, name: &str, epoch: i64) -> Result<bool, hearth::storage::StoreError> {
+        let r = self.inner.delete(name, epoch).await;
+        let outcome = match &r {
+            Ok(_) => "committed",
+            Err(e) if e.is_fenced() => "fenced",
+            Err(_) => "error",
+        };
+        self.record("delete", name, epoch, outcome);
+        r
+    }
+
     async fn ping(&self) -> Result<(), hearth::storage::StoreError> {
         Ok(())
     }

@@ -12,8 +12,11 @@ use std::str::FromStr;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{LoadRow, SqlOptions, assemble, db_err, migrate_err};
-use crate::storage::{Append, AppendOutcome, Epoch, LogSeq, StoreError, StoredDocument};
+use super::{LoadRow, SqlOptions, assemble, db_err, list_limit, list_sql, migrate_err};
+use crate::storage::{
+    Append, AppendOutcome, DocumentInfo, Epoch, ListQuery, LogSeq, StoreError, StoredDocument,
+    UNSTORED,
+};
 
 /// Migration 1. Frozen: sqlx checksums applied migrations; change the schema with a new one.
 const MIGRATION_1: &str = "\
@@ -36,8 +39,15 @@ CREATE INDEX document_updates_name_seq ON document_updates (name, seq);
 /// wrote what). `NULL` on rows written before it. Frozen like migration 1.
 const MIGRATION_2: &str = "ALTER TABLE document_updates ADD COLUMN epoch BIGINT;";
 
+/// Migration 3: `list` orders and bounds names by bytes (`COLLATE "C"`), which the primary key's
+/// index (in the database's collation) cannot serve; this index can. Frozen like migration 1.
+const MIGRATION_3: &str = "CREATE INDEX documents_name_bytes ON documents (name COLLATE \"C\");";
+
+/// The name column compared in byte order, as `documents_name_bytes` indexes it.
+const NAME_BYTES: &str = "name COLLATE \"C\"";
+
 fn migrator() -> Migrator {
-    super::migrator([MIGRATION_1, MIGRATION_2])
+    super::migrator([MIGRATION_1, MIGRATION_2, MIGRATION_3])
 }
 
 pub(super) async fn connect(url: &str, opts: &SqlOptions) -> Result<PgPool, StoreError> {
@@ -273,6 +283,76 @@ pub(super) async fn compact(
         .await
         .map_err(db_err)?;
     tx.commit().await.map_err(db_err)
+}
+
+/// Reads a page of names: one statement, a range scan of `documents_name_bytes`.
+pub(super) async fn list(p: &PgPool, query: &ListQuery) -> Result<Vec<DocumentInfo>, StoreError> {
+    let sql = list_sql(query, NAME_BYTES, |n| format!("${n}"));
+    // built from constant text only: the bounds and the limit are bound
+    let mut q = sqlx::query_as::<_, (String, Epoch)>(sqlx::AssertSqlSafe(sql))
+        .bind(query.lower_bound().0.to_owned());
+    if let Some(end) = query.prefix_end() {
+        q = q.bind(end);
+    }
+    let rows = q
+        .bind(list_limit(query))
+        .fetch_all(p)
+        .await
+        .map_err(db_err)?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, epoch)| DocumentInfo { name, epoch })
+        .collect())
+}
+
+/// Locks the row (a concurrent `append` or `acquire_epoch` waits, and then sees the new
+/// epoch), checks the epoch, drops the log, empties the row and increments its epoch.
+pub(super) async fn delete(p: &PgPool, name: &str, epoch: Epoch) -> Result<bool, StoreError> {
+    let mut tx = p.begin().await.map_err(db_err)?;
+    let row: Option<(Epoch, bool)> = sqlx::query_as(
+        "SELECT epoch, snapshot IS NOT NULL FROM documents WHERE name = $1 FOR UPDATE",
+    )
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    let had_snapshot = match row {
+        Some((current, had_snapshot)) if current == epoch => had_snapshot,
+        Some((current, _)) => {
+            tx.rollback().await.map_err(db_err)?;
+            return Err(StoreError::Fenced {
+                current,
+                mine: epoch,
+            });
+        }
+        None => {
+            tx.rollback().await.map_err(db_err)?;
+            if epoch == UNSTORED {
+                return Ok(false);
+            }
+            return Err(StoreError::Fenced {
+                current: 0,
+                mine: epoch,
+            });
+        }
+    };
+    let logged = sqlx::query("DELETE FROM document_updates WHERE name = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected();
+    sqlx::query(
+        "UPDATE documents SET epoch = epoch + 1, snapshot = NULL, snapshot_seq = 0, \
+             updated_at = now() \
+         WHERE name = $1",
+    )
+    .bind(name)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    Ok(had_snapshot || logged > 0)
 }
 
 pub(super) async fn ping(p: &PgPool) -> Result<(), StoreError> {

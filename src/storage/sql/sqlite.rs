@@ -2,10 +2,10 @@
 //!
 //! Two pools on one file: a **writer** pool with a single connection (every write transaction
 //! queues there, in FIFO order, instead of racing for the SQLite write lock and backing off on
-//! `SQLITE_BUSY`) and a **reader** pool for `load`, `current_epoch` and `ping` (WAL readers
-//! never block the writer and see a consistent snapshot per statement). Write transactions start
-//! with `BEGIN IMMEDIATE`, so the database write lock is held *before* the epoch is read, which
-//! also keeps fencing correct when another process writes the same file.
+//! `SQLITE_BUSY`) and a **reader** pool for `load`, `list`, `current_epoch` and `ping` (WAL
+//! readers never block the writer and see a consistent snapshot per statement). Write
+//! transactions start with `BEGIN IMMEDIATE`, so the database write lock is held *before* the
+//! epoch is read, which also keeps fencing correct when another process writes the same file.
 
 use std::str::FromStr;
 
@@ -15,8 +15,13 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, SqliteConnection, Transaction};
 
-use super::{LoadRow, SqlOptions, Synchronous, assemble, db_err, migrate_err};
-use crate::storage::{Append, AppendOutcome, Epoch, LogSeq, StoreError, StoredDocument};
+use super::{
+    LoadRow, SqlOptions, Synchronous, assemble, db_err, list_limit, list_sql, migrate_err,
+};
+use crate::storage::{
+    Append, AppendOutcome, DocumentInfo, Epoch, ListQuery, LogSeq, StoreError, StoredDocument,
+    UNSTORED,
+};
 
 /// Migration 1. Frozen: sqlx checksums applied migrations; change the schema with a new one.
 const MIGRATION_1: &str = "\
@@ -39,11 +44,16 @@ CREATE INDEX document_updates_name_seq ON document_updates (name, seq);
 /// wrote what). `NULL` on rows written before it. Frozen like migration 1.
 const MIGRATION_2: &str = "ALTER TABLE document_updates ADD COLUMN epoch INTEGER;";
 
+/// Migration 3: nothing on SQLite. `TEXT` compares with the `BINARY` collation (`memcmp` of the
+/// UTF-8 bytes), so the primary key's index already orders names by bytes for `list`; PostgreSQL
+/// needs an index of its own. Frozen like migration 1.
+const MIGRATION_3: &str = "-- the primary key index already orders names by bytes\n";
+
 /// How often opening a SQLite file is retried after a database error (see `connect`).
 const MIGRATE_ATTEMPTS: u64 = 5;
 
 fn migrator() -> Migrator {
-    super::migrator([MIGRATION_1, MIGRATION_2])
+    super::migrator([MIGRATION_1, MIGRATION_2, MIGRATION_3])
 }
 
 #[derive(Clone)]
@@ -374,6 +384,83 @@ async fn compact_on(
         .await
         .map_err(db_err)?;
     tx.commit().await.map_err(db_err)
+}
+
+/// Reads a page of names on the reader pool: one statement, a range scan of the primary key's
+/// index (`BINARY` collation: byte order).
+pub(super) async fn list(p: &Pools, query: &ListQuery) -> Result<Vec<DocumentInfo>, StoreError> {
+    let sql = list_sql(query, "name", |_| "?".to_owned());
+    // built from constant text only: the bounds and the limit are bound
+    let mut q = sqlx::query_as::<_, (String, Epoch)>(sqlx::AssertSqlSafe(sql))
+        .bind(query.lower_bound().0.to_owned());
+    if let Some(end) = query.prefix_end() {
+        q = q.bind(end);
+    }
+    let rows = q
+        .bind(list_limit(query))
+        .fetch_all(&p.reader)
+        .await
+        .map_err(db_err)?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, epoch)| DocumentInfo { name, epoch })
+        .collect())
+}
+
+pub(super) async fn delete(p: &Pools, name: &str, epoch: Epoch) -> Result<bool, StoreError> {
+    with_writer!(p, |conn| delete_on(conn, name, epoch))
+}
+
+/// Under the write lock: check the epoch, drop the log, empty the row and increment its epoch.
+async fn delete_on(
+    conn: &mut SqliteConnection,
+    name: &str,
+    epoch: Epoch,
+) -> Result<bool, StoreError> {
+    let mut tx = begin_write(conn).await?;
+    let row: Option<(Epoch, bool)> =
+        sqlx::query_as("SELECT epoch, snapshot IS NOT NULL FROM documents WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+    let had_snapshot = match row {
+        Some((current, had_snapshot)) if current == epoch => had_snapshot,
+        Some((current, _)) => {
+            tx.rollback().await.map_err(db_err)?;
+            return Err(StoreError::Fenced {
+                current,
+                mine: epoch,
+            });
+        }
+        None => {
+            tx.rollback().await.map_err(db_err)?;
+            if epoch == UNSTORED {
+                return Ok(false);
+            }
+            return Err(StoreError::Fenced {
+                current: 0,
+                mine: epoch,
+            });
+        }
+    };
+    let logged = sqlx::query("DELETE FROM document_updates WHERE name = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected();
+    sqlx::query(
+        "UPDATE documents SET epoch = epoch + 1, snapshot = NULL, snapshot_seq = 0, \
+             updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+         WHERE name = $1",
+    )
+    .bind(name)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    Ok(had_snapshot || logged > 0)
 }
 
 pub(super) async fn ping(p: &Pools) -> Result<(), StoreError> {
