@@ -72,8 +72,30 @@ where
     };
     crate::alloc::set_cap(config.max_allocation_bytes);
     init_tracing(config.log_format);
-    if let Some(Command::Cluster(cmd)) = command {
-        return cluster_command(config, cmd);
+    match command {
+        Some(Command::Doc(cmd)) => {
+            return admin_command(crate::admin::commands::doc(cmd));
+        }
+        Some(Command::Event(cmd)) => {
+            return admin_command(crate::admin::commands::event(cmd));
+        }
+        Some(Command::Cluster(ClusterCommand::Drain { node, admin })) => {
+            return admin_command(
+                async move { crate::admin::commands::drain(&node, &admin).await },
+            );
+        }
+        Some(Command::Cluster(ClusterCommand::Owner { document, admin }))
+            if !admin.token.is_empty() =>
+        {
+            return admin_command(
+                async move { crate::admin::commands::owner(&document, &admin).await },
+            );
+        }
+        Some(Command::Cluster(ClusterCommand::Status { admin })) if !admin.token.is_empty() => {
+            return admin_command(async move { crate::admin::commands::status(&admin).await });
+        }
+        Some(Command::Cluster(cmd)) => return cluster_command(config, cmd),
+        _ => {}
     }
     if let Some(Command::Health) = command {
         return health_command(config.listen);
@@ -127,7 +149,7 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
     }
     let result = runtime.block_on(async {
         match cmd {
-            ClusterCommand::Owner { document } => crate::cluster::owner_of(&config, &document)
+            ClusterCommand::Owner { document, .. } => crate::cluster::owner_of(&config, &document)
                 .await
                 .map(|owner| match owner {
                     Some(node) => {
@@ -136,19 +158,23 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
                     }
                     None => false,
                 }),
-            ClusterCommand::Status => crate::cluster::live_nodes(&config).await.map(|nodes| {
-                for (node, incarnation) in &nodes {
-                    println!("{node} {incarnation}");
-                }
-                true
-            }),
+            ClusterCommand::Status { .. } => {
+                crate::cluster::live_nodes(&config).await.map(|nodes| {
+                    for (node, incarnation) in &nodes {
+                        println!("{node} {incarnation}");
+                    }
+                    true
+                })
+            }
             ClusterCommand::Decode {
                 listen: Some(n), ..
             } => crate::cluster::listen(&config, n, |line| println!("{line}"))
                 .await
                 .map(|()| true),
             // handled above: they have exit statuses of their own
-            ClusterCommand::Emit { .. } | ClusterCommand::Decode { .. } => Ok(false),
+            ClusterCommand::Emit { .. }
+            | ClusterCommand::Decode { .. }
+            | ClusterCommand::Drain { .. } => Ok(false),
         }
     });
     match result {
@@ -157,6 +183,26 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
         Err(e) => {
             eprintln!("hearth: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs one admin API command: its output on stdout, one line on stderr when it fails, and
+/// the exit status of [`crate::admin::client::exit`].
+fn admin_command(
+    f: impl std::future::Future<Output = Result<(), crate::admin::client::ClientError>>,
+) -> ExitCode {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearth: {}", e.message);
+            ExitCode::from(e.status)
         }
     }
 }
@@ -254,6 +300,7 @@ async fn emit_command(
 async fn serve(config: Config, extensions: Extensions) -> anyhow::Result<()> {
     let ready_file = config.ready_file.clone();
     let operator_ready_file = config.operator_ready_file.clone();
+    let admin_ready_file = config.admin_ready_file.clone();
     let mut builder = Server::builder(config);
     for e in extensions(&builder.weak_handle()) {
         builder = builder.extension_arc(e);
@@ -262,6 +309,9 @@ async fn serve(config: Config, extensions: Extensions) -> anyhow::Result<()> {
     // the operator file first: whoever sees the ready file finds both
     if let Some(addr) = server.operator_addr() {
         write_ready_file(&operator_ready_file, addr)?;
+    }
+    if let Some(addr) = server.admin_addr() {
+        write_ready_file(&admin_ready_file, addr)?;
     }
     write_ready_file(&ready_file, server.local_addr())?;
     tokio::spawn(on_signal(server.handle()));

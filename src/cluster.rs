@@ -118,6 +118,9 @@ pub enum ClusterError {
         /// The incarnation holding it.
         incarnation: String,
     },
+    /// This node is draining: it takes ownership of no document.
+    #[error("this node is draining and takes no new documents")]
+    Draining,
 }
 
 /// A document's home: the node that serves it.
@@ -156,6 +159,8 @@ pub struct Cluster {
     limits: SessionLimits,
     edge_sessions: Mutex<HashMap<ConnId, Arc<edge::EdgeClient>>>,
     peers_seen: Mutex<HashMap<NodeAddr, Instant>>,
+    /// Set by a drain: the node claims no document from then on.
+    draining: std::sync::atomic::AtomicBool,
     pub(crate) metrics: ClusterMetrics,
 }
 
@@ -248,6 +253,7 @@ impl Cluster {
             limits: SessionLimits::from_config(config),
             edge_sessions: Mutex::new(HashMap::new()),
             peers_seen: Mutex::new(HashMap::new()),
+            draining: Default::default(),
             metrics,
         });
         info!(node = %cluster.me, "joined the cluster");

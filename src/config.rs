@@ -57,6 +57,12 @@ pub enum Command {
     /// Inspect a cluster or send it a custom event (needs `HEARTH_REDIS_URL`).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Read, edit, message, close, delete or list documents through any node's admin API.
+    #[command(subcommand)]
+    Doc(DocCommand),
+    /// Custom events through any node's admin API.
+    #[command(subcommand)]
+    Event(EventCommand),
     /// Ask the server on this machine whether it is up: `GET /healthz` on the configured
     /// `listen` address (a wildcard address is asked on loopback), 2 s at most. Exit status 0
     /// when it answers 200, 1 otherwise (one line on stderr says why). For container health
@@ -67,13 +73,30 @@ pub enum Command {
 /// `hearth cluster …`
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// Print the id of the node that owns DOCUMENT (nothing and exit status 1 when nobody does).
+    /// Print the id of the node that owns DOCUMENT (nothing and exit status 1 when nobody does;
+    /// 3 through the admin API). Reads the lock in Redis, or asks the admin API when an admin
+    /// token is given.
     Owner {
         /// Document name.
         document: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
-    /// List the live nodes.
-    Status,
+    /// List the live nodes (from Redis, or with their documents and connections from the
+    /// admin API when an admin token is given).
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Drain node NODE through the admin API: it stops taking clients and documents, closes
+    /// its sockets (providers reconnect elsewhere) and hands its documents over; the process
+    /// keeps running until it is stopped.
+    Drain {
+        /// The node id.
+        node: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Run custom event EVENT on the node that owns DOCUMENT and write its reply payload to
     /// stdout as is. Exit status: 0 answered; 1 nobody owns DOCUMENT, no handler for EVENT, or
     /// the handler failed; 2 no reply within `custom_event_ttl_ms`, or Redis or the owner
@@ -100,6 +123,124 @@ pub enum ClusterCommand {
         /// Subscribe and print the next N messages instead of reading one.
         #[arg(long, value_name = "N")]
         listen: Option<usize>,
+    },
+}
+
+/// How `hearth doc|event|cluster` reach the admin API.
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    /// The admin API of any node (`http://host:port`).
+    #[arg(
+        long,
+        env = "HEARTH_ADMIN_URL",
+        default_value = "http://127.0.0.1:9465"
+    )]
+    pub server: String,
+    /// An admin bearer token (one of the nodes' `admin_tokens`).
+    #[arg(
+        long,
+        env = "HEARTH_ADMIN_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub token: String,
+    /// Print the API's JSON answer as is.
+    #[arg(long)]
+    pub json: bool,
+    /// Wait at most this long for the answer, in milliseconds (also the owner's deadline).
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout_ms: u64,
+    /// Do not load a document that no node owns: fail (exit status 69) instead.
+    #[arg(long)]
+    pub no_claim: bool,
+}
+
+/// `hearth doc …`
+#[derive(Debug, Subcommand)]
+pub enum DocCommand {
+    /// Print DOCUMENT's content as JSON (every root type; XML fragments as ProseMirror JSON).
+    Get {
+        /// Document name.
+        document: String,
+        /// Parts to return, comma-separated: json, state, state_vector (default: json; all
+        /// three with --json).
+        #[arg(long)]
+        include: Option<String>,
+        /// Type hints `name:kind,…` (kind: text, map, array, xml).
+        #[arg(long)]
+        types: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Apply an edit to DOCUMENT under its owner's lock; returns once it is durable.
+    Apply {
+        /// Document name.
+        document: String,
+        /// A binary Yjs v1 update to apply (`-` reads standard input).
+        #[arg(long, value_name = "FILE")]
+        update_file: Option<PathBuf>,
+        /// JSON operations, an array (see docs/admin-api.md); `@FILE` reads them from a file.
+        #[arg(long, value_name = "JSON")]
+        ops: Option<String>,
+        /// Append TEXT to the Y.Text root TYPE.
+        #[arg(long, num_args = 2, value_names = ["TYPE", "TEXT"])]
+        append_text: Option<Vec<String>>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Send a stateless message to every client of DOCUMENT, on every node.
+    Broadcast {
+        /// Document name.
+        document: String,
+        /// The message (any string; clients get it as a stateless payload).
+        message: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Close every connection of DOCUMENT, on every node (clients reconnect and resync).
+    Close {
+        /// Document name.
+        document: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete DOCUMENT's stored content (its connections are closed first).
+    Delete {
+        /// Document name.
+        document: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List stored and loaded documents with their owner and connections.
+    List {
+        /// Only names starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Start after this name (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Page size (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `hearth event …`
+#[derive(Debug, Subcommand)]
+pub enum EventCommand {
+    /// Run custom event EVENT on the node that owns DOCUMENT and print its reply.
+    Fire {
+        /// Document name.
+        document: String,
+        /// Event name.
+        event: String,
+        /// JSON payload (default: none); `-` reads it from standard input.
+        #[arg(allow_hyphen_values = true)]
+        payload: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -160,7 +301,12 @@ macro_rules! settings {
 }
 
 /// Settings whose values never appear in `Debug` output.
-const SECRET_SETTINGS: [&str; 3] = ["cluster_secret", "cluster_secret_previous", "auth_tokens"];
+const SECRET_SETTINGS: [&str; 4] = [
+    "cluster_secret",
+    "cluster_secret_previous",
+    "auth_tokens",
+    "admin_tokens",
+];
 
 /// A setting's `Debug` text with secrets hidden: the whole value of a [`SECRET_SETTINGS`] entry
 /// that is set, and the password of any `scheme://user:password@host` URL.
@@ -202,6 +348,18 @@ settings! {
     /// Address and port of the operator listener (`/metrics`, `/cluster/owned`, `/healthz`,
     /// `/readyz` with reasons); empty = no operator listener.
     operator_listen: String = "127.0.0.1:9464".into(), env = "HEARTH_OPERATOR_LISTEN";
+    /// Address and port of the admin API (documents, custom events, nodes; docs/admin-api.md).
+    /// It serves only when `admin_tokens` is set.
+    admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9465)), env = "HEARTH_ADMIN_LISTEN";
+    /// Bearer tokens the admin API accepts, comma-separated (list several to rotate); each at
+    /// least 16 characters. Empty: no admin API.
+    admin_tokens: String = String::new(), env = "HEARTH_ADMIN_TOKENS";
+    /// Largest admin API request body, in bytes (413 beyond).
+    admin_max_body_bytes: usize = 8 << 20, env = "HEARTH_ADMIN_MAX_BODY_BYTES";
+    /// Admin API requests accepted per second on this node (bursts of twice as many; 429 beyond).
+    admin_requests_per_second: u32 = 500, env = "HEARTH_ADMIN_REQUESTS_PER_SECOND";
+    /// Write the admin listener's bound `ip:port` to this file (before the ready file).
+    admin_ready_file: PathBuf = PathBuf::new(), env = "HEARTH_ADMIN_READY_FILE";
     /// This node's id (logs, metrics, cluster ownership). Default: host name.
     node_id: String = default_node_id(), env = "HEARTH_NODE_ID";
     /// Storage: `sqlite://PATH`, `postgres://…` or `memory://` (nothing persisted).
@@ -427,6 +585,7 @@ impl Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             operator_listen: "127.0.0.1:0".into(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             node_id: "test".into(),
             database_url: "memory://".into(),
             ..Self::default()
@@ -491,6 +650,15 @@ impl Config {
         }
         if let Err(e) = crate::client_ip::TrustedProxies::parse(&self.trusted_proxies) {
             return invalid("trusted_proxies", &e.to_string());
+        }
+        if let Err(e) = self.admin_token_list() {
+            return invalid("admin_tokens", &e);
+        }
+        if self.admin_requests_per_second == 0 {
+            return invalid("admin_requests_per_second", "must be > 0");
+        }
+        if self.admin_max_body_bytes < 1024 {
+            return invalid("admin_max_body_bytes", "must be >= 1024");
         }
         if self.operator_addr().is_err() {
             return invalid(
@@ -633,6 +801,32 @@ impl Config {
         } else {
             s.parse().map(Some)
         }
+    }
+
+    /// The admin API's bearer tokens (empty: the admin API is off). Each must be at least 16
+    /// characters, printable ASCII without spaces.
+    pub fn admin_token_list(&self) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        for (i, t) in self.admin_tokens.split(',').map(str::trim).enumerate() {
+            if t.is_empty() {
+                continue;
+            }
+            if t.len() < 16 {
+                return Err(format!(
+                    "token {} is {} characters long; at least 16 are required",
+                    i + 1,
+                    t.len()
+                ));
+            }
+            if !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "token {} contains a space or a non-ASCII character",
+                    i + 1
+                ));
+            }
+            out.push(t.to_owned());
+        }
+        Ok(out)
     }
 
     /// True when `redis_url` is set.

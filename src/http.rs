@@ -264,3 +264,37 @@ async fn readiness(shared: &Shared) -> Result<(), String> {
         Err(_) => Err("storage: timeout".into()),
     }
 }
+
+/// Accepts connections on `listener` until the task is aborted and serves each in a task of its
+/// own with `serve`; at most `max` at once (one more is closed as soon as it is accepted).
+/// `what` names the listener in logs.
+pub(crate) async fn accept_bounded<F, Fut>(
+    listener: tokio::net::TcpListener,
+    max: usize,
+    what: &'static str,
+    serve: F,
+) where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(tokio::sync::Semaphore::new(max));
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!(peer = %remote, listener = what, "listener busy: closing");
+            continue;
+        };
+        let conn = serve(tcp, remote);
+        tokio::spawn(async move {
+            conn.await;
+            drop(permit);
+        });
+    }
+}

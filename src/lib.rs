@@ -14,6 +14,7 @@
 //! Everything else (connections, document tasks, the cluster, the HTTP front, throttling) is
 //! internal; ARCHITECTURE.md maps it.
 
+pub mod admin;
 pub mod alloc;
 pub(crate) mod auth;
 pub mod cli;
@@ -22,6 +23,7 @@ pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod connection;
 pub(crate) mod doc;
+pub mod events;
 pub(crate) mod fd_limit;
 pub mod hooks;
 pub(crate) mod http;
@@ -39,7 +41,7 @@ pub use async_trait::async_trait;
 pub use cluster::EmitError;
 pub use config::Config;
 pub use doc::LoadError;
-pub use doc::TransactError;
 pub use doc::direct::DirectConnection;
+pub use doc::{DocInfo, TransactError};
 pub use hooks::{Context, Extension, HookError, HookResult};
-pub use server::{LockDocumentError, Server, ServerError, ServerHandle, WeakServer};
+pub use server::{EmitOptions, LockDocumentError, Server, ServerError, ServerHandle, WeakServer};

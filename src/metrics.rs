@@ -19,6 +19,8 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     /// Client-port connections closed because no complete request header arrived in time.
     pub http_header_timeouts: IntCounter,
+    /// Admin API requests by route template and HTTP status.
+    pub admin_requests: IntCounterVec,
     /// Established document connections (client attachments).
     pub doc_connections: IntGauge,
     /// Loaded documents.
@@ -152,6 +154,11 @@ impl Metrics {
             http_header_timeouts: counter(
                 "hearth_http_header_timeouts_total",
                 "Connections closed for not sending a complete request header in time",
+            )?,
+            admin_requests: counter_vec(
+                "hearth_admin_requests_total",
+                "Admin API requests by route and HTTP status",
+                &["route", "status"],
             )?,
             doc_connections: gauge(
                 "hearth_document_connections",

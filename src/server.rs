@@ -19,11 +19,11 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::admin::{DocumentEntry, DocumentPage, DrainError};
 use crate::auth::StaticTokens;
 use crate::client_ip::TrustedProxies;
 use crate::cluster::{Cluster, ClusterPlacement, EmitError, LockOwnership, TransportBurst};
@@ -36,6 +36,7 @@ use crate::doc::ownership::Ownership;
 use crate::doc::registry::Registry;
 use crate::doc::services::{Burst, DocServices};
 use crate::doc::{DocCommand, LoadError};
+use crate::events::NodeStatus;
 use crate::hooks::{Context, Extension, Extensions};
 use crate::limits::{ConnectionLimits, ConnectionSlot, IpAdmission};
 use crate::metrics::Metrics;
@@ -69,6 +70,14 @@ pub enum ServerError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The admin listener (`admin_listen`) could not be bound.
+    #[error("cannot listen on {addr} (admin_listen)")]
+    AdminBind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// Storage could not be opened.
     #[error("storage")]
     Storage(#[from] storage::StoreError),
@@ -89,6 +98,8 @@ pub struct ServerBuilder {
     extensions: Vec<Arc<dyn Extension>>,
     store: Option<Arc<dyn DocumentStore>>,
     weak: WeakServer,
+    /// Handler names that collide with built-in events (refused by `bind`).
+    reserved: Vec<String>,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -103,6 +114,29 @@ impl ServerBuilder {
     /// Adds an extension (ordered by its priority).
     pub fn extension(mut self, e: impl Extension) -> Self {
         self.extensions.push(Arc::new(e));
+        self
+    }
+
+    /// Registers a handler for custom event `name`: its payload is decoded from JSON into `Req`,
+    /// its reply encoded as JSON, and an `Err` is the event's handler error. It runs on the
+    /// document's owner like any custom event (from another node, `hearth event fire` or the
+    /// admin API). Names starting with `hearth.` are reserved for built-in events:
+    /// [`ServerBuilder::bind`] refuses them.
+    pub fn on_event<Req, Resp, F, Fut>(mut self, name: &str, handler: F) -> Self
+    where
+        Req: serde::de::DeserializeOwned + Send + 'static,
+        Resp: serde::Serialize + Send + 'static,
+        F: Fn(crate::events::handlers::EventCall<Req>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Resp, crate::hooks::HookError>> + Send + 'static,
+    {
+        if crate::events::is_builtin(name) {
+            self.reserved.push(name.to_owned());
+        }
+        self.extensions
+            .push(Arc::new(crate::events::handlers::NamedEvent::new(
+                name.to_owned(),
+                handler,
+            )));
         self
     }
 
@@ -129,6 +163,15 @@ impl ServerBuilder {
     /// Validates, opens storage, runs `on_configure` and binds the listener.
     pub async fn bind(mut self) -> Result<Server, ServerError> {
         self.config.validate()?;
+        if let Some(name) = self.reserved.first() {
+            return Err(crate::config::ConfigError::Invalid {
+                name: "on_event",
+                message: format!(
+                    "event name {name:?} is reserved (names starting with `hearth.` are built in)"
+                ),
+            }
+            .into());
+        }
         let store = match self.store.take() {
             Some(s) => s,
             None => {
@@ -179,6 +222,16 @@ impl ServerBuilder {
             // validated above
             Ok(None) | Err(_) => None,
         };
+        let admin = match crate::admin::AdminSettings::from_config(&self.config) {
+            Some(settings) => {
+                let addr = self.config.admin_listen;
+                let bind_err = |source| ServerError::AdminBind { addr, source };
+                let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+                let bound = l.local_addr().map_err(bind_err)?;
+                Some((l, bound, settings))
+            }
+            None => None,
+        };
         let trusted = TrustedProxies::parse(&self.config.trusted_proxies).map_err(|e| {
             crate::config::ConfigError::Invalid {
                 name: "trusted_proxies",
@@ -210,12 +263,14 @@ impl ServerBuilder {
                 .as_ref()
                 .map(|(c, _)| Arc::new(TransportBurst(c.clone())) as Arc<dyn Burst>),
         });
+        let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
             config: self.config,
             extensions,
             metrics,
             docs: docs.clone(),
-            shutdown: CancellationToken::new(),
+            stop_sockets: shutdown.child_token(),
+            shutdown,
             sockets: TaskTracker::new(),
             draining: Default::default(),
             placement: cluster.as_ref().map(|(c, _)| {
@@ -240,6 +295,7 @@ impl ServerBuilder {
             listener,
             local,
             operator,
+            admin,
             limits,
             trusted: Arc::new(trusted),
         })
@@ -260,6 +316,7 @@ pub struct Server {
     listener: TcpListener,
     local: SocketAddr,
     operator: Option<(TcpListener, SocketAddr)>,
+    admin: Option<(TcpListener, SocketAddr, crate::admin::AdminSettings)>,
     limits: Arc<ConnectionLimits>,
     trusted: Arc<TrustedProxies>,
 }
@@ -272,6 +329,7 @@ impl Server {
             extensions: Vec::new(),
             store: None,
             weak: WeakServer::default(),
+            reserved: Vec::new(),
         }
     }
 
@@ -284,6 +342,11 @@ impl Server {
     /// `/readyz`); `None` when `operator_listen` is empty.
     pub fn operator_addr(&self) -> Option<SocketAddr> {
         self.operator.as_ref().map(|(_, a)| *a)
+    }
+
+    /// The admin API's bound address; `None` when no admin token is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, a, _)| *a)
     }
 
     /// The node's connection cap in force: `max_connections`, or less when the open-file limit
@@ -306,6 +369,7 @@ impl Server {
             listener,
             local,
             operator,
+            admin,
             limits,
             trusted,
         } = self;
@@ -313,6 +377,17 @@ impl Server {
         let operator_addr = operator.as_ref().map(|(_, a)| *a);
         info!(addr = %local, operator = ?operator_addr, max_connections = limits.max_total(), node = %shared.config.node_id, storage = shared.docs.store.backend(), durability = ?shared.config.durability, "hearth listening");
         let operator_task = operator.map(|(l, _)| tokio::spawn(serve_operator(shared.clone(), l)));
+        let admin_task = admin.map(|(l, addr, settings)| {
+            info!(addr = %addr, "admin API listening");
+            let backend = Arc::new(ServerHandle { node: node.clone() });
+            tokio::spawn(crate::admin::serve(
+                l,
+                backend,
+                settings,
+                shared.metrics.clone(),
+                Duration::from_millis(shared.config.http_header_timeout_ms),
+            ))
+        });
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
@@ -343,6 +418,9 @@ impl Server {
         drop(listener);
         shutdown(&node).await;
         if let Some(t) = operator_task {
+            t.abort();
+        }
+        if let Some(t) = admin_task {
             t.abort();
         }
         Ok(())
@@ -388,33 +466,26 @@ async fn serve_client(
 
 /// Accepts operator connections (at most [`OPERATOR_MAX_CONNECTIONS`] at once) until aborted.
 async fn serve_operator(shared: Arc<Shared>, listener: TcpListener) {
-    let permits = Arc::new(Semaphore::new(OPERATOR_MAX_CONNECTIONS));
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "operator accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+    crate::http::accept_bounded(
+        listener,
+        OPERATOR_MAX_CONNECTIONS,
+        "operator",
+        move |tcp, remote| {
+            let shared = shared.clone();
+            async move {
+                let svc_shared = shared.clone();
+                let svc =
+                    service_fn(move |req| crate::http::handle_operator(svc_shared.clone(), req));
+                if let Err(e) = http_builder(&shared)
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await
+                {
+                    debug!(peer = %remote, error = %e, "operator connection ended with an error");
+                }
             }
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            debug!(peer = %remote, "operator listener busy: closing");
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc_shared = shared.clone();
-            let svc = service_fn(move |req| crate::http::handle_operator(svc_shared.clone(), req));
-            if let Err(e) = http_builder(&shared)
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await
-            {
-                debug!(peer = %remote, error = %e, "operator connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
+        },
+    )
+    .await;
 }
 
 async fn shutdown(node: &Node) {
@@ -425,32 +496,7 @@ async fn shutdown(node: &Node) {
         // peers stop routing here at once instead of waiting for lock expiry
         c.drain().await;
     }
-    info!("shutting down: closing sockets");
-    // sockets react to the cancelled token: CLOSE per document, socket close 4205
-    shared.sockets.close();
-    if tokio::time::timeout_at(deadline, shared.sockets.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            sockets = shared.sockets.len(),
-            "sockets still open at the shutdown deadline"
-        );
-    }
-    let handles = shared.docs.registry.handles();
-    info!(documents = handles.len(), "storing documents");
-    let mut waits = Vec::new();
-    for h in handles {
-        let (tx, rx) = oneshot::channel();
-        if h.send(DocCommand::Shutdown(tx)).await {
-            waits.push(rx);
-        }
-    }
-    for rx in waits {
-        if tokio::time::timeout_at(deadline, rx).await.is_err() {
-            warn!("a document did not finish storing before the shutdown deadline");
-        }
-    }
+    crate::connection::node::drain(shared, deadline).await;
     if let Some(c) = &node.cluster {
         // Releasing locks needs Redis; when it is unreachable the locks expire on their own
         // (lock_ttl), so the exit is not held up for longer than this.
@@ -500,17 +546,228 @@ impl ServerHandle {
     }
 
     /// Runs custom event `name` on the node that owns `document` (this one, or another through
-    /// the cluster, waiting at most `custom_event_ttl_ms`); `on_custom_event` hooks answer it.
+    /// the cluster, waiting at most `custom_event_ttl_ms`); `on_custom_event` hooks answer it,
+    /// or the built-in events of [`crate::events`] for names starting with `hearth.`.
     pub async fn emit(
         &self,
         document: &str,
         name: &str,
         payload: Vec<u8>,
     ) -> Result<Vec<u8>, EmitError> {
+        self.emit_with(document, name, payload, EmitOptions::default())
+            .await
+    }
+
+    /// [`ServerHandle::emit`] with a reply timeout and the choice not to claim a document
+    /// nobody owns ([`EmitError::NotOwned`] then).
+    pub async fn emit_with(
+        &self,
+        document: &str,
+        name: &str,
+        payload: Vec<u8>,
+        options: EmitOptions,
+    ) -> Result<Vec<u8>, EmitError> {
+        let shared = &self.node.shared;
         match &self.node.cluster {
-            Some(c) => c.emit(&self.node.shared, document, name, payload).await,
-            None => crate::cluster::emit_local(&self.node.shared, document, name, &payload).await,
+            Some(c) => {
+                c.emit(
+                    shared,
+                    document,
+                    name,
+                    payload,
+                    options.timeout,
+                    options.claim,
+                )
+                .await
+            }
+            None => {
+                if !options.claim && shared.docs.registry.get(document).is_none() {
+                    return Err(EmitError::NotOwned);
+                }
+                let run = crate::cluster::emit_local(shared, document, name, &payload);
+                match options.timeout {
+                    Some(t) => tokio::time::timeout(t, run)
+                        .await
+                        .unwrap_or(Err(EmitError::Timeout)),
+                    None => run.await,
+                }
+            }
         }
+    }
+
+    /// The id of the node that owns `document` now, if any (never claims it).
+    pub async fn document_owner(&self, document: &str) -> Result<Option<String>, EmitError> {
+        match &self.node.cluster {
+            Some(c) => c.owner_of(document).await,
+            None => Ok(self
+                .node
+                .shared
+                .docs
+                .registry
+                .get(document)
+                .map(|_| self.node.shared.config.node_id.clone())),
+        }
+    }
+
+    /// This node's status; with `with_documents`, its loaded documents too.
+    pub async fn node_status(&self, with_documents: bool) -> NodeStatus {
+        crate::connection::node::status(
+            &self.node.shared,
+            self.node.cluster.is_some(),
+            with_documents,
+        )
+        .await
+    }
+
+    /// The status of every live node (this one alone without a cluster). A node that does not
+    /// answer within two seconds is listed with an `error`.
+    pub async fn nodes(&self, with_documents: bool) -> Result<Vec<NodeStatus>, EmitError> {
+        let Some(c) = &self.node.cluster else {
+            return Ok(vec![self.node_status(with_documents).await]);
+        };
+        let me = self.node.shared.config.node_id.clone();
+        let payload = serde_json::json!({ "documents": with_documents })
+            .to_string()
+            .into_bytes();
+        let mut out = Vec::new();
+        for addr in c.live_nodes().await? {
+            if addr.id.as_str() == me {
+                out.push(self.node_status(with_documents).await);
+                continue;
+            }
+            let answer = c
+                .node_call(
+                    &addr,
+                    crate::events::NODE_STATUS,
+                    payload.clone(),
+                    NODE_CALL_TIMEOUT,
+                )
+                .await
+                .and_then(|v| {
+                    serde_json::from_slice::<NodeStatus>(&v)
+                        .map_err(|e| EmitError::Unavailable(e.to_string()))
+                });
+            out.push(answer.unwrap_or_else(|e| NodeStatus {
+                node: addr.id.as_str().to_owned(),
+                cluster: true,
+                error: Some(e.to_string()),
+                ..NodeStatus::default()
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Starts draining node `node` (its id; `None` for this node): it stops taking clients and
+    /// documents, `/readyz` answers 503, its sockets close with a reset (providers reconnect
+    /// elsewhere) and its documents are stored and handed over. The process keeps running.
+    pub async fn drain(&self, node: Option<&str>) -> Result<(), DrainError> {
+        let shared = &self.node.shared;
+        let here = node.is_none_or(|n| n == shared.config.node_id);
+        match &self.node.cluster {
+            Some(c) if here => {
+                c.start_drain(shared.clone());
+                Ok(())
+            }
+            Some(c) => {
+                let Some(node) = node else {
+                    return Ok(());
+                };
+                let addr = c
+                    .live_nodes()
+                    .await?
+                    .into_iter()
+                    .find(|a| a.id.as_str() == node)
+                    .ok_or_else(|| DrainError::NotFound(node.to_owned()))?;
+                c.node_call(
+                    &addr,
+                    crate::events::NODE_DRAIN,
+                    Vec::new(),
+                    NODE_CALL_TIMEOUT,
+                )
+                .await?;
+                Ok(())
+            }
+            None if here => {
+                if !shared.draining.swap(true, Ordering::AcqRel) {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let deadline = tokio::time::Instant::now()
+                            + Duration::from_millis(shared.config.shutdown_timeout_ms);
+                        crate::connection::node::drain(&shared, deadline).await;
+                    });
+                }
+                Ok(())
+            }
+            None => Err(DrainError::NotFound(node.unwrap_or_default().to_owned())),
+        }
+    }
+
+    /// A page of documents: those the database stores and those loaded on some node, sorted
+    /// by name, whose name starts with `prefix` and sorts after `after`; at most `limit`.
+    pub async fn list_documents(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<DocumentPage, EmitError> {
+        let stored = self
+            .node
+            .shared
+            .docs
+            .store
+            .list(&crate::storage::ListQuery {
+                prefix: prefix.to_owned(),
+                after: after.map(str::to_owned),
+                limit,
+            })
+            .await
+            .map_err(|e| EmitError::Unavailable(e.to_string()))?;
+        let stored_full = stored.len() >= limit;
+        let mut entries: std::collections::BTreeMap<String, DocumentEntry> = stored
+            .into_iter()
+            .map(|d| {
+                let entry = DocumentEntry {
+                    name: d.name.clone(),
+                    stored: true,
+                    loaded: false,
+                    owner: None,
+                    epoch: Some(d.epoch),
+                    connections: 0,
+                };
+                (d.name, entry)
+            })
+            .collect();
+        let last_stored = entries.keys().next_back().cloned();
+        for status in self.nodes(true).await? {
+            for d in status.loaded.unwrap_or_default() {
+                if !d.name.starts_with(prefix) || after.is_some_and(|a| d.name.as_str() <= a) {
+                    continue;
+                }
+                // past the last stored name of a full page: it belongs to a later page
+                if stored_full && last_stored.as_ref().is_some_and(|l| &d.name > l) {
+                    continue;
+                }
+                let e = entries
+                    .entry(d.name.clone())
+                    .or_insert_with(|| DocumentEntry {
+                        name: d.name.clone(),
+                        stored: false,
+                        loaded: false,
+                        owner: None,
+                        epoch: None,
+                        connections: 0,
+                    });
+                e.loaded = true;
+                e.owner = Some(status.node.clone());
+                e.epoch = Some(d.epoch);
+                e.connections += d.connections;
+            }
+        }
+        let documents: Vec<DocumentEntry> = entries.into_values().take(limit).collect();
+        let next = (stored_full || documents.len() >= limit)
+            .then(|| documents.last().map(|d| d.name.clone()))
+            .flatten();
+        Ok(DocumentPage { documents, next })
     }
 
     /// Takes ownership of `document` for direct edits: loads it here (claiming its cluster lock
@@ -574,14 +831,76 @@ pub(crate) async fn open_direct(
     name: &str,
     context: Context,
 ) -> Result<DirectConnection, LoadError> {
-    for _ in 0..10 {
-        let handle = shared.docs.open(name, &context).await?;
-        let (tx, rx) = oneshot::channel();
-        if handle.send(DocCommand::DirectOpen(tx)).await && matches!(rx.await, Ok(Ok(()))) {
-            return Ok(DirectConnection::new(handle, context));
+    shared.docs.open_direct(name, context).await
+}
+
+/// How long a node answers a status or drain request from another node.
+const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Options of [`ServerHandle::emit_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct EmitOptions {
+    /// How long to wait for a remote owner's reply (default: `custom_event_ttl_ms`), or for a
+    /// local handler.
+    pub timeout: Option<Duration>,
+    /// Whether this node claims (loads) the document when nobody owns it (default true).
+    pub claim: bool,
+}
+
+impl Default for EmitOptions {
+    fn default() -> Self {
+        EmitOptions {
+            timeout: None,
+            claim: true,
         }
     }
-    Err(LoadError::Unavailable("kept closing while being opened"))
+}
+
+#[async_trait::async_trait]
+impl crate::admin::Backend for ServerHandle {
+    async fn emit(
+        &self,
+        doc: &str,
+        name: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+        claim: bool,
+    ) -> Result<Vec<u8>, EmitError> {
+        let options = EmitOptions {
+            timeout: Some(timeout),
+            claim,
+        };
+        self.emit_with(doc, name, payload, options).await
+    }
+
+    async fn owner(&self, doc: &str) -> Result<Option<String>, EmitError> {
+        self.document_owner(doc).await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<DocumentPage, EmitError> {
+        self.list_documents(prefix, after, limit).await
+    }
+
+    async fn node(&self) -> NodeStatus {
+        self.node_status(false).await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeStatus>, EmitError> {
+        ServerHandle::nodes(self, false).await
+    }
+
+    async fn drain(&self, node: &str) -> Result<(), DrainError> {
+        ServerHandle::drain(self, Some(node)).await
+    }
+
+    fn default_timeout(&self) -> Duration {
+        Duration::from_millis(self.node.shared.config.custom_event_ttl_ms)
+    }
 }
 
 /// Why [`ServerHandle::lock_document`] failed.

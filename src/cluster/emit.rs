@@ -123,7 +123,9 @@ impl RemoteEmitError {
     pub fn is_transient(&self) -> bool {
         match self {
             RemoteEmitError::NoOwner(_) | RemoteEmitError::PayloadTooLarge { .. } => false,
-            RemoteEmitError::Event(EmitError::NoHandler | EmitError::Handler(_)) => false,
+            RemoteEmitError::Event(
+                EmitError::NoHandler | EmitError::Handler(_) | EmitError::NotOwned,
+            ) => false,
             RemoteEmitError::Event(EmitError::Timeout | EmitError::Unavailable(_)) => true,
             RemoteEmitError::Cluster(_) => true,
         }

@@ -1,6 +1,7 @@
 //! Custom events: run here, or on the owner of the document through the RPC envelopes.
 
 use super::*;
+use hearth_proxy::RpcError;
 
 impl Cluster {
     pub(super) async fn on_rpc(
@@ -9,6 +10,13 @@ impl Cluster {
         from: NodeAddr,
         req: RpcRequest,
     ) {
+        if crate::events::is_node_scoped(&req.name) {
+            let result = self.on_node_event(&shared, &req.name, &req.payload).await;
+            if let Err(e) = self.rpc.reply(&from, &req, result).await {
+                debug!(error = %e, "node event reply failed");
+            }
+            return;
+        }
         let owned = shared.docs.registry.get(&req.doc).is_some()
             || lock_map(&self.claims).contains_key(&req.doc);
         let result = if !owned && req.only_if_open {
@@ -33,14 +41,103 @@ impl Cluster {
         }
     }
 
-    /// Runs a custom event on the owner of `doc` (here or remotely).
+    /// A built-in event addressed to this node rather than to a document's owner.
+    async fn on_node_event(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        name: &str,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, RpcFailure> {
+        let failure = |msg: String| RpcFailure {
+            code: RpcErrorCode::HandlerError,
+            msg,
+            holder: None,
+        };
+        match name {
+            crate::events::NODE_STATUS => {
+                let with_documents = serde_json::from_slice::<serde_json::Value>(payload)
+                    .ok()
+                    .and_then(|v| v.get("documents").and_then(|d| d.as_bool()))
+                    .unwrap_or(false);
+                let status = crate::connection::node::status(shared, true, with_documents).await;
+                serde_json::to_vec(&status).map_err(|e| failure(format!("unavailable: {e}")))
+            }
+            crate::events::NODE_DRAIN => {
+                self.start_drain(shared.clone());
+                Ok(br#"{"draining":true}"#.to_vec())
+            }
+            other => Err(failure(format!("not_found: no node event {other}"))),
+        }
+    }
+
+    /// Drains this node in the background (see [`crate::connection::node::drain`]): peers are
+    /// told first, so they stop routing here; the node stays a member and keeps running.
+    pub(crate) fn start_drain(self: &Arc<Self>, shared: Arc<Shared>) {
+        if self
+            .draining
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.drain().await;
+            let deadline = tokio::time::Instant::now()
+                + Duration::from_millis(shared.config.shutdown_timeout_ms);
+            crate::connection::node::drain(&shared, deadline).await;
+            let claims: Vec<LockGuard> = lock_map(&me.claims).drain().map(|(_, g)| g).collect();
+            for g in claims {
+                let _ = g.release().await;
+            }
+        });
+    }
+
+    /// Asks node `node` (its id) for its status, or to drain.
+    pub(crate) async fn node_call(
+        &self,
+        node: &NodeAddr,
+        name: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, EmitError> {
+        let waiting = Waiting::new(&self.metrics.events_waiting);
+        let r = self.rpc.call(node, "", name, payload, timeout).await;
+        drop(waiting);
+        match r {
+            Ok(v) => Ok(v),
+            Err(RpcError::Timeout) => Err(EmitError::Timeout),
+            Err(RpcError::Remote { code, msg }) => Err(EmitError::from_failure(RpcFailure {
+                code,
+                msg,
+                holder: None,
+            })),
+            Err(e) => Err(EmitError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Runs a custom event on the owner of `doc` (here or remotely), waiting at most
+    /// `timeout` for a remote owner. With `claim` false, a document nobody owns is not loaded
+    /// here: [`EmitError::NotOwned`].
     pub(crate) async fn emit(
         &self,
         shared: &Arc<Shared>,
         doc: &str,
         name: &str,
         payload: Vec<u8>,
+        timeout: Option<Duration>,
+        claim: bool,
     ) -> Result<Vec<u8>, EmitError> {
+        let timeout = timeout.unwrap_or(self.event_ttl);
+        if !claim && shared.docs.registry.get(doc).is_none() {
+            let holder = self
+                .lock
+                .holder(doc)
+                .await
+                .map_err(|e| EmitError::Unavailable(e.to_string()))?;
+            if holder.is_none() {
+                return Err(EmitError::NotOwned);
+            }
+        }
         let mut last = EmitError::Unavailable("ownership kept moving".into());
         for _ in 0..2 {
             match self
@@ -56,10 +153,12 @@ impl Cluster {
                     return r;
                 }
                 Home::Node(owner) => {
+                    let waiting = Waiting::new(&self.metrics.events_waiting);
                     let r = self
                         .rpc
-                        .call(&owner, doc, name, payload.clone(), self.event_ttl)
+                        .call(&owner, doc, name, payload.clone(), timeout)
                         .await;
+                    drop(waiting);
                     match emit::settle(r, &owner) {
                         std::ops::ControlFlow::Break(r) => return r,
                         std::ops::ControlFlow::Continue(why) => {
@@ -72,15 +171,58 @@ impl Cluster {
         }
         Err(last)
     }
+
+    /// The id of the node holding `doc`'s lock, if any.
+    pub(crate) async fn owner_of(&self, doc: &str) -> Result<Option<String>, EmitError> {
+        self.lock
+            .holder(doc)
+            .await
+            .map(|h| h.map(|h| h.node_id().to_owned()))
+            .map_err(|e| EmitError::Unavailable(e.to_string()))
+    }
+
+    /// The live nodes of the cluster (from their presence records).
+    pub(crate) async fn live_nodes(&self) -> Result<Vec<NodeAddr>, EmitError> {
+        self.presence
+            .live_nodes(self.transport.keys())
+            .await
+            .map_err(|e| EmitError::Unavailable(e.to_string()))
+    }
 }
 
-/// Runs `on_custom_event` hooks locally.
+/// Counts one awaited reply in a gauge for as long as it lives (also when the caller gives up
+/// and drops the call).
+struct Waiting<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Waiting<'a> {
+    fn new(g: &'a prometheus::IntGauge) -> Self {
+        g.inc();
+        Waiting(g)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Runs a custom event here: a built-in event (`hearth.*`), else the `on_custom_event` hooks.
 async fn run_event(
     shared: &Shared,
     doc: &str,
     name: &str,
     payload: &[u8],
 ) -> Result<Vec<u8>, RpcFailure> {
+    if crate::events::is_builtin(name) {
+        return crate::events::run(&shared.docs, doc, name, payload)
+            .await
+            .map_err(|e| RpcFailure {
+                code: RpcErrorCode::HandlerError,
+                msg: e.to_string(),
+                holder: None,
+            });
+    }
     let p = CustomEventPayload {
         document_name: doc,
         name,
@@ -116,6 +258,9 @@ pub enum EmitError {
     /// Redis or the owner could not be reached.
     #[error("cluster unavailable: {0}")]
     Unavailable(String),
+    /// Nobody owns the document and the caller asked not to claim it.
+    #[error("no node owns the document")]
+    NotOwned,
 }
 
 impl EmitError {

@@ -9,6 +9,7 @@ pub(crate) struct ClusterMetrics {
     pub(super) owner_sessions: IntGauge,
     pub(super) edge_sessions: IntGauge,
     pub(super) peers: IntGauge,
+    pub(super) events_waiting: IntGauge,
     pub(super) envelopes_in: IntCounterVec,
     pub(super) envelopes_out: IntCounterVec,
     pub(super) rejected: IntCounterVec,
@@ -48,6 +49,10 @@ impl ClusterMetrics {
             peers: g(
                 "hearth_cluster_known_peers",
                 "Processes (nodes, emit callers) this node keeps link state for",
+            )?,
+            events_waiting: g(
+                "hearth_cluster_events_waiting",
+                "Custom events this node sent to another node and awaits the reply of",
             )?,
             envelopes_in: c(
                 "hearth_cluster_envelopes_in_total",

@@ -72,6 +72,12 @@ impl Cluster {
     /// Takes the lock on `doc` if it is free, or if its holder's process has exited (its
     /// lease would otherwise block the document until it expires, a whole lock TTL).
     async fn acquire(&self, doc: &str) -> Result<Acquire, ClusterError> {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return match self.lock.holder(doc).await? {
+                Some(h) if h != self.holder => Ok(Acquire::HeldBy(h)),
+                _ => Err(ClusterError::Draining),
+            };
+        }
         let found = self.lock.try_acquire(doc).await?;
         let Acquire::HeldBy(holder) = &found else {
             return Ok(found);

@@ -31,7 +31,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fred::clients::Client;
-use fred::interfaces::{KeysInterface as _, LuaInterface as _, PubsubInterface as _};
+use fred::interfaces::{
+    ClientLike as _, KeysInterface as _, LuaInterface as _, PubsubInterface as _,
+};
 use fred::types::{Expiration, SetOptions, Value};
 use hearth_proxy::{Incarnation, Keys, NodeAddr};
 use tracing::{debug, error, info};
@@ -280,5 +282,58 @@ impl Presence {
         if let Err(e) = r {
             debug!(error = %e, "node key release failed (it will expire)");
         }
+    }
+}
+
+/// Every node record under `keys`' prefix as (node id, incarnation), sorted.
+pub(super) async fn scan_nodes(
+    redis: &Client,
+    keys: &Keys,
+) -> Result<Vec<(String, String)>, ClusterError> {
+    let probe = keys.node_key(&hearth_proxy::NodeId::new("x")?);
+    let prefix = probe.strip_suffix('x').unwrap_or(&probe).to_owned();
+    let mut cursor = "0".to_owned();
+    let mut out = Vec::new();
+    for _ in 0..10_000 {
+        let (next, batch): (String, Vec<String>) = redis
+            .custom(
+                fred::cmd!("SCAN"),
+                vec![
+                    cursor.clone(),
+                    "MATCH".into(),
+                    format!("{prefix}*"),
+                    "COUNT".into(),
+                    "500".into(),
+                ],
+            )
+            .await
+            .map_err(redis_err)?;
+        for key in batch {
+            let inc: Option<String> = redis.get(&key).await.map_err(redis_err)?;
+            if let (Some(id), Some(inc)) = (key.strip_prefix(&prefix), inc) {
+                out.push((id.to_owned(), inc));
+            }
+        }
+        if next == "0" {
+            break;
+        }
+        cursor = next;
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl Presence {
+    /// The live nodes' addresses (records whose incarnation parses).
+    pub(super) async fn live_nodes(&self, keys: &Keys) -> Result<Vec<NodeAddr>, ClusterError> {
+        let mut out = Vec::new();
+        for (id, inc) in scan_nodes(&self.redis, keys).await? {
+            let (Ok(id), Ok(inc)) = (hearth_proxy::NodeId::new(id), u64::from_str_radix(&inc, 16))
+            else {
+                continue;
+            };
+            out.push(NodeAddr::new(id, hearth_proxy::Incarnation(inc)));
+        }
+        Ok(out)
     }
 }

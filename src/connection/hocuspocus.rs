@@ -204,7 +204,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, ws: Ws, request: Arc<RequestInfo>
 async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc<str>) {
     shared.metrics.sockets.inc();
     let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
-    let stop = stop_signal(shared.shutdown.clone(), out_rx.overflow_signal());
+    let stop = stop_signal(shared.stop_sockets.clone(), out_rx.overflow_signal());
     tokio::pin!(stop);
     let (auth_tx, mut auth_rx) = queue();
     let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, false);
@@ -964,7 +964,7 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
         Arc::new(move |frame: &Bytes| edge.try_forward(frame))
     };
     let (outbox, mut out_rx) = outbox_direct(shared.config.outbound_queue_bytes, direct);
-    let stop = stop_signal(shared.shutdown.clone(), out_rx.overflow_signal());
+    let stop = stop_signal(shared.stop_sockets.clone(), out_rx.overflow_signal());
     tokio::pin!(stop);
     let (auth_tx, mut auth_rx) = queue();
     let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, true);

@@ -8,6 +8,7 @@
 //! byte-bounded outbox and a client that cannot keep up is disconnected.
 
 pub mod hocuspocus;
+pub(crate) mod node;
 pub(crate) mod placement;
 pub(crate) mod shared;
 pub(crate) mod stand_in;

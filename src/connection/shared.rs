@@ -22,6 +22,9 @@ pub(crate) struct Shared {
     pub docs: Arc<DocServices>,
     /// Cancelled when the server starts shutting down: sockets close, listeners stop.
     pub shutdown: CancellationToken,
+    /// Cancelled when sockets must close: at a shutdown (a child of `shutdown`) or when the
+    /// node drains.
+    pub stop_sockets: CancellationToken,
     /// Every socket task (local sockets, and stand-ins for clients of other nodes): a shutdown
     /// waits for them to end before it stores the documents.
     pub sockets: TaskTracker,

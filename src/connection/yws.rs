@@ -82,7 +82,7 @@ async fn run(
     let read_only = payload.read_only;
     let context = Arc::new(payload.context);
     let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
-    let stop = stop_signal(shared.shutdown.clone(), out_rx.overflow_signal());
+    let stop = stop_signal(shared.stop_sockets.clone(), out_rx.overflow_signal());
     tokio::pin!(stop);
     let conn = next_conn_id();
     let mut doc = None;

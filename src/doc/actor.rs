@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, Transact};
 
@@ -26,7 +26,8 @@ use super::offload;
 use super::ownership::Claim;
 use super::services::DocServices;
 use super::{
-    Attach, ConnId, DocCommand, DocHandle, Framing, TransactError, Unloading, WeakDocHandle,
+    Attach, ConnId, DocCommand, DocHandle, DocInfo, Framing, TransactError, Unloading,
+    WeakDocHandle,
 };
 use crate::config::Durability;
 use crate::hooks::{
@@ -124,6 +125,8 @@ pub(crate) struct Actor {
     /// Encoded size of the document: the last stored state plus every update applied since
     /// (an over-estimate until the next compaction measures it again).
     size: usize,
+    /// Server-side edits waiting for their commit: (required lsn, answer).
+    durable_waiters: VecDeque<(u64, oneshot::Sender<Result<(), TransactError>>)>,
 }
 
 impl Actor {
@@ -154,6 +157,7 @@ impl Actor {
             counted_awareness: (0, 0),
             compact_retry: None,
             size: loaded.size,
+            durable_waiters: VecDeque::new(),
             name: name.clone(),
             durable: svc.config.durability == Durability::Durable,
             svc,
@@ -347,7 +351,12 @@ impl Actor {
                     );
                 }
             }
-            DocCommand::Transact { f, context, done } => {
+            DocCommand::Transact {
+                f,
+                context,
+                done,
+                durable,
+            } => {
                 if !self.lease_valid() {
                     let _ = done.send(Err(TransactError::Closed));
                     return Some(self.fence());
@@ -358,7 +367,40 @@ impl Actor {
                     return Some(self.poison("direct transaction panicked"));
                 }
                 self.changes_applied(None, Some(context)).await;
-                let _ = done.send(Ok(()));
+                if durable {
+                    self.answer_when_durable(done);
+                } else {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            DocCommand::ApplyUpdate {
+                update,
+                context,
+                done,
+            } => return self.apply_server_update(update, context, done).await,
+            DocCommand::Info(reply) => {
+                let _ = reply.send(DocInfo {
+                    connections: self.conns.len(),
+                    direct: self.direct,
+                    epoch: self.epoch,
+                    size: self.size,
+                });
+            }
+            DocCommand::Delete(done) => {
+                let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+                for id in ids {
+                    self.detach(id, Some(Close::ResetConnection.reason().into()))
+                        .await;
+                }
+                let result = match self.flush_commits().await {
+                    Ok(()) => self.svc.store.delete(&self.name, self.epoch).await,
+                    Err(e) => Err(e),
+                };
+                info!(doc = %self.name, epoch = self.epoch, ok = result.is_ok(), "document deleted");
+                let _ = done.send(result);
+                // whatever the outcome, this task no longer holds the document's content: the
+                // next open loads it again under a new epoch
+                return Some(self.fence());
             }
             DocCommand::Shutdown(done) => {
                 let ids: Vec<ConnId> = self.conns.keys().copied().collect();
@@ -557,6 +599,90 @@ impl Actor {
         None
     }
 
+    /// Answers `done` once everything applied so far is committed (at once in memory mode or
+    /// when nothing is pending).
+    fn answer_when_durable(&mut self, done: oneshot::Sender<Result<(), TransactError>>) {
+        if self.committed_lsn >= self.lsn {
+            let _ = done.send(Ok(()));
+        } else {
+            self.durable_waiters.push_back((self.lsn, done));
+        }
+    }
+
+    fn release_durable_waiters(&mut self) {
+        while self
+            .durable_waiters
+            .front()
+            .is_some_and(|(lsn, _)| *lsn <= self.committed_lsn)
+        {
+            if let Some((_, done)) = self.durable_waiters.pop_front() {
+                let _ = done.send(Ok(()));
+            }
+        }
+    }
+
+    /// A server-side update (the admin API): the same scan, dependency, size and decode checks
+    /// as a client's update, applied as the server's own change and answered once durable.
+    async fn apply_server_update(
+        &mut self,
+        update: Bytes,
+        context: Arc<Context>,
+        done: oneshot::Sender<Result<(), TransactError>>,
+    ) -> Option<Exit> {
+        if !self.lease_valid() {
+            let _ = done.send(Err(TransactError::Closed));
+            return Some(self.fence());
+        }
+        let refuse = |done: oneshot::Sender<Result<(), TransactError>>, why: String| {
+            let _ = done.send(Err(TransactError::Refused(why)));
+        };
+        let scan = match scan_update(&update, &self.svc.config.scan_limits()) {
+            Ok(scan) => scan,
+            Err(e) => {
+                refuse(done, UpdateError::from(e).to_string());
+                return None;
+            }
+        };
+        if let Some((client, clock)) = scan.missing(known_clocks(&self.doc.transact())) {
+            refuse(
+                done,
+                format!("depends on content the document lacks (client {client}, clock {clock})"),
+            );
+            return None;
+        }
+        let max_size = self.svc.config.max_document_bytes;
+        if self.size.saturating_add(update.len()) > max_size {
+            refuse(
+                done,
+                format!("the document would exceed max_document_bytes ({max_size})"),
+            );
+            return None;
+        }
+        let update_len = update.len();
+        let decoded = match decode_scanned(&update, &scan) {
+            Ok(u) => u,
+            Err(e) => {
+                refuse(done, e.to_string());
+                return None;
+            }
+        };
+        match offload::apply_update(&self.doc, decoded, update_len).await {
+            Err(_) => {
+                let _ = done.send(Err(TransactError::Panicked));
+                return Some(self.poison("applying a server update panicked"));
+            }
+            Ok(Err(e)) => {
+                refuse(done, e.to_string());
+                return None;
+            }
+            Ok(Ok(())) => {}
+        }
+        self.size += update_len;
+        self.changes_applied(None, Some(context)).await;
+        self.answer_when_durable(done);
+        None
+    }
+
     /// Collects what the last transaction changed: log, broadcast, hooks.
     async fn changes_applied(&mut self, origin: Option<ConnId>, context: Option<Arc<Context>>) {
         let changes = std::mem::take(&mut *self.changes.lock().unwrap_or_else(|p| p.into_inner()));
@@ -699,6 +825,7 @@ impl Actor {
                 self.log_len += batch.len();
                 self.backoff = RETRY_MIN;
                 self.release_acks();
+                self.release_durable_waiters();
                 self.maybe_commit();
                 None
             }
@@ -727,6 +854,16 @@ impl Actor {
 
     /// Waits until every applied update is committed (durable), then compacts.
     async fn flush(&mut self) -> Result<(), StoreError> {
+        self.flush_commits().await?;
+        if self.dirty_since.is_some() {
+            self.compact().await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits until every applied update is committed (durable mode; nothing to do otherwise).
+    async fn flush_commits(&mut self) -> Result<(), StoreError> {
         let deadline =
             Instant::now() + Duration::from_millis(self.svc.config.shutdown_timeout_ms.max(1000));
         while self.durable && (self.inflight.is_some() || !self.unsent.is_empty()) {
@@ -754,11 +891,7 @@ impl Actor {
                 });
             }
         }
-        if self.dirty_since.is_some() {
-            self.compact().await
-        } else {
-            Ok(())
-        }
+        Ok(())
     }
 
     /// Folds the log into a new snapshot (fenced), running the store hooks.

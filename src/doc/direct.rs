@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::{DocCommand, DocHandle, TransactError};
+use super::{DocCommand, DocHandle, DocInfo, TransactError};
 use crate::hooks::Context;
 
 /// An open direct connection. Call [`DirectConnection::disconnect`] when done (dropping it
@@ -38,9 +38,43 @@ impl DirectConnection {
     where
         F: FnOnce(&yrs::Doc) + Send + 'static,
     {
+        self.run(f, false).await
+    }
+
+    /// Like [`DirectConnection::transact`], but resolves only once the change is durable: in
+    /// durable mode after the database transaction holding it has committed (the guarantee a
+    /// client's `SyncStatus` acknowledgement gives), in memory mode once applied.
+    pub async fn transact_durable<F>(&self, f: F) -> Result<(), TransactError>
+    where
+        F: FnOnce(&yrs::Doc) + Send + 'static,
+    {
+        self.run(f, true).await
+    }
+
+    async fn run<F>(&self, f: F, durable: bool) -> Result<(), TransactError>
+    where
+        F: FnOnce(&yrs::Doc) + Send + 'static,
+    {
         let (done, rx) = oneshot::channel();
         let cmd = DocCommand::Transact {
             f: Box::new(f),
+            context: self.context.clone(),
+            done,
+            durable,
+        };
+        if !self.handle.send(cmd).await {
+            return Err(TransactError::Closed);
+        }
+        rx.await.unwrap_or(Err(TransactError::Closed))
+    }
+
+    /// Applies a Yjs v1 update with the checks a client's update gets (bounded scan, known
+    /// dependencies, document size); resolves once it is durable. A refused update changes
+    /// nothing ([`TransactError::Refused`]).
+    pub async fn apply_update(&self, update: Vec<u8>) -> Result<(), TransactError> {
+        let (done, rx) = oneshot::channel();
+        let cmd = DocCommand::ApplyUpdate {
+            update: update.into(),
             context: self.context.clone(),
             done,
         };
@@ -48,6 +82,29 @@ impl DirectConnection {
             return Err(TransactError::Closed);
         }
         rx.await.unwrap_or(Err(TransactError::Closed))
+    }
+
+    /// The document's state: connections, epoch, size.
+    pub async fn info(&self) -> Option<DocInfo> {
+        self.handle.info().await
+    }
+
+    /// Runs `f` on the document inside its task without changing it and returns its result
+    /// (reading its content as JSON, encoding its state).
+    pub async fn read<R, F>(&self, f: F) -> Result<R, TransactError>
+    where
+        F: FnOnce(&yrs::Doc) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.run(
+            move |doc| {
+                let _ = tx.send(f(doc));
+            },
+            false,
+        )
+        .await?;
+        rx.await.map_err(|_| TransactError::Closed)
     }
 
     /// Stores the document now and closes the connection; the document unloads if nobody else

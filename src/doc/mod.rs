@@ -135,9 +135,26 @@ pub enum DocCommand {
         f: Box<dyn FnOnce(&yrs::Doc) + Send>,
         /// Context of the direct connection.
         context: Arc<Context>,
-        /// Answered after the change is applied and broadcast.
+        /// Answered after the change is applied and broadcast (and, with `durable`, committed).
+        done: oneshot::Sender<Result<(), TransactError>>,
+        /// Answer only once the change is durable (durable mode; memory mode answers at once).
+        durable: bool,
+    },
+    /// Apply a Yjs v1 update from the server side (the admin API), with the same checks as a
+    /// client's update; answered once it is durable.
+    ApplyUpdate {
+        /// The update.
+        update: Bytes,
+        /// Who sends it (hooks see it).
+        context: Arc<Context>,
+        /// The outcome.
         done: oneshot::Sender<Result<(), TransactError>>,
     },
+    /// Report the document's state (connections, epoch, size).
+    Info(oneshot::Sender<DocInfo>),
+    /// Delete the stored document: close every connection, store what is pending, remove the
+    /// content under the current epoch (which fences this task too) and stop.
+    Delete(oneshot::Sender<Result<bool, crate::storage::StoreError>>),
     /// Commit, compact and stop (graceful shutdown).
     Shutdown(oneshot::Sender<()>),
 }
@@ -156,6 +173,9 @@ impl std::fmt::Debug for DocCommand {
             DocCommand::DirectOpen(_) => "DirectOpen",
             DocCommand::DirectClose(_) => "DirectClose",
             DocCommand::Transact { .. } => "Transact",
+            DocCommand::ApplyUpdate { .. } => "ApplyUpdate",
+            DocCommand::Info(_) => "Info",
+            DocCommand::Delete(_) => "Delete",
             DocCommand::Shutdown(_) => "Shutdown",
         };
         f.write_str(name)
@@ -171,6 +191,23 @@ pub enum TransactError {
     /// The document is gone (unloaded, fenced or shutting down).
     #[error("the document is closed")]
     Closed,
+    /// The update was refused (malformed, missing dependencies, or over a size limit); nothing
+    /// was applied.
+    #[error("update refused: {0}")]
+    Refused(String),
+}
+
+/// A loaded document's state ([`crate::DirectConnection::info`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DocInfo {
+    /// Attached client connections (local sockets and clients of other nodes).
+    pub connections: usize,
+    /// Open direct connections.
+    pub direct: usize,
+    /// The ownership epoch the document is written under (0: not stored yet).
+    pub epoch: crate::storage::Epoch,
+    /// Encoded size estimate in bytes.
+    pub size: usize,
 }
 
 /// A cheap, cloneable handle to a document task.
@@ -197,6 +234,15 @@ impl WeakDocHandle {
 }
 
 impl DocHandle {
+    /// The document's state, or `None` when its task is gone.
+    pub async fn info(&self) -> Option<DocInfo> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(DocCommand::Info(tx)).await {
+            return None;
+        }
+        rx.await.ok()
+    }
+
     /// The document name.
     pub fn name(&self) -> &str {
         &self.name

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use super::committer::Committer;
 use super::ownership::Ownership;
 use super::registry::Registry;
-use super::{DocHandle, LoadError};
+use tokio::sync::oneshot;
+
+use super::direct::DirectConnection;
+use super::{DocCommand, DocHandle, LoadError};
 use crate::config::Config;
 use crate::hooks::{Context, Extensions};
 use crate::metrics::Metrics;
@@ -53,5 +56,22 @@ impl DocServices {
         context: &Context,
     ) -> Result<DocHandle, LoadError> {
         self.registry.open(self, name, context).await
+    }
+
+    /// Opens a direct connection to `name` (loading it if needed), which keeps it loaded until
+    /// the connection closes. Retries a few times when the document unloads meanwhile.
+    pub(crate) async fn open_direct(
+        self: &Arc<Self>,
+        name: &str,
+        context: Context,
+    ) -> Result<DirectConnection, LoadError> {
+        for _ in 0..10 {
+            let handle = self.open(name, &context).await?;
+            let (tx, rx) = oneshot::channel();
+            if handle.send(DocCommand::DirectOpen(tx)).await && matches!(rx.await, Ok(Ok(()))) {
+                return Ok(DirectConnection::new(handle, context));
+            }
+        }
+        Err(LoadError::Unavailable("kept closing while being opened"))
     }
 }

@@ -109,6 +109,7 @@ pub struct NodeProcess {
     child: Option<Child>,
     addr: SocketAddr,
     operator: SocketAddr,
+    admin: Option<SocketAddr>,
     starts: u32,
     last_exit: Option<ExitStatus>,
 }
@@ -135,6 +136,7 @@ impl NodeProcess {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             operator: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: None,
             starts: 0,
             last_exit: None,
         };
@@ -150,6 +152,8 @@ impl NodeProcess {
         let operator_ready = ready.with_extension(format!("operator{}", self.starts));
         let _ = std::fs::remove_file(&ready);
         let _ = std::fs::remove_file(&operator_ready);
+        let admin_ready = ready.with_extension(format!("admin{}", self.starts));
+        let _ = std::fs::remove_file(&admin_ready);
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -177,6 +181,11 @@ impl NodeProcess {
             .arg("127.0.0.1:0")
             .arg("--operator-ready-file")
             .arg(&operator_ready)
+            // written only when the spec gives the node admin tokens
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
+            .arg("--admin-ready-file")
+            .arg(&admin_ready)
             .arg("--node-id")
             .arg(&self.spec.node_id)
             .arg("--database-url")
@@ -211,6 +220,9 @@ impl NodeProcess {
                         self.spec.node_id
                     )
                 })?;
+                self.admin = std::fs::read_to_string(&admin_ready)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok());
                 self.addr = addr;
                 return Ok(());
             }
@@ -259,6 +271,11 @@ impl NodeProcess {
     /// changes on restart.
     pub fn operator_addr(&self) -> SocketAddr {
         self.operator
+    }
+
+    /// The admin API's address (`http://…` base), when the node runs with admin tokens.
+    pub fn admin_url(&self) -> Option<String> {
+        self.admin.map(|a| format!("http://{a}"))
     }
 
     /// `ws://ip:port/`.
