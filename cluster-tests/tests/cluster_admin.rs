@@ -198,6 +198,91 @@ async fn every_operation_through_any_node() -> anyhow::Result<()> {
     names.sort();
     assert_eq!(names, ["n1", "n2", "n3"], "{v}");
 
+    // the same operations through the owner itself
+    let v = ok(
+        &cluster,
+        0,
+        "POST",
+        "/v1/documents/shared/ops",
+        Some(json!({ "ops": [
+            { "op": "array.push", "type": "log", "values": ["api:n1"] }
+        ]})),
+    )
+    .await?;
+    assert_eq!(v["applied"], 1);
+    let v = ok(
+        &cluster,
+        0,
+        "GET",
+        "/v1/documents/shared?include=json&types=log:array",
+        None,
+    )
+    .await?;
+    assert!(
+        v["json"]["log"]
+            .as_array()
+            .is_some_and(|a| a.contains(&json!("api:n1"))),
+        "{v}"
+    );
+    let v = ok(
+        &cluster,
+        0,
+        "POST",
+        "/v1/documents/shared/events/whoami",
+        Some(json!({})),
+    )
+    .await?;
+    assert_eq!(v["reply_base64"], "bjE=", "{v}");
+    let v = ok(
+        &cluster,
+        0,
+        "POST",
+        "/v1/documents/shared/broadcast",
+        Some(json!({ "message": "from n1" })),
+    )
+    .await?;
+    assert_eq!(v["connections"], 1, "{v}");
+    let v = ok(&cluster, 0, "GET", "/v1/documents/shared/owner", None).await?;
+    assert_eq!(v["owner"], "n1", "{v}");
+
+    // on documents nobody owns: broadcast and close reach nobody and claim nothing, an event
+    // claims the document for the node asked (which answers it), reading and deleting find
+    // nothing
+    let v = ok(
+        &cluster,
+        1,
+        "POST",
+        "/v1/documents/idle/broadcast",
+        Some(json!({ "message": "x" })),
+    )
+    .await?;
+    assert_eq!(v["connections"], 0, "{v}");
+    let v = ok(
+        &cluster,
+        1,
+        "POST",
+        "/v1/documents/idle/close",
+        Some(json!({})),
+    )
+    .await?;
+    assert_eq!(v["connections"], 0, "{v}");
+    assert_eq!(
+        cluster.cli_owner("idle").await?,
+        None,
+        "broadcast or close claimed it"
+    );
+    let v = ok(
+        &cluster,
+        2,
+        "POST",
+        "/v1/documents/evented/events/whoami",
+        Some(json!({})),
+    )
+    .await?;
+    assert_eq!(v["reply_base64"], "bjM=", "{v}");
+    let (st, _) = call(&cluster, 1, "DELETE", "/v1/documents/idle", None).await?;
+    assert_eq!(st, 404);
+
     // a document nobody owns: claim=false refuses, otherwise the node asked claims it
     let (st, v) = call(&cluster, 1, "GET", "/v1/documents/fresh?claim=false", None).await?;
     assert_eq!(

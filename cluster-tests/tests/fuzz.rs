@@ -75,6 +75,11 @@ fn envelopes() {
 }
 
 #[test]
+fn admin() {
+    bounded(Target::Admin);
+}
+
+#[test]
 fn saved_findings_replay_cleanly() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz-regressions");
     let mut n = 0;

@@ -30,7 +30,7 @@ use tracing::debug;
 use crate::cluster::EmitError;
 use crate::events::NodeStatus;
 
-pub use routes::ROUTES;
+pub use routes::{ROUTES, parse_target};
 
 /// Connections the admin listener serves at once; more are closed on accept.
 const MAX_CONNECTIONS: usize = 256;

@@ -180,6 +180,20 @@ async fn handle_inner(admin: &Admin, req: Request<Incoming>) -> Result<Answer, F
     }
 }
 
+/// Parses a request target (path and query) as the router does, without running anything:
+/// `Ok` with the decoded path segments, or the one-line reason it would be refused. For tools
+/// and the fuzzer.
+pub fn parse_target(path: &str, query: &str) -> Result<Vec<String>, String> {
+    Query::parse(query).map_err(|Failure(_, _, m)| m)?;
+    let rest = path
+        .strip_prefix("/v1/")
+        .ok_or_else(|| format!("no route {path}"))?;
+    rest.split('/')
+        .take(8)
+        .map(|s| decode_segment(s).map_err(|Failure(_, _, m)| m))
+        .collect()
+}
+
 fn not_found_route(path: &str) -> Failure {
     Failure(
         StatusCode::NOT_FOUND,

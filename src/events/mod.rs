@@ -360,6 +360,26 @@ async fn delete(docs: &Arc<DocServices>, doc: &str) -> Result<Vec<u8>, BuiltinEr
     }
 }
 
+/// Applies a JSON array of operations (the `ops` of `hearth.apply`) to `doc` in one
+/// transaction, or changes nothing when one of them is invalid; returns how many were applied.
+/// This is the admin API's edit path for outside JSON, also driven by the fuzzer.
+pub fn apply_ops_json(doc: &yrs::Doc, ops: &[u8]) -> Result<usize, BuiltinError> {
+    let ops: Vec<json::Op> =
+        serde_json::from_slice(ops).map_err(|e| BuiltinError::BadRequest(format!("ops: {e}")))?;
+    json::apply_ops(doc, &ops).map_err(|e| BuiltinError::BadRequest(e.to_string()))
+}
+
+/// Every root of `doc` as JSON with the type hints `types` (`name:kind,…`), as `hearth.get`
+/// reads it.
+pub fn document_json(
+    doc: &yrs::Doc,
+    types: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, BuiltinError> {
+    let hints =
+        json::parse_hints(types).map_err(|e| BuiltinError::BadRequest(format!("types: {e}")))?;
+    Ok(json::doc_to_json(doc, &hints))
+}
+
 /// One loaded document in a [`NodeStatus`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LoadedDocument {

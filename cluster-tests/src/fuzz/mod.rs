@@ -10,6 +10,7 @@
 //! a regression file (`hearth-fuzz`'s supervisor does that), and
 //! `cluster-tests/fuzz-regressions/` is replayed by the test suite.
 
+pub mod admin;
 pub mod envelope;
 pub mod mutate;
 pub mod targets;

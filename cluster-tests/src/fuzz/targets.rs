@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, StateVector, Transact};
 
-use super::{case_rng, envelope, mutate, traffic};
+use super::{admin, case_rng, envelope, mutate, traffic};
 
 /// What a fuzz target feeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,17 +35,21 @@ pub enum Target {
     /// Envelopes from peer nodes (or anyone publishing on the cluster's channels), signed and
     /// unsigned.
     Envelopes,
+    /// The admin API's outside input: JSON operations applied to a document with history, type
+    /// hints for reading it back as JSON, and request targets (path and query).
+    Admin,
 }
 
 impl Target {
     /// Every target.
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 7] = [
         Target::Updates,
         Target::Stored,
         Target::Frames,
         Target::Awareness,
         Target::StateVectors,
         Target::Envelopes,
+        Target::Admin,
     ];
 
     /// The target's name on the command line and in regression files.
@@ -57,6 +61,7 @@ impl Target {
             Target::Awareness => "awareness",
             Target::StateVectors => "state-vectors",
             Target::Envelopes => "envelopes",
+            Target::Admin => "admin",
         }
     }
 
@@ -127,6 +132,7 @@ fn build(target: Target, rng: &mut StdRng) -> Vec<Vec<u8>> {
             vec![mutate::mutate(rng, body)]
         }
         Target::Envelopes => envelope::build(rng),
+        Target::Admin => admin::build(rng),
     }
 }
 
@@ -148,6 +154,7 @@ pub fn feed(target: Target, input: &[Vec<u8>]) -> Outcome {
             }
         }
         Target::Envelopes => envelope::feed(input, &mut out),
+        Target::Admin => admin::feed(input, &mut out),
     }
     out
 }
@@ -273,7 +280,7 @@ fn feed_awareness(body: &[u8], out: &mut Outcome) {
 /// A document the server accepted updates into must store a state that loads again: the
 /// compaction writes `encode_state_as_update_v1` and the next load reads it back through the
 /// same guard.
-fn check_reloadable(doc: &Doc, out: &mut Outcome) {
+pub(super) fn check_reloadable(doc: &Doc, out: &mut Outcome) {
     let encoded = catch_unwind(AssertUnwindSafe(|| {
         doc.transact()
             .encode_state_as_update_v1(&StateVector::default())
@@ -311,7 +318,7 @@ fn check_reloadable(doc: &Doc, out: &mut Outcome) {
     }
 }
 
-fn apply_unchecked(doc: &Doc, bytes: &[u8]) {
+pub(super) fn apply_unchecked(doc: &Doc, bytes: &[u8]) {
     if let Ok(u) = decode_guarded(bytes, &ScanLimits::default()) {
         let _ = catch_unwind(AssertUnwindSafe(|| doc.transact_mut().apply_update(u)));
     }
