@@ -301,11 +301,12 @@ macro_rules! settings {
 }
 
 /// Settings whose values never appear in `Debug` output.
-const SECRET_SETTINGS: [&str; 4] = [
+const SECRET_SETTINGS: [&str; 5] = [
     "cluster_secret",
     "cluster_secret_previous",
     "auth_tokens",
     "admin_tokens",
+    "jwt_secret",
 ];
 
 /// A setting's `Debug` text with secrets hidden: the whole value of a [`SECRET_SETTINGS`] entry
@@ -367,6 +368,29 @@ settings! {
     /// Static token table `token=scope,…` (scope: read-write | read-only | deny; `*` = any other
     /// token). Unset: every client is read-write.
     auth_tokens: String = String::new(), env = "HEARTH_AUTH_TOKENS";
+    /// HMAC secret for JWT authentication (HS256/384/512; at least 32 bytes). Set exactly one of
+    /// `jwt_secret`, `jwt_public_key_file` and `jwt_jwks_file` to turn JWT authentication on.
+    jwt_secret: String = String::new(), env = "HEARTH_JWT_SECRET";
+    /// PEM public key (RSA, EC P-256/P-384 or Ed25519) that verifies JWTs.
+    jwt_public_key_file: PathBuf = PathBuf::new(), env = "HEARTH_JWT_PUBLIC_KEY_FILE";
+    /// JWKS file (`{"keys": [...]}`) whose keys verify JWTs by `kid`; re-read when it changes.
+    jwt_jwks_file: PathBuf = PathBuf::new(), env = "HEARTH_JWT_JWKS_FILE";
+    /// Accepted JWT algorithms, comma-separated (default: every algorithm of the key's family).
+    jwt_algorithms: String = String::new(), env = "HEARTH_JWT_ALGORITHMS";
+    /// Required JWT audience(s), comma-separated (empty: `aud` not checked).
+    jwt_audience: String = String::new(), env = "HEARTH_JWT_AUDIENCE";
+    /// Required JWT issuer(s), comma-separated (empty: `iss` not checked).
+    jwt_issuer: String = String::new(), env = "HEARTH_JWT_ISSUER";
+    /// Clock skew allowed on `exp`, `nbf` and `iat`, in seconds.
+    jwt_leeway_s: u64 = 5, env = "HEARTH_JWT_LEEWAY_S";
+    /// Claim holding the document names or patterns the token may open.
+    jwt_documents_claim: String = "docs".into(), env = "HEARTH_JWT_DOCUMENTS_CLAIM";
+    /// Boolean claim that makes every document of the token read-only.
+    jwt_read_only_claim: String = "read_only".into(), env = "HEARTH_JWT_READ_ONLY_CLAIM";
+    /// Claim holding document names or patterns the token may open read-only.
+    jwt_read_only_documents_claim: String = "docs_ro".into(), env = "HEARTH_JWT_READ_ONLY_DOCUMENTS_CLAIM";
+    /// Claim holding the user object hooks see as `context.user` (`sub` is added as `id`).
+    jwt_user_claim: String = "user".into(), env = "HEARTH_JWT_USER_CLAIM";
     /// Write the bound `ip:port` to this file once listening (for scripts and tests).
     ready_file: PathBuf = PathBuf::new(), env = "HEARTH_READY_FILE";
     /// Write the operator listener's bound `ip:port` to this file (before the ready file).

@@ -27,6 +27,7 @@ pub mod events;
 pub(crate) mod fd_limit;
 pub mod hooks;
 pub(crate) mod http;
+pub mod jwt;
 pub(crate) mod limits;
 pub mod metrics;
 pub(crate) mod outbox;

@@ -189,6 +189,9 @@ impl ServerBuilder {
         if !table.is_open() {
             list.push(Arc::new(StaticTokens(table)));
         }
+        if let Some(jwt) = crate::jwt::JwtAuth::from_config(&self.config)? {
+            list.push(Arc::new(jwt));
+        }
         let extensions = Extensions::new(list);
         let metrics = Metrics::new()?;
         let committer = Committer::spawn(
