@@ -39,6 +39,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/nodes/{id}/drain"),
 ];
 
+/// How long a request body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the node-wide routes (status, listing) may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Longest wait a caller may ask for (`timeout_ms`).
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest document name (bytes, after percent-decoding).
@@ -148,13 +153,17 @@ async fn handle_inner(admin: &Admin, req: Request<Incoming>) -> Result<Answer, F
             })?;
             Ok(answer(StatusCode::OK, &v))
         }
-        (Method::GET, ["documents"]) => list(admin, &query).await,
-        (Method::GET, ["node"]) => Ok(answer(
-            StatusCode::OK,
-            &serde_json::to_value(admin.backend.node().await).unwrap_or(Value::Null),
-        )),
+        (Method::GET, ["documents"]) => bounded(list(admin, &query)).await,
+        (Method::GET, ["node"]) => {
+            let node = bounded(async { Ok(admin.backend.node().await) }).await?;
+            Ok(answer(
+                StatusCode::OK,
+                &serde_json::to_value(node).unwrap_or(Value::Null),
+            ))
+        }
         (Method::GET, ["nodes"]) => {
-            let nodes = admin.backend.nodes().await.map_err(emit_failure)?;
+            let nodes =
+                bounded(async { admin.backend.nodes().await.map_err(emit_failure) }).await?;
             Ok(answer(StatusCode::OK, &json!({ "nodes": nodes })))
         }
         (Method::POST, ["nodes", id, "drain"]) => {
@@ -192,6 +201,21 @@ pub fn parse_target(path: &str, query: &str) -> Result<Vec<String>, String> {
         .take(8)
         .map(|s| decode_segment(s).map_err(|Failure(_, _, m)| m))
         .collect()
+}
+
+/// A node-wide route's work, bounded by [`STATUS_TIMEOUT`].
+async fn bounded<T>(
+    work: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    tokio::time::timeout(STATUS_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("no answer within {STATUS_TIMEOUT:?}"),
+            ))
+        })
 }
 
 fn not_found_route(path: &str) -> Failure {
@@ -233,10 +257,16 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Failure>
     {
         return Err(too_large(max));
     }
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(max)),
-        Err(e) => Err(Failure::bad(format!("reading the body: {e}"))),
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), max).collect());
+    match read.await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(max)),
+        Ok(Err(e)) => Err(Failure::bad(format!("reading the body: {e}"))),
+        Err(_) => Err(Failure(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+        )),
     }
 }
 
@@ -476,7 +506,14 @@ async fn document(
                 .and_then(Value::as_str)
                 .ok_or_else(|| Failure::bad("`update` (a base64 Yjs update) is required"))?;
             if update.len() / 4 * 3 > admin.settings.max_payload_bytes {
-                return Err(too_large(admin.settings.max_payload_bytes));
+                return Err(Failure(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "the update is over max_message_bytes ({})",
+                        admin.settings.max_payload_bytes
+                    ),
+                ));
             }
             only_fields(&b, &["update", "timeout_ms"])?;
             let v = builtin(
@@ -494,6 +531,17 @@ async fn document(
             let b = json_body(&body)?;
             let wait = timeout(admin, query, Some(&b))?;
             only_fields(&b, &["ops", "timeout_ms"])?;
+            if body.len() > admin.settings.max_payload_bytes {
+                return Err(Failure(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "operations of {} bytes are over max_message_bytes ({})",
+                        body.len(),
+                        admin.settings.max_payload_bytes
+                    ),
+                ));
+            }
             let ops = b
                 .get("ops")
                 .filter(|o| o.is_array())
@@ -555,7 +603,14 @@ async fn document(
                 (None, None) => Vec::new(),
             };
             if payload.len() > admin.settings.max_payload_bytes {
-                return Err(too_large(admin.settings.max_payload_bytes));
+                return Err(Failure(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "the payload is over max_message_bytes ({})",
+                        admin.settings.max_payload_bytes
+                    ),
+                ));
             }
             let claim = query.claim.unwrap_or(true);
             let reply = call(admin, name, &event, payload, wait, claim).await;

@@ -10,7 +10,7 @@ impl Cluster {
         from: NodeAddr,
         req: RpcRequest,
     ) {
-        if crate::events::is_node_scoped(&req.name) {
+        if crate::events::is_node_scoped(&req.name) && req.doc.is_empty() {
             let result = self.on_node_event(&shared, &req.name, &req.payload).await;
             if let Err(e) = self.rpc.reply(&from, &req, result).await {
                 debug!(error = %e, "node event reply failed");
@@ -27,7 +27,22 @@ impl Cluster {
             })
         } else {
             match self.route(&shared.docs.registry, &req.doc).await {
-                Ok(Home::Here) => run_event(&shared, &req.doc, &req.name, &req.payload).await,
+                // the caller waits at most its deadline; so does the work done for it here
+                Ok(Home::Here) => {
+                    let deadline = Duration::from_millis(req.deadline_ms.max(1));
+                    tokio::time::timeout(
+                        deadline,
+                        run_event(&shared, &req.doc, &req.name, &req.payload),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(RpcFailure {
+                            code: RpcErrorCode::HandlerError,
+                            msg: "unavailable: the event did not finish before its deadline".into(),
+                            holder: None,
+                        })
+                    })
+                }
                 _ => Err(RpcFailure {
                     code: RpcErrorCode::NotOwner,
                     msg: "not the owner".into(),
@@ -116,10 +131,10 @@ impl Cluster {
     }
 
     /// Runs a custom event on the owner of `doc` (here or remotely), waiting at most
-    /// `timeout` for a remote owner. With `claim` false, a document nobody owns is not loaded
+    /// `timeout` for the owner, this node included. With `claim` false, a document nobody owns is not loaded
     /// here: [`EmitError::NotOwned`].
     pub(crate) async fn emit(
-        &self,
+        self: &Arc<Self>,
         shared: &Arc<Shared>,
         doc: &str,
         name: &str,
@@ -146,11 +161,28 @@ impl Cluster {
                 .map_err(|e| EmitError::Unavailable(e.to_string()))?
             {
                 Home::Here => {
-                    let r = run_event(shared, doc, name, &payload)
+                    // in a task of its own, so that a caller giving up still releases the claim
+                    let (me, shared, doc, name) = (
+                        self.clone(),
+                        shared.clone(),
+                        doc.to_owned(),
+                        name.to_owned(),
+                    );
+                    let payload = payload.clone();
+                    let run = tokio::spawn(async move {
+                        let r = tokio::time::timeout(
+                            timeout,
+                            run_event(&shared, &doc, &name, &payload),
+                        )
                         .await
-                        .map_err(EmitError::from_failure);
-                    self.drop_unused_claim(&shared.docs.registry, doc);
-                    return r;
+                        .map_err(|_| EmitError::Timeout)
+                        .and_then(|r| r.map_err(EmitError::from_failure));
+                        me.drop_unused_claim(&shared.docs.registry, &doc);
+                        r
+                    });
+                    return run
+                        .await
+                        .unwrap_or_else(|e| Err(EmitError::Unavailable(e.to_string())));
                 }
                 Home::Node(owner) => {
                     let waiting = Waiting::new(&self.metrics.events_waiting);
@@ -215,6 +247,13 @@ async fn run_event(
     payload: &[u8],
 ) -> Result<Vec<u8>, RpcFailure> {
     if crate::events::is_builtin(name) {
+        if crate::events::is_node_scoped(name) {
+            return Err(RpcFailure {
+                code: RpcErrorCode::HandlerError,
+                msg: format!("bad_request: {name} is addressed to a node, not to a document"),
+                holder: None,
+            });
+        }
         return crate::events::run(&shared.docs, doc, name, payload)
             .await
             .map_err(|e| RpcFailure {

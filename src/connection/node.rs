@@ -46,18 +46,32 @@ pub(crate) async fn drain(shared: &Shared, deadline: Instant) {
         );
     }
     shared.sockets.reopen();
-    let handles = shared.docs.registry.handles();
-    info!(documents = handles.len(), "storing documents");
-    let mut waits = Vec::new();
-    for h in handles {
-        let (tx, rx) = oneshot::channel();
-        if h.send(DocCommand::Shutdown(tx)).await {
-            waits.push(rx);
+    // documents that finish loading meanwhile are taken in the next round
+    for round in 0..10 {
+        let handles = shared.docs.registry.handles();
+        if handles.is_empty() {
+            break;
         }
-    }
-    for rx in waits {
-        if tokio::time::timeout_at(deadline, rx).await.is_err() {
-            warn!("a document did not finish storing before the drain deadline");
+        info!(documents = handles.len(), round, "storing documents");
+        let mut waits = Vec::new();
+        for h in handles {
+            let (tx, rx) = oneshot::channel();
+            match tokio::time::timeout_at(deadline, h.send(DocCommand::Shutdown(tx))).await {
+                Ok(true) => waits.push(rx),
+                Ok(false) => {}
+                Err(_) => warn!(
+                    doc = h.name(),
+                    "a document took no command before the deadline"
+                ),
+            }
+        }
+        for rx in waits {
+            if tokio::time::timeout_at(deadline, rx).await.is_err() {
+                warn!("a document did not finish storing before the deadline");
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
         }
     }
     info!(node = %shared.config.node_id, "drained");

@@ -323,9 +323,11 @@ impl Actor {
                 }
             }
             DocCommand::DirectOpen(reply) => {
-                self.direct += 1;
-                self.idle_since = None;
-                let _ = reply.send(Ok(()));
+                // an opener that gave up before the answer holds no connection to close
+                if reply.send(Ok(())).is_ok() {
+                    self.direct += 1;
+                    self.idle_since = None;
+                }
             }
             DocCommand::DirectClose(done) => {
                 self.direct = self.direct.saturating_sub(1);
@@ -361,11 +363,31 @@ impl Actor {
                     let _ = done.send(Err(TransactError::Closed));
                     return Some(self.fence());
                 }
-                let result = catch_unwind(AssertUnwindSafe(|| f(&self.doc)));
-                if result.is_err() {
+                if self.size >= self.svc.config.max_document_bytes {
+                    let _ = done.send(Err(TransactError::Refused(format!(
+                        "the document is at max_document_bytes ({})",
+                        self.svc.config.max_document_bytes
+                    ))));
+                    return None;
+                }
+                // on the blocking pool: a direct transaction may do any amount of work (the
+                // admin API's JSON operations and reads of large documents among them)
+                let doc = self.doc.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(|| f(&doc))))
+                        .await;
+                if !matches!(result, Ok(Ok(()))) {
                     let _ = done.send(Err(TransactError::Panicked));
                     return Some(self.poison("direct transaction panicked"));
                 }
+                let produced: usize = self
+                    .changes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(Vec::len)
+                    .sum();
+                self.size += produced;
                 self.changes_applied(None, Some(context)).await;
                 if durable {
                     self.answer_when_durable(done);
@@ -456,15 +478,23 @@ impl Actor {
         };
         self.svc.metrics.doc_connections.dec();
         self.svc.metrics.pending_acks.sub(conn.acks.len() as i64);
-        if let (Some(reason), Framing::Hocuspocus(address)) = (&reply, &conn.framing) {
-            conn.outbox
-                .send(ServerMessage::Close(reason).frame(Some(address)));
-            if reason != "provider_initiated" {
-                conn.outbox.control(Outgoing::DocClosed {
-                    address: address.clone(),
-                    conn: id,
-                });
+        match (&reply, &conn.framing) {
+            (Some(reason), Framing::Hocuspocus(address)) => {
+                conn.outbox
+                    .send(ServerMessage::Close(reason).frame(Some(address)));
+                if reason != "provider_initiated" {
+                    conn.outbox.control(Outgoing::DocClosed {
+                        address: address.clone(),
+                        conn: id,
+                    });
+                }
             }
+            // y-websocket has no per-document close: the socket goes, the client reconnects
+            (Some(_), Framing::YWebsocket) => {
+                conn.outbox
+                    .control(Outgoing::CloseSocket(Close::ResetConnection));
+            }
+            (None, _) => {}
         }
         let change = self.awareness.remove_owner(id, Instant::now());
         if !change.is_empty() {
@@ -1228,8 +1258,18 @@ impl Actor {
             .awareness_refused
             .with_label_values(&[v.label()])
             .inc();
-        self.detach(id, Some(v.reason().to_owned())).await;
-        outbox.control(Outgoing::CloseSocket(Close::Awareness(v)));
+        let yws = self
+            .conns
+            .get(&id)
+            .is_some_and(|c| matches!(c.framing, Framing::YWebsocket));
+        if yws {
+            // the socket's close carries the reason; no reset close of the document first
+            outbox.control(Outgoing::CloseSocket(Close::Awareness(v)));
+            self.detach(id, None).await;
+        } else {
+            self.detach(id, Some(v.reason().to_owned())).await;
+            outbox.control(Outgoing::CloseSocket(Close::Awareness(v)));
+        }
     }
 
     /// Keeps `hearth_awareness_states` / `hearth_awareness_bytes` equal to the sums over

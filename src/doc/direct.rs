@@ -110,9 +110,10 @@ impl DirectConnection {
     /// Stores the document now and closes the connection; the document unloads if nobody else
     /// uses it.
     pub async fn disconnect(mut self) {
-        self.open = false;
         let (done, rx) = oneshot::channel();
+        // closed only once the close is queued: dropped while waiting for room, `Drop` sends it
         if self.handle.send(DocCommand::DirectClose(done)).await {
+            self.open = false;
             let _ = rx.await;
         }
     }

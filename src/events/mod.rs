@@ -414,18 +414,26 @@ pub struct NodeStatus {
     pub error: Option<String>,
 }
 
-/// Collects the loaded documents of this node with their state.
+/// How long a document may take to report its state to a status request; one that is busy
+/// (waiting for the database, say) is listed without its numbers.
+const INFO_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Collects the loaded documents of this node with their state, asking them all at once; a
+/// document that does not answer within [`INFO_TIMEOUT`] is listed with epoch 0 and no
+/// connections.
 pub(crate) async fn loaded_documents(docs: &DocServices) -> Vec<LoadedDocument> {
-    let mut out = Vec::new();
-    for h in docs.registry.handles() {
-        if let Some(info) = h.info().await {
-            out.push(LoadedDocument {
-                name: h.name().to_owned(),
-                epoch: info.epoch,
-                connections: info.connections,
-            });
+    let asks = docs.registry.handles().into_iter().map(|h| async move {
+        let info = tokio::time::timeout(INFO_TIMEOUT, h.info())
+            .await
+            .ok()
+            .flatten();
+        LoadedDocument {
+            name: h.name().to_owned(),
+            epoch: info.map_or(0, |i| i.epoch),
+            connections: info.map_or(0, |i| i.connections),
         }
-    }
+    });
+    let mut out = futures_util::future::join_all(asks).await;
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
