@@ -27,4 +27,14 @@ impl Extension for StaticTokens {
             Scope::Deny => Err(HookError::permission_denied()),
         }
     }
+
+    /// A new token must not be denied, and a read-only token cannot keep a read-write
+    /// connection.
+    async fn on_token_sync(&self, payload: &mut AuthPayload<'_>) -> HookResult {
+        match self.0.scope(payload.token) {
+            Scope::ReadWrite => Ok(()),
+            Scope::ReadOnly if payload.read_only => Ok(()),
+            Scope::ReadOnly | Scope::Deny => Err(HookError::reject("Unauthorized")),
+        }
+    }
 }

@@ -95,6 +95,10 @@ pub struct AuthPayload<'a> {
     pub read_only: bool,
     /// Merged into the connection's context; later hooks see it.
     pub context: Context,
+    /// When the credentials end (a token's expiry): at that moment the document connection is
+    /// refused with `PermissionDenied`, unless a token sync ([`Extension::on_token_sync`])
+    /// extended it. `None`: no end. The earliest value set by the hooks wins.
+    pub valid_until: Option<std::time::SystemTime>,
 }
 
 /// Data given to document-level hooks that have no single connection.
@@ -324,6 +328,15 @@ pub trait Extension: Send + Sync + 'static {
         Ok(())
     }
 
+    /// A client sent a new token for a document connection that is already authenticated (the
+    /// provider's `sendToken()`, Hocuspocus's `onTokenSync`). `payload` carries the new token,
+    /// the connection's context, `read_only` as it is, and `valid_until` as it is; a hook may
+    /// move `valid_until`. An error closes the document connection (`CLOSE "Unauthorized"`, or
+    /// the error's reason), as Hocuspocus does; success sends nothing.
+    async fn on_token_sync(&self, _payload: &mut AuthPayload<'_>) -> HookResult {
+        Ok(())
+    }
+
     /// Loads (or replaces) the document's content. Return `Some(update)` to apply a v1 update
     /// on top of what the built-in storage loaded.
     async fn on_load_document(
@@ -475,6 +488,9 @@ impl Extensions {
     }
     pub(crate) async fn on_authenticate(&self, p: &mut AuthPayload<'_>) -> HookResult {
         run_chain!(self, e => e.on_authenticate(p))
+    }
+    pub(crate) async fn on_token_sync(&self, p: &mut AuthPayload<'_>) -> HookResult {
+        run_chain!(self, e => e.on_token_sync(p))
     }
     /// Runs every `on_load_document`; returns the updates the extensions produced, in order.
     pub(crate) async fn on_load_document(

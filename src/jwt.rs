@@ -381,6 +381,7 @@ impl Extension for JwtAuth {
             return Err(HookError::permission_denied());
         };
         payload.read_only |= read_only;
+        payload.valid_until = self.valid_until(&claims);
         payload.context.insert("user".into(), self.user(&claims));
         let mut token = Map::new();
         for k in ["sub", "jti", "exp", "iss"] {
@@ -390,6 +391,38 @@ impl Extension for JwtAuth {
         }
         payload.context.insert("token".into(), Value::Object(token));
         Ok(())
+    }
+
+    /// A fresh token for an established connection: it must verify and still give access to
+    /// the document, and as much as the connection has (a read-only token cannot keep a
+    /// read-write connection); the connection then lives until the new token's expiry.
+    async fn on_token_sync(&self, payload: &mut AuthPayload<'_>) -> HookResult {
+        let claims = self.verify(payload.token).map_err(|why| {
+            debug!(doc = payload.document_name, reason = %why, "JWT token sync refused");
+            HookError::reject("Unauthorized")
+        })?;
+        match self.access(&claims, payload.document_name) {
+            Some(read_only) if !read_only || payload.read_only => {
+                payload.valid_until = self.valid_until(&claims);
+                Ok(())
+            }
+            _ => {
+                debug!(
+                    doc = payload.document_name,
+                    "JWT token sync refused: less access than the connection has"
+                );
+                Err(HookError::reject("Unauthorized"))
+            }
+        }
+    }
+}
+
+impl JwtAuth {
+    /// When the token's access ends: its `exp` plus the leeway.
+    fn valid_until(&self, claims: &Map<String, Value>) -> Option<SystemTime> {
+        let exp = claims.get("exp").and_then(Value::as_f64)?;
+        let secs = (exp.max(0.0) as u64).saturating_add(self.leeway);
+        SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
     }
 }
 

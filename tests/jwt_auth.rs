@@ -335,3 +335,49 @@ async fn bad_jwt_settings_name_the_setting() {
         assert!(err.to_string().contains(setting), "{setting}: {err}");
     }
 }
+
+#[tokio::test]
+async fn a_token_expires_unless_a_fresh_one_extends_it() {
+    let s = start(Config {
+        jwt_secret: SECRET.into(),
+        jwt_leeway_s: 0,
+        auth_failures_before_ban: 0,
+        ..test_config()
+    })
+    .await;
+    let short = |secs: i64| {
+        let mut c = claims(json!("*"));
+        c["exp"] = json!(now() + secs);
+        hs(&c)
+    };
+    let mut c = RawClient::connect(s.addr).await;
+    // two documents on one socket, both with a token that ends in about two seconds
+    for doc in ["kept", "lapsed"] {
+        c.send(auth(doc, &short(2))).await;
+        c.expect(doc, rw()).await;
+    }
+    // a fresh token for one of them: nothing is answered
+    c.send(auth("kept", &short(600))).await;
+    let frames = c.drain(std::time::Duration::from_millis(300)).await;
+    assert!(frames.iter().all(|f| f.address != "kept"), "{frames:?}");
+    // the other one is refused when its token ends; the first one stays
+    let start = std::time::Instant::now();
+    let frames = c
+        .recv_until(|f| f.address == "lapsed" && matches!(f.msg, Msg::PermissionDenied(_)))
+        .await;
+    assert!(start.elapsed() < std::time::Duration::from_secs(4));
+    assert_eq!(frames.last().map(|f| f.msg.clone()), Some(denied()));
+    assert!(frames.iter().all(|f| f.address != "kept"), "{frames:?}");
+    // the refused one comes back with a new token on the same socket
+    c.send(auth("lapsed", &short(600))).await;
+    c.expect("lapsed", rw()).await;
+    // a token sync with a bad token closes that document connection (Hocuspocus's answer)
+    c.send(auth("kept", "not-a-token")).await;
+    c.expect("kept", Msg::Close("Unauthorized".into())).await;
+    // a read-only token cannot keep a read-write connection
+    let mut ro_claims = claims(json!("*"));
+    ro_claims["read_only"] = json!(true);
+    c.send(auth("lapsed", &hs(&ro_claims))).await;
+    c.expect("lapsed", Msg::Close("Unauthorized".into())).await;
+    s.stop().await;
+}

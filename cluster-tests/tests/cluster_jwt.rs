@@ -150,3 +150,45 @@ async fn the_provider_sees_the_same_answer_on_the_owner_and_through_a_non_owner(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_expire_and_are_refreshed_on_the_owner_and_through_a_non_owner() -> anyhow::Result<()>
+{
+    let scratch = Scratch::new("cluster_jwt_expiry")?;
+    let cluster = Cluster::start(
+        &scratch,
+        ClusterSpec::new(2)
+            .env("HEARTH_JWT_SECRET", SECRET)
+            .env("HEARTH_JWT_LEEWAY_S", "0"),
+    )
+    .await?;
+    for (node, doc) in [(0usize, "expiry-owner"), (1usize, "expiry-edge")] {
+        // n1 owns both documents; the providers connect to n1, then to n2
+        let _opener = TestClient::connect_with(
+            &cluster.nodes[0].url(),
+            doc,
+            ClientOptions::labelled("opener")
+                .token(token(&json!({ "exp": now() + 600, "docs": "*" }))),
+        )
+        .await?;
+        let ends = now() + 4;
+        let mut cmd = tokio::process::Command::new("node");
+        cmd.arg(workspace_dir().join("tests/interop/jwt-expiry.mjs"))
+            .env("HEARTH_URL", cluster.nodes[node].url())
+            .env("DOC", doc)
+            .env("SHORT", token(&json!({ "exp": ends, "docs": "*" })))
+            .env("FRESH", token(&json!({ "exp": now() + 600, "docs": "*" })))
+            .env("SHORT_ENDS_AT_MS", (ends * 1000).to_string())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output()).await??;
+        assert!(
+            out.status.success(),
+            "node {}: {}\n{}",
+            node + 1,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

@@ -124,6 +124,20 @@ struct Established {
     conn: ConnId,
     name: Arc<str>,
     context: Arc<Context>,
+    read_only: bool,
+    /// When the client's credentials end (refused with `PermissionDenied` then).
+    expires: Option<Instant>,
+}
+
+/// The monotonic instant of a wall-clock `SystemTime` (now when it has passed).
+fn instant_of(t: std::time::SystemTime) -> Instant {
+    let now = Instant::now();
+    match t.duration_since(std::time::SystemTime::now()) {
+        Ok(ahead) => now
+            .checked_add(ahead)
+            .unwrap_or(now + Duration::from_secs(1 << 30)),
+        Err(_) => now,
+    }
 }
 
 enum Addr {
@@ -223,6 +237,9 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
         if !s.authenticated() {
             at = at.min(auth_deadline);
         }
+        if let Some(e) = s.next_expiry() {
+            at = at.min(e);
+        }
         next_ping
             .into_iter()
             .chain(next_app_ping)
@@ -253,10 +270,12 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                 }
             }
             done = auth_rx.recv() => {
+                let expiry = s.next_expiry();
                 let was_authenticated = s.authenticated();
                 if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break end; }
-                if !was_authenticated && s.authenticated() {
-                    // the authentication deadline no longer applies: no wake-up for it
+                if (!was_authenticated && s.authenticated()) || s.next_expiry() != expiry {
+                    // the authentication deadline no longer applies, or credentials now end
+                    // earlier: re-arm for the earliest deadline
                     timer.as_mut().reset(next_deadline(&s, next_ping, next_app_ping));
                 }
             }
@@ -271,7 +290,15 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                     Some(Ok(msg)) => {
                         s.last_inbound = Instant::now();
                         match msg {
-                            Message::Binary(bytes) => Box::pin(s.on_frame(bytes)).await,
+                            Message::Binary(bytes) => {
+                                let expiry = s.next_expiry();
+                                let end = Box::pin(s.on_frame(bytes)).await;
+                                if s.next_expiry() != expiry {
+                                    // a token sync moved an expiry
+                                    timer.as_mut().reset(next_deadline(&s, next_ping, next_app_ping));
+                                }
+                                end
+                            }
                             Message::Text(_) => {
                                 info!("text frame refused");
                                 Some(End::Close(Close::UnsupportedData))
@@ -285,6 +312,9 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
             }
             () = &mut timer => {
                 let now = Instant::now();
+                if s.next_expiry().is_some_and(|e| e <= now) {
+                    s.expire(now).await;
+                }
                 if !s.authenticated() && now >= auth_deadline {
                     info!("no document authenticated before the deadline");
                     break End::Close(Close::ConnectionTimeout);
@@ -740,11 +770,8 @@ impl Socket {
                 doc.send(DocCommand::Awareness { conn, update }).await
             }
             ClientMessage::QueryAwareness => doc.send(DocCommand::QueryAwareness { conn }).await,
-            ClientMessage::Auth { .. } => {
-                debug!(
-                    address,
-                    "token refresh on an established connection (ignored)"
-                );
+            ClientMessage::Auth { token, version } => {
+                self.token_sync(address, &token, version.as_deref()).await;
                 true
             }
             ClientMessage::Stateless(payload) => {
@@ -777,6 +804,96 @@ impl Socket {
         None
     }
 
+    /// A new token for an established document connection: the `on_token_sync` hooks decide.
+    /// Success sends nothing and may move the connection's expiry; a refusal closes the
+    /// document connection with `CLOSE "Unauthorized"` (or the hook's reason).
+    async fn token_sync(&mut self, address: &str, token: &str, version: Option<&str>) {
+        let Some(Addr::Established(e)) = self.addrs.get(address) else {
+            return;
+        };
+        let mut payload = AuthPayload {
+            document_name: &e.name,
+            token,
+            provider_version: version,
+            request: &self.request,
+            socket_id: &self.id,
+            read_only: e.read_only,
+            context: (*e.context).clone(),
+            valid_until: None,
+        };
+        let result = self.shared.extensions.on_token_sync(&mut payload).await;
+        let valid_until = payload.valid_until;
+        match result {
+            Ok(()) => {
+                self.shared
+                    .metrics
+                    .auth
+                    .with_label_values(&["token_sync"])
+                    .inc();
+                if let (Some(t), Some(Addr::Established(e))) =
+                    (valid_until, self.addrs.get_mut(address))
+                {
+                    e.expires = Some(instant_of(t));
+                }
+                debug!(address, "token sync accepted");
+            }
+            Err(err) => {
+                self.shared
+                    .metrics
+                    .auth
+                    .with_label_values(&["token_sync_refused"])
+                    .inc();
+                debug!(address, reason = %err.reason, "token sync refused: closing the document connection");
+                self.close_doc(address, reason_or(&err.reason, "Unauthorized"))
+                    .await;
+            }
+        }
+    }
+
+    /// The earliest credential expiry of the established document connections.
+    fn next_expiry(&self) -> Option<Instant> {
+        self.addrs
+            .values()
+            .filter_map(|a| match a {
+                Addr::Established(e) => e.expires,
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Refuses every document connection whose credentials ended by `now`: `PermissionDenied`
+    /// (the provider's `onAuthenticationFailed`), and the connection leaves its document. A
+    /// later Auth on the address (a fresh token) is evaluated from scratch.
+    async fn expire(&mut self, now: Instant) {
+        let ended: Vec<String> = self
+            .addrs
+            .iter()
+            .filter(
+                |(_, a)| matches!(a, Addr::Established(e) if e.expires.is_some_and(|t| t <= now)),
+            )
+            .map(|(k, _)| k.clone())
+            .collect();
+        for address in ended {
+            if let Some(Addr::Established(e)) = self.addrs.remove(&address) {
+                info!(doc = %e.name, address, "credentials expired: refusing the document connection");
+                self.shared
+                    .metrics
+                    .auth
+                    .with_label_values(&["expired"])
+                    .inc();
+                e.doc
+                    .send(DocCommand::Detach {
+                        conn: e.conn,
+                        reply: None,
+                    })
+                    .await;
+                self.outbox.send(
+                    ServerMessage::PermissionDenied("permission-denied").frame(Some(&address)),
+                );
+            }
+        }
+    }
+
     /// Server-side close of one document connection: forget the route now, the document
     /// task answers `CLOSE(reason)`.
     async fn close_doc(&mut self, address: &str, reason: &str) {
@@ -788,6 +905,14 @@ impl Socket {
                 })
                 .await;
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -851,6 +976,7 @@ async fn authenticate(
         socket_id: &socket_id,
         read_only: false,
         context: Context::new(),
+        valid_until: None,
     };
     let ext = &shared.extensions;
     let mut refused = ext.on_connect(&mut payload).await.err();
@@ -885,6 +1011,7 @@ async fn authenticate(
         }
     }
     let read_only = payload.read_only;
+    let expires = payload.valid_until.map(instant_of);
     let context = Arc::new(payload.context);
     outbox.send(ServerMessage::Authenticated { read_only }.frame(Some(&address)));
     if !valid_document_name(name, shared.config.max_document_name_bytes) {
@@ -937,6 +1064,8 @@ async fn authenticate(
                 conn,
                 name: Arc::from(name),
                 context,
+                read_only,
+                expires,
             }));
         }
     }
@@ -1014,6 +1143,9 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
                 if let Some(end) = s.on_controls(controls) { break Some(end); }
             }
             () = edge.room(), if out_full => {}
+            () = sleep_until_or_never(s.next_expiry()) => {
+                s.expire(Instant::now()).await;
+            }
             done = auth_rx.recv() => {
                 if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break Some(end); }
             }

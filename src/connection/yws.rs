@@ -52,6 +52,7 @@ async fn run(
         socket_id: &id,
         read_only: false,
         context: Context::new(),
+        valid_until: None,
     };
     let mut denied = shared.extensions.on_connect(&mut payload).await.err();
     if denied.is_none() {
