@@ -1,7 +1,8 @@
 //! The admin API in a cluster (3 nodes, real Redis and PostgreSQL; docs/admin-api.md).
 //!
 //! * `every_operation_through_any_node`: a document owned by n1 (a client there) is edited,
-//!   read, messaged, listed, looked up and closed (Hocuspocus's reset) through n2 and n3; a document nobody owns is
+//!   read, messaged, listed, looked up and closed (Hocuspocus's reset) through n2 and n3, a
+//!   client on n2 getting the message and the reset too; a document nobody owns is
 //!   claimed by the node asked (or refused with `claim=false`), then deleted; n3 is drained
 //!   through n1 (not ready, nothing loaded, its document readable through another node); custom events of
 //!   `hearth-test-server` answer through a non-owner; the CLI gives the documented exit codes.
@@ -158,7 +159,8 @@ async fn every_operation_through_any_node() -> anyhow::Result<()> {
         (404, Some("no_handler")),
         "{v}"
     );
-    // broadcast reaches the client on the owner from n3
+    // broadcast from n3 reaches the client on the owner and one on n2 (proxied to n1)
+    let on_n2 = TestClient::connect(&cluster.nodes[1].url(), doc, "").await?;
     let v = ok(
         &cluster,
         2,
@@ -167,12 +169,13 @@ async fn every_operation_through_any_node() -> anyhow::Result<()> {
         Some(json!({ "message": "hello from n3" })),
     )
     .await?;
-    assert_eq!(v["connections"], 1, "{v}");
-    on_n1
-        .wait_for("stateless on n1", WAIT, |s| {
+    assert_eq!(v["connections"], 2, "{v}");
+    for (c, at) in [(&on_n1, "n1"), (&on_n2, "n2")] {
+        c.wait_for(&format!("stateless on {at}"), WAIT, |s| {
             s.stateless().iter().any(|m| m == "hello from n3")
         })
         .await?;
+    }
     // owner, list, nodes
     let v = ok(&cluster, 1, "GET", "/v1/documents/shared/owner", None).await?;
     assert_eq!(v["owner"], "n1", "{v}");
@@ -241,7 +244,7 @@ async fn every_operation_through_any_node() -> anyhow::Result<()> {
         Some(json!({ "message": "from n1" })),
     )
     .await?;
-    assert_eq!(v["connections"], 1, "{v}");
+    assert_eq!(v["connections"], 2, "{v}");
     let v = ok(&cluster, 0, "GET", "/v1/documents/shared/owner", None).await?;
     assert_eq!(v["owner"], "n1", "{v}");
 
@@ -403,12 +406,15 @@ async fn every_operation_through_any_node() -> anyhow::Result<()> {
         Some(json!({})),
     )
     .await?;
-    assert_eq!(v["connections"], 1, "{v}");
-    on_n1
-        .wait_for("the document closed with a reset", WAIT, |s| {
-            s.doc_closed() == Some("Reset Connection")
-        })
+    assert_eq!(v["connections"], 2, "{v}");
+    for (c, at) in [(&on_n1, "n1"), (&on_n2, "n2")] {
+        c.wait_for(
+            &format!("the document closed with a reset on {at}"),
+            WAIT,
+            |s| s.doc_closed() == Some("Reset Connection"),
+        )
         .await?;
+    }
 
     // drain n3 through n1: its client moves away, its documents are handed over, it stays up
     let on_n3 = TestClient::connect(&cluster.nodes[2].url(), "on-n3", "").await?;
