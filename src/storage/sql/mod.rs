@@ -71,7 +71,7 @@ use sqlx::postgres::PgPool;
 
 use super::{
     Append, AppendOutcome, DocumentInfo, DocumentStore, Epoch, ListQuery, StoreError,
-    StoredDocument, check_name,
+    StoredDocument, UNSTORED, check_name,
 };
 
 /// SQLite `PRAGMA synchronous` in WAL mode.
@@ -391,6 +391,28 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    }
+}
+
+/// Whether a delete under `epoch` may go on, given the document's row (its epoch and whether it
+/// has a snapshot): `Ok(Some(had_snapshot))` to go on, `Ok(None)` when there is no row and the
+/// caller never stored it (nothing to delete), `Err(Fenced)` when the epoch is stale or the row
+/// it names is gone.
+pub(crate) fn may_delete(
+    row: Option<(Epoch, bool)>,
+    epoch: Epoch,
+) -> Result<Option<bool>, StoreError> {
+    match row {
+        Some((current, had_snapshot)) if current == epoch => Ok(Some(had_snapshot)),
+        Some((current, _)) => Err(StoreError::Fenced {
+            current,
+            mine: epoch,
+        }),
+        None if epoch == UNSTORED => Ok(None),
+        None => Err(StoreError::Fenced {
+            current: 0,
+            mine: epoch,
+        }),
     }
 }
 

@@ -20,7 +20,6 @@ use super::{
 };
 use crate::storage::{
     Append, AppendOutcome, DocumentInfo, Epoch, ListQuery, LogSeq, StoreError, StoredDocument,
-    UNSTORED,
 };
 
 /// Migration 1. Frozen: sqlx checksums applied migrations; change the schema with a new one.
@@ -424,24 +423,11 @@ async fn delete_on(
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_err)?;
-    let had_snapshot = match row {
-        Some((current, had_snapshot)) if current == epoch => had_snapshot,
-        Some((current, _)) => {
+    let had_snapshot = match super::may_delete(row, epoch) {
+        Ok(Some(had_snapshot)) => had_snapshot,
+        verdict => {
             tx.rollback().await.map_err(db_err)?;
-            return Err(StoreError::Fenced {
-                current,
-                mine: epoch,
-            });
-        }
-        None => {
-            tx.rollback().await.map_err(db_err)?;
-            if epoch == UNSTORED {
-                return Ok(false);
-            }
-            return Err(StoreError::Fenced {
-                current: 0,
-                mine: epoch,
-            });
+            return verdict.map(|_| false);
         }
     };
     let logged = sqlx::query("DELETE FROM document_updates WHERE name = $1")
