@@ -301,12 +301,14 @@ macro_rules! settings {
 }
 
 /// Settings whose values never appear in `Debug` output.
-const SECRET_SETTINGS: [&str; 5] = [
+const SECRET_SETTINGS: [&str; 7] = [
     "cluster_secret",
     "cluster_secret_previous",
     "auth_tokens",
     "admin_tokens",
     "jwt_secret",
+    "auth_webhook_secret",
+    "webhook_secret",
 ];
 
 /// A setting's `Debug` text with secrets hidden: the whole value of a [`SECRET_SETTINGS`] entry
@@ -391,6 +393,41 @@ settings! {
     jwt_read_only_documents_claim: String = "docs_ro".into(), env = "HEARTH_JWT_READ_ONLY_DOCUMENTS_CLAIM";
     /// Claim holding the user object hooks see as `context.user` (`sub` is added as `id`).
     jwt_user_claim: String = "user".into(), env = "HEARTH_JWT_USER_CLAIM";
+    /// Endpoint asked whether a token may open a document (`POST`, JSON; see docs/auth.md).
+    /// Empty: no authentication webhook.
+    auth_webhook_url: String = String::new(), env = "HEARTH_AUTH_WEBHOOK_URL";
+    /// Secret that signs every authentication webhook request (HMAC-SHA256; at least 16
+    /// characters); required with `auth_webhook_url`.
+    auth_webhook_secret: String = String::new(), env = "HEARTH_AUTH_WEBHOOK_SECRET";
+    /// Longest wait for one authentication webhook answer, in milliseconds.
+    auth_webhook_timeout_ms: u64 = 2000, env = "HEARTH_AUTH_WEBHOOK_TIMEOUT_MS";
+    /// Further attempts after a failed authentication webhook call (timeout, 5xx, 429,
+    /// connection error); then the client is refused.
+    auth_webhook_retries: u32 = 1, env = "HEARTH_AUTH_WEBHOOK_RETRIES";
+    /// How long an authentication webhook answer is reused for the same token, document and
+    /// forwarded request parts, in milliseconds (0: never).
+    auth_webhook_cache_ms: u64 = 10000, env = "HEARTH_AUTH_WEBHOOK_CACHE_MS";
+    /// Request headers passed to the authentication webhook, comma-separated names.
+    auth_webhook_headers: String = String::new(), env = "HEARTH_AUTH_WEBHOOK_HEADERS";
+    /// Query parameters passed to the authentication webhook, comma-separated names.
+    auth_webhook_query: String = String::new(), env = "HEARTH_AUTH_WEBHOOK_QUERY";
+    /// Endpoint that receives event webhooks (`POST`, JSON, signed). Empty: none are sent.
+    webhook_url: String = String::new(), env = "HEARTH_WEBHOOK_URL";
+    /// Secret that signs every event webhook (HMAC-SHA256; at least 16 characters); required
+    /// with `webhook_url`.
+    webhook_secret: String = String::new(), env = "HEARTH_WEBHOOK_SECRET";
+    /// Events sent, comma-separated: change, connect, disconnect, create, store, or all.
+    webhook_events: String = "change".into(), env = "HEARTH_WEBHOOK_EVENTS";
+    /// A `change` event is sent this long after the last change of a burst, in milliseconds.
+    webhook_debounce_ms: u64 = 2000, env = "HEARTH_WEBHOOK_DEBOUNCE_MS";
+    /// ... and at the latest this long after the burst's first change, in milliseconds.
+    webhook_max_debounce_ms: u64 = 10000, env = "HEARTH_WEBHOOK_MAX_DEBOUNCE_MS";
+    /// Longest wait for the endpoint to answer one event, in milliseconds.
+    webhook_timeout_ms: u64 = 5000, env = "HEARTH_WEBHOOK_TIMEOUT_MS";
+    /// Further attempts for an event that was not delivered (exponential backoff from 250 ms).
+    webhook_retries: u32 = 5, env = "HEARTH_WEBHOOK_RETRIES";
+    /// Most events waiting for delivery; beyond it new events are dropped (and counted).
+    webhook_queue_size: usize = 10000, env = "HEARTH_WEBHOOK_QUEUE_SIZE";
     /// Write the bound `ip:port` to this file once listening (for scripts and tests).
     ready_file: PathBuf = PathBuf::new(), env = "HEARTH_READY_FILE";
     /// Write the operator listener's bound `ip:port` to this file (before the ready file).

@@ -44,6 +44,9 @@ pub struct HookError {
     pub reason: String,
     /// When true, the chain stops but the outcome counts as success.
     pub skip: bool,
+    /// When true, the refusal is not the client's fault (a backend that decides access is
+    /// unreachable): it does not count towards the failed-authentication ban.
+    pub unavailable: bool,
 }
 
 impl HookError {
@@ -52,6 +55,17 @@ impl HookError {
         Self {
             reason: reason.into(),
             skip: false,
+            unavailable: false,
+        }
+    }
+
+    /// A refusal because whatever decides access could not be asked (fail closed); it does
+    /// not count towards the failed-authentication ban of the client's address.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            skip: false,
+            unavailable: true,
         }
     }
 
@@ -71,6 +85,7 @@ impl HookError {
         Self {
             reason: String::new(),
             skip: true,
+            unavailable: false,
         }
     }
 }

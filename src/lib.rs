@@ -37,6 +37,7 @@ pub mod server;
 pub mod storage;
 pub(crate) mod throttle;
 pub(crate) mod tokens;
+pub mod webhook;
 
 pub use async_trait::async_trait;
 pub use cluster::EmitError;

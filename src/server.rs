@@ -42,6 +42,8 @@ use crate::limits::{ConnectionLimits, ConnectionSlot, IpAdmission};
 use crate::metrics::Metrics;
 use crate::storage::{self, DocumentStore};
 use crate::tokens::TokenTable;
+use crate::webhook::auth::WebhookAuth;
+use crate::webhook::events::EventWebhooks;
 
 /// How long a shutting-down node tries to release its cluster locks and presence.
 const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -189,11 +191,17 @@ impl ServerBuilder {
         if !table.is_open() {
             list.push(Arc::new(StaticTokens(table)));
         }
+        let metrics = Metrics::new()?;
         if let Some(jwt) = crate::jwt::JwtAuth::from_config(&self.config)? {
             list.push(Arc::new(jwt));
         }
+        if let Some(hook) = WebhookAuth::from_config(&self.config, &metrics.registry)? {
+            list.push(Arc::new(hook));
+        }
+        if let Some(hooks) = EventWebhooks::from_config(&self.config, &metrics.registry)? {
+            list.push(Arc::new(hooks));
+        }
         let extensions = Extensions::new(list);
-        let metrics = Metrics::new()?;
         let committer = Committer::spawn(
             store.clone(),
             Duration::from_millis(self.config.commit_interval_ms),

@@ -984,7 +984,9 @@ async fn authenticate(
         refused = ext.on_authenticate(&mut payload).await.err();
     }
     if let Some(e) = refused {
-        if let Some(ip) = client {
+        if let Some(ip) = client
+            && !e.unavailable
+        {
             throttle.record_failure(ip).await;
         }
         return Err(AuthFailure::Denied(

@@ -60,7 +60,9 @@ async fn run(
     }
     if let Some(e) = denied {
         shared.metrics.auth.with_label_values(&["denied"]).inc();
-        if let Some(ip) = shared.throttle.client_of(&request) {
+        if let Some(ip) = shared.throttle.client_of(&request)
+            && !e.unavailable
+        {
             shared.throttle.record_failure(ip).await;
         }
         let reason = if e.reason.is_empty() {

@@ -24,6 +24,8 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{GetString, ReadTxn, StateVector, Text, Transact, Update};
 
+pub mod receiver;
+
 /// Default bound for one expected event.
 pub const T: Duration = Duration::from_secs(5);
 
