@@ -79,6 +79,9 @@ where
         Some(Command::Event(cmd)) => {
             return admin_command(crate::admin::commands::event(cmd));
         }
+        Some(Command::Auth(cmd)) => {
+            return admin_command(crate::admin::commands::auth(cmd));
+        }
         Some(Command::Cluster(ClusterCommand::Drain { node, admin })) => {
             return admin_command(
                 async move { crate::admin::commands::drain(&node, &admin).await },

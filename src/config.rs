@@ -63,6 +63,9 @@ pub enum Command {
     /// Custom events through any node's admin API.
     #[command(subcommand)]
     Event(EventCommand),
+    /// Revoke users, token ids or documents on every node through any node's admin API.
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// Ask the server on this machine whether it is up: `GET /healthz` on the configured
     /// `listen` address (a wildcard address is asked on loopback), 2 s at most. Exit status 0
     /// when it answers 200, 1 otherwise (one line on stderr says why). For container health
@@ -242,6 +245,51 @@ pub enum EventCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+/// `hearth auth …`
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Revoke a user, a token id or a document: every matching document connection on every
+    /// node is refused at once, and matching clients are refused until the revocation ends.
+    Revoke {
+        /// What to revoke.
+        #[command(flatten)]
+        what: RevocationArgs,
+        /// How long the revocation lasts, in seconds (default: a day).
+        #[arg(long)]
+        ttl_s: Option<u64>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Lift a revocation on every node.
+    Lift {
+        /// What to lift.
+        #[command(flatten)]
+        what: RevocationArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the revocations in force.
+    Revocations {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Exactly one of a user id, a token id (`jti`) and a document name.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct RevocationArgs {
+    /// A user id (`context.user.id`, or the JWT's `sub`).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// A token id (the JWT's `jti`).
+    #[arg(long)]
+    pub token_id: Option<String>,
+    /// A document name.
+    #[arg(long)]
+    pub document: Option<String>,
 }
 
 macro_rules! settings {

@@ -33,6 +33,7 @@ pub mod metrics;
 pub(crate) mod outbox;
 pub mod protocol;
 pub mod request;
+pub mod revoke;
 pub mod server;
 pub mod storage;
 pub(crate) mod throttle;

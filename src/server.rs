@@ -40,6 +40,7 @@ use crate::events::NodeStatus;
 use crate::hooks::{Context, Extension, Extensions};
 use crate::limits::{ConnectionLimits, ConnectionSlot, IpAdmission};
 use crate::metrics::Metrics;
+use crate::revoke::{Revocation, RevokeError, RevokeReport};
 use crate::storage::{self, DocumentStore};
 use crate::tokens::TokenTable;
 use crate::webhook::auth::WebhookAuth;
@@ -260,6 +261,11 @@ impl ServerBuilder {
             crate::cluster::redis_client(&self.config.redis_url),
         )
         .await;
+        let revocations = crate::revoke::Revocations::start(
+            &self.config,
+            crate::cluster::redis_client(&self.config.redis_url),
+        )
+        .await;
         let docs = Arc::new(DocServices {
             config: self.config.clone(),
             extensions: extensions.clone(),
@@ -288,6 +294,7 @@ impl ServerBuilder {
                 Arc::new(ClusterPlacement::new(c.clone(), docs.clone())) as Arc<dyn Placement>
             }),
             throttle,
+            revocations,
         });
         let cluster = cluster.map(|(c, inbound)| {
             c.spawn_tasks(&shared, inbound);
@@ -606,6 +613,89 @@ impl ServerHandle {
         }
     }
 
+    /// Revokes a user, a token id or a document until `until` (see [`crate::revoke`]): stored
+    /// (in Redis in a cluster) and sent to every live node, whose matching document
+    /// connections are refused with `PermissionDenied` at once; matching authentications are
+    /// refused from then on. Returns the nodes told and those that did not answer (they learn
+    /// it from Redis within [`crate::revoke::SYNC_EVERY`]).
+    pub async fn revoke(
+        &self,
+        what: Revocation,
+        until: std::time::SystemTime,
+    ) -> Result<RevokeReport, RevokeError> {
+        let until_ms = until
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let shared = &self.node.shared;
+        shared.revocations.add(what.clone(), until_ms).await?;
+        let entry = crate::revoke::RevocationEntry { what, until_ms };
+        let payload = serde_json::json!({ "revoke": entry })
+            .to_string()
+            .into_bytes();
+        Ok(self.tell_nodes(payload).await)
+    }
+
+    /// Lifts a revocation on every node; `false` when this node did not hold it.
+    pub async fn lift_revocation(&self, what: Revocation) -> Result<bool, RevokeError> {
+        let was = self.node.shared.revocations.lift(&what).await?;
+        let payload =
+            serde_json::to_vec(&crate::revoke::NodeChange::Lift(what)).unwrap_or_default();
+        self.tell_nodes(payload).await;
+        Ok(was)
+    }
+
+    /// The revocations in force on this node.
+    pub fn revocations(&self) -> Vec<crate::revoke::RevocationEntry> {
+        self.node.shared.revocations.list()
+    }
+
+    /// Sends a `hearth.node.revoke` payload to every other live node at once.
+    async fn tell_nodes(&self, payload: Vec<u8>) -> RevokeReport {
+        let me = self.node.shared.config.node_id.clone();
+        let mut report = RevokeReport {
+            nodes: vec![me.clone()],
+            unreachable: Vec::new(),
+        };
+        let Some(c) = &self.node.cluster else {
+            return report;
+        };
+        let nodes = match c.live_nodes().await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "revocation: cannot list the nodes; they learn it from Redis");
+                return report;
+            }
+        };
+        let calls = nodes
+            .into_iter()
+            .filter(|a| a.id.as_str() != me)
+            .map(|addr| {
+                let payload = payload.clone();
+                async move {
+                    let r = c
+                        .node_call(
+                            &addr,
+                            crate::events::NODE_REVOKE,
+                            payload,
+                            NODE_CALL_TIMEOUT,
+                        )
+                        .await;
+                    (addr.id.as_str().to_owned(), r)
+                }
+            });
+        for (node, r) in futures_util::future::join_all(calls).await {
+            match r {
+                Ok(_) => report.nodes.push(node),
+                Err(e) => {
+                    warn!(%node, error = %e, "revocation: node did not answer; it learns it from Redis");
+                    report.unreachable.push(node);
+                }
+            }
+        }
+        report
+    }
+
     /// The id of the node that owns `document` now, if any (never claims it).
     pub async fn document_owner(&self, document: &str) -> Result<Option<String>, EmitError> {
         match &self.node.cluster {
@@ -907,6 +997,22 @@ impl crate::admin::Backend for ServerHandle {
 
     async fn drain(&self, node: &str) -> Result<(), DrainError> {
         ServerHandle::drain(self, Some(node)).await
+    }
+
+    async fn revoke(
+        &self,
+        what: Revocation,
+        until: std::time::SystemTime,
+    ) -> Result<RevokeReport, RevokeError> {
+        ServerHandle::revoke(self, what, until).await
+    }
+
+    async fn lift(&self, what: Revocation) -> Result<bool, RevokeError> {
+        self.lift_revocation(what).await
+    }
+
+    fn revocations(&self) -> Vec<crate::revoke::RevocationEntry> {
+        ServerHandle::revocations(self)
     }
 
     fn default_timeout(&self) -> Duration {

@@ -14,13 +14,11 @@
 //!   client converges and the stored document holds every insert.
 //! * `the_examples_run_against_the_cluster`: `examples/admin/admin.mjs` and `admin.py`.
 
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
 use cluster_tests::testbed::{Cluster, ClusterSpec, Scratch, TestClient, WAIT, workspace_dir};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Instant;
 
 const TOKEN: &str = "cluster-admin-token-0123456789";
@@ -32,13 +30,6 @@ fn spec() -> ClusterSpec {
         .env("HEARTH_ADMIN_TOKENS", TOKEN)
 }
 
-fn admin_addr(cluster: &Cluster, i: usize) -> anyhow::Result<SocketAddr> {
-    let url = cluster.nodes[i]
-        .admin_url()
-        .ok_or_else(|| anyhow::anyhow!("n{} has no admin listener", i + 1))?;
-    Ok(url.trim_start_matches("http://").parse()?)
-}
-
 /// One admin request to node `i`: (status, JSON body).
 async fn call(
     cluster: &Cluster,
@@ -47,21 +38,7 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<(u16, Value)> {
-    let addr = admin_addr(cluster, i)?;
-    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tcp.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(70), tcp.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    anyhow::ensure!(text.len() > 12, "short answer {text:?}");
-    let status: u16 = text[9..12].parse()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+    cluster.nodes[i].admin_call(TOKEN, method, path, body).await
 }
 
 async fn ok(

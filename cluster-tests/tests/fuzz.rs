@@ -80,6 +80,11 @@ fn admin() {
 }
 
 #[test]
+fn auth() {
+    bounded(Target::Auth);
+}
+
+#[test]
 fn saved_findings_replay_cleanly() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz-regressions");
     let mut n = 0;

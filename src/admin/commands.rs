@@ -1,4 +1,4 @@
-//! `hearth doc …`, `hearth event fire` and `hearth cluster status|owner|drain` through the
+//! `hearth doc …`, `hearth event fire`, `hearth auth …` and `hearth cluster status|owner|drain` through the
 //! admin API: each builds one request, prints the answer (or, with `--json`, the API's JSON
 //! as is) and returns the exit status of [`super::client::exit`].
 
@@ -11,7 +11,7 @@ use hyper::Method;
 use serde_json::{Value, json};
 
 use super::client::{Client, ClientError, exit, segment};
-use crate::config::{AdminArgs, DocCommand, EventCommand};
+use crate::config::{AdminArgs, AuthCommand, DocCommand, EventCommand, RevocationArgs};
 
 fn client(a: &AdminArgs) -> Result<Client, ClientError> {
     // the transport waits a little longer than the owner's deadline, so the server's own
@@ -350,4 +350,83 @@ pub async fn drain(node: &str, admin: &AdminArgs) -> Result<(), ClientError> {
         println!("draining {node}");
     }
     Ok(())
+}
+
+/// The kind and value a `RevocationArgs` names.
+fn revocation(what: &RevocationArgs) -> Result<(&'static str, &str), ClientError> {
+    match (&what.user, &what.token_id, &what.document) {
+        (Some(v), None, None) => Ok(("user", v)),
+        (None, Some(v), None) => Ok(("token", v)),
+        (None, None, Some(v)) => Ok(("document", v)),
+        _ => Err(bad("name exactly one of --user, --token-id and --document")),
+    }
+}
+
+/// `hearth auth revoke|lift|revocations`.
+pub async fn auth(cmd: AuthCommand) -> Result<(), ClientError> {
+    match cmd {
+        AuthCommand::Revoke { what, ttl_s, admin } => {
+            let (kind, value) = revocation(&what)?;
+            let mut body = json!({ kind: value });
+            if let Some(t) = ttl_s {
+                body["ttl_s"] = json!(t);
+            }
+            let v = client(&admin)?
+                .call(Method::POST, "/v1/revocations", Some(&body))
+                .await?;
+            if admin.json {
+                println!("{v}");
+            } else {
+                let nodes = v.get("nodes").and_then(Value::as_array).map_or(0, Vec::len);
+                println!("revoked {kind} {value} on {nodes} node(s)");
+                if let Some(u) = v.get("unreachable").and_then(Value::as_array)
+                    && !u.is_empty()
+                {
+                    eprintln!(
+                        "not answering (they load it from Redis): {}",
+                        Value::from(u.clone())
+                    );
+                }
+            }
+            Ok(())
+        }
+        AuthCommand::Lift { what, admin } => {
+            let (kind, value) = revocation(&what)?;
+            let path = format!("/v1/revocations/{kind}/{}", segment(value));
+            let v = client(&admin)?.call(Method::DELETE, &path, None).await?;
+            if admin.json {
+                println!("{v}");
+            } else {
+                println!("lifted {kind} {value}");
+            }
+            Ok(())
+        }
+        AuthCommand::Revocations { admin } => {
+            let v = client(&admin)?
+                .call(Method::GET, "/v1/revocations", None)
+                .await?;
+            if admin.json {
+                println!("{v}");
+                return Ok(());
+            }
+            for r in v
+                .get("revocations")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(obj) = r.as_object() else { continue };
+                for (k, val) in obj {
+                    if k != "until_ms" {
+                        println!(
+                            "{k}\t{}\tuntil_ms={}",
+                            val.as_str().unwrap_or_default(),
+                            obj.get("until_ms").unwrap_or(&Value::Null)
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
 }

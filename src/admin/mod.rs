@@ -30,7 +30,7 @@ use tracing::debug;
 use crate::cluster::EmitError;
 use crate::events::NodeStatus;
 
-pub use routes::{ROUTES, parse_target};
+pub use routes::{ROUTES, parse_revocation, parse_target};
 
 /// Connections the admin listener serves at once; more are closed on accept.
 const MAX_CONNECTIONS: usize = 256;
@@ -100,6 +100,19 @@ pub(crate) trait Backend: Send + Sync + 'static {
     async fn nodes(&self) -> Result<Vec<NodeStatus>, EmitError>;
     /// Starts draining node `node`.
     async fn drain(&self, node: &str) -> Result<(), DrainError>;
+    /// Revokes `what` until `until` on every node.
+    async fn revoke(
+        &self,
+        what: crate::revoke::Revocation,
+        until: std::time::SystemTime,
+    ) -> Result<crate::revoke::RevokeReport, crate::revoke::RevokeError>;
+    /// Lifts a revocation on every node.
+    async fn lift(
+        &self,
+        what: crate::revoke::Revocation,
+    ) -> Result<bool, crate::revoke::RevokeError>;
+    /// The revocations in force.
+    fn revocations(&self) -> Vec<crate::revoke::RevocationEntry>;
     /// The default reply timeout of custom events (`custom_event_ttl_ms`).
     fn default_timeout(&self) -> Duration;
 }

@@ -17,6 +17,7 @@ use tracing::debug;
 use super::{Admin, DrainError};
 use crate::cluster::EmitError;
 use crate::events::{self, BuiltinError};
+use crate::revoke::{Revocation, RevokeError};
 
 /// The OpenAPI description of this API (served at `/v1/openapi.json`).
 pub(crate) const OPENAPI: &str = include_str!("openapi.json");
@@ -37,6 +38,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/node"),
     ("GET", "/v1/nodes"),
     ("POST", "/v1/nodes/{id}/drain"),
+    ("GET", "/v1/revocations"),
+    ("POST", "/v1/revocations"),
+    ("DELETE", "/v1/revocations/{kind}/{value}"),
 ];
 
 /// How long a request body may take to arrive.
@@ -181,11 +185,96 @@ async fn handle_inner(admin: &Admin, req: Request<Incoming>) -> Result<Answer, F
                 Err(DrainError::Unavailable(e)) => Err(emit_failure(e)),
             }
         }
+        (Method::GET, ["revocations"]) => Ok(answer(
+            StatusCode::OK,
+            &json!({ "revocations": admin.backend.revocations() }),
+        )),
+        (Method::POST, ["revocations"]) => revoke(admin, &body).await,
+        (Method::DELETE, ["revocations", kind, value]) => {
+            let (kind, value) = (decode_segment(kind)?, decode_segment(value)?);
+            let what = Revocation::from_parts(&kind, &value).ok_or_else(|| {
+                Failure::bad(format!("kind {kind:?}: expected user, token or document"))
+            })?;
+            let lifted = admin.backend.lift(what).await.map_err(revoke_failure)?;
+            Ok(answer(StatusCode::OK, &json!({ "lifted": lifted })))
+        }
         (method, ["documents", name, rest @ ..]) => {
             let name = decode_segment(name)?;
             document(admin, method, &name, rest, &query, body).await
         }
         (_, _) => Err(not_found_route(&path)),
+    }
+}
+
+/// Longest revocation accepted (a year).
+const MAX_REVOCATION_S: u64 = 366 * 24 * 3600;
+/// A revocation's length when the request names none (a day).
+const DEFAULT_REVOCATION_S: u64 = 24 * 3600;
+
+/// Reads a `POST /v1/revocations` body, `{"user" | "token" | "document": value, "ttl_s"?:
+/// seconds}`: what to revoke and for how many seconds, or the one-line reason it is refused.
+pub fn parse_revocation(body: &[u8]) -> Result<(Revocation, u64), String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
+    let Some(obj) = v.as_object() else {
+        return Err("body: expected a JSON object".into());
+    };
+    let mut what = None;
+    for (k, val) in obj {
+        if k == "ttl_s" {
+            continue;
+        }
+        let value = val
+            .as_str()
+            .ok_or_else(|| format!("{k}: expected a string"))?;
+        let r = Revocation::from_parts(k, value).ok_or_else(|| {
+            format!("unknown field {k:?} (expected user, token or document, and ttl_s)")
+        })?;
+        if what.replace(r).is_some() {
+            return Err("name exactly one of user, token and document".into());
+        }
+    }
+    let what = what.ok_or("name one of user, token and document")?;
+    let ttl = match obj.get("ttl_s") {
+        None => DEFAULT_REVOCATION_S,
+        Some(t) => t
+            .as_u64()
+            .filter(|t| (1..=MAX_REVOCATION_S).contains(t))
+            .ok_or_else(|| format!("ttl_s: expected 1 to {MAX_REVOCATION_S}"))?,
+    };
+    Ok((what, ttl))
+}
+
+/// `POST /v1/revocations`.
+async fn revoke(admin: &Admin, body: &[u8]) -> Result<Answer, Failure> {
+    let (what, ttl) = parse_revocation(body).map_err(Failure::bad)?;
+    let until = std::time::SystemTime::now() + Duration::from_secs(ttl);
+    let report = admin
+        .backend
+        .revoke(what.clone(), until)
+        .await
+        .map_err(revoke_failure)?;
+    let until_ms = until
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Ok(answer(
+        StatusCode::OK,
+        &json!({
+            "revoked": crate::revoke::RevocationEntry { what, until_ms },
+            "nodes": report.nodes,
+            "unreachable": report.unreachable,
+        }),
+    ))
+}
+
+fn revoke_failure(e: RevokeError) -> Failure {
+    match e {
+        RevokeError::BadValue => Failure::bad(e.to_string()),
+        RevokeError::Full | RevokeError::Store(_) => Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
     }
 }
 
@@ -243,6 +332,9 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         ("POST", ["documents", _, "broadcast"]) => "broadcast",
         ("POST", ["documents", _, "close"]) => "close",
         ("POST", ["documents", _, "events", _]) => "event",
+        ("GET", ["revocations"]) => "revocations",
+        ("POST", ["revocations"]) => "revoke",
+        ("DELETE", ["revocations", _, _]) => "lift",
         _ => "other",
     }
 }

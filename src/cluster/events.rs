@@ -81,6 +81,21 @@ impl Cluster {
                 self.start_drain(shared.clone());
                 Ok(br#"{"draining":true}"#.to_vec())
             }
+            crate::events::NODE_REVOKE => {
+                use crate::revoke::NodeChange;
+                let change =
+                    NodeChange::parse(payload).map_err(|e| failure(format!("bad_request: {e}")))?;
+                match change {
+                    NodeChange::Revoke(entry) => shared
+                        .revocations
+                        .apply(entry.what, entry.until_ms)
+                        .map_err(|e| failure(format!("bad_request: {e}")))?,
+                    NodeChange::Lift(what) => {
+                        shared.revocations.lift_here(&what);
+                    }
+                }
+                Ok(br#"{"applied":true}"#.to_vec())
+            }
             other => Err(failure(format!("not_found: no node event {other}"))),
         }
     }

@@ -33,7 +33,7 @@ use crate::doc::{
     Attach, ConnId, DocCommand, DocHandle, Framing, LoadError, WeakDocHandle, next_conn_id,
 };
 use crate::hooks::{
-    AuthPayload, ConnectionOps, ConnectionRef, Context, DocumentPayload, MessagePayload,
+    AuthPayload, ConnectionOps, ConnectionRef, Context, DocumentPayload, HookError, MessagePayload,
 };
 use crate::outbox::queue::{QueueSender, queue};
 use crate::outbox::{Outbox, OutboxReceiver, Outgoing, outbox, outbox_direct};
@@ -250,6 +250,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
         next_ping,
         next_app_ping,
     )));
+    let mut revoked = shared.revocations.subscribe();
     debug!(path = %s.request.path, remote = ?s.request.remote_addr, "socket open");
 
     let end = loop {
@@ -269,6 +270,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                     Err(Stop::Shutdown) => break End::Close(Close::ResetConnection),
                 }
             }
+            Ok(()) = revoked.changed() => s.refuse_revoked().await,
             done = auth_rx.recv() => {
                 let expiry = s.next_expiry();
                 let was_authenticated = s.authenticated();
@@ -692,6 +694,19 @@ impl Socket {
                     .send(ServerMessage::PermissionDenied(reason).frame(Some(&done.address)));
                 None
             }
+            Ok(Authed::Here(established))
+                if self
+                    .shared
+                    .revocations
+                    .denies(&established.name, &established.context) =>
+            {
+                // revoked while it was being set up
+                Authed::Here(established).undo();
+                self.outbox.send(
+                    ServerMessage::PermissionDenied("permission-denied").frame(Some(&done.address)),
+                );
+                None
+            }
             Ok(Authed::Here(established)) => {
                 self.shared.metrics.auth.with_label_values(&["ok"]).inc();
                 self.authenticated_once = true;
@@ -865,22 +880,30 @@ impl Socket {
     /// (the provider's `onAuthenticationFailed`), and the connection leaves its document. A
     /// later Auth on the address (a fresh token) is evaluated from scratch.
     async fn expire(&mut self, now: Instant) {
+        self.refuse_where("expired", |e| e.expires.is_some_and(|t| t <= now))
+            .await;
+    }
+
+    /// Refuses every document connection that a revocation now matches, as [`Self::expire`].
+    async fn refuse_revoked(&mut self) {
+        let revocations = self.shared.revocations.clone();
+        self.refuse_where("revoked", |e| revocations.denies(&e.name, &e.context))
+            .await;
+    }
+
+    /// Refuses the established document connections `which` selects with `PermissionDenied`;
+    /// `why` labels the metric and the log.
+    async fn refuse_where(&mut self, why: &'static str, which: impl Fn(&Established) -> bool) {
         let ended: Vec<String> = self
             .addrs
             .iter()
-            .filter(
-                |(_, a)| matches!(a, Addr::Established(e) if e.expires.is_some_and(|t| t <= now)),
-            )
+            .filter(|(_, a)| matches!(a, Addr::Established(e) if which(e)))
             .map(|(k, _)| k.clone())
             .collect();
         for address in ended {
             if let Some(Addr::Established(e)) = self.addrs.remove(&address) {
-                info!(doc = %e.name, address, "credentials expired: refusing the document connection");
-                self.shared
-                    .metrics
-                    .auth
-                    .with_label_values(&["expired"])
-                    .inc();
+                info!(doc = %e.name, address, why, "refusing the document connection");
+                self.shared.metrics.auth.with_label_values(&[why]).inc();
                 e.doc
                     .send(DocCommand::Detach {
                         conn: e.conn,
@@ -982,6 +1005,10 @@ async fn authenticate(
     let mut refused = ext.on_connect(&mut payload).await.err();
     if refused.is_none() {
         refused = ext.on_authenticate(&mut payload).await.err();
+    }
+    if refused.is_none() && shared.revocations.denies(name, &payload.context) {
+        debug!(address, "revoked: denied");
+        refused = Some(HookError::permission_denied());
     }
     if let Some(e) = refused {
         if let Some(ip) = client
@@ -1099,6 +1126,7 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
     tokio::pin!(stop);
     let (auth_tx, mut auth_rx) = queue();
     let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, true);
+    let mut revoked = shared.revocations.subscribe();
     debug!("proxied attachment open");
     let end = loop {
         // while the queue to the edge is full the outbox is not drained, so a client that
@@ -1148,6 +1176,7 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
             () = sleep_until_or_never(s.next_expiry()) => {
                 s.expire(Instant::now()).await;
             }
+            Ok(()) = revoked.changed() => s.refuse_revoked().await,
             done = auth_rx.recv() => {
                 if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break Some(end); }
             }

@@ -34,4 +34,6 @@ pub(crate) struct Shared {
     pub placement: Option<Arc<dyn Placement>>,
     /// Failed-authentication counts and bans per client address.
     pub throttle: crate::throttle::AuthThrottle,
+    /// Revoked users, token ids and documents: sockets refuse their connections.
+    pub revocations: Arc<crate::revoke::Revocations>,
 }

@@ -58,6 +58,9 @@ async fn run(
     if denied.is_none() {
         denied = shared.extensions.on_authenticate(&mut payload).await.err();
     }
+    if denied.is_none() && shared.revocations.denies(&name, &payload.context) {
+        denied = Some(crate::hooks::HookError::permission_denied());
+    }
     if let Some(e) = denied {
         shared.metrics.auth.with_label_values(&["denied"]).inc();
         if let Some(ip) = shared.throttle.client_of(&request)
@@ -132,6 +135,7 @@ async fn run(
         last_inbound,
         next_ping,
     )));
+    let mut revoked = shared.revocations.subscribe();
     let end: Option<Close> = loop {
         tokio::select! {
             biased;
@@ -142,6 +146,13 @@ async fn run(
                     break Some(Close::SlowReader);
                 }
             },
+            Ok(()) = revoked.changed() => {
+                if shared.revocations.denies(&name, &context) {
+                    info!("revoked: closing");
+                    shared.metrics.auth.with_label_values(&["revoked"]).inc();
+                    break Some(Close::Forbidden);
+                }
+            }
             msg = out_rx.recv() => {
                 match guarded(write_batch(&mut ws, msg, &mut out_rx), stop.as_mut()).await {
                     Ok(Err(_)) => break None,

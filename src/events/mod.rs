@@ -15,6 +15,9 @@
 //! | `hearth.close` | `{}` | `{connections: n}` |
 //! | `hearth.delete` | `{}` | `{deleted: true}` (`not_found` when nothing was stored) |
 //!
+//! Node-addressed (no document): `hearth.node.status`, `hearth.node.drain` and
+//! `hearth.node.revoke` (see [`crate::revoke`]).
+//!
 //! Names starting with `hearth.` are reserved: application hooks never see them.
 
 pub mod handlers;
@@ -46,6 +49,10 @@ pub const NODE_STATUS: &str = "hearth.node.status";
 /// Drains a node (sent to a node, not routed by document): `hearth.node.drain`.
 pub const NODE_DRAIN: &str = "hearth.node.drain";
 
+/// Applies or lifts a revocation on a node (sent to a node, not routed by document):
+/// `hearth.node.revoke` with `{"revoke": {kind: value, until_ms}}` or `{"lift": {kind: value}}`.
+pub const NODE_REVOKE: &str = "hearth.node.revoke";
+
 /// The prefix of every built-in event name.
 pub const PREFIX: &str = "hearth.";
 
@@ -56,7 +63,7 @@ pub fn is_builtin(name: &str) -> bool {
 
 /// True for built-in events addressed to a node rather than to a document's owner.
 pub fn is_node_scoped(name: &str) -> bool {
-    name == NODE_STATUS || name == NODE_DRAIN
+    name == NODE_STATUS || name == NODE_DRAIN || name == NODE_REVOKE
 }
 
 /// Why a built-in event failed. On the wire it is a handler error whose message is

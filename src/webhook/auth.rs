@@ -333,6 +333,19 @@ fn interpret(status: u16, body: &[u8]) -> Result<Decision, (bool, String)> {
     })
 }
 
+/// Reads an endpoint's answer as the extension does: the access it grants (`read-write`,
+/// `read-only`, `deny`), or why it is not a decision. For tools and the fuzzer.
+pub fn check_answer(status: u16, body: &[u8]) -> Result<&'static str, String> {
+    match interpret(status, body) {
+        Ok(d) => Ok(match d.access {
+            Access::ReadWrite => "read-write",
+            Access::ReadOnly => "read-only",
+            Access::Deny => "deny",
+        }),
+        Err((_, why)) => Err(why),
+    }
+}
+
 /// Sets `valid_until` to the earlier of its value and `t`.
 fn end_by(payload: &mut AuthPayload<'_>, t: Option<SystemTime>) {
     if let Some(t) = t {

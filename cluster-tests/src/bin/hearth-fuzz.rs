@@ -24,7 +24,7 @@ use cluster_tests::fuzz::{self, Target, targets};
     about = "Mutational fuzzer over Hearth's decoders and apply paths"
 )]
 struct Args {
-    /// Target name (`updates`, `stored`, `frames`, `awareness`, `state-vectors`, `envelopes`, `admin`) or
+    /// Target name (`updates`, `stored`, `frames`, `awareness`, `state-vectors`, `envelopes`, `admin`, `auth`) or
     /// `all`.
     #[arg(long, default_value = "all")]
     target: String,

@@ -11,6 +11,7 @@
 //! `cluster-tests/fuzz-regressions/` is replayed by the test suite.
 
 pub mod admin;
+pub mod auth;
 pub mod envelope;
 pub mod mutate;
 pub mod targets;

@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, StateVector, Transact};
 
-use super::{admin, case_rng, envelope, mutate, traffic};
+use super::{admin, auth, case_rng, envelope, mutate, traffic};
 
 /// What a fuzz target feeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,11 +38,14 @@ pub enum Target {
     /// The admin API's outside input: JSON operations applied to a document with history, type
     /// hints for reading it back as JSON, and request targets (path and query).
     Admin,
+    /// Authentication input: JWTs, authentication webhook answers, revocation requests and
+    /// revocation payloads from peer nodes.
+    Auth,
 }
 
 impl Target {
     /// Every target.
-    pub const ALL: [Target; 7] = [
+    pub const ALL: [Target; 8] = [
         Target::Updates,
         Target::Stored,
         Target::Frames,
@@ -50,6 +53,7 @@ impl Target {
         Target::StateVectors,
         Target::Envelopes,
         Target::Admin,
+        Target::Auth,
     ];
 
     /// The target's name on the command line and in regression files.
@@ -62,6 +66,7 @@ impl Target {
             Target::StateVectors => "state-vectors",
             Target::Envelopes => "envelopes",
             Target::Admin => "admin",
+            Target::Auth => "auth",
         }
     }
 
@@ -133,6 +138,7 @@ fn build(target: Target, rng: &mut StdRng) -> Vec<Vec<u8>> {
         }
         Target::Envelopes => envelope::build(rng),
         Target::Admin => admin::build(rng),
+        Target::Auth => auth::build(rng),
     }
 }
 
@@ -155,6 +161,7 @@ pub fn feed(target: Target, input: &[Vec<u8>]) -> Outcome {
         }
         Target::Envelopes => envelope::feed(input, &mut out),
         Target::Admin => admin::feed(input, &mut out),
+        Target::Auth => auth::feed(input, &mut out),
     }
     out
 }

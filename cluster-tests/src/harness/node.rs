@@ -278,6 +278,37 @@ impl NodeProcess {
         self.admin.map(|a| format!("http://{a}"))
     }
 
+    /// One admin API request with `token` (`Connection: close`): the status and the JSON
+    /// body (`Null` when it is not JSON).
+    pub async fn admin_call(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let addr = self
+            .admin
+            .ok_or_else(|| anyhow::anyhow!("{} has no admin listener", self.id()))?;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(70), tcp.read_to_end(&mut buf)).await??;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        anyhow::ensure!(text.len() > 12, "short answer {text:?}");
+        let status: u16 = text[9..12].parse()?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        ))
+    }
+
     /// `ws://ip:port/`.
     pub fn url(&self) -> String {
         format!("ws://{}/", self.addr)
