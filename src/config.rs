@@ -507,6 +507,17 @@ settings! {
     /// Longest wait for Redis when counting a failure or checking a ban in a cluster (ms); the
     /// node's own table decides when Redis is slower or down.
     auth_throttle_redis_timeout_ms: u64 = 100, env = "HEARTH_AUTH_THROTTLE_REDIS_TIMEOUT_MS";
+    /// WebSocket upgrades one client address may make within `connection_attempt_window_ms`
+    /// (cluster-wide with Redis); one more bans the address for `auth_ban_ms`. 0: no limit.
+    max_connection_attempts_per_ip: u32 = 0, env = "HEARTH_MAX_CONNECTION_ATTEMPTS_PER_IP";
+    /// The window `max_connection_attempts_per_ip` counts in, in milliseconds.
+    connection_attempt_window_ms: u64 = 60000, env = "HEARTH_CONNECTION_ATTEMPT_WINDOW_MS";
+    /// Messages a second one connection may send (bursts of twice as many); more close it with
+    /// 1008. 0: no limit.
+    max_messages_per_second: u32 = 0, env = "HEARTH_MAX_MESSAGES_PER_SECOND";
+    /// Bytes a second one connection may send (bursts of twice as many, at least one
+    /// `max_message_bytes` message); more close it with 1008. 0: no limit.
+    max_bytes_per_second: usize = 0, env = "HEARTH_MAX_BYTES_PER_SECOND";
     /// Close a client-port connection that has not sent a complete HTTP request header within
     /// this time of opening, or of its previous response (ms).
     http_header_timeout_ms: u64 = 10000, env = "HEARTH_HTTP_HEADER_TIMEOUT_MS";

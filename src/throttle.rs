@@ -1,10 +1,17 @@
-//! Throttling of failed authentication per client address (as Hocuspocus's Throttle extension
-//! does, but counting only failures, and cluster-wide).
+//! Throttling per client address, cluster-wide: failed authentication, and (when
+//! `max_connection_attempts_per_ip` is set) connection attempts, as Hocuspocus's Throttle
+//! extension does.
 //!
 //! * **Failures.** A failure is a client whose token `on_connect` or `on_authenticate` refused:
 //!   a Hocuspocus `Auth` frame answered `PermissionDenied`, or a refused y-websocket connection.
 //!   `auth_failures_before_ban` failures of one address within `auth_failure_window_ms` (a
 //!   window that starts at the first failure) ban it for `auth_ban_ms`. 0 failures = never ban.
+//! * **Connection attempts.** With `max_connection_attempts_per_ip` > 0, every WebSocket
+//!   upgrade of an address that is not banned is counted in a window of
+//!   `connection_attempt_window_ms` (in Redis `<prefix>:connattempt:{<address>}`, the same
+//!   script); the attempt over the limit bans the address for `auth_ban_ms`, the same ban as
+//!   for failures. A connection closed for exceeding its traffic limits
+//!   (`connection::traffic`) counts as a failure.
 //! * **A banned address** gets HTTP 429 (with `Retry-After`) for every WebSocket upgrade, and
 //!   `PermissionDenied` for every `Auth` frame on a socket it already has open, without any
 //!   hook running. Established document connections are not touched.
@@ -298,7 +305,27 @@ impl Remote {
     }
 
     async fn count_failure(&self, key: ClientKey, limits: Limits) -> Result<RemoteCount, String> {
-        let keys = vec![self.fail_key(key), self.ban_key(key)];
+        self.count(self.fail_key(key), key, limits).await
+    }
+
+    async fn count_attempt(&self, key: ClientKey, limits: Limits) -> Result<RemoteCount, String> {
+        self.count(
+            format!("{}:connattempt:{{{key}}}", self.prefix),
+            key,
+            limits,
+        )
+        .await
+    }
+
+    /// Counts one event in `counter` (a window of `limits.window`), banning `key` at
+    /// `limits.threshold`.
+    async fn count(
+        &self,
+        counter: String,
+        key: ClientKey,
+        limits: Limits,
+    ) -> Result<RemoteCount, String> {
+        let keys = vec![counter, self.ban_key(key)];
         let args = vec![
             limits.window.as_millis().to_string(),
             limits.threshold.to_string(),
@@ -346,6 +373,9 @@ struct Inner {
     limits: Limits,
     trusted: TrustedProxies,
     table: Mutex<Table>,
+    /// Connection attempts per address (`max_connection_attempts_per_ip`), when limited: a
+    /// table of its own whose bans are copied into `table`.
+    attempts: Option<(Limits, Mutex<Table>)>,
     remote: Option<Remote>,
     counters: Counters,
     last_warning: Mutex<Option<Instant>>,
@@ -412,9 +442,18 @@ impl AuthThrottle {
         F: Future<Output = Result<fred::clients::Client, E>>,
         E: std::fmt::Display,
     {
-        if config.auth_failures_before_ban == 0 {
+        if config.auth_failures_before_ban == 0 && config.max_connection_attempts_per_ip == 0 {
             return Self::disabled();
         }
+        let attempts = (config.max_connection_attempts_per_ip > 0).then(|| {
+            let limits = Limits {
+                threshold: config.max_connection_attempts_per_ip.saturating_add(1),
+                window: Duration::from_millis(config.connection_attempt_window_ms),
+                ban: Duration::from_millis(config.auth_ban_ms),
+                max_entries: config.auth_throttle_max_addresses,
+            };
+            (limits, Mutex::new(Table::new(limits)))
+        });
         let limits = Limits {
             threshold: config.auth_failures_before_ban,
             window: Duration::from_millis(config.auth_failure_window_ms),
@@ -446,6 +485,7 @@ impl AuthThrottle {
             limits,
             trusted: TrustedProxies::parse(&config.trusted_proxies).unwrap_or_default(),
             table: Mutex::new(Table::new(limits)),
+            attempts,
             remote,
             counters: Counters {
                 failures: metrics.auth_failures.clone(),
@@ -467,6 +507,12 @@ impl AuthThrottle {
                     table.sweep(Instant::now());
                     table.bans
                 };
+                if let Some((_, attempts)) = &inner.attempts {
+                    attempts
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .sweep(Instant::now());
+                }
                 inner.publish_gauge(bans);
             }
             if let Some(client) = redis {
@@ -538,7 +584,7 @@ impl AuthThrottle {
     /// Counts a failed authentication of `ip`; bans it when that makes
     /// `auth_failures_before_ban` within the window (module docs).
     pub async fn record_failure(&self, ip: IpAddr) {
-        let Some(inner) = self.inner.as_ref() else {
+        let Some(inner) = self.inner.as_ref().filter(|i| i.limits.threshold > 0) else {
             return;
         };
         inner.counters.failures.inc();
@@ -574,6 +620,48 @@ impl AuthThrottle {
         inner.publish_gauge(bans);
     }
 
+    /// Counts a WebSocket upgrade of `ip` against `max_connection_attempts_per_ip` (module
+    /// docs); the ban's remaining time when this attempt is one too many.
+    pub async fn record_attempt(&self, ip: IpAddr) -> Option<Duration> {
+        let inner = self.inner.as_ref()?;
+        let (limits, attempts) = inner.attempts.as_ref()?;
+        let key = ClientKey::of(ip);
+        let now = Instant::now();
+        let local = attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record_failure(key, now);
+        let (banned, newly) = match &inner.remote {
+            None => (local.newly_banned.then_some(limits.ban), local.newly_banned),
+            Some(remote) => match Box::pin(remote.count_attempt(key, *limits)).await {
+                Ok(r) => (r.ban_left, r.newly_banned),
+                Err(e) => {
+                    inner.redis_trouble("count attempts", &e);
+                    (local.newly_banned.then_some(limits.ban), local.newly_banned)
+                }
+            },
+        };
+        let left = banned?;
+        let bans = {
+            let mut table = inner.table();
+            table.learn_ban(key, now + left, now);
+            table.bans
+        };
+        inner.publish_gauge(bans);
+        if !newly {
+            return Some(left);
+        }
+        inner.counters.bans.inc();
+        info!(
+            client = %key,
+            attempts = limits.threshold - 1,
+            window_ms = limits.window.as_millis() as u64,
+            ban_ms = left.as_millis() as u64,
+            "client address banned after too many connection attempts"
+        );
+        Some(left)
+    }
+
     /// Counts a refusal because of a ban (`at`: `upgrade` or `auth`).
     pub(crate) fn count_refusal(&self, at: &str) {
         if let Some(inner) = &self.inner {
@@ -588,11 +676,14 @@ pub(crate) async fn refuse_upgrade(
     throttle: &AuthThrottle,
     client: IpAddr,
 ) -> Option<Response<Full<Bytes>>> {
-    let left = throttle.ban_remaining(client).await?;
+    let left = match throttle.ban_remaining(client).await {
+        Some(left) => left,
+        None => throttle.record_attempt(client).await?,
+    };
     throttle.count_refusal("upgrade");
     debug!(client = %client, "upgrade from a banned address: 429");
     let mut r = Response::new(Full::new(Bytes::from_static(
-        b"too many failed authentication attempts\n",
+        b"too many failed authentication or connection attempts\n",
     )));
     *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
     let h = r.headers_mut();

@@ -180,3 +180,70 @@ async fn zero_failures_before_ban_never_bans() {
     assert_eq!(s.handle.metrics().auth_bans.get(), 0);
     s.stop().await;
 }
+
+/// A connection that sends more than its traffic limits is closed with 1008 "Rate Limit
+/// Exceeded", and each such close counts towards the address's ban.
+#[tokio::test]
+async fn a_flooding_connection_is_closed_and_its_address_banned() {
+    let s = start(Config {
+        max_messages_per_second: 50,
+        ..config(2, 60_000)
+    })
+    .await;
+    const FLOODER: &str = "203.0.113.20";
+    for round in 0..2u64 {
+        let mut c = client(&s, FLOODER).await;
+        c.auth("flood", "good").await;
+        let y = YDoc::new(11 + round);
+        for i in 0..200 {
+            if c.try_send(update("flood", &y.insert(&i.to_string())))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        c.expect_close_within(1008, Duration::from_secs(5)).await;
+    }
+    // two closes: banned; a polite neighbour is not
+    assert_eq!(
+        RawClient::try_connect_forwarded(s.addr, "/", FLOODER)
+            .await
+            .err(),
+        Some(429)
+    );
+    let mut polite = client(&s, "203.0.113.21").await;
+    works(&mut polite, "flood").await;
+    let (_, metrics) = http_get(s.operator_addr(), "/metrics").await;
+    assert!(
+        metrics.contains(r#"hearth_connections_refused_total{reason="rate_limit"} 2"#),
+        "{metrics}"
+    );
+    s.stop().await;
+}
+
+/// With `max_connection_attempts_per_ip`, the upgrade over the limit is refused 429 and the
+/// address stays banned; other addresses are not.
+#[tokio::test]
+async fn too_many_connection_attempts_ban_the_address() {
+    let s = start(Config {
+        max_connection_attempts_per_ip: 5,
+        ..config(0, 60_000)
+    })
+    .await;
+    const STORMER: &str = "203.0.113.30";
+    for _ in 0..5 {
+        client(&s, STORMER).await.close_socket().await;
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            RawClient::try_connect_forwarded(s.addr, "/", STORMER)
+                .await
+                .err(),
+            Some(429)
+        );
+    }
+    let mut other = client(&s, "203.0.113.31").await;
+    works(&mut other, "d").await;
+    s.stop().await;
+}

@@ -209,3 +209,60 @@ async fn bad_tokens_cost_no_redis_work_and_a_ban_holds_on_every_node() -> anyhow
     drop(flood);
     Ok(())
 }
+
+/// Connection attempts are counted across the cluster: an address that upgrades more than
+/// `max_connection_attempts_per_ip` times in the window, alternating between the nodes, is
+/// banned on both at the attempt over the limit, while another address keeps connecting and a
+/// good client keeps editing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_attempts_are_counted_across_nodes() -> anyhow::Result<()> {
+    const ATTEMPTS: usize = 10;
+    const STORMER: &str = "198.51.100.9";
+    const NEIGHBOUR: &str = "198.51.100.10";
+    let scratch = Scratch::new("cluster_connection_attempts")?;
+    let spec = ClusterSpec::new(2)
+        .env("HEARTH_AUTH_TOKENS", "good=read-write,*=deny")
+        .env("HEARTH_TRUSTED_PROXIES", "127.0.0.1")
+        .env(
+            "HEARTH_MAX_CONNECTION_ATTEMPTS_PER_IP",
+            ATTEMPTS.to_string(),
+        )
+        .env("HEARTH_CONNECTION_ATTEMPT_WINDOW_MS", "60000")
+        .env("HEARTH_AUTH_BAN_MS", "60000");
+    let cluster = Cluster::start(&scratch, spec).await?;
+    let urls = [cluster.nodes[0].url(), cluster.nodes[1].url()];
+    let editor = TestClient::connect_with(
+        &urls[0],
+        "attempts-edited",
+        ClientOptions::labelled("e").token("good"),
+    )
+    .await?;
+    for i in 0..ATTEMPTS {
+        assert_eq!(
+            upgrade_status(&urls[i % 2], Some(STORMER)).await?,
+            101,
+            "attempt {i} is within the limit"
+        );
+    }
+    // one more, on either node, is refused, and then both refuse
+    assert_eq!(upgrade_status(&urls[0], Some(STORMER)).await?, 429);
+    let started = Instant::now();
+    loop {
+        // n2 trusts "not banned" for at most a second
+        if upgrade_status(&urls[1], Some(STORMER)).await? == 429 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(3),
+            "n2 kept accepting the banned address"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // others are not affected
+    for url in &urls {
+        assert_eq!(upgrade_status(url, Some(NEIGHBOUR)).await?, 101);
+    }
+    editor.insert_next();
+    editor.wait_all_acked(WAIT).await?;
+    Ok(())
+}

@@ -28,6 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::placement::{Link, LinkClient, Route};
 use super::shared::Shared;
 use super::stand_in::{StandInInput, ToEdge};
+use super::traffic::TrafficLimit;
 use super::{Stop, Ws, close, flush_final, guarded, stop_signal, write_batch, write_ping};
 use crate::doc::{
     Attach, ConnId, DocCommand, DocHandle, Framing, LoadError, WeakDocHandle, next_conn_id,
@@ -251,6 +252,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
         next_app_ping,
     )));
     let mut revoked = shared.revocations.subscribe();
+    let mut traffic = TrafficLimit::new(cfg, s.opened);
     debug!(path = %s.request.path, remote = ?s.request.remote_addr, "socket open");
 
     let end = loop {
@@ -292,6 +294,9 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                     Some(Ok(msg)) => {
                         s.last_inbound = Instant::now();
                         match msg {
+                            Message::Binary(bytes) if !traffic.allow(bytes.len(), s.last_inbound) => {
+                                Some(s.rate_limited().await)
+                            }
                             Message::Binary(bytes) => {
                                 let expiry = s.next_expiry();
                                 let end = Box::pin(s.on_frame(bytes)).await;
@@ -369,6 +374,13 @@ impl Socket {
         );
         self.shared.metrics.slow_readers.inc();
         End::Close(Close::SlowReader)
+    }
+
+    /// The client sent more than `max_messages_per_second` / `max_bytes_per_second`: the
+    /// socket closes, and its address is charged one failure towards a ban.
+    async fn rate_limited(&self) -> End {
+        super::traffic::charge(&self.shared, &self.request).await;
+        End::Close(Close::RateLimited)
     }
 
     /// Server shutdown: apply what the client already sent (kernel or WebSocket buffers) before

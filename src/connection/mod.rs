@@ -12,6 +12,7 @@ pub(crate) mod node;
 pub(crate) mod placement;
 pub(crate) mod shared;
 pub(crate) mod stand_in;
+pub(crate) mod traffic;
 pub mod yws;
 
 use std::sync::Arc;

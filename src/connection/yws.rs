@@ -136,6 +136,7 @@ async fn run(
         next_ping,
     )));
     let mut revoked = shared.revocations.subscribe();
+    let mut traffic = super::traffic::TrafficLimit::new(cfg, Instant::now());
     let end: Option<Close> = loop {
         tokio::select! {
             biased;
@@ -175,6 +176,10 @@ async fn run(
                 None => break None,
                 Some(Err(tungstenite::Error::Capacity(_))) => break Some(Close::MessageTooBig),
                 Some(Err(_)) => break None,
+                Some(Ok(Message::Binary(bytes))) if !traffic.allow(bytes.len(), Instant::now()) => {
+                    super::traffic::charge(&shared, &request).await;
+                    break Some(Close::RateLimited);
+                }
                 Some(Ok(Message::Binary(bytes))) => {
                     last_inbound = Instant::now();
                     shared.metrics.bytes_in.inc_by(bytes.len() as u64);

@@ -17,6 +17,8 @@ pub enum Close {
     /// 1008 "Policy Violation": a policy close whose reason this build does not know (one that
     /// travelled from a node running another version).
     PolicyViolation,
+    /// 1008 "Rate Limit Exceeded": more messages or bytes a second than the connection may send.
+    RateLimited,
     /// 1009 "Message Too Big": a message over `max_message_bytes`.
     MessageTooBig,
     /// 1011 "Load Failed": a y-websocket client's document could not be loaded.
@@ -43,8 +45,9 @@ pub enum Close {
 
 impl Close {
     /// Every variant (with each awareness violation), for tests and docs.
-    pub const ALL: [Close; 14] = [
+    pub const ALL: [Close; 15] = [
         Close::UnsupportedData,
+        Close::RateLimited,
         Close::Awareness(Violation::TooManyClients),
         Close::Awareness(Violation::Rate),
         Close::PolicyViolation,
@@ -64,7 +67,7 @@ impl Close {
     pub fn code(self) -> u16 {
         match self {
             Close::UnsupportedData => 1003,
-            Close::Awareness(_) | Close::PolicyViolation => 1008,
+            Close::Awareness(_) | Close::PolicyViolation | Close::RateLimited => 1008,
             Close::MessageTooBig => 1009,
             Close::LoadFailed => 1011,
             Close::ServiceRestart => 1012,
@@ -83,6 +86,7 @@ impl Close {
             Close::UnsupportedData => "Unsupported Data",
             Close::Awareness(v) => v.reason(),
             Close::PolicyViolation => "Policy Violation",
+            Close::RateLimited => "Rate Limit Exceeded",
             Close::MessageTooBig => "Message Too Big",
             Close::LoadFailed => "Load Failed",
             Close::ServiceRestart => "Service Restart",
