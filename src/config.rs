@@ -425,6 +425,12 @@ settings! {
     jwt_public_key_file: PathBuf = PathBuf::new(), env = "HEARTH_JWT_PUBLIC_KEY_FILE";
     /// JWKS file (`{"keys": [...]}`) whose keys verify JWTs by `kid`; re-read when it changes.
     jwt_jwks_file: PathBuf = PathBuf::new(), env = "HEARTH_JWT_JWKS_FILE";
+    /// URL (http or https) of a JWKS whose keys verify JWTs by `kid` (an identity provider's
+    /// `jwks_uri`); fetched at the first authentication, every `jwt_jwks_refresh_s`, and when a
+    /// token names an unknown `kid`.
+    jwt_jwks_url: String = String::new(), env = "HEARTH_JWT_JWKS_URL";
+    /// How often the JWKS URL is fetched again, in seconds.
+    jwt_jwks_refresh_s: u64 = 300, env = "HEARTH_JWT_JWKS_REFRESH_S";
     /// Accepted JWT algorithms, comma-separated (default: every algorithm of the key's family).
     jwt_algorithms: String = String::new(), env = "HEARTH_JWT_ALGORITHMS";
     /// Required JWT audience(s), comma-separated (empty: `aud` not checked).

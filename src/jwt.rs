@@ -8,8 +8,9 @@
 //! configured algorithms of the key's family are accepted (`none` never is), `exp` is required,
 //! `nbf`, `aud` and `iss` are checked, with `jwt_leeway_s` of clock skew either way; `iat` in
 //! the future beyond the leeway is refused too. Keys come from a shared secret (HS*), a PEM
-//! public key file (RS*, PS*, ES*, EdDSA) or a JWKS file, re-read when it changes, whose keys are
-//! chosen by the token's `kid`. A key or key set embedded in the token (`jwk`, `jku`) is never
+//! public key file (RS*, PS*, ES*, EdDSA), a JWKS file, re-read when it changes, or a JWKS URL,
+//! fetched at start, every `jwt_jwks_refresh_s` and when a token names an unknown `kid` (at most
+//! every 10 s); a key set's keys are chosen by the token's `kid`. A key or key set embedded in the token (`jwk`, `jku`) is never
 //! used.
 //!
 //! **Invariant:** a token longer than [`MAX_TOKEN_BYTES`] is refused before it is decoded;
@@ -23,7 +24,7 @@ use async_trait::async_trait;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::hooks::{AuthPayload, Extension, HookError, HookResult};
@@ -36,6 +37,14 @@ const MAX_PATTERNS: usize = 256;
 const MAX_PATTERN_BYTES: usize = 1024;
 /// How often a JWKS file is checked for changes.
 const JWKS_RECHECK: Duration = Duration::from_secs(1);
+/// Fewest time between two fetches of a JWKS URL.
+const JWKS_MIN_REFETCH: Duration = Duration::from_secs(10);
+/// Longest wait for a JWKS URL.
+const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest JWKS document read from a URL.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Marks a refusal because the token's `kid` is not in the key set.
+const UNKNOWN_KID: &str = "unknown kid";
 
 /// Where the verifying keys come from.
 enum Keys {
@@ -46,6 +55,92 @@ enum Keys {
         path: PathBuf,
         state: Mutex<JwksState>,
     },
+    /// A JWKS fetched from a URL, refreshed every `jwt_jwks_refresh_s` and when a token names
+    /// a `kid` it does not hold (at most once per [`JWKS_MIN_REFETCH`]).
+    JwksUrl(Box<JwksUrl>),
+}
+
+/// The state of a JWKS fetched over HTTP.
+struct JwksUrl {
+    url: reqwest::Url,
+    http: reqwest::Client,
+    refresh: Duration,
+    set: Mutex<UrlState>,
+    /// Held while a fetch runs, so concurrent authentications wait for one fetch.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct UrlState {
+    set: JwkSet,
+    /// When the set was last fetched successfully.
+    fetched: Option<Instant>,
+    /// When a fetch was last tried.
+    tried: Option<Instant>,
+}
+
+impl JwksUrl {
+    /// Fetches the set once (bounded in time and size); keeps the previous set on any failure.
+    async fn fetch(&self) {
+        let _one = self.fetching.lock().await;
+        let now = Instant::now();
+        {
+            let mut s = self.set.lock().unwrap_or_else(|p| p.into_inner());
+            if s.tried
+                .is_some_and(|t| now.duration_since(t) < JWKS_MIN_REFETCH)
+            {
+                return; // another caller just fetched
+            }
+            s.tried = Some(now);
+        }
+        let got = tokio::time::timeout(JWKS_FETCH_TIMEOUT, async {
+            let mut r = self
+                .http
+                .get(self.url.clone())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !r.status().is_success() {
+                return Err(format!("answered HTTP {}", r.status()));
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = r.chunk().await.map_err(|e| e.to_string())? {
+                if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                    return Err(format!("key set larger than {MAX_JWKS_BYTES} bytes"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            serde_json::from_slice::<JwkSet>(&body).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {JWKS_FETCH_TIMEOUT:?}")));
+        match got {
+            Ok(set) if !set.keys.is_empty() => {
+                debug!(keys = set.keys.len(), "JWKS fetched");
+                let mut s = self.set.lock().unwrap_or_else(|p| p.into_inner());
+                s.set = set;
+                s.fetched = Some(Instant::now());
+            }
+            Ok(_) => warn!(url = %self.url, "JWKS has no keys; keeping the previous set"),
+            Err(e) => {
+                warn!(url = %self.url, error = %e, "cannot fetch the JWKS; keeping the previous set")
+            }
+        }
+    }
+
+    /// True when the set is due for its periodic refresh (or was never fetched).
+    fn due(&self) -> bool {
+        let s = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = s.fetched.is_none_or(|t| t.elapsed() >= self.refresh);
+        let may = s.tried.is_none_or(|t| t.elapsed() >= JWKS_MIN_REFETCH);
+        stale && may
+    }
+
+    /// True when a fetch may be tried now (the last try is old enough).
+    fn may_refetch(&self) -> bool {
+        let s = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        s.tried.is_none_or(|t| t.elapsed() >= JWKS_MIN_REFETCH)
+    }
 }
 
 struct JwksState {
@@ -107,17 +202,52 @@ impl JwtAuth {
         let secret = !config.jwt_secret.is_empty();
         let pem = !config.jwt_public_key_file.as_os_str().is_empty();
         let jwks = !config.jwt_jwks_file.as_os_str().is_empty();
-        match (secret, pem, jwks) {
-            (false, false, false) => return Ok(None),
-            (true, false, false) | (false, true, false) | (false, false, true) => {}
+        let jwks_url = !config.jwt_jwks_url.is_empty();
+        match [secret, pem, jwks, jwks_url].iter().filter(|s| **s).count() {
+            0 => return Ok(None),
+            1 => {}
             _ => {
                 return Err(invalid(
                     "jwt_secret",
-                    "set exactly one of jwt_secret, jwt_public_key_file and jwt_jwks_file",
+                    "set exactly one of jwt_secret, jwt_public_key_file, jwt_jwks_file and jwt_jwks_url",
                 ));
             }
         }
-        let (keys, family_algs): (Keys, Vec<Algorithm>) = if secret {
+        let asymmetric = vec![
+            Algorithm::RS256,
+            Algorithm::RS384,
+            Algorithm::RS512,
+            Algorithm::PS256,
+            Algorithm::PS384,
+            Algorithm::PS512,
+            Algorithm::ES256,
+            Algorithm::ES384,
+            Algorithm::EdDSA,
+        ];
+        let (keys, family_algs): (Keys, Vec<Algorithm>) = if jwks_url {
+            let url = reqwest::Url::parse(&config.jwt_jwks_url)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+                .ok_or_else(|| invalid("jwt_jwks_url", "must be an http:// or https:// URL"))?;
+            if config.jwt_jwks_refresh_s == 0 {
+                return Err(invalid("jwt_jwks_refresh_s", "must be > 0"));
+            }
+            let http = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::limited(3))
+                .connect_timeout(JWKS_FETCH_TIMEOUT)
+                .build()
+                .map_err(|e| {
+                    invalid("jwt_jwks_url", format!("cannot build the HTTP client: {e}"))
+                })?;
+            let state = JwksUrl {
+                url,
+                http,
+                refresh: Duration::from_secs(config.jwt_jwks_refresh_s),
+                set: Mutex::new(UrlState::default()),
+                fetching: tokio::sync::Mutex::new(()),
+            };
+            (Keys::JwksUrl(Box::new(state)), asymmetric)
+        } else if secret {
             if config.jwt_secret.len() < 32 {
                 return Err(invalid(
                     "jwt_secret",
@@ -157,18 +287,7 @@ impl JwtAuth {
                 modified,
                 checked: Instant::now(),
             });
-            let algs = vec![
-                Algorithm::RS256,
-                Algorithm::RS384,
-                Algorithm::RS512,
-                Algorithm::PS256,
-                Algorithm::PS384,
-                Algorithm::PS512,
-                Algorithm::ES256,
-                Algorithm::ES384,
-                Algorithm::EdDSA,
-            ];
-            (Keys::Jwks { path, state }, algs)
+            (Keys::Jwks { path, state }, asymmetric)
         };
         let algorithms = if config.jwt_algorithms.trim().is_empty() {
             family_algs
@@ -226,18 +345,30 @@ impl JwtAuth {
                         }
                     }
                 }
-                let jwk = match kid {
-                    Some(kid) => s
-                        .set
-                        .find(kid)
-                        .ok_or_else(|| format!("unknown kid {kid:?}"))?,
-                    None if s.set.keys.len() == 1 => &s.set.keys[0],
-                    None => {
-                        return Err("the token has no kid and the key set has several keys".into());
-                    }
-                };
-                DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid:?}: {e}"))
+                key_in(&s.set, kid)
             }
+            Keys::JwksUrl(u) => {
+                let s = u.set.lock().unwrap_or_else(|p| p.into_inner());
+                key_in(&s.set, kid)
+            }
+        }
+    }
+
+    /// Verifies `token`, first fetching a JWKS URL that is due, and once more when the token
+    /// names a `kid` the set does not hold (a key rotated in since the last fetch).
+    async fn verify_fresh(&self, token: &str) -> Result<Map<String, Value>, String> {
+        let Keys::JwksUrl(u) = &self.keys else {
+            return self.verify(token);
+        };
+        if u.due() {
+            u.fetch().await;
+        }
+        match self.verify(token) {
+            Err(e) if e.starts_with(UNKNOWN_KID) && u.may_refetch() => {
+                u.fetch().await;
+                self.verify(token)
+            }
+            other => other,
         }
     }
 
@@ -359,14 +490,38 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     i == p.len()
 }
 
+/// The key `kid` names in `set` (or its only key when the token names none).
+fn key_in(set: &JwkSet, kid: Option<&str>) -> Result<DecodingKey, String> {
+    let jwk = match kid {
+        Some(kid) => set
+            .find(kid)
+            .ok_or_else(|| format!("{UNKNOWN_KID} {kid:?}"))?,
+        None if set.keys.len() == 1 => &set.keys[0],
+        None if set.keys.is_empty() => return Err(format!("{UNKNOWN_KID}: the key set is empty")),
+        None => {
+            return Err("the token has no kid and the key set has several keys".into());
+        }
+    };
+    DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid:?}: {e}"))
+}
+
 #[async_trait]
 impl Extension for JwtAuth {
     fn name(&self) -> &str {
         "jwt"
     }
 
+    /// Fetches a JWKS URL before the node listens (a failure is logged, and the fetch is
+    /// tried again at the first authentication).
+    async fn on_configure(&self, _config: &Config) -> HookResult {
+        if let Keys::JwksUrl(u) = &self.keys {
+            u.fetch().await;
+        }
+        Ok(())
+    }
+
     async fn on_authenticate(&self, payload: &mut AuthPayload<'_>) -> HookResult {
-        let claims = match self.verify(payload.token) {
+        let claims = match self.verify_fresh(payload.token).await {
             Ok(c) => c,
             Err(why) => {
                 debug!(doc = payload.document_name, reason = %why, "JWT refused");
@@ -397,7 +552,7 @@ impl Extension for JwtAuth {
     /// the document, and as much as the connection has (a read-only token cannot keep a
     /// read-write connection); the connection then lives until the new token's expiry.
     async fn on_token_sync(&self, payload: &mut AuthPayload<'_>) -> HookResult {
-        let claims = self.verify(payload.token).map_err(|why| {
+        let claims = self.verify_fresh(payload.token).await.map_err(|why| {
             debug!(doc = payload.document_name, reason = %why, "JWT token sync refused");
             HookError::reject("Unauthorized")
         })?;

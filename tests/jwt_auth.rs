@@ -290,6 +290,56 @@ async fn a_jwks_file_chooses_keys_by_kid_and_is_reread() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A JWKS URL (an identity provider's `jwks_uri`): fetched before the node listens, its keys
+/// chosen by `kid`; a token with an unknown `kid` makes the node fetch again, at most once per
+/// 10 s, so a rotated-in key is accepted while unknown kids cannot hammer the provider.
+#[tokio::test]
+async fn a_jwks_url_is_fetched_and_fetched_again_for_a_new_kid() {
+    let rsa = EncodingKey::from_rsa_pem(&pem("rsa.pem")).unwrap();
+    let other = EncodingKey::from_rsa_pem(&pem("rsa-other.pem")).unwrap();
+    let jwk = |key: &EncodingKey, kid: &str| {
+        let mut j = jsonwebtoken::jwk::Jwk::from_encoding_key(key, Algorithm::RS256).unwrap();
+        j.common.key_id = Some(kid.into());
+        j
+    };
+    let set = |keys| serde_json::to_string(&jsonwebtoken::jwk::JwkSet { keys }).unwrap();
+    let served = std::sync::Arc::new(std::sync::Mutex::new(set(vec![jwk(&rsa, "k1")])));
+    let source = served.clone();
+    let idp = common::receiver::Receiver::start("unused-secret-0123456789", move |_| {
+        (
+            200,
+            source.lock().unwrap().clone(),
+            std::time::Duration::ZERO,
+        )
+    })
+    .await;
+    let s = start(Config {
+        jwt_jwks_url: idp.url.clone(),
+        auth_failures_before_ban: 0,
+        ..test_config()
+    })
+    .await;
+    assert_eq!(idp.count(), 1, "fetched before listening");
+    let t =
+        |key: &EncodingKey, kid: &str| sign(Algorithm::RS256, key, Some(kid), &claims(json!("*")));
+    assert_eq!(answer(&s, "d", &t(&rsa, "k1")).await, rw());
+    assert_eq!(answer(&s, "d", &t(&rsa, "k1")).await, rw());
+    assert_eq!(idp.count(), 1, "the set is cached");
+    // the provider rotates a key in; a token naming it right away: too soon to fetch again
+    *served.lock().unwrap() = set(vec![jwk(&rsa, "k1"), jwk(&other, "k2")]);
+    assert_eq!(answer(&s, "d", &t(&other, "k2")).await, denied());
+    assert_eq!(idp.count(), 1, "unknown kids do not hammer the provider");
+    tokio::time::sleep(std::time::Duration::from_millis(10_100)).await;
+    assert_eq!(answer(&s, "d", &t(&other, "k2")).await, rw(), "rotated in");
+    assert_eq!(idp.count(), 2);
+    assert_eq!(
+        answer(&s, "d", &t(&other, "k1")).await,
+        denied(),
+        "kid of another key"
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn bad_jwt_settings_name_the_setting() {
     for (config, setting) in [
