@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use cluster_tests::testbed::{
-    ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, workspace_dir,
+    ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, run_auth_cases, workspace_dir,
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
@@ -127,27 +127,8 @@ async fn the_provider_sees_the_same_answer_on_the_owner_and_through_a_non_owner(
         list.push(json!({ "label": format!("alg none ({where_})"), "url": cluster.nodes[node].url(),
                           "doc": "jwt-a", "token": "eyJhbGciOiJub25lIn0.eyJkb2NzIjoiKiJ9.", "expect": "denied" }));
     }
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.arg(workspace_dir().join("tests/interop/jwt-cases.mjs"))
-        .env("CASES", Value::Array(list).to_string())
-        .env("HEARTH_URL", cluster.nodes[0].url())
-        .env("SCRIPT_TIMEOUT_MS", "120000")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(150), cmd.output()).await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // every case reported (a script that ran nothing must not pass)
-    assert_eq!(
-        stdout.matches(": denied").count() + stdout.matches(": read").count(),
-        18,
-        "{stdout}"
-    );
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(list.len(), 18);
+    run_auth_cases(list, &cluster.nodes[0].url()).await?;
     Ok(())
 }
 

@@ -76,6 +76,32 @@ pub fn workspace_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Runs `tests/interop/jwt-cases.mjs` (the real provider) over `cases` (`{label, url, doc,
+/// token, expect, reason?}`) and checks that every case reported and passed; returns its output.
+pub async fn run_auth_cases(cases: Vec<serde_json::Value>, url: &str) -> anyhow::Result<String> {
+    let n = cases.len();
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(workspace_dir().join("tests/interop/jwt-cases.mjs"))
+        .env("CASES", serde_json::Value::Array(cases).to_string())
+        .env("HEARTH_URL", url)
+        .env("SCRIPT_TIMEOUT_MS", "120000")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(150), cmd.output()).await??;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // every case reported (a script that ran nothing must not pass)
+    anyhow::ensure!(
+        stdout.matches(": denied").count() + stdout.matches(": read").count() == n,
+        "not every case reported:\n{stdout}"
+    );
+    anyhow::ensure!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
 /// The cargo target directory (`$CARGO_TARGET_DIR`, else `<workspace>/target`).
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
