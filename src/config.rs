@@ -421,6 +421,9 @@ settings! {
     /// HMAC secret for JWT authentication (HS256/384/512; at least 32 bytes). Set exactly one of
     /// `jwt_secret`, `jwt_public_key_file` and `jwt_jwks_file` to turn JWT authentication on.
     jwt_secret: String = String::new(), env = "HEARTH_JWT_SECRET";
+    /// PEM public key (RSA, EC P-256/P-384 or Ed25519) that verifies JWTs, given inline (an
+    /// environment variable from a secret; `\n` may stand for the line breaks).
+    jwt_public_key: String = String::new(), env = "HEARTH_JWT_PUBLIC_KEY";
     /// PEM public key (RSA, EC P-256/P-384 or Ed25519) that verifies JWTs.
     jwt_public_key_file: PathBuf = PathBuf::new(), env = "HEARTH_JWT_PUBLIC_KEY_FILE";
     /// JWKS file (`{"keys": [...]}`) whose keys verify JWTs by `kid`; re-read when it changes.

@@ -201,15 +201,20 @@ impl JwtAuth {
     pub fn from_config(config: &Config) -> Result<Option<JwtAuth>, ConfigError> {
         let secret = !config.jwt_secret.is_empty();
         let pem = !config.jwt_public_key_file.as_os_str().is_empty();
+        let pem_inline = !config.jwt_public_key.trim().is_empty();
         let jwks = !config.jwt_jwks_file.as_os_str().is_empty();
         let jwks_url = !config.jwt_jwks_url.is_empty();
-        match [secret, pem, jwks, jwks_url].iter().filter(|s| **s).count() {
+        match [secret, pem, pem_inline, jwks, jwks_url]
+            .iter()
+            .filter(|s| **s)
+            .count()
+        {
             0 => return Ok(None),
             1 => {}
             _ => {
                 return Err(invalid(
                     "jwt_secret",
-                    "set exactly one of jwt_secret, jwt_public_key_file, jwt_jwks_file and jwt_jwks_url",
+                    "set exactly one of jwt_secret, jwt_public_key, jwt_public_key_file, jwt_jwks_file and jwt_jwks_url",
                 ));
             }
         }
@@ -258,20 +263,27 @@ impl JwtAuth {
                 .map_err(|e| invalid("jwt_secret", e.to_string()))?;
             let algs = key.family().algorithms().to_vec();
             (Keys::Single(Box::new(key)), algs)
-        } else if pem {
-            let path = &config.jwt_public_key_file;
-            let bytes = std::fs::read(path)
-                .map_err(|e| invalid("jwt_public_key_file", format!("{}: {e}", path.display())))?;
+        } else if pem || pem_inline {
+            let (name, shown, bytes) = if pem_inline {
+                (
+                    "jwt_public_key",
+                    "the key".to_owned(),
+                    config.jwt_public_key.replace("\\n", "\n").into_bytes(),
+                )
+            } else {
+                let path = &config.jwt_public_key_file;
+                let bytes = std::fs::read(path).map_err(|e| {
+                    invalid("jwt_public_key_file", format!("{}: {e}", path.display()))
+                })?;
+                ("jwt_public_key_file", path.display().to_string(), bytes)
+            };
             let key = DecodingKey::from_rsa_pem(&bytes)
                 .or_else(|_| DecodingKey::from_ec_pem(&bytes))
                 .or_else(|_| DecodingKey::from_ed_pem(&bytes))
                 .map_err(|_| {
                     invalid(
-                        "jwt_public_key_file",
-                        format!(
-                            "{}: not a PEM RSA, EC or Ed25519 public key",
-                            path.display()
-                        ),
+                        name,
+                        format!("{shown}: not a PEM RSA, EC or Ed25519 public key"),
                     )
                 })?;
             let algs = key.family().algorithms().to_vec();

@@ -225,6 +225,24 @@ async fn public_keys_verify_rs256_es256_and_eddsa() {
     );
     assert_eq!(answer(&s, "d", &other).await, denied());
     s.stop().await;
+    // the same key given inline (an environment variable), its line breaks written as \n
+    let inline = String::from_utf8(pem("ec.pub.pem"))
+        .unwrap()
+        .trim()
+        .replace('\n', "\\n");
+    let s = start(Config {
+        jwt_public_key: inline,
+        ..test_config()
+    })
+    .await;
+    let token = sign(
+        Algorithm::ES256,
+        &EncodingKey::from_ec_pem(&pem("ec.pem")).unwrap(),
+        None,
+        &claims(json!("*")),
+    );
+    assert_eq!(answer(&s, "d", &token).await, rw(), "inline key");
+    s.stop().await;
 }
 
 #[tokio::test]
@@ -343,6 +361,20 @@ async fn a_jwks_url_is_fetched_and_fetched_again_for_a_new_kid() {
 #[tokio::test]
 async fn bad_jwt_settings_name_the_setting() {
     for (config, setting) in [
+        (
+            Config {
+                jwt_public_key: "-----BEGIN PUBLIC KEY-----\\nnot a key".into(),
+                ..test_config()
+            },
+            "jwt_public_key",
+        ),
+        (
+            Config {
+                jwt_jwks_url: "ftp://idp.example/jwks".into(),
+                ..test_config()
+            },
+            "jwt_jwks_url",
+        ),
         (
             Config {
                 jwt_secret: "short".into(),
