@@ -429,8 +429,8 @@ settings! {
     /// JWKS file (`{"keys": [...]}`) whose keys verify JWTs by `kid`; re-read when it changes.
     jwt_jwks_file: PathBuf = PathBuf::new(), env = "HEARTH_JWT_JWKS_FILE";
     /// URL (http or https) of a JWKS whose keys verify JWTs by `kid` (an identity provider's
-    /// `jwks_uri`); fetched at the first authentication, every `jwt_jwks_refresh_s`, and when a
-    /// token names an unknown `kid`.
+    /// `jwks_uri`); fetched before the node listens, every `jwt_jwks_refresh_s`, and when a
+    /// token names an unknown `kid` (at most every 10 s).
     jwt_jwks_url: String = String::new(), env = "HEARTH_JWT_JWKS_URL";
     /// How often the JWKS URL is fetched again, in seconds.
     jwt_jwks_refresh_s: u64 = 300, env = "HEARTH_JWT_JWKS_REFRESH_S";

@@ -99,12 +99,12 @@ impl JwksUrl {
                 .get(self.url.clone())
                 .send()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.without_url().to_string())?;
             if !r.status().is_success() {
                 return Err(format!("answered HTTP {}", r.status()));
             }
             let mut body = Vec::new();
-            while let Some(chunk) = r.chunk().await.map_err(|e| e.to_string())? {
+            while let Some(chunk) = r.chunk().await.map_err(|e| e.without_url().to_string())? {
                 if body.len() + chunk.len() > MAX_JWKS_BYTES {
                     return Err(format!("key set larger than {MAX_JWKS_BYTES} bytes"));
                 }
@@ -121,11 +121,20 @@ impl JwksUrl {
                 s.set = set;
                 s.fetched = Some(Instant::now());
             }
-            Ok(_) => warn!(url = %self.url, "JWKS has no keys; keeping the previous set"),
+            Ok(_) => warn!(url = %self.shown(), "JWKS has no keys; keeping the previous set"),
             Err(e) => {
-                warn!(url = %self.url, error = %e, "cannot fetch the JWKS; keeping the previous set")
+                warn!(url = %self.shown(), error = %e, "cannot fetch the JWKS; keeping the previous set")
             }
         }
+    }
+
+    /// The URL for logs: no credentials, no query.
+    fn shown(&self) -> String {
+        let mut u = self.url.clone();
+        let _ = u.set_username("");
+        let _ = u.set_password(None);
+        u.set_query(None);
+        u.to_string()
     }
 
     /// True when the set is due for its periodic refresh (or was never fetched).
@@ -549,14 +558,7 @@ impl Extension for JwtAuth {
         };
         payload.read_only |= read_only;
         payload.valid_until = self.valid_until(&claims);
-        payload.context.insert("user".into(), self.user(&claims));
-        let mut token = Map::new();
-        for k in ["sub", "jti", "exp", "iss"] {
-            if let Some(v) = claims.get(k) {
-                token.insert(k.into(), v.clone());
-            }
-        }
-        payload.context.insert("token".into(), Value::Object(token));
+        self.set_context(payload, &claims);
         Ok(())
     }
 
@@ -571,6 +573,8 @@ impl Extension for JwtAuth {
         match self.access(&claims, payload.document_name) {
             Some(read_only) if !read_only || payload.read_only => {
                 payload.valid_until = self.valid_until(&claims);
+                // the connection now speaks for the new token (revocations match its ids)
+                self.set_context(payload, &claims);
                 Ok(())
             }
             _ => {
@@ -585,6 +589,19 @@ impl Extension for JwtAuth {
 }
 
 impl JwtAuth {
+    /// Puts the token's user (`context.user`) and ids (`context.token`: `sub`, `jti`, `exp`,
+    /// `iss`) into the connection's context.
+    fn set_context(&self, payload: &mut AuthPayload<'_>, claims: &Map<String, Value>) {
+        payload.context.insert("user".into(), self.user(claims));
+        let mut token = Map::new();
+        for k in ["sub", "jti", "exp", "iss"] {
+            if let Some(v) = claims.get(k) {
+                token.insert(k.into(), v.clone());
+            }
+        }
+        payload.context.insert("token".into(), Value::Object(token));
+    }
+
     /// When the token's access ends: its `exp` plus the leeway.
     fn valid_until(&self, claims: &Map<String, Value>) -> Option<SystemTime> {
         let exp = claims.get("exp").and_then(Value::as_f64)?;

@@ -39,6 +39,8 @@ pub const MAX_ENTRIES: usize = 100_000;
 pub const MAX_VALUE_BYTES: usize = 1024;
 /// How often a node reloads the revocations from Redis.
 pub const SYNC_EVERY: Duration = Duration::from_secs(5);
+/// How long a change made on this node outranks what a reload from Redis says.
+const RECENT: Duration = Duration::from_secs(3 * SYNC_EVERY.as_secs());
 /// Longest wait for Redis on one revocation call.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -79,6 +81,9 @@ pub enum RevokeError {
     /// The value is empty or longer than [`MAX_VALUE_BYTES`].
     #[error("the revoked value must be 1 to {MAX_VALUE_BYTES} bytes")]
     BadValue,
+    /// The end is not in the future.
+    #[error("the revocation would end before it begins")]
+    Ended,
     /// [`MAX_ENTRIES`] revocations are in force already.
     #[error("{MAX_ENTRIES} revocations are in force already")]
     Full,
@@ -189,6 +194,9 @@ pub fn identity(context: &Context) -> (Option<String>, Option<String>) {
 #[derive(Debug)]
 pub(crate) struct Revocations {
     entries: Mutex<HashMap<Revocation, u64>>,
+    /// Revocations added or lifted here within the last [`RECENT`], and when: a reload from
+    /// Redis that began before such a change must not undo it.
+    recent: Mutex<HashMap<Revocation, std::time::Instant>>,
     /// False while there is none: the check on every authentication is one atomic load.
     any: AtomicBool,
     generation: watch::Sender<u64>,
@@ -233,6 +241,7 @@ impl Revocations {
     pub(crate) fn local() -> Arc<Self> {
         Arc::new(Self {
             entries: Mutex::new(HashMap::new()),
+            recent: Mutex::new(HashMap::new()),
             any: AtomicBool::new(false),
             generation: watch::channel(0).0,
             remote: None,
@@ -262,6 +271,7 @@ impl Revocations {
         };
         let me = Arc::new(Self {
             entries: Mutex::new(HashMap::new()),
+            recent: Mutex::new(HashMap::new()),
             any: AtomicBool::new(false),
             generation: watch::channel(0).0,
             remote: Some(Remote {
@@ -320,9 +330,26 @@ impl Revocations {
             }
         }
         let grew = {
+            let recent: HashMap<Revocation, std::time::Instant> = {
+                let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+                r.retain(|_, at| at.elapsed() < RECENT);
+                r.clone()
+            };
             let mut entries = self.lock();
-            let grew = loaded.keys().any(|k| !entries.contains_key(k));
-            *entries = loaded;
+            let grew = loaded
+                .keys()
+                .any(|k| !entries.contains_key(k) && !recent.contains_key(k));
+            // what changed here lately stays as it is here; the rest follows Redis
+            let mut merged: HashMap<Revocation, u64> = loaded
+                .into_iter()
+                .filter(|(k, _)| !recent.contains_key(k))
+                .collect();
+            for (k, until) in entries.iter() {
+                if recent.contains_key(k) {
+                    merged.insert(k.clone(), *until);
+                }
+            }
+            *entries = merged;
             self.any.store(!entries.is_empty(), Ordering::Release);
             grew
         };
@@ -335,6 +362,18 @@ impl Revocations {
     /// are told at once.
     pub(crate) async fn add(&self, what: Revocation, until_ms: u64) -> Result<(), RevokeError> {
         what.check()?;
+        if until_ms <= now_ms() {
+            return Err(RevokeError::Ended);
+        }
+        {
+            let entries = self.lock();
+            if entries.len() >= MAX_ENTRIES && !entries.contains_key(&what) {
+                let now = now_ms();
+                if entries.values().filter(|u| **u > now).count() >= MAX_ENTRIES {
+                    return Err(RevokeError::Full);
+                }
+            }
+        }
         if let Some(remote) = &self.remote {
             remote
                 .call(
@@ -363,6 +402,7 @@ impl Revocations {
             *until = (*until).max(until_ms);
             self.any.store(true, Ordering::Release);
         }
+        self.touch(&what);
         info!(
             kind = what.parts().0,
             value = what.parts().1,
@@ -386,10 +426,23 @@ impl Revocations {
 
     /// Lifts a revocation from this node's list only.
     pub(crate) fn lift_here(&self, what: &Revocation) -> bool {
-        let mut entries = self.lock();
-        let was = entries.remove(what).is_some();
-        self.any.store(!entries.is_empty(), Ordering::Release);
+        let was = {
+            let mut entries = self.lock();
+            let was = entries.remove(what).is_some();
+            self.any.store(!entries.is_empty(), Ordering::Release);
+            was
+        };
+        self.touch(what);
         was
+    }
+
+    /// Notes a change made on this node (see `recent`).
+    fn touch(&self, what: &Revocation) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= MAX_ENTRIES {
+            r.retain(|_, at| at.elapsed() < RECENT);
+        }
+        r.insert(what.clone(), std::time::Instant::now());
     }
 
     /// The revocations in force.

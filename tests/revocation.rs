@@ -149,15 +149,47 @@ async fn an_ended_revocation_no_longer_refuses() {
     s.handle
         .revoke(
             Revocation::User("carol".into()),
-            SystemTime::now() + Duration::from_millis(300),
+            SystemTime::now() + Duration::from_millis(1500),
         )
         .await
         .unwrap();
     let mut c = RawClient::connect(s.addr).await;
     c.send(auth("d", &token("carol", "t1"))).await;
     assert_eq!(c.recv_for("d").await, denied());
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
     joined(&s, "d", &token("carol", "t2")).await;
     assert!(s.handle.revocations().is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_sync_with_a_revoked_token_closes_the_connection() {
+    let s = start(Config {
+        jwt_secret: SECRET.into(),
+        auth_failures_before_ban: 0,
+        ..test_config()
+    })
+    .await;
+    let mut c = joined(&s, "d", &token("dave", "t-old")).await;
+    s.handle
+        .revoke(Revocation::Token("t-new".into()), hour())
+        .await
+        .unwrap();
+    // the old token is not revoked: the connection stays
+    c.expect_silence(Duration::from_millis(200)).await;
+    // a refresh to the revoked token id is refused like a refused token
+    c.send(auth("d", &token("dave", "t-new"))).await;
+    let f = c.recv_frame(Duration::from_secs(5)).await;
+    assert_eq!(f.msg, Msg::Close("Unauthorized".into()));
+
+    // after a refresh, the connection is the new token's: revoking that id closes it
+    let mut c = joined(&s, "e", &token("erin", "t-1")).await;
+    c.send(auth("e", &token("erin", "t-2"))).await;
+    c.expect_silence(Duration::from_millis(300)).await;
+    s.handle
+        .revoke(Revocation::Token("t-2".into()), hour())
+        .await
+        .unwrap();
+    refused_within_a_second(&mut c, "e").await;
     s.stop().await;
 }

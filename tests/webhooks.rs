@@ -89,12 +89,11 @@ async fn the_endpoint_decides_access() {
     assert_eq!(answer(&s, "d", "slow").await, rw);
     let unavailable = Msg::PermissionDenied("authentication unavailable".into());
     // fail closed: no answer in time, a 500, an answer that is not the expected JSON
-    let before = hook.count();
     let started = tokio::time::Instant::now();
     assert_eq!(answer(&s, "d", "timeout").await, unavailable);
     assert!(
-        started.elapsed() < Duration::from_millis(2900),
-        "one retry of 1 s each at most: {:?}",
+        started.elapsed() < Duration::from_secs(5),
+        "two attempts of 1 s each and a short backoff: {:?}",
         started.elapsed()
     );
     let before_500 = hook.count();
@@ -107,7 +106,6 @@ async fn the_endpoint_decides_access() {
         1,
         "an answer that is not JSON is not retried"
     );
-    assert!(hook.count() > before);
 
     // every request was signed and carried what the docs list
     let all = hook.all();
@@ -165,9 +163,8 @@ async fn answers_are_cached_for_the_configured_time() {
 
 #[tokio::test]
 async fn an_unreachable_endpoint_fails_closed_without_banning_the_client() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", closed.local_addr().unwrap());
-    drop(closed);
+    // port 1: nothing listens there, every connection is refused
+    let url = "http://127.0.0.1:1/hook".to_owned();
     let s = start(Config {
         auth_failures_before_ban: 2,
         ..config(&url)
@@ -224,8 +221,8 @@ fn events_config(url: &str, events: &str) -> Config {
         webhook_url: url.into(),
         webhook_secret: SECRET.into(),
         webhook_events: events.into(),
-        webhook_debounce_ms: 200,
-        webhook_max_debounce_ms: 1000,
+        webhook_debounce_ms: 500,
+        webhook_max_debounce_ms: 5000,
         webhook_timeout_ms: 1000,
         webhook_retries: 2,
         auth_tokens: "alice=read-write".into(),
@@ -253,7 +250,7 @@ async fn events_arrive_signed_debounced_and_in_order() {
     for i in 0..5 {
         c.send(update("ev", &y.insert(&format!("{i}")))).await;
     }
-    // five changes within the debounce window make one change event
+    // five changes sent at once (well within the 500 ms debounce) make one change event
     wait_until(Duration::from_secs(5), "change event", || {
         kinds(&hook.all(), "ev").contains(&"change".to_owned())
     })

@@ -269,7 +269,7 @@ async fn revoke(admin: &Admin, body: &[u8]) -> Result<Answer, Failure> {
 
 fn revoke_failure(e: RevokeError) -> Failure {
     match e {
-        RevokeError::BadValue => Failure::bad(e.to_string()),
+        RevokeError::BadValue | RevokeError::Ended => Failure::bad(e.to_string()),
         RevokeError::Full | RevokeError::Store(_) => Failure(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

@@ -128,6 +128,8 @@ struct Established {
     read_only: bool,
     /// When the client's credentials end (refused with `PermissionDenied` then).
     expires: Option<Instant>,
+    /// A token sync of this connection is running (later ones wait for it to end).
+    syncing: bool,
 }
 
 /// The monotonic instant of a wall-clock `SystemTime` (now when it has passed).
@@ -151,6 +153,23 @@ enum Addr {
 struct AuthDone {
     address: String,
     result: Result<Authed, AuthFailure>,
+}
+
+/// What a background task of the socket finished.
+enum Done {
+    /// The authentication of an address.
+    Auth(AuthDone),
+    /// A token sync of an established document connection.
+    Sync(SyncDone),
+}
+
+/// The outcome of a token sync ([`Socket::token_sync`]).
+struct SyncDone {
+    address: String,
+    /// The document connection it was for (the address may have been reopened since).
+    conn: ConnId,
+    /// The new end of the credentials and the context the hooks left, or the refusal.
+    result: Result<(Option<std::time::SystemTime>, Context), HookError>,
 }
 
 /// Hook-facing handle of one document connection.
@@ -194,7 +213,7 @@ struct Socket {
     opened: Instant,
     last_inbound: Instant,
     /// Auth results from the per-address auth tasks (boxed: they are large and rare).
-    auth_tx: QueueSender<Box<AuthDone>>,
+    auth_tx: QueueSender<Box<Done>>,
     /// Set by the cluster when an owner answered `Authenticated` for a proxied address.
     remote_authenticated: Arc<AtomicBool>,
     /// True for an owner-side socket standing in for a client of another node: never re-route.
@@ -276,7 +295,7 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
             done = auth_rx.recv() => {
                 let expiry = s.next_expiry();
                 let was_authenticated = s.authenticated();
-                if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break end; }
+                if let Some(end) = Box::pin(s.on_done(*done)).await { break end; }
                 if (!was_authenticated && s.authenticated()) || s.next_expiry() != expiry {
                     // the authentication deadline no longer applies, or credentials now end
                     // earlier: re-arm for the earliest deadline
@@ -294,7 +313,8 @@ async fn run(shared: Arc<Shared>, mut ws: Ws, request: Arc<RequestInfo>, id: Arc
                     Some(Ok(msg)) => {
                         s.last_inbound = Instant::now();
                         match msg {
-                            Message::Binary(bytes) if !traffic.allow(bytes.len(), s.last_inbound) => {
+                            // every message counts, pings included
+                            msg if !traffic.allow(msg.len(), s.last_inbound) => {
                                 Some(s.rate_limited().await)
                             }
                             Message::Binary(bytes) => {
@@ -431,7 +451,7 @@ impl Socket {
         id: Arc<str>,
         request: Arc<RequestInfo>,
         outbox: Outbox,
-        auth_tx: QueueSender<Box<AuthDone>>,
+        auth_tx: QueueSender<Box<Done>>,
         stand_in: bool,
     ) -> Self {
         let now = Instant::now();
@@ -631,11 +651,13 @@ impl Socket {
             tokio::spawn(
                 async move {
                     let result = task.await;
-                    if let Err(done) = tx.send(Box::new(AuthDone { address, result })) {
+                    if let Err(done) = tx.send(Box::new(Done::Auth(AuthDone { address, result })))
+                        && let Done::Auth(AuthDone {
+                            result: Ok(authed), ..
+                        }) = *done
+                    {
                         // the socket closed while this was running: undo the attach
-                        if let Ok(authed) = done.result {
-                            authed.undo();
-                        }
+                        authed.undo();
                     }
                 }
                 .in_current_span(),
@@ -658,6 +680,17 @@ impl Socket {
             return Some(End::Close(Close::ResetConnection));
         }
         None
+    }
+
+    /// A background task finished.
+    async fn on_done(&mut self, done: Done) -> Option<End> {
+        match done {
+            Done::Auth(a) => Box::pin(self.on_auth_done(a)).await,
+            Done::Sync(sync) => {
+                self.on_sync_done(sync).await;
+                None
+            }
+        }
     }
 
     async fn on_auth_done(&mut self, done: AuthDone) -> Option<End> {
@@ -798,7 +831,7 @@ impl Socket {
             }
             ClientMessage::QueryAwareness => doc.send(DocCommand::QueryAwareness { conn }).await,
             ClientMessage::Auth { token, version } => {
-                self.token_sync(address, &token, version.as_deref()).await;
+                self.token_sync(address, token, version);
                 true
             }
             ClientMessage::Stateless(payload) => {
@@ -831,37 +864,83 @@ impl Socket {
         None
     }
 
-    /// A new token for an established document connection: the `on_token_sync` hooks decide.
-    /// Success sends nothing and may move the connection's expiry; a refusal closes the
-    /// document connection with `CLOSE "Unauthorized"` (or the hook's reason).
-    async fn token_sync(&mut self, address: &str, token: &str, version: Option<&str>) {
-        let Some(Addr::Established(e)) = self.addrs.get(address) else {
+    /// A new token for an established document connection: the `on_token_sync` hooks decide,
+    /// in a task of their own (they may ask a webhook or fetch keys), so the socket keeps
+    /// serving meanwhile; [`Self::on_sync_done`] applies the outcome. One sync per connection
+    /// runs at a time: a token sent while one runs is ignored (the provider sends its current
+    /// token again on its next refresh).
+    fn token_sync(&mut self, address: &str, token: String, version: Option<String>) {
+        let Some(Addr::Established(e)) = self.addrs.get_mut(address) else {
             return;
         };
-        let mut payload = AuthPayload {
-            document_name: &e.name,
-            token,
-            provider_version: version,
-            request: &self.request,
-            socket_id: &self.id,
-            read_only: e.read_only,
-            context: (*e.context).clone(),
-            valid_until: None,
+        if e.syncing {
+            debug!(address, "token sync already running: this token is ignored");
+            return;
+        }
+        e.syncing = true;
+        let (shared, request, socket_id) =
+            (self.shared.clone(), self.request.clone(), self.id.clone());
+        let (name, context, read_only, conn) =
+            (e.name.clone(), e.context.clone(), e.read_only, e.conn);
+        let address = address.to_owned();
+        let tx = self.auth_tx.clone();
+        tokio::spawn(
+            async move {
+                let mut payload = AuthPayload {
+                    document_name: &name,
+                    token: &token,
+                    provider_version: version.as_deref(),
+                    request: &request,
+                    socket_id: &socket_id,
+                    read_only,
+                    context: (*context).clone(),
+                    valid_until: None,
+                };
+                let result = shared.extensions.on_token_sync(&mut payload).await;
+                let result = result.map(|()| (payload.valid_until, payload.context));
+                let _ = tx.send(Box::new(Done::Sync(SyncDone {
+                    address,
+                    conn,
+                    result,
+                })));
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Applies a token sync's outcome: success sends nothing and may move the connection's
+    /// expiry (and refresh its identity, which a revocation may then match); a refusal closes
+    /// the document connection with `CLOSE "Unauthorized"` (or the hook's reason).
+    async fn on_sync_done(&mut self, done: SyncDone) {
+        let SyncDone {
+            address,
+            conn,
+            result,
+        } = done;
+        let Some(Addr::Established(e)) = self.addrs.get_mut(&address) else {
+            return;
         };
-        let result = self.shared.extensions.on_token_sync(&mut payload).await;
-        let valid_until = payload.valid_until;
+        if e.conn != conn {
+            return; // the address was closed and opened again meanwhile
+        }
+        e.syncing = false;
+        let result = result.and_then(|(valid_until, context)| {
+            if self.shared.revocations.denies(&e.name, &context) {
+                return Err(HookError::reject("Unauthorized"));
+            }
+            Ok((valid_until, context))
+        });
         match result {
-            Ok(()) => {
+            Ok((valid_until, context)) => {
                 self.shared
                     .metrics
                     .auth
                     .with_label_values(&["token_sync"])
                     .inc();
-                if let (Some(t), Some(Addr::Established(e))) =
-                    (valid_until, self.addrs.get_mut(address))
-                {
+                if let Some(t) = valid_until {
                     e.expires = Some(instant_of(t));
                 }
+                e.context = Arc::new(context);
                 debug!(address, "token sync accepted");
             }
             Err(err) => {
@@ -871,7 +950,7 @@ impl Socket {
                     .with_label_values(&["token_sync_refused"])
                     .inc();
                 debug!(address, reason = %err.reason, "token sync refused: closing the document connection");
-                self.close_doc(address, reason_or(&err.reason, "Unauthorized"))
+                self.close_doc(&address, reason_or(&err.reason, "Unauthorized"))
                     .await;
             }
         }
@@ -1020,7 +1099,8 @@ async fn authenticate(
     }
     if refused.is_none() && shared.revocations.denies(name, &payload.context) {
         debug!(address, "revoked: denied");
-        refused = Some(HookError::permission_denied());
+        // not counted towards a ban: a provider retries on every reconnect
+        refused = Some(HookError::unavailable("permission-denied"));
     }
     if let Some(e) = refused {
         if let Some(ip) = client
@@ -1107,6 +1187,7 @@ async fn authenticate(
                 context,
                 read_only,
                 expires,
+                syncing: false,
             }));
         }
     }
@@ -1190,7 +1271,7 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
             }
             Ok(()) = revoked.changed() => s.refuse_revoked().await,
             done = auth_rx.recv() => {
-                if let Some(end) = Box::pin(s.on_auth_done(*done)).await { break Some(end); }
+                if let Some(end) = Box::pin(s.on_done(*done)).await { break Some(end); }
             }
             next = input.recv() => match next {
                 None | Some(StandInInput::Detach) => break None,

@@ -44,6 +44,9 @@ async fn run(
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v)
         .unwrap_or_default();
+    // watched from before the check below, so a revocation made while the document loads
+    // is seen by the loop
+    let mut revoked = shared.revocations.subscribe();
     let mut payload = AuthPayload {
         document_name: &name,
         token: &token,
@@ -59,7 +62,8 @@ async fn run(
         denied = shared.extensions.on_authenticate(&mut payload).await.err();
     }
     if denied.is_none() && shared.revocations.denies(&name, &payload.context) {
-        denied = Some(crate::hooks::HookError::permission_denied());
+        // not counted towards a ban: the client's reconnects are not an attack
+        denied = Some(crate::hooks::HookError::unavailable("permission denied"));
     }
     if let Some(e) = denied {
         shared.metrics.auth.with_label_values(&["denied"]).inc();
@@ -135,7 +139,6 @@ async fn run(
         last_inbound,
         next_ping,
     )));
-    let mut revoked = shared.revocations.subscribe();
     let mut traffic = super::traffic::TrafficLimit::new(cfg, Instant::now());
     let end: Option<Close> = loop {
         tokio::select! {
@@ -176,7 +179,8 @@ async fn run(
                 None => break None,
                 Some(Err(tungstenite::Error::Capacity(_))) => break Some(Close::MessageTooBig),
                 Some(Err(_)) => break None,
-                Some(Ok(Message::Binary(bytes))) if !traffic.allow(bytes.len(), Instant::now()) => {
+                // every message counts, pings included
+                Some(Ok(msg)) if !traffic.allow(msg.len(), Instant::now()) => {
                     super::traffic::charge(&shared, &request).await;
                     break Some(Close::RateLimited);
                 }

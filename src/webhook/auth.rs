@@ -24,7 +24,8 @@
 //! `auth_webhook_cache_ms` for the same token, document, headers and parameters, and never past
 //! its `expiresAt`; at most [`MAX_CACHED`] answers are kept. **Concurrency:** at most
 //! [`MAX_IN_FLIGHT`] calls at once; a client beyond that is refused as unavailable instead of
-//! queueing without bound.
+//! queueing without bound, and that refusal counts towards its address's ban, so a client that
+//! floods authentications to fill the calls is banned while the others get through.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -52,6 +53,36 @@ pub const UNAVAILABLE: &str = "authentication unavailable";
 const MAX_REASON_CHARS: usize = 200;
 /// Longest token sent to the endpoint; a longer one is refused without a call.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Why the endpoint gave no decision.
+#[derive(Debug)]
+enum Failure {
+    /// It could not be asked, or answered nothing usable.
+    Endpoint(String),
+    /// [`MAX_IN_FLIGHT`] calls were running: the client is refused at once, and the refusal
+    /// counts towards its address's ban (a client flooding authentications fills the calls).
+    Busy,
+}
+
+impl Failure {
+    /// The refusal the client gets: the same reason either way; only a busy node charges it
+    /// to the client's address.
+    fn refusal(&self, reason: &str) -> HookError {
+        match self {
+            Failure::Endpoint(_) => HookError::unavailable(reason),
+            Failure::Busy => HookError::reject(reason),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Endpoint(e) => f.write_str(e),
+            Failure::Busy => write!(f, "{MAX_IN_FLIGHT} calls already in flight"),
+        }
+    }
+}
 
 /// What the endpoint decided.
 #[derive(Debug, Clone)]
@@ -172,7 +203,7 @@ impl WebhookAuth {
 
     /// The decision for `payload` (`event` = `authenticate` or `token_sync`): from the cache,
     /// or by asking the endpoint. `Err` = the endpoint could not be asked.
-    async fn decide(&self, event: &str, payload: &AuthPayload<'_>) -> Result<Decision, String> {
+    async fn decide(&self, event: &str, payload: &AuthPayload<'_>) -> Result<Decision, Failure> {
         if payload.token.len() > MAX_TOKEN_BYTES {
             return Ok(Decision {
                 access: Access::Deny,
@@ -205,7 +236,7 @@ impl WebhookAuth {
         }
         let Ok(_permit) = self.in_flight.try_acquire() else {
             self.count("busy");
-            return Err(format!("{MAX_IN_FLIGHT} calls already in flight"));
+            return Err(Failure::Busy);
         };
         let mut body = json!({
             "event": event,
@@ -255,7 +286,7 @@ impl WebhookAuth {
             }
         }
         self.count("failed");
-        Err(last_error)
+        Err(Failure::Endpoint(last_error))
     }
 
     fn cached(&self, key: &[u8; 32]) -> Option<Decision> {
@@ -370,7 +401,7 @@ impl Extension for WebhookAuth {
             Err(why) => {
                 warn!(doc = payload.document_name, endpoint = %self.endpoint.shown_url(), error = %why,
                       "authentication webhook could not be asked: refusing the client");
-                Err(HookError::unavailable(UNAVAILABLE))
+                Err(why.refusal(UNAVAILABLE))
             }
             Ok(d) => {
                 debug!(doc = payload.document_name, access = ?d.access, "authentication webhook answered");
@@ -398,7 +429,7 @@ impl Extension for WebhookAuth {
             Err(why) => {
                 warn!(doc = payload.document_name, error = %why,
                       "authentication webhook could not be asked for a token sync");
-                Err(HookError::unavailable("Unauthorized"))
+                Err(why.refusal("Unauthorized"))
             }
             Ok(d) => match d.access {
                 Access::ReadWrite => {

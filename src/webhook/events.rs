@@ -203,14 +203,30 @@ impl Inner {
         (self.hasher.hash_one(doc) as usize) % SHARDS
     }
 
-    /// Queues an event of `doc`, after the document's pending change, if any. Never waits.
+    /// Queues an event of `doc`, after the document's pending change, if any. Never waits. The
+    /// pending changes' lock is held while the two are queued, so no other event of the
+    /// document can come between them, and sequence numbers follow queue order.
     fn push(&self, kind: &'static str, doc: &str, context: Option<&Context>, extra: Value) {
-        if kind != "change" {
-            let pending = self.lock_pending().remove(doc);
-            if let Some(p) = pending {
-                self.push_change(doc, p);
-            }
+        let mut pending = self.lock_pending();
+        if let Some(p) = pending.remove(doc) {
+            self.enqueue_change(doc, p);
         }
+        self.enqueue(kind, doc, context, extra);
+        drop(pending);
+    }
+
+    /// Queues a burst of changes (the caller holds the pending changes' lock).
+    fn enqueue_change(&self, doc: &str, p: PendingChange) {
+        self.enqueue(
+            "change",
+            doc,
+            p.context.as_ref(),
+            json!({ "changes": p.changes }),
+        );
+    }
+
+    /// Queues one event (the caller holds the pending changes' lock).
+    fn enqueue(&self, kind: &'static str, doc: &str, context: Option<&Context>, extra: Value) {
         let mut payload = json!({
             "documentName": doc,
             "node": self.node,
@@ -237,15 +253,6 @@ impl Inner {
         }
     }
 
-    fn push_change(&self, doc: &str, p: PendingChange) {
-        self.push(
-            "change",
-            doc,
-            p.context.as_ref(),
-            json!({ "changes": p.changes }),
-        );
-    }
-
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingChange>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -265,23 +272,18 @@ async fn debouncer(inner: std::sync::Weak<Inner>) {
             return;
         };
         let now = Instant::now();
-        let due: Vec<(String, PendingChange)> = {
-            let mut pending = inner.lock_pending();
-            let names: Vec<String> = pending
-                .iter()
-                .filter(|(_, p)| {
-                    now >= p.last + inner.debounce || now >= p.first + inner.max_debounce
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            names
-                .into_iter()
-                .filter_map(|k| pending.remove(&k).map(|p| (k, p)))
-                .collect()
-        };
-        for (doc, p) in due {
-            inner.push_change(&doc, p);
+        let mut pending = inner.lock_pending();
+        let due: Vec<String> = pending
+            .iter()
+            .filter(|(_, p)| now >= p.last + inner.debounce || now >= p.first + inner.max_debounce)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for doc in due {
+            if let Some(p) = pending.remove(&doc) {
+                inner.enqueue_change(&doc, p);
+            }
         }
+        drop(pending);
     }
 }
 

@@ -154,7 +154,7 @@ impl Endpoint {
                 .body(body)
                 .send()
                 .await
-                .map_err(|e| CallError::Connect(error_chain(&e)))?;
+                .map_err(|e| CallError::Connect(error_chain(&e.without_url())))?;
             let status = response.status().as_u16();
             if response
                 .content_length()
@@ -166,7 +166,7 @@ impl Endpoint {
             while let Some(chunk) = response
                 .chunk()
                 .await
-                .map_err(|e| CallError::Connect(error_chain(&e)))?
+                .map_err(|e| CallError::Connect(error_chain(&e.without_url())))?
             {
                 if out.len() + chunk.len() > MAX_ANSWER_BYTES {
                     return Err(CallError::TooLong);
