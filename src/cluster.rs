@@ -46,8 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::prelude::{Builder, ClientLike, ReconnectPolicy};
-use fred::types::config::Config as RedisConfig;
+use fred::prelude::{Builder, ClientLike};
 use hearth_lock::{Acquire, HolderId, LockClient, LockGuard, LockTiming};
 use hearth_proxy::{
     Body, CloseDoc, ConnId, Inbound, Incarnation, NodeAddr, NodeId, OpenMeta, Route, RouteCache,
@@ -77,6 +76,7 @@ pub(crate) use edge::ClusterPlacement;
 pub(crate) use owner::TransportBurst;
 pub(crate) use placement::LockOwnership;
 mod presence;
+mod redis;
 use crate::connection::stand_in::StandInInput;
 pub use cli::{describe_message, listen, live_nodes, owner_of};
 pub use emit::{EMITTER_NODE_ID, emit_remote};
@@ -87,6 +87,7 @@ use flow::{Refused, RemoteInbox, SessionLimits};
 use inbox::DISPATCH_YIELD_BYTES;
 pub(crate) use metrics::ClusterMetrics;
 use metrics::Observer;
+pub(crate) use redis::{redis_client, redis_config, redis_tls};
 
 /// Errors of the cluster layer.
 #[derive(Debug, thiserror::Error)]
@@ -177,20 +178,6 @@ fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A fred client with reconnects (fred does not reconnect without a policy).
-pub(crate) async fn redis_client(url: &str) -> Result<fred::clients::Client, ClusterError> {
-    let config = RedisConfig::from_url(url).map_err(|e| ClusterError::Redis(e.to_string()))?;
-    let client = Builder::from_config(config)
-        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2000, 2))
-        .build()
-        .map_err(|e| ClusterError::Redis(e.to_string()))?;
-    client
-        .init()
-        .await
-        .map_err(|e| ClusterError::Redis(e.to_string()))?;
-    Ok(client)
-}
-
 fn holder_addr(h: &HolderId) -> Result<NodeAddr, ClusterError> {
     let id = NodeId::new(h.node_id()).map_err(|_| ClusterError::Holder(h.to_string()))?;
     let inc =
@@ -222,7 +209,7 @@ impl Cluster {
             );
         }
         let (transport, inbound) = Transport::connect(tc).await?;
-        let redis = redis_client(&config.redis_url).await?;
+        let redis = redis_client(config).await?;
         let metrics = ClusterMetrics::register(registry)
             .map_err(|e| ClusterError::Redis(format!("metrics: {e}")))?;
         metrics::PublishCollector::register(registry, transport.stats_handle())

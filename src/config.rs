@@ -590,6 +590,13 @@ settings! {
     redis_url: String = String::new(), env = "HEARTH_REDIS_URL";
     /// Prefix of every Redis key and channel of this cluster.
     redis_prefix: String = "hearth".into(), env = "HEARTH_REDIS_PREFIX";
+    /// PEM file of the CA(s) that verify Redis's TLS certificate (`rediss://`), instead of the
+    /// system's roots.
+    redis_tls_ca_file: PathBuf = PathBuf::new(), env = "HEARTH_REDIS_TLS_CA_FILE";
+    /// PEM client certificate (chain) presented to Redis over TLS; with `redis_tls_key_file`.
+    redis_tls_cert_file: PathBuf = PathBuf::new(), env = "HEARTH_REDIS_TLS_CERT_FILE";
+    /// PEM private key of `redis_tls_cert_file`.
+    redis_tls_key_file: PathBuf = PathBuf::new(), env = "HEARTH_REDIS_TLS_KEY_FILE";
     /// Ownership lock time-to-live (ms); refreshed every third of it.
     lock_ttl_ms: u64 = 10000, env = "HEARTH_LOCK_TTL_MS";
     /// An owner drops a proxied attachment whose edge node was silent this long (ms).

@@ -258,12 +258,12 @@ impl ServerBuilder {
         let throttle = crate::throttle::AuthThrottle::start(
             &self.config,
             &metrics,
-            crate::cluster::redis_client(&self.config.redis_url),
+            crate::cluster::redis_client(&self.config),
         )
         .await;
         let revocations = crate::revoke::Revocations::start(
             &self.config,
-            crate::cluster::redis_client(&self.config.redis_url),
+            crate::cluster::redis_client(&self.config),
         )
         .await;
         let docs = Arc::new(DocServices {

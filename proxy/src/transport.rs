@@ -115,6 +115,9 @@ pub struct TransportConfig {
     pub reconnect_max: Duration,
     /// Classic or sharded pub/sub. Default classic.
     pub pubsub: PubSubMode,
+    /// TLS settings that replace those the URL implies (a private CA, a client certificate);
+    /// `None` keeps the URL's (`rediss://` verifies the server against the system's roots).
+    pub tls: Option<fred::types::config::TlsConfig>,
 }
 
 impl TransportConfig {
@@ -137,6 +140,7 @@ impl TransportConfig {
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
             pubsub: PubSubMode::Classic,
+            tls: None,
         }
     }
 
@@ -507,7 +511,10 @@ impl Transport {
         let keys = Keys::new(config.prefix.clone())?;
         let inbox = keys.inbox(&config.me);
         let bcast = keys.bcast();
-        let redis_config = RedisConfig::from_url(&config.redis_url)?;
+        let mut redis_config = RedisConfig::from_url(&config.redis_url)?;
+        if let Some(tls) = &config.tls {
+            redis_config.tls = Some(tls.clone());
+        }
         let policy = ReconnectPolicy::new_exponential(
             0,
             millis_u32(config.reconnect_min),

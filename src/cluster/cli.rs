@@ -4,13 +4,13 @@ use super::*;
 
 /// `hearth cluster owner DOC`: the owning node's id, if any.
 pub async fn owner_of(config: &Config, doc: &str) -> Result<Option<String>, ClusterError> {
-    let lock = emit::reader_lock(config, redis_client(&config.redis_url).await?)?;
+    let lock = emit::reader_lock(config, redis_client(config).await?)?;
     Ok(lock.holder(doc).await?.map(|h| h.node_id().to_owned()))
 }
 
 /// `hearth cluster status`: live nodes as (node id, incarnation).
 pub async fn live_nodes(config: &Config) -> Result<Vec<(String, String)>, ClusterError> {
-    let redis = redis_client(&config.redis_url).await?;
+    let redis = redis_client(config).await?;
     let keys = hearth_proxy::Keys::new(config.redis_prefix.clone())?;
     super::presence::scan_nodes(&redis, &keys).await
 }
@@ -189,9 +189,7 @@ pub async fn listen(
     mut print: impl FnMut(&str),
 ) -> Result<(), ClusterError> {
     use fred::interfaces::{EventInterface as _, PubsubInterface as _};
-    let redis_config =
-        RedisConfig::from_url(&config.redis_url).map_err(|e| ClusterError::Redis(e.to_string()))?;
-    let mut builder = Builder::from_config(redis_config);
+    let mut builder = Builder::from_config(super::redis_config(config)?);
     builder.with_performance_config(|p| p.broadcast_channel_capacity = 65_536);
     let sub = builder
         .build_subscriber_client()

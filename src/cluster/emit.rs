@@ -42,6 +42,7 @@ pub(crate) fn transport_config(
     me: NodeAddr,
 ) -> Result<TransportConfig, ClusterError> {
     let mut tc = TransportConfig::new(config.redis_url.clone(), config.redis_prefix.clone(), me);
+    tc.tls = super::redis_tls(config)?;
     tc.auth = Auth::new(&config.cluster_secrets()?);
     tc.max_envelope_bytes = max_payload_bytes(config) + 4096;
     tc.batching = config.cluster_batching;
@@ -153,7 +154,7 @@ pub async fn emit_remote(
     let tc = transport_config(config, me)?;
     let connect = async {
         let (transport, inbound) = Transport::connect(tc).await.map_err(ClusterError::from)?;
-        let redis = redis_client(&config.redis_url).await?;
+        let redis = redis_client(config).await?;
         Ok::<_, ClusterError>((transport, inbound, redis))
     };
     let (transport, mut inbound, redis) = tokio::time::timeout(CONNECT_TIMEOUT, connect)

@@ -185,12 +185,27 @@ pub struct PgCluster {
     port: u16,
     owner: Option<(u32, u32)>,
     running: bool,
+    /// Further server options (`-c name=value`), e.g. TLS.
+    extra: String,
 }
 
 impl PgCluster {
     /// initdb (trust auth, superuser `postgres`) into `<scratch>/pg/data` and start it on a free
     /// port.
     pub fn start(scratch: &Scratch) -> anyhow::Result<PgCluster> {
+        PgCluster::start_with(scratch, None)
+    }
+
+    /// [`PgCluster::start`] with TLS on (`ssl=on`, `pki`'s server certificate); clients may
+    /// still connect without TLS.
+    pub fn start_tls(scratch: &Scratch, pki: &super::tls::TestPki) -> anyhow::Result<PgCluster> {
+        PgCluster::start_with(scratch, Some(pki))
+    }
+
+    fn start_with(
+        scratch: &Scratch,
+        pki: Option<&super::tls::TestPki>,
+    ) -> anyhow::Result<PgCluster> {
         let bin = pg_bin_dir()?;
         let root = scratch.join("pg");
         std::fs::create_dir_all(&root)?;
@@ -210,6 +225,7 @@ impl PgCluster {
             port: free_port()?,
             owner,
             running: false,
+            extra: String::new(),
         };
         let out = c
             .tool("initdb")
@@ -219,6 +235,22 @@ impl PgCluster {
             .output()
             .context("running initdb")?;
         check(&out, "initdb")?;
+        if let Some(pki) = pki {
+            // the server reads its key as its own user, and only from a private file
+            let (cert, key) = (c.root.join("server.pem"), c.root.join("server.key"));
+            std::fs::copy(&pki.server_cert, &cert)?;
+            std::fs::copy(&pki.server_key, &key)?;
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            if let Some((u, g)) = c.owner {
+                std::os::unix::fs::chown(&cert, Some(u), Some(g))?;
+                std::os::unix::fs::chown(&key, Some(u), Some(g))?;
+            }
+            c.extra = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            );
+        }
         c.start_again()?;
         Ok(c)
     }
@@ -235,9 +267,10 @@ impl PgCluster {
     /// Starts the (stopped) cluster on its port and waits (≤ 30 s) until it accepts connections.
     pub fn start_again(&mut self) -> anyhow::Result<()> {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{}",
             self.port,
-            self.root.display()
+            self.root.display(),
+            self.extra
         );
         let out = self
             .tool("pg_ctl")

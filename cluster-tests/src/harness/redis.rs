@@ -30,6 +30,10 @@ pub struct RedisProcess {
     dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Further `redis-server` arguments (TLS).
+    extra: Vec<String>,
+    /// The TLS port, when TLS is on.
+    tls_port: Option<u16>,
 }
 
 impl RedisProcess {
@@ -45,9 +49,52 @@ impl RedisProcess {
             dir,
             log,
             child: None,
+            extra: Vec::new(),
+            tls_port: None,
         };
         r.launch().await?;
         Ok(r)
+    }
+
+    /// [`RedisProcess::start`] with a TLS port too, serving `pki`'s server certificate and
+    /// requiring a client certificate signed by its CA. The plain port stays for the test's own
+    /// commands.
+    pub async fn start_tls(
+        scratch: &Scratch,
+        pki: &super::tls::TestPki,
+    ) -> anyhow::Result<RedisProcess> {
+        let port = free_port()?;
+        let tls_port = free_port()?;
+        let dir = scratch.join(&format!("redis-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        let log = scratch.join(&format!("redis-{port}.log"));
+        let path = |p: &PathBuf| p.display().to_string();
+        let mut r = RedisProcess {
+            port,
+            dir,
+            log,
+            child: None,
+            extra: vec![
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                path(&pki.server_cert),
+                "--tls-key-file".into(),
+                path(&pki.server_key),
+                "--tls-ca-cert-file".into(),
+                path(&pki.ca),
+                "--tls-auth-clients".into(),
+                "yes".into(),
+            ],
+            tls_port: Some(tls_port),
+        };
+        r.launch().await?;
+        Ok(r)
+    }
+
+    /// `rediss://localhost:<tls port>` when TLS is on.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://localhost:{p}"))
     }
 
     async fn launch(&mut self) -> anyhow::Result<()> {
@@ -75,6 +122,7 @@ impl RedisProcess {
             .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

@@ -42,6 +42,8 @@ pub mod pg;
 pub mod raw;
 #[path = "redis.rs"]
 pub mod redis;
+#[path = "tls.rs"]
+pub mod tls;
 #[path = "witness.rs"]
 pub mod witness;
 #[path = "workload.rs"]
@@ -63,6 +65,7 @@ pub use node::{NodeProcess, NodeSpec};
 pub use pg::{PgCluster, PgDatabase};
 pub use raw::RawSocket;
 pub use redis::RedisProcess;
+pub use tls::TestPki;
 pub use workload::{History, Verdict, Writers};
 
 /// Default bound for "this should happen soon" waits in tests.
