@@ -103,13 +103,10 @@ impl JwksUrl {
             if !r.status().is_success() {
                 return Err(format!("answered HTTP {}", r.status()));
             }
-            let mut body = Vec::new();
-            while let Some(chunk) = r.chunk().await.map_err(|e| e.without_url().to_string())? {
-                if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                    return Err(format!("key set larger than {MAX_JWKS_BYTES} bytes"));
-                }
-                body.extend_from_slice(&chunk);
-            }
+            let body = crate::webhook::read_capped(&mut r, MAX_JWKS_BYTES)
+                .await
+                .map_err(|e| e.without_url().to_string())?
+                .ok_or_else(|| format!("key set larger than {MAX_JWKS_BYTES} bytes"))?;
             serde_json::from_slice::<JwkSet>(&body).map_err(|e| e.to_string())
         })
         .await

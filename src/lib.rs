@@ -19,6 +19,7 @@ pub mod alloc;
 pub(crate) mod auth;
 pub mod cli;
 pub(crate) mod client_ip;
+pub(crate) mod clock;
 pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod connection;

@@ -30,6 +30,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::clock::now_unix_ms;
 use crate::config::Config;
 use crate::hooks::Context;
 
@@ -229,13 +230,6 @@ impl Remote {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Revocations {
     /// An empty list without Redis.
     pub(crate) fn local() -> Arc<Self> {
@@ -306,7 +300,10 @@ impl Revocations {
         let Some(remote) = &self.remote else {
             return;
         };
-        let reply = match remote.call(&remote.load, vec![now_ms().to_string()]).await {
+        let reply = match remote
+            .call(&remote.load, vec![now_unix_ms().to_string()])
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "revocations: cannot load from Redis");
@@ -362,13 +359,13 @@ impl Revocations {
     /// are told at once.
     pub(crate) async fn add(&self, what: Revocation, until_ms: u64) -> Result<(), RevokeError> {
         what.check()?;
-        if until_ms <= now_ms() {
+        if until_ms <= now_unix_ms() {
             return Err(RevokeError::Ended);
         }
         {
             let entries = self.lock();
             if entries.len() >= MAX_ENTRIES && !entries.contains_key(&what) {
-                let now = now_ms();
+                let now = now_unix_ms();
                 if entries.values().filter(|u| **u > now).count() >= MAX_ENTRIES {
                     return Err(RevokeError::Full);
                 }
@@ -378,7 +375,11 @@ impl Revocations {
             remote
                 .call(
                     &remote.add,
-                    vec![now_ms().to_string(), until_ms.to_string(), what.member()],
+                    vec![
+                        now_unix_ms().to_string(),
+                        until_ms.to_string(),
+                        what.member(),
+                    ],
                 )
                 .await
                 .map_err(RevokeError::Store)?;
@@ -392,7 +393,7 @@ impl Revocations {
         {
             let mut entries = self.lock();
             if entries.len() >= MAX_ENTRIES && !entries.contains_key(&what) {
-                let now = now_ms();
+                let now = now_unix_ms();
                 entries.retain(|_, until| *until > now);
                 if entries.len() >= MAX_ENTRIES {
                     return Err(RevokeError::Full);
@@ -447,7 +448,7 @@ impl Revocations {
 
     /// The revocations in force.
     pub(crate) fn list(&self) -> Vec<RevocationEntry> {
-        let now = now_ms();
+        let now = now_unix_ms();
         let mut out: Vec<RevocationEntry> = self
             .lock()
             .iter()
@@ -472,7 +473,7 @@ impl Revocations {
             return false;
         }
         let (user, token) = identity(context);
-        let now = now_ms();
+        let now = now_unix_ms();
         let entries = self.lock();
         let hit = |r: Revocation| entries.get(&r).is_some_and(|until| *until > now);
         hit(Revocation::Document(document.to_owned()))
@@ -496,7 +497,7 @@ mod tests {
     #[test]
     fn matches_by_document_user_and_token_id() {
         let r = Revocations::local();
-        let far = now_ms() + 60_000;
+        let far = now_unix_ms() + 60_000;
         let alice = ctx(json!({"user": {"id": "alice"}, "token": {"sub": "alice", "jti": "t1"}}));
         let bob = ctx(json!({"token": {"sub": 42, "jti": "t2"}}));
         assert!(!r.denies("d", &alice));
@@ -520,7 +521,7 @@ mod tests {
         assert!(r.denies("secret", &Context::new()));
         assert!(!r.denies("public", &Context::new()));
         // an ended revocation no longer matches
-        r.apply(Revocation::Document("old".into()), now_ms() - 1)
+        r.apply(Revocation::Document("old".into()), now_unix_ms() - 1)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(!r.denies("old", &Context::new()));
         assert_eq!(r.list().len(), 3);

@@ -623,10 +623,7 @@ impl ServerHandle {
         what: Revocation,
         until: std::time::SystemTime,
     ) -> Result<RevokeReport, RevokeError> {
-        let until_ms = until
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let until_ms = crate::clock::unix_ms(until);
         let shared = &self.node.shared;
         shared.revocations.add(what.clone(), until_ms).await?;
         let entry = crate::revoke::RevocationEntry { what, until_ms };

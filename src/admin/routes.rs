@@ -253,10 +253,7 @@ async fn revoke(admin: &Admin, body: &[u8]) -> Result<Answer, Failure> {
         .revoke(what.clone(), until)
         .await
         .map_err(revoke_failure)?;
-    let until_ms = until
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let until_ms = crate::clock::unix_ms(until);
     Ok(answer(
         StatusCode::OK,
         &json!({

@@ -39,7 +39,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::{Endpoint, name_list, unix_ms};
+use super::{Endpoint, name_list};
+use crate::clock::now_unix_ms;
 use crate::config::{Config, ConfigError};
 use crate::hooks::{AuthPayload, Context, Extension, HookError, HookResult};
 
@@ -257,7 +258,7 @@ impl WebhookAuth {
                 self.count("retried");
                 tokio::time::sleep(Duration::from_millis(50 << attempt.min(5))).await;
             }
-            let timestamp = unix_ms();
+            let timestamp = now_unix_ms();
             body["timestamp"] = Value::from(timestamp);
             let bytes = body.to_string().into_bytes();
             match self

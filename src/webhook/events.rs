@@ -36,7 +36,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::{Endpoint, name_list, unix_ms};
+use super::{Endpoint, name_list};
+use crate::clock::now_unix_ms;
 use crate::config::{Config, ConfigError};
 use crate::hooks::{
     ChangePayload, Context, DisconnectPayload, DocumentPayload, Extension, HookResult, StorePayload,
@@ -305,7 +306,7 @@ async fn deliver(weak: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Event>) {
             let Some(inner) = weak.upgrade() else {
                 return;
             };
-            let timestamp = unix_ms();
+            let timestamp = now_unix_ms();
             event.body["timestamp"] = Value::from(timestamp);
             let bytes = event.body.to_string().into_bytes();
             let outcome = inner

@@ -156,29 +156,35 @@ impl Endpoint {
                 .await
                 .map_err(|e| CallError::Connect(error_chain(&e.without_url())))?;
             let status = response.status().as_u16();
-            if response
-                .content_length()
-                .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
-            {
-                return Err(CallError::TooLong);
-            }
-            let mut out = Vec::new();
-            while let Some(chunk) = response
-                .chunk()
+            let body = read_capped(&mut response, MAX_ANSWER_BYTES)
                 .await
                 .map_err(|e| CallError::Connect(error_chain(&e.without_url())))?
-            {
-                if out.len() + chunk.len() > MAX_ANSWER_BYTES {
-                    return Err(CallError::TooLong);
-                }
-                out.extend_from_slice(&chunk);
-            }
-            Ok(Answer { status, body: out })
+                .ok_or(CallError::TooLong)?;
+            Ok(Answer { status, body })
         };
         tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| CallError::Timeout(timeout))?
     }
+}
+
+/// Reads `response`'s body, at most `max` bytes: `None` as soon as it is longer (its
+/// `Content-Length` is checked before anything is read).
+pub(crate) async fn read_capped(
+    response: &mut reqwest::Response,
+    max: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if out.len() + chunk.len() > max {
+            return Ok(None);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Some(out))
 }
 
 /// An error and its causes on one line.
@@ -191,14 +197,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Splits a comma-separated setting into trimmed, non-empty, lower-cased names.
