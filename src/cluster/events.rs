@@ -37,8 +37,8 @@ impl Cluster {
                     .await
                     .unwrap_or_else(|_| {
                         Err(RpcFailure {
-                            code: RpcErrorCode::HandlerError,
-                            msg: "unavailable: the event did not finish before its deadline".into(),
+                            code: RpcErrorCode::Expired,
+                            msg: "the event did not finish before its deadline".into(),
                             holder: None,
                         })
                     })
@@ -322,6 +322,8 @@ impl EmitError {
         match f.code {
             RpcErrorCode::NoHandler => EmitError::NoHandler,
             RpcErrorCode::HandlerError => EmitError::Handler(f.msg),
+            // the owner's own deadline ran out first: the same outcome as the caller's
+            RpcErrorCode::Expired => EmitError::Timeout,
             other => EmitError::Unavailable(format!("{other:?}: {}", f.msg)),
         }
     }
