@@ -415,6 +415,10 @@ settings! {
     node_id: String = default_node_id(), env = "HEARTH_NODE_ID";
     /// Storage: `sqlite://PATH`, `postgres://…` or `memory://` (nothing persisted).
     database_url: String = "sqlite://hearth.db".into(), env = "HEARTH_DATABASE_URL";
+    /// Prefix of Hearth's table names in `database_url` (`<prefix>documents`,
+    /// `<prefix>document_updates`, `<prefix>_sqlx_migrations`): lets Hearth share a database
+    /// with tables of the same names, such as Hocuspocus's `documents`. Empty: no prefix.
+    database_table_prefix: String = String::new(), env = "HEARTH_DATABASE_TABLE_PREFIX";
     /// Static token table `token=scope,…` (scope: read-write | read-only | deny; `*` = any other
     /// token). Unset: every client is read-write.
     auth_tokens: String = String::new(), env = "HEARTH_AUTH_TOKENS";
@@ -823,6 +827,9 @@ impl Config {
                 "database_url",
                 "expected sqlite://PATH, postgres://… or memory://",
             );
+        }
+        if let Err(e) = crate::storage::sql::check_table_prefix(&self.database_table_prefix) {
+            return invalid("database_table_prefix", &e);
         }
         if self.is_cluster() {
             if self.lock_ttl_ms < 300 {

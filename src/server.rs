@@ -178,8 +178,11 @@ impl ServerBuilder {
         let store = match self.store.take() {
             Some(s) => s,
             None => {
-                storage::open_store(&self.config.database_url, storage::SqlOptions::default())
-                    .await?
+                let opts = storage::SqlOptions {
+                    table_prefix: self.config.database_table_prefix.clone(),
+                    ..storage::SqlOptions::default()
+                };
+                storage::open_store(&self.config.database_url, opts).await?
             }
         };
         let table = TokenTable::parse(&self.config.auth_tokens).map_err(|m| {

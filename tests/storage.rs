@@ -23,9 +23,26 @@ const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 /// Where one test's data lives; dropping it removes the data.
 enum Env {
     Memory(Arc<dyn DocumentStore>),
-    Sqlite { url: String, dir: TempDir },
-    Postgres { url: String, _schema: PgSchema },
+    Sqlite {
+        url: String,
+        dir: TempDir,
+        prefix: &'static str,
+    },
+    Postgres {
+        url: String,
+        _schema: PgSchema,
+        prefix: &'static str,
+    },
 }
+
+/// The table prefix of the `*_prefixed` suites. Their database also holds a Hocuspocus
+/// `documents(name, data)` table, which Hearth's prefixed tables must leave alone.
+const PREFIX: &str = "hx_";
+
+/// A Hocuspocus `documents` table with one row, as `@hocuspocus/extension-sqlite` creates it.
+const HOCUSPOCUS_TABLE: &str = "CREATE TABLE documents (name varchar(255) NOT NULL, \
+                                data BYTEA NOT NULL, UNIQUE(name)); \
+                                INSERT INTO documents (name, data) VALUES ('theirs', 'xyz')";
 
 impl Env {
     async fn memory() -> Option<Env> {
@@ -39,7 +56,69 @@ impl Env {
         let dir = TempDir::new();
         // A relative-to-cwd path would work too; absolute keeps tests independent of cwd.
         let url = format!("sqlite://{}", dir.path.join("hearth.db").display());
-        Some(Env::Sqlite { url, dir })
+        Some(Env::Sqlite {
+            url,
+            dir,
+            prefix: "",
+        })
+    }
+
+    /// SQLite with [`PREFIX`], beside a Hocuspocus table.
+    async fn sqlite_prefixed() -> Option<Env> {
+        use sqlx::Connection;
+        let Some(Env::Sqlite { url, dir, .. }) = Env::sqlite().await else {
+            unreachable!()
+        };
+        let mut c = sqlx::SqliteConnection::connect(&format!("{url}?mode=rwc"))
+            .await
+            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(
+            HOCUSPOCUS_TABLE.replace("BYTEA", "blob"),
+        ))
+        .execute(&mut c)
+        .await
+        .unwrap();
+        c.close().await.unwrap();
+        Some(Env::Sqlite {
+            url,
+            dir,
+            prefix: PREFIX,
+        })
+    }
+
+    /// PostgreSQL with [`PREFIX`], beside a Hocuspocus table.
+    async fn postgres_prefixed() -> Option<Env> {
+        use sqlx::Connection;
+        let Env::Postgres { url, _schema, .. } = Env::postgres().await? else {
+            unreachable!()
+        };
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql(HOCUSPOCUS_TABLE)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+        Some(Env::Postgres {
+            url,
+            _schema,
+            prefix: PREFIX,
+        })
+    }
+
+    /// `name` (a table of Hearth's) as this environment calls it.
+    fn table(&self, name: &str) -> String {
+        match self {
+            Env::Sqlite { prefix, .. } | Env::Postgres { prefix, .. } => format!("{prefix}{name}"),
+            Env::Memory(_) => name.to_owned(),
+        }
+    }
+
+    /// Default options with this environment's table prefix.
+    fn options(&self) -> SqlOptions {
+        SqlOptions {
+            table_prefix: self.table(""),
+            ..SqlOptions::default()
+        }
     }
 
     async fn postgres() -> Option<Env> {
@@ -55,6 +134,7 @@ impl Env {
         Some(Env::Postgres {
             url,
             _schema: schema,
+            prefix: "",
         })
     }
 
@@ -63,7 +143,7 @@ impl Env {
         match self {
             Env::Memory(store) => store.clone(),
             Env::Sqlite { url, .. } | Env::Postgres { url, .. } => {
-                open_store(url, SqlOptions::default()).await.unwrap()
+                open_store(url, self.options()).await.unwrap()
             }
         }
     }
@@ -73,6 +153,10 @@ impl Env {
         match self {
             Env::Memory(_) => None,
             Env::Sqlite { url, .. } | Env::Postgres { url, .. } => {
+                let opts = SqlOptions {
+                    table_prefix: self.table(""),
+                    ..opts
+                };
                 Some(SqlStore::connect(url, opts).await.unwrap())
             }
         }
@@ -183,7 +267,8 @@ impl Drop for PgSchema {
 }
 
 /// Generates one `#[tokio::test]` per case and backend: `memory::case`, `sqlite::case`,
-/// `postgres::case`.
+/// `postgres::case`, and the SQL backends again with a table prefix beside a Hocuspocus table
+/// (`sqlite_prefixed::case`, `postgres_prefixed::case`).
 macro_rules! suite {
     ($($case:ident),* $(,)?) => {
         mod memory { $(
@@ -205,6 +290,22 @@ macro_rules! suite {
             async fn $case() {
                 let Some(env) = super::Env::postgres().await else { return };
                 super::bounded(super::$case(&env)).await;
+            }
+        )* }
+        mod sqlite_prefixed { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let env = super::Env::sqlite_prefixed().await.unwrap();
+                super::bounded(super::$case(&env)).await;
+                super::hocuspocus_table_untouched(&env).await;
+            }
+        )* }
+        mod postgres_prefixed { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(env) = super::Env::postgres_prefixed().await else { return };
+                super::bounded(super::$case(&env)).await;
+                super::hocuspocus_table_untouched(&env).await;
             }
         )* }
     };
@@ -898,15 +999,23 @@ async fn rows_record_their_epoch_and_newer_migrations_are_tolerated(env: &Env) {
     assert_eq!(fenced[0], AppendOutcome::Fenced { current: e2 });
     s.close().await;
 
-    let select = "SELECT epoch FROM document_updates WHERE name = 'ep' ORDER BY seq";
-    let future = "INSERT INTO _sqlx_migrations \
-                  (version, description, success, checksum, execution_time) \
-                  VALUES (99, 'from a newer binary', true, X'00', 0)";
+    let select = sqlx::AssertSqlSafe(format!(
+        "SELECT epoch FROM {} WHERE name = 'ep' ORDER BY seq",
+        env.table("document_updates")
+    ));
+    let future = format!(
+        "INSERT INTO {} (version, description, success, checksum, execution_time) \
+         VALUES (99, 'from a newer binary', true, X'00', 0)",
+        env.table("_sqlx_migrations")
+    );
     let epochs: Vec<Option<i64>> = match env {
         Env::Sqlite { url, .. } => {
             let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
             let v = sqlx::query_scalar(select).fetch_all(&mut c).await.unwrap();
-            sqlx::query(future).execute(&mut c).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(future))
+                .execute(&mut c)
+                .await
+                .unwrap();
             c.close().await.unwrap();
             v
         }
@@ -1365,5 +1474,59 @@ async fn two_processes_creating_one_sqlite_file_both_start() {
         assert!(b.acquire_epoch("x").await.unwrap() > e);
         a.close().await;
         b.close().await;
+    }
+}
+
+/// The Hocuspocus table of a prefixed environment still holds exactly its one row.
+async fn hocuspocus_table_untouched(env: &Env) {
+    use sqlx::Connection;
+    let query = "SELECT name FROM documents";
+    let names: Vec<String> = match env {
+        Env::Sqlite { url, .. } => {
+            let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+            sqlx::query_scalar(query).fetch_all(&mut c).await.unwrap()
+        }
+        Env::Postgres { url, .. } => {
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query_scalar(query).fetch_all(&mut c).await.unwrap()
+        }
+        Env::Memory(_) => unreachable!(),
+    };
+    assert_eq!(names, ["theirs"]);
+}
+
+/// Without a prefix, a database whose `documents` table is Hocuspocus's is refused with an
+/// error that says what to do, and nothing is created in it.
+#[tokio::test]
+async fn a_hocuspocus_documents_table_is_refused_without_a_prefix() {
+    let mut envs = vec![Env::sqlite_prefixed().await.unwrap()];
+    envs.extend(Env::postgres_prefixed().await);
+    for env in &envs {
+        let (Env::Sqlite { url, .. } | Env::Postgres { url, .. }) = env else {
+            unreachable!()
+        };
+        let err = SqlStore::connect(url, SqlOptions::default())
+            .await
+            .expect_err("Hearth must not migrate into a Hocuspocus database");
+        let text = err.to_string();
+        assert!(
+            text.contains("Hocuspocus") && text.contains("database_table_prefix"),
+            "{text}"
+        );
+        hocuspocus_table_untouched(env).await;
+        // and a bad prefix is refused before anything is opened
+        let bad = SqlOptions {
+            table_prefix: "x; DROP TABLE documents".into(),
+            ..SqlOptions::default()
+        };
+        assert!(matches!(
+            SqlStore::connect(url, bad).await,
+            Err(StoreError::Invalid(_))
+        ));
+        // with the prefix, both live side by side
+        let s = env.open().await;
+        let e = s.acquire_epoch("mine").await.unwrap();
+        committed(s.append(&[item("mine", e, &[b"u"])]).await.unwrap()[0]);
+        hocuspocus_table_untouched(env).await;
     }
 }

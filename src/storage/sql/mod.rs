@@ -60,14 +60,15 @@
 mod postgres;
 mod sqlite;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::SqlSafeStr;
 use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
-use sqlx::postgres::PgPool;
+use sqlx::{AssertSqlSafe, SqlSafeStr};
 
 use super::{
     Append, AppendOutcome, DocumentInfo, DocumentStore, Epoch, ListQuery, StoreError,
@@ -111,6 +112,10 @@ pub struct SqlOptions {
     pub sqlite_synchronous: Synchronous,
     /// SQLite only: how long a statement waits for another process's lock before `SQLITE_BUSY`.
     pub sqlite_busy_timeout: Duration,
+    /// Prefix of every table and index name (`database_table_prefix`), so that Hearth's tables
+    /// can share a database with others of the same name (Hocuspocus's `documents`). Empty by
+    /// default; checked by [`Tables::new`].
+    pub table_prefix: String,
 }
 
 impl Default for SqlOptions {
@@ -120,6 +125,7 @@ impl Default for SqlOptions {
             acquire_timeout: Duration::from_secs(10),
             sqlite_synchronous: Synchronous::Full,
             sqlite_busy_timeout: Duration::from_secs(5),
+            table_prefix: String::new(),
         }
     }
 }
@@ -127,7 +133,7 @@ impl Default for SqlOptions {
 #[derive(Clone)]
 enum Pool {
     Sqlite(sqlite::Pools),
-    Postgres(PgPool),
+    Postgres(postgres::Pg),
 }
 
 /// A [`DocumentStore`] on SQLite (`sqlite://PATH`) or PostgreSQL (`postgres://…`).
@@ -154,10 +160,11 @@ impl SqlStore {
     ///   slashes (`sqlite:///var/lib/hearth/hearth.db`).
     /// * `postgres://…` or `postgresql://…`: any libpq-style URL sqlx accepts.
     pub async fn connect(url: &str, opts: SqlOptions) -> Result<SqlStore, StoreError> {
+        let tables = Tables::new(&opts.table_prefix)?;
         let pool = if url.starts_with("sqlite:") {
-            Pool::Sqlite(sqlite::connect(url, &opts).await?)
+            Pool::Sqlite(sqlite::connect(url, &opts, tables).await?)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Pool::Postgres(postgres::connect(url, &opts).await?)
+            Pool::Postgres(postgres::connect(url, &opts, tables).await?)
         } else {
             return Err(StoreError::Invalid(format!(
                 "unsupported database URL scheme in {:?} (expected sqlite:// or postgres://)",
@@ -172,7 +179,7 @@ impl SqlStore {
     pub async fn close(&self) {
         match &self.pool {
             Pool::Sqlite(p) => p.close().await,
-            Pool::Postgres(p) => p.close().await,
+            Pool::Postgres(p) => p.pool.close().await,
         }
     }
 }
@@ -347,11 +354,13 @@ const MIGRATIONS: [&str; 3] = [
     "byte-order name index",
 ];
 
-/// The embedded migrations, numbered from 1, with one dialect's SQL texts. Migrations are
-/// additive (new tables, nullable columns), so a binary tolerates migrations newer than itself
-/// that a newer node already applied: during a rolling upgrade old and new nodes share one
-/// database.
-pub(crate) fn migrator(sql: [&'static str; MIGRATIONS.len()]) -> Migrator {
+/// The embedded migrations, numbered from 1, with one dialect's SQL texts and the table names
+/// of `tables`. Migrations are additive (new tables, nullable columns), so a binary tolerates
+/// migrations newer than itself that a newer node already applied: during a rolling upgrade
+/// old and new nodes share one database. Without a prefix the texts are exactly the frozen
+/// ones (sqlx checksums them); with one, every name in them (and the bookkeeping table,
+/// `<prefix>_sqlx_migrations`) carries it.
+pub(crate) fn migrator(sql: [&'static str; MIGRATIONS.len()], tables: &Tables) -> Migrator {
     let mut m = Migrator::with_migrations(
         (1..)
             .zip(MIGRATIONS.iter().zip(sql))
@@ -360,14 +369,139 @@ pub(crate) fn migrator(sql: [&'static str; MIGRATIONS.len()]) -> Migrator {
                     version,
                     (*what).into(),
                     MigrationType::Simple,
-                    sql.into_sql_str(),
+                    tables.sql(sql).into_sql_str(),
                     false,
                 )
             })
             .collect(),
     );
     m.set_ignore_missing(true);
+    if let Some(name) = tables.migrations_table() {
+        m.dangerous_set_table_name(name);
+    }
     m
+}
+
+/// The longest `database_table_prefix`: every name stays far below PostgreSQL's 63 bytes.
+pub const MAX_TABLE_PREFIX: usize = 32;
+
+/// The names of Hearth's tables and indexes (`documents`, `document_updates`,
+/// `document_updates_name_seq`, `documents_name_bytes`), each with an optional prefix.
+///
+/// Statements are written with the plain names; [`Tables::sql`] renders them with the prefix.
+/// A prefix is ASCII letters, digits and `_`, starting with a letter or `_`, at most
+/// [`MAX_TABLE_PREFIX`] bytes: it is spliced into SQL text, so nothing else is accepted.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tables {
+    prefix: Option<Arc<str>>,
+}
+
+/// Checks a `database_table_prefix`: empty, or ASCII letters, digits and `_`, not starting with
+/// a digit, at most [`MAX_TABLE_PREFIX`] bytes. The error says what is wrong.
+pub fn check_table_prefix(prefix: &str) -> Result<(), String> {
+    let valid = prefix.len() <= MAX_TABLE_PREFIX
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !prefix.bytes().next().is_some_and(|b| b.is_ascii_digit());
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{prefix:?} is not a table name prefix (letters, digits and _, not starting with a \
+             digit, at most {MAX_TABLE_PREFIX} bytes)"
+        ))
+    }
+}
+
+/// Every identifier [`Tables::sql`] prefixes.
+const TABLE_NAMES: [&str; 4] = [
+    "documents",
+    "document_updates",
+    "document_updates_name_seq",
+    "documents_name_bytes",
+];
+
+impl Tables {
+    /// Checks `prefix` (empty: the plain names).
+    pub(crate) fn new(prefix: &str) -> Result<Tables, StoreError> {
+        check_table_prefix(prefix).map_err(StoreError::Invalid)?;
+        Ok(Tables {
+            prefix: (!prefix.is_empty()).then(|| prefix.into()),
+        })
+    }
+
+    /// The name of the `documents` table.
+    pub(crate) fn documents(&self) -> String {
+        format!("{}documents", self.prefix.as_deref().unwrap_or(""))
+    }
+
+    /// The migrations bookkeeping table, when it is not sqlx's default.
+    fn migrations_table(&self) -> Option<String> {
+        self.prefix
+            .as_deref()
+            .map(|p| format!("{p}_sqlx_migrations"))
+    }
+
+    /// A statement with every table and index name prefixed; unchanged (borrowed) without a
+    /// prefix. Only names made of whole identifier characters match, so `documents` inside
+    /// `document_updates` or a string literal with other text is left alone.
+    pub(crate) fn sql(&self, sql: &'static str) -> AssertSqlSafe<Cow<'static, str>> {
+        match &self.prefix {
+            None => AssertSqlSafe(Cow::Borrowed(sql)),
+            Some(prefix) => AssertSqlSafe(Cow::Owned(prefixed(sql, prefix))),
+        }
+    }
+
+    /// [`Tables::sql`] for a statement built at run time (from constant text only).
+    pub(crate) fn sql_owned(&self, sql: String) -> AssertSqlSafe<Cow<'static, str>> {
+        match &self.prefix {
+            None => AssertSqlSafe(Cow::Owned(sql)),
+            Some(prefix) => AssertSqlSafe(Cow::Owned(prefixed(&sql, prefix))),
+        }
+    }
+}
+
+/// `sql` with `prefix` put before every identifier that is one of [`TABLE_NAMES`].
+fn prefixed(sql: &str, prefix: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 4 * prefix.len());
+    let mut rest = sql;
+    while !rest.is_empty() {
+        let word = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        if word == 0 {
+            let c = rest.chars().next().map_or(1, char::len_utf8);
+            out.push_str(&rest[..c]);
+            rest = &rest[c..];
+            continue;
+        }
+        let (ident, tail) = rest.split_at(word);
+        if TABLE_NAMES.contains(&ident) {
+            out.push_str(prefix);
+        }
+        out.push_str(ident);
+        rest = tail;
+    }
+    out
+}
+
+/// The refusal when `table` exists but is not Hearth's: Hocuspocus's database and SQLite
+/// extensions keep their documents in a table of the same name (`documents(name, data)`).
+pub(crate) fn foreign_table(table: &str, columns: &[String]) -> Option<StoreError> {
+    if columns.is_empty() || columns.iter().any(|c| c == "epoch") {
+        return None;
+    }
+    let whose = if columns.iter().any(|c| c == "data") {
+        "it has the columns of a Hocuspocus `documents(name, data)` table"
+    } else {
+        "it has none of Hearth's columns"
+    };
+    Some(StoreError::Invalid(format!(
+        "table {table:?} in this database is not Hearth's ({whose}): set \
+         database_table_prefix (e.g. hearth_) so that Hearth keeps tables of its own, and copy \
+         the documents with `hearth import`"
+    )))
 }
 
 /// Maps a migration failure: a database error while migrating is retryable, anything else
@@ -418,7 +552,37 @@ pub(crate) fn may_delete(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn table_prefix_renames_whole_identifiers_only() {
+        let sql = "INSERT INTO documents (name) VALUES ($1) ON CONFLICT (name) DO UPDATE SET \
+                   epoch = documents.epoch + 1; SELECT data FROM document_updates \
+                   WHERE name = 'documents'; CREATE INDEX document_updates_name_seq ON x";
+        assert_eq!(Tables::new("").unwrap().sql(sql).0, sql);
+        assert_eq!(
+            Tables::new("h_").unwrap().sql(sql).0,
+            "INSERT INTO h_documents (name) VALUES ($1) ON CONFLICT (name) DO UPDATE SET \
+             epoch = h_documents.epoch + 1; SELECT data FROM h_document_updates \
+             WHERE name = 'h_documents'; CREATE INDEX h_document_updates_name_seq ON x"
+        );
+        assert_eq!(
+            prefixed("documentsX documents_é", "p"),
+            "documentsX documents_é"
+        );
+        for bad in [
+            "1x",
+            "a-b",
+            "a b",
+            "a;",
+            "é",
+            &"x".repeat(MAX_TABLE_PREFIX + 1),
+        ] {
+            assert!(Tables::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(Tables::new("Hearth_2").is_ok());
+    }
 
     #[test]
     fn redact_hides_password() {

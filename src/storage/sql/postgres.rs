@@ -12,7 +12,7 @@ use std::str::FromStr;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{LoadRow, SqlOptions, assemble, db_err, list_limit, list_sql, migrate_err};
+use super::{LoadRow, SqlOptions, Tables, assemble, db_err, list_limit, list_sql, migrate_err};
 use crate::storage::{
     Append, AppendOutcome, DocumentInfo, Epoch, ListQuery, LogSeq, StoreError, StoredDocument,
 };
@@ -45,11 +45,18 @@ const MIGRATION_3: &str = "CREATE INDEX documents_name_bytes ON documents (name 
 /// The name column compared in byte order, as `documents_name_bytes` indexes it.
 const NAME_BYTES: &str = "name COLLATE \"C\"";
 
-fn migrator() -> Migrator {
-    super::migrator([MIGRATION_1, MIGRATION_2, MIGRATION_3])
+fn migrator(t: &Tables) -> Migrator {
+    super::migrator([MIGRATION_1, MIGRATION_2, MIGRATION_3], t)
 }
 
-pub(super) async fn connect(url: &str, opts: &SqlOptions) -> Result<PgPool, StoreError> {
+/// The pool and the table names its statements use.
+#[derive(Clone)]
+pub(super) struct Pg {
+    pub(super) pool: PgPool,
+    t: Tables,
+}
+
+pub(super) async fn connect(url: &str, opts: &SqlOptions, t: Tables) -> Result<Pg, StoreError> {
     // A paused or partitioned owner must not hold a document's row lock (taken by `append`)
     // for long: PostgreSQL aborts its idle transaction after 5 s, so the next owner's
     // `acquire_epoch` proceeds. Safe: the aborted batch was never acknowledged.
@@ -62,52 +69,72 @@ pub(super) async fn connect(url: &str, opts: &SqlOptions) -> Result<PgPool, Stor
         .connect_with(connect)
         .await
         .map_err(db_err)?;
-    migrator().run(&pool).await.map_err(migrate_err)?;
-    Ok(pool)
+    if let Some(refusal) = foreign_documents_table(&pool, &t).await? {
+        return Err(refusal);
+    }
+    migrator(&t).run(&pool).await.map_err(migrate_err)?;
+    Ok(Pg { pool, t })
 }
 
-pub(super) async fn acquire_epoch(p: &PgPool, name: &str) -> Result<Epoch, StoreError> {
-    sqlx::query_scalar(
+/// The refusal when the `documents` table in the connection's schema is not Hearth's.
+async fn foreign_documents_table(
+    pool: &PgPool,
+    t: &Tables,
+) -> Result<Option<StoreError>, StoreError> {
+    let table = t.documents();
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name = $1",
+    )
+    .bind(&table)
+    .fetch_all(pool)
+    .await
+    .map_err(db_err)?;
+    Ok(super::foreign_table(&table, &columns))
+}
+
+pub(super) async fn acquire_epoch(p: &Pg, name: &str) -> Result<Epoch, StoreError> {
+    sqlx::query_scalar(p.t.sql(
         "INSERT INTO documents (name, epoch) VALUES ($1, 1) \
          ON CONFLICT (name) DO UPDATE SET epoch = documents.epoch + 1, updated_at = now() \
          RETURNING epoch",
-    )
+    ))
     .bind(name)
-    .fetch_one(p)
+    .fetch_one(&p.pool)
     .await
     .map_err(db_err)
 }
 
-pub(super) async fn create_epoch(p: &PgPool, name: &str) -> Result<Option<Epoch>, StoreError> {
-    sqlx::query_scalar(
+pub(super) async fn create_epoch(p: &Pg, name: &str) -> Result<Option<Epoch>, StoreError> {
+    sqlx::query_scalar(p.t.sql(
         "INSERT INTO documents (name, epoch) VALUES ($1, 1) \
          ON CONFLICT (name) DO NOTHING RETURNING epoch",
-    )
+    ))
     .bind(name)
-    .fetch_optional(p)
+    .fetch_optional(&p.pool)
     .await
     .map_err(db_err)
 }
 
-pub(super) async fn current_epoch(p: &PgPool, name: &str) -> Result<Option<Epoch>, StoreError> {
-    sqlx::query_scalar("SELECT epoch FROM documents WHERE name = $1")
+pub(super) async fn current_epoch(p: &Pg, name: &str) -> Result<Option<Epoch>, StoreError> {
+    sqlx::query_scalar(p.t.sql("SELECT epoch FROM documents WHERE name = $1"))
         .bind(name)
-        .fetch_optional(p)
+        .fetch_optional(&p.pool)
         .await
         .map_err(db_err)
 }
 
-pub(super) async fn load(p: &PgPool, name: &str) -> Result<StoredDocument, StoreError> {
+pub(super) async fn load(p: &Pg, name: &str) -> Result<StoredDocument, StoreError> {
     // One statement = one MVCC snapshot, so a compaction committing meanwhile cannot make us
     // pair the old snapshot with the truncated log.
-    let rows: Vec<LoadRow> = sqlx::query_as(
+    let rows: Vec<LoadRow> = sqlx::query_as(p.t.sql(
         "SELECT 0 AS kind, snapshot_seq AS seq, snapshot AS data FROM documents WHERE name = $1 \
          UNION ALL \
          SELECT 1, seq, data FROM document_updates WHERE name = $1 \
          ORDER BY kind, seq",
-    )
+    ))
     .bind(name)
-    .fetch_all(p)
+    .fetch_all(&p.pool)
     .await
     .map_err(db_err)?;
     assemble(rows)
@@ -146,13 +173,13 @@ SELECT name, max(seq) FROM document_updates WHERE name = ANY($1::text[]) GROUP B
 
 /// Group commit in four round trips whatever the batch size: `BEGIN`, lock + read epochs,
 /// insert all updates of the non-fenced items, `COMMIT`.
-pub(super) async fn append(p: &PgPool, batch: &[Append]) -> Result<Vec<AppendOutcome>, StoreError> {
+pub(super) async fn append(p: &Pg, batch: &[Append]) -> Result<Vec<AppendOutcome>, StoreError> {
     let mut names: Vec<&str> = batch.iter().map(|a| a.name.as_str()).collect();
     names.sort_unstable();
     names.dedup();
 
-    let mut tx = p.begin().await.map_err(db_err)?;
-    let rows: Vec<(String, Epoch, LogSeq)> = sqlx::query_as(LOCK_DOCUMENTS)
+    let mut tx = p.pool.begin().await.map_err(db_err)?;
+    let rows: Vec<(String, Epoch, LogSeq)> = sqlx::query_as(p.t.sql(LOCK_DOCUMENTS))
         .bind(&names)
         .fetch_all(&mut *tx)
         .await
@@ -189,7 +216,7 @@ pub(super) async fn append(p: &PgPool, batch: &[Append]) -> Result<Vec<AppendOut
     // Last seq per document before this batch (needed only for items without updates).
     let mut last: HashMap<&str, LogSeq> = HashMap::new();
     if !empty_names.is_empty() {
-        let maxes: Vec<(String, Option<LogSeq>)> = sqlx::query_as(MAX_SEQ)
+        let maxes: Vec<(String, Option<LogSeq>)> = sqlx::query_as(p.t.sql(MAX_SEQ))
             .bind(&empty_names)
             .fetch_all(&mut *tx)
             .await
@@ -204,7 +231,7 @@ pub(super) async fn append(p: &PgPool, batch: &[Append]) -> Result<Vec<AppendOut
     let mut seqs: Vec<LogSeq> = if ins_data.is_empty() {
         Vec::new()
     } else {
-        sqlx::query_scalar(INSERT_UPDATES)
+        sqlx::query_scalar(p.t.sql(INSERT_UPDATES))
             .bind(&ins_names)
             .bind(&ins_data)
             .bind(&ins_epochs)
@@ -242,18 +269,18 @@ pub(super) async fn append(p: &PgPool, batch: &[Append]) -> Result<Vec<AppendOut
 }
 
 pub(super) async fn compact(
-    p: &PgPool,
+    p: &Pg,
     name: &str,
     epoch: Epoch,
     state: &[u8],
     upto: LogSeq,
 ) -> Result<(), StoreError> {
-    let mut tx = p.begin().await.map_err(db_err)?;
-    let updated = sqlx::query(
+    let mut tx = p.pool.begin().await.map_err(db_err)?;
+    let updated = sqlx::query(p.t.sql(
         "UPDATE documents SET snapshot = $3, snapshot_seq = GREATEST(snapshot_seq, $4), \
              updated_at = now() \
          WHERE name = $1 AND epoch = $2",
-    )
+    ))
     .bind(name)
     .bind(epoch)
     .bind(state)
@@ -264,7 +291,7 @@ pub(super) async fn compact(
     .rows_affected();
     if updated == 0 {
         let current: Option<Epoch> =
-            sqlx::query_scalar("SELECT epoch FROM documents WHERE name = $1")
+            sqlx::query_scalar(p.t.sql("SELECT epoch FROM documents WHERE name = $1"))
                 .bind(name)
                 .fetch_optional(&mut *tx)
                 .await
@@ -275,7 +302,7 @@ pub(super) async fn compact(
             mine: epoch,
         });
     }
-    sqlx::query("DELETE FROM document_updates WHERE name = $1 AND seq <= $2")
+    sqlx::query(p.t.sql("DELETE FROM document_updates WHERE name = $1 AND seq <= $2"))
         .bind(name)
         .bind(upto)
         .execute(&mut *tx)
@@ -285,17 +312,17 @@ pub(super) async fn compact(
 }
 
 /// Reads a page of names: one statement, a range scan of `documents_name_bytes`.
-pub(super) async fn list(p: &PgPool, query: &ListQuery) -> Result<Vec<DocumentInfo>, StoreError> {
+pub(super) async fn list(p: &Pg, query: &ListQuery) -> Result<Vec<DocumentInfo>, StoreError> {
     let sql = list_sql(query, NAME_BYTES, |n| format!("${n}"));
     // built from constant text only: the bounds and the limit are bound
-    let mut q = sqlx::query_as::<_, (String, Epoch)>(sqlx::AssertSqlSafe(sql))
+    let mut q = sqlx::query_as::<_, (String, Epoch)>(p.t.sql_owned(sql))
         .bind(query.lower_bound().0.to_owned());
     if let Some(end) = query.prefix_end() {
         q = q.bind(end);
     }
     let rows = q
         .bind(list_limit(query))
-        .fetch_all(p)
+        .fetch_all(&p.pool)
         .await
         .map_err(db_err)?;
     Ok(rows
@@ -306,10 +333,10 @@ pub(super) async fn list(p: &PgPool, query: &ListQuery) -> Result<Vec<DocumentIn
 
 /// Locks the row (a concurrent `append` or `acquire_epoch` waits, and then sees the new
 /// epoch), checks the epoch, drops the log, empties the row and increments its epoch.
-pub(super) async fn delete(p: &PgPool, name: &str, epoch: Epoch) -> Result<bool, StoreError> {
-    let mut tx = p.begin().await.map_err(db_err)?;
+pub(super) async fn delete(p: &Pg, name: &str, epoch: Epoch) -> Result<bool, StoreError> {
+    let mut tx = p.pool.begin().await.map_err(db_err)?;
     let row: Option<(Epoch, bool)> = sqlx::query_as(
-        "SELECT epoch, snapshot IS NOT NULL FROM documents WHERE name = $1 FOR UPDATE",
+        p.t.sql("SELECT epoch, snapshot IS NOT NULL FROM documents WHERE name = $1 FOR UPDATE"),
     )
     .bind(name)
     .fetch_optional(&mut *tx)
@@ -322,17 +349,17 @@ pub(super) async fn delete(p: &PgPool, name: &str, epoch: Epoch) -> Result<bool,
             return verdict.map(|_| false);
         }
     };
-    let logged = sqlx::query("DELETE FROM document_updates WHERE name = $1")
+    let logged = sqlx::query(p.t.sql("DELETE FROM document_updates WHERE name = $1"))
         .bind(name)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?
         .rows_affected();
-    sqlx::query(
+    sqlx::query(p.t.sql(
         "UPDATE documents SET epoch = epoch + 1, snapshot = NULL, snapshot_seq = 0, \
              updated_at = now() \
          WHERE name = $1",
-    )
+    ))
     .bind(name)
     .execute(&mut *tx)
     .await
@@ -341,7 +368,10 @@ pub(super) async fn delete(p: &PgPool, name: &str, epoch: Epoch) -> Result<bool,
     Ok(had_snapshot || logged > 0)
 }
 
-pub(super) async fn ping(p: &PgPool) -> Result<(), StoreError> {
-    sqlx::query("SELECT 1").execute(p).await.map_err(db_err)?;
+pub(super) async fn ping(p: &Pg) -> Result<(), StoreError> {
+    sqlx::query(p.t.sql("SELECT 1"))
+        .execute(&p.pool)
+        .await
+        .map_err(db_err)?;
     Ok(())
 }

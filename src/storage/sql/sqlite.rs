@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, SqliteConnection, Transaction};
 
 use super::{
-    LoadRow, SqlOptions, Synchronous, assemble, db_err, list_limit, list_sql, migrate_err,
+    LoadRow, SqlOptions, Synchronous, Tables, assemble, db_err, list_limit, list_sql, migrate_err,
 };
 use crate::storage::{
     Append, AppendOutcome, DocumentInfo, Epoch, ListQuery, LogSeq, StoreError, StoredDocument,
@@ -51,14 +51,15 @@ const MIGRATION_3: &str = "-- the primary key index already orders names by byte
 /// How often opening a SQLite file is retried after a database error (see `connect`).
 const MIGRATE_ATTEMPTS: u64 = 5;
 
-fn migrator() -> Migrator {
-    super::migrator([MIGRATION_1, MIGRATION_2, MIGRATION_3])
+fn migrator(t: &Tables) -> Migrator {
+    super::migrator([MIGRATION_1, MIGRATION_2, MIGRATION_3], t)
 }
 
 #[derive(Clone)]
 pub(super) struct Pools {
     writer: SqlitePool,
     reader: SqlitePool,
+    t: Tables,
 }
 
 impl Pools {
@@ -72,10 +73,10 @@ impl Pools {
 /// SQLite, so processes opening a new file together race (switching to WAL or creating the
 /// tables fails with "database is locked" or "table already exists"); once the winner has
 /// committed, the others find the file set up.
-pub(super) async fn connect(url: &str, opts: &SqlOptions) -> Result<Pools, StoreError> {
+pub(super) async fn connect(url: &str, opts: &SqlOptions, t: Tables) -> Result<Pools, StoreError> {
     let mut attempt = 0;
     loop {
-        match connect_once(url, opts).await {
+        match connect_once(url, opts, &t).await {
             Err(e @ StoreError::Database(_)) if attempt < MIGRATE_ATTEMPTS => {
                 attempt += 1;
                 tracing::debug!(error = %e, attempt, "opening SQLite raced another process; retrying");
@@ -86,7 +87,7 @@ pub(super) async fn connect(url: &str, opts: &SqlOptions) -> Result<Pools, Store
     }
 }
 
-async fn connect_once(url: &str, opts: &SqlOptions) -> Result<Pools, StoreError> {
+async fn connect_once(url: &str, opts: &SqlOptions, t: &Tables) -> Result<Pools, StoreError> {
     let connect = SqliteConnectOptions::from_str(url)
         .map_err(db_err)?
         .create_if_missing(true)
@@ -103,7 +104,10 @@ async fn connect_once(url: &str, opts: &SqlOptions) -> Result<Pools, StoreError>
         .connect_with(connect.clone())
         .await
         .map_err(db_err)?;
-    migrator().run(&writer).await.map_err(|e| match e {
+    if let Some(refusal) = foreign_documents_table(&writer, t).await? {
+        return Err(refusal);
+    }
+    migrator(t).run(&writer).await.map_err(|e| match e {
         // another process migrating the new file at the same moment: retryable
         sqlx::migrate::MigrateError::ExecuteMigration(e, _) => db_err(e),
         other => migrate_err(other),
@@ -114,7 +118,25 @@ async fn connect_once(url: &str, opts: &SqlOptions) -> Result<Pools, StoreError>
         .connect_with(connect)
         .await
         .map_err(db_err)?;
-    Ok(Pools { writer, reader })
+    Ok(Pools {
+        writer,
+        reader,
+        t: t.clone(),
+    })
+}
+
+/// The refusal when the file's `documents` table is not Hearth's.
+async fn foreign_documents_table(
+    pool: &SqlitePool,
+    t: &Tables,
+) -> Result<Option<StoreError>, StoreError> {
+    let table = t.documents();
+    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info($1)")
+        .bind(&table)
+        .fetch_all(pool)
+        .await
+        .map_err(db_err)?;
+    Ok(super::foreign_table(&table, &columns))
 }
 
 /// A write transaction holding the database write lock from its first statement.
@@ -143,16 +165,20 @@ macro_rules! with_writer {
 }
 
 pub(super) async fn acquire_epoch(p: &Pools, name: &str) -> Result<Epoch, StoreError> {
-    with_writer!(p, |conn| acquire_epoch_on(conn, name))
+    with_writer!(p, |conn| acquire_epoch_on(conn, &p.t, name))
 }
 
-async fn acquire_epoch_on(conn: &mut SqliteConnection, name: &str) -> Result<Epoch, StoreError> {
-    sqlx::query_scalar(
+async fn acquire_epoch_on(
+    conn: &mut SqliteConnection,
+    t: &Tables,
+    name: &str,
+) -> Result<Epoch, StoreError> {
+    sqlx::query_scalar(t.sql(
         "INSERT INTO documents (name, epoch) VALUES ($1, 1) \
          ON CONFLICT (name) DO UPDATE SET epoch = documents.epoch + 1, \
              updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
          RETURNING epoch",
-    )
+    ))
     .bind(name)
     .fetch_one(conn)
     .await
@@ -160,17 +186,18 @@ async fn acquire_epoch_on(conn: &mut SqliteConnection, name: &str) -> Result<Epo
 }
 
 pub(super) async fn create_epoch(p: &Pools, name: &str) -> Result<Option<Epoch>, StoreError> {
-    with_writer!(p, |conn| create_epoch_on(conn, name))
+    with_writer!(p, |conn| create_epoch_on(conn, &p.t, name))
 }
 
 async fn create_epoch_on(
     conn: &mut SqliteConnection,
+    t: &Tables,
     name: &str,
 ) -> Result<Option<Epoch>, StoreError> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(t.sql(
         "INSERT INTO documents (name, epoch) VALUES ($1, 1) \
          ON CONFLICT (name) DO NOTHING RETURNING epoch",
-    )
+    ))
     .bind(name)
     .fetch_optional(conn)
     .await
@@ -178,7 +205,7 @@ async fn create_epoch_on(
 }
 
 pub(super) async fn current_epoch(p: &Pools, name: &str) -> Result<Option<Epoch>, StoreError> {
-    sqlx::query_scalar("SELECT epoch FROM documents WHERE name = $1")
+    sqlx::query_scalar(p.t.sql("SELECT epoch FROM documents WHERE name = $1"))
         .bind(name)
         .fetch_optional(&p.reader)
         .await
@@ -186,12 +213,12 @@ pub(super) async fn current_epoch(p: &Pools, name: &str) -> Result<Option<Epoch>
 }
 
 pub(super) async fn load(p: &Pools, name: &str) -> Result<StoredDocument, StoreError> {
-    let rows: Vec<LoadRow> = sqlx::query_as(
+    let rows: Vec<LoadRow> = sqlx::query_as(p.t.sql(
         "SELECT 0 AS kind, snapshot_seq AS seq, snapshot AS data FROM documents WHERE name = $1 \
          UNION ALL \
          SELECT 1, seq, data FROM document_updates WHERE name = $1 \
          ORDER BY kind, seq",
-    )
+    ))
     .bind(name)
     .fetch_all(&p.reader)
     .await
@@ -200,7 +227,7 @@ pub(super) async fn load(p: &Pools, name: &str) -> Result<StoredDocument, StoreE
 }
 
 pub(super) async fn append(p: &Pools, batch: &[Append]) -> Result<Vec<AppendOutcome>, StoreError> {
-    with_writer!(p, |conn| append_on(conn, batch))
+    with_writer!(p, |conn| append_on(conn, &p.t, batch))
 }
 
 /// The epochs of the documents named in `$1` (a JSON array of names).
@@ -217,6 +244,7 @@ const MAX_INSERT_ROWS: usize = 256;
 /// Items of a stale epoch are fenced and write nothing.
 async fn append_on(
     conn: &mut SqliteConnection,
+    t: &Tables,
     batch: &[Append],
 ) -> Result<Vec<AppendOutcome>, StoreError> {
     let mut names: Vec<&str> = batch.iter().map(|a| a.name.as_str()).collect();
@@ -226,7 +254,7 @@ async fn append_on(
         .map_err(|e| StoreError::Database(format!("encoding names: {e}").into()))?;
 
     let mut tx = begin_write(conn).await?;
-    let rows: Vec<(String, Epoch, LogSeq)> = sqlx::query_as(READ_EPOCHS)
+    let rows: Vec<(String, Epoch, LogSeq)> = sqlx::query_as(t.sql(READ_EPOCHS))
         .bind(&names_json)
         .fetch_all(&mut *tx)
         .await
@@ -257,7 +285,7 @@ async fn append_on(
     for (item, decision) in batch.iter().zip(&decided) {
         if matches!(decision, Ok(0)) && !last.contains_key(item.name.as_str()) {
             let logged: Option<LogSeq> =
-                sqlx::query_scalar("SELECT MAX(seq) FROM document_updates WHERE name = $1")
+                sqlx::query_scalar(t.sql("SELECT MAX(seq) FROM document_updates WHERE name = $1"))
                     .bind(&item.name)
                     .fetch_one(&mut *tx)
                     .await
@@ -275,7 +303,7 @@ async fn append_on(
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
         // built from constant text only: no input reaches the statement but through binds
-        let mut query = sqlx::query_scalar::<_, LogSeq>(sqlx::AssertSqlSafe(insert_sql(n)));
+        let mut query = sqlx::query_scalar::<_, LogSeq>(t.sql_owned(insert_sql(n)));
         for (name, data, epoch) in chunk {
             query = query.bind(*name).bind(*data).bind(*epoch);
         }
@@ -339,22 +367,23 @@ pub(super) async fn compact(
     state: &[u8],
     upto: LogSeq,
 ) -> Result<(), StoreError> {
-    with_writer!(p, |conn| compact_on(conn, name, epoch, state, upto))
+    with_writer!(p, |conn| compact_on(conn, &p.t, name, epoch, state, upto))
 }
 
 async fn compact_on(
     conn: &mut SqliteConnection,
+    t: &Tables,
     name: &str,
     epoch: Epoch,
     state: &[u8],
     upto: LogSeq,
 ) -> Result<(), StoreError> {
     let mut tx = begin_write(conn).await?;
-    let updated = sqlx::query(
+    let updated = sqlx::query(t.sql(
         "UPDATE documents SET snapshot = $3, snapshot_seq = MAX(snapshot_seq, $4), \
              updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
          WHERE name = $1 AND epoch = $2",
-    )
+    ))
     .bind(name)
     .bind(epoch)
     .bind(state)
@@ -365,7 +394,7 @@ async fn compact_on(
     .rows_affected();
     if updated == 0 {
         let current: Option<Epoch> =
-            sqlx::query_scalar("SELECT epoch FROM documents WHERE name = $1")
+            sqlx::query_scalar(t.sql("SELECT epoch FROM documents WHERE name = $1"))
                 .bind(name)
                 .fetch_optional(&mut *tx)
                 .await
@@ -376,7 +405,7 @@ async fn compact_on(
             mine: epoch,
         });
     }
-    sqlx::query("DELETE FROM document_updates WHERE name = $1 AND seq <= $2")
+    sqlx::query(t.sql("DELETE FROM document_updates WHERE name = $1 AND seq <= $2"))
         .bind(name)
         .bind(upto)
         .execute(&mut *tx)
@@ -390,7 +419,7 @@ async fn compact_on(
 pub(super) async fn list(p: &Pools, query: &ListQuery) -> Result<Vec<DocumentInfo>, StoreError> {
     let sql = list_sql(query, "name", |_| "?".to_owned());
     // built from constant text only: the bounds and the limit are bound
-    let mut q = sqlx::query_as::<_, (String, Epoch)>(sqlx::AssertSqlSafe(sql))
+    let mut q = sqlx::query_as::<_, (String, Epoch)>(p.t.sql_owned(sql))
         .bind(query.lower_bound().0.to_owned());
     if let Some(end) = query.prefix_end() {
         q = q.bind(end);
@@ -407,18 +436,19 @@ pub(super) async fn list(p: &Pools, query: &ListQuery) -> Result<Vec<DocumentInf
 }
 
 pub(super) async fn delete(p: &Pools, name: &str, epoch: Epoch) -> Result<bool, StoreError> {
-    with_writer!(p, |conn| delete_on(conn, name, epoch))
+    with_writer!(p, |conn| delete_on(conn, &p.t, name, epoch))
 }
 
 /// Under the write lock: check the epoch, drop the log, empty the row and increment its epoch.
 async fn delete_on(
     conn: &mut SqliteConnection,
+    t: &Tables,
     name: &str,
     epoch: Epoch,
 ) -> Result<bool, StoreError> {
     let mut tx = begin_write(conn).await?;
     let row: Option<(Epoch, bool)> =
-        sqlx::query_as("SELECT epoch, snapshot IS NOT NULL FROM documents WHERE name = $1")
+        sqlx::query_as(t.sql("SELECT epoch, snapshot IS NOT NULL FROM documents WHERE name = $1"))
             .bind(name)
             .fetch_optional(&mut *tx)
             .await
@@ -430,17 +460,17 @@ async fn delete_on(
             return verdict.map(|_| false);
         }
     };
-    let logged = sqlx::query("DELETE FROM document_updates WHERE name = $1")
+    let logged = sqlx::query(t.sql("DELETE FROM document_updates WHERE name = $1"))
         .bind(name)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?
         .rows_affected();
-    sqlx::query(
+    sqlx::query(t.sql(
         "UPDATE documents SET epoch = epoch + 1, snapshot = NULL, snapshot_seq = 0, \
              updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
          WHERE name = $1",
-    )
+    ))
     .bind(name)
     .execute(&mut *tx)
     .await
@@ -450,7 +480,7 @@ async fn delete_on(
 }
 
 pub(super) async fn ping(p: &Pools) -> Result<(), StoreError> {
-    sqlx::query("SELECT 1")
+    sqlx::query(p.t.sql("SELECT 1"))
         .execute(&p.reader)
         .await
         .map_err(db_err)?;
