@@ -100,8 +100,25 @@ where
         Some(Command::Cluster(cmd)) => return cluster_command(config, cmd),
         _ => {}
     }
-    if let Some(Command::Health) = command {
-        return health_command(config.listen);
+    match command {
+        Some(Command::Health) => return health_command(config.listen),
+        Some(Command::Import {
+            source,
+            table,
+            dry_run,
+        }) => {
+            let source = crate::transfer::ImportSource::parse(&source, &table);
+            return transfer_command(&config, Transfer::Import { source, dry_run });
+        }
+        Some(Command::Export {
+            target,
+            prefix,
+            table,
+        }) => {
+            let target = crate::transfer::ExportTarget::parse(&target, &table);
+            return transfer_command(&config, Transfer::Export { target, prefix });
+        }
+        _ => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -323,6 +340,114 @@ async fn serve(config: Config, extensions: Extensions) -> anyhow::Result<()> {
 }
 
 /// Writes `addr` to `path` (unless empty) atomically: a reader sees the whole address or no file.
+/// What `hearth import` / `hearth export` were asked to do.
+enum Transfer {
+    Import {
+        source: crate::transfer::ImportSource,
+        dry_run: bool,
+    },
+    Export {
+        target: crate::transfer::ExportTarget,
+        prefix: String,
+    },
+}
+
+/// `hearth import` / `hearth export`: opens this server's database, runs the transfer with
+/// progress on stderr (one line per failed document, the totals once a second) and the
+/// totals on stdout. Exit status 0 when no document failed, 1 when some did or a database
+/// failed, 64 when the source, target or settings cannot work.
+fn transfer_command(config: &Config, transfer: Transfer) -> ExitCode {
+    use crate::transfer::{Counts, Outcome, Progress, TransferError};
+    let verb = match transfer {
+        Transfer::Import { dry_run: true, .. } => "import (dry run)",
+        Transfer::Import { .. } => "import",
+        Transfer::Export { .. } => "export",
+    };
+    if config.database_url.starts_with("memory:") {
+        eprintln!("hearth {verb}: database_url: memory:// holds nothing to transfer");
+        return ExitCode::from(64);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hearth {verb}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let line = |c: &Counts| {
+        let done = if verb == "export" {
+            "exported"
+        } else {
+            "imported"
+        };
+        format!(
+            "{}/{} documents, {} {done}, {} unchanged, {} failed",
+            c.done(),
+            c.total,
+            c.written,
+            c.unchanged,
+            c.failed
+        )
+    };
+    let mut progress = Progress::new(
+        std::time::Duration::from_secs(1),
+        |name, outcome| {
+            if let Outcome::Failed(reason) = outcome {
+                tracing::warn!(doc = %name, %reason, "{verb} failed");
+                eprintln!("hearth {verb}: {name:?} failed: {reason}");
+            }
+        },
+        |c| eprintln!("hearth {verb}: {}", line(c)),
+    );
+    let result = runtime.block_on(async {
+        let opts = crate::storage::SqlOptions {
+            table_prefix: config.database_table_prefix.clone(),
+            ..crate::storage::SqlOptions::default()
+        };
+        let store = crate::storage::open_store(&config.database_url, opts)
+            .await
+            .map_err(TransferError::Store)?;
+        let limits = config.storage_scan_limits();
+        match &transfer {
+            Transfer::Import { source, dry_run } => {
+                let import = crate::transfer::Import {
+                    store: store.as_ref(),
+                    limits,
+                    max_bytes: config.max_document_bytes,
+                    dry_run: *dry_run,
+                };
+                import.run(source, &mut progress).await
+            }
+            Transfer::Export { target, prefix } => {
+                crate::transfer::export(store.as_ref(), target, prefix, &limits, &mut progress)
+                    .await
+            }
+        }
+    });
+    let counts = progress.counts().clone();
+    match result {
+        Ok(()) => {
+            println!("{verb}: {}", line(&counts));
+            if counts.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e @ TransferError::Invalid(_)) => {
+            eprintln!("hearth {verb}: {e}");
+            ExitCode::from(64)
+        }
+        Err(e) => {
+            eprintln!("hearth {verb}: {e} (after {})", line(&counts));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `hearth health`: `GET /healthz` on `listen` (see [`Command::Health`]).
 fn health_command(listen: std::net::SocketAddr) -> ExitCode {
     match check_health(listen) {

@@ -71,6 +71,37 @@ pub enum Command {
     /// when it answers 200, 1 otherwise (one line on stderr says why). For container health
     /// checks: it takes the same settings as the server.
     Health,
+    /// Copy documents into this server's database (`database_url`, `database_table_prefix`)
+    /// from SOURCE: a Hocuspocus `documents(name, data)` table in `sqlite://PATH` or
+    /// `postgres://…`, or a directory of `.bin`/`.ystate` files (one Yjs update per document,
+    /// the file name its percent-encoded name). A merge: documents that already hold the
+    /// source are left unchanged, so running it again is safe. Every written document is read
+    /// back and checked. Progress on stderr once a second. Exit status 0 when every document
+    /// was imported or unchanged, 1 when some failed (each is named), 64 for bad usage.
+    Import {
+        /// `sqlite://PATH`, `postgres://…` or a directory.
+        source: String,
+        /// The source table (`schema.table` allowed on PostgreSQL).
+        #[arg(long, default_value = "documents")]
+        table: String,
+        /// Count what would be imported; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Copy this server's documents out as plain Yjs updates (each document's whole state, one
+    /// v1 update), to TARGET: a directory (`<percent-encoded name>.bin`) or a Hocuspocus
+    /// `documents(name, data)` table in `sqlite://PATH` or `postgres://…` (created when
+    /// missing; existing rows of the same names are replaced). Exit statuses as for `import`.
+    Export {
+        /// A directory, `sqlite://PATH` or `postgres://…`.
+        target: String,
+        /// Only documents whose name starts with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// The target table.
+        #[arg(long, default_value = "documents")]
+        table: String,
+    },
 }
 
 /// `hearth cluster …`

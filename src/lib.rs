@@ -39,6 +39,7 @@ pub mod server;
 pub mod storage;
 pub(crate) mod throttle;
 pub(crate) mod tokens;
+pub mod transfer;
 pub mod webhook;
 
 pub use async_trait::async_trait;

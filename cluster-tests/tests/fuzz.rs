@@ -85,6 +85,11 @@ fn auth() {
 }
 
 #[test]
+fn import() {
+    bounded(Target::Import);
+}
+
+#[test]
 fn saved_findings_replay_cleanly() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz-regressions");
     let mut n = 0;

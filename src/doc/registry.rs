@@ -7,7 +7,6 @@
 //! storage behind an unload that is still writing.
 
 use std::collections::HashMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -20,7 +19,7 @@ use super::actor::{Actor, Loaded};
 use super::services::DocServices;
 use super::{DocHandle, LoadError};
 use crate::hooks::{Context, DocumentPayload, LoadPayload};
-use crate::protocol::update::decode_guarded;
+use crate::protocol::update::apply_guarded;
 use crate::storage::{Epoch, StoreError, StoredDocument, UNSTORED};
 
 type LoadResult = Option<Result<DocHandle, LoadError>>;
@@ -273,17 +272,7 @@ async fn load_state(
     let limits = svc.config.storage_scan_limits();
     let parts = stored.snapshot.iter().chain(stored.updates.iter());
     for (i, bytes) in parts.enumerate() {
-        let applied = decode_guarded(bytes, &limits)
-            .map_err(|e| e.to_string())
-            .and_then(|u| {
-                catch_unwind(AssertUnwindSafe(|| {
-                    doc.transact_mut()
-                        .apply_update(u)
-                        .map_err(|e| e.to_string())
-                }))
-                .unwrap_or_else(|_| Err("panic while applying".into()))
-            });
-        if let Err(e) = applied {
+        if let Err(e) = apply_guarded(&doc, bytes, &limits) {
             warn!(doc = %name, part = i, error = %e, "stored state does not apply; refusing to serve it");
             return Err(fail(
                 "corrupt",
@@ -315,17 +304,7 @@ async fn load_state(
         };
         for update in updates {
             let before = doc.transact().state_vector().encode_v1();
-            let applied = decode_guarded(&update, &limits)
-                .map_err(|e| e.to_string())
-                .and_then(|u| {
-                    catch_unwind(AssertUnwindSafe(|| {
-                        doc.transact_mut()
-                            .apply_update(u)
-                            .map_err(|e| e.to_string())
-                    }))
-                    .unwrap_or_else(|_| Err("panic while applying".into()))
-                });
-            if let Err(e) = applied {
+            if let Err(e) = apply_guarded(&doc, &update, &limits) {
                 warn!(doc = %name, error = %e, "update from on_load_document does not apply");
                 return Err(fail(
                     "hook_invalid",

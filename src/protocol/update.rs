@@ -53,6 +53,19 @@ pub fn decode_scanned(bytes: &[u8], scan: &UpdateScan) -> Result<Update, UpdateE
     .unwrap_or(Err(UpdateError::Panic))
 }
 
+/// Decodes `bytes` with [`decode_guarded`] and applies it to `doc`, with a panic in yrs turned
+/// into an error: how stored state, and anything else read from outside, enters a document.
+pub fn apply_guarded(doc: &yrs::Doc, bytes: &[u8], limits: &ScanLimits) -> Result<(), String> {
+    use yrs::Transact;
+    let update = decode_guarded(bytes, limits).map_err(|e| e.to_string())?;
+    catch_unwind(AssertUnwindSafe(|| {
+        doc.transact_mut()
+            .apply_update(update)
+            .map_err(|e| e.to_string())
+    }))
+    .unwrap_or_else(|_| Err("panic while applying".into()))
+}
+
 /// Decodes a state vector from a client's step1.
 pub fn decode_state_vector(bytes: &[u8]) -> Result<StateVector, UpdateError> {
     catch_unwind(AssertUnwindSafe(|| {

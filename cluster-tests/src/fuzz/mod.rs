@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod auth;
 pub mod envelope;
+pub mod import;
 pub mod mutate;
 pub mod targets;
 pub mod traffic;

@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, StateVector, Transact};
 
-use super::{admin, auth, case_rng, envelope, mutate, traffic};
+use super::{admin, auth, case_rng, envelope, import, mutate, traffic};
 
 /// What a fuzz target feeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,11 +41,14 @@ pub enum Target {
     /// Authentication input: JWTs, authentication webhook answers, revocation requests and
     /// revocation payloads from peer nodes.
     Auth,
+    /// What `hearth import` reads: Yjs v1 and v2 updates of whole documents, and update file
+    /// names.
+    Import,
 }
 
 impl Target {
     /// Every target.
-    pub const ALL: [Target; 8] = [
+    pub const ALL: [Target; 9] = [
         Target::Updates,
         Target::Stored,
         Target::Frames,
@@ -54,6 +57,7 @@ impl Target {
         Target::Envelopes,
         Target::Admin,
         Target::Auth,
+        Target::Import,
     ];
 
     /// The target's name on the command line and in regression files.
@@ -67,6 +71,7 @@ impl Target {
             Target::Envelopes => "envelopes",
             Target::Admin => "admin",
             Target::Auth => "auth",
+            Target::Import => "import",
         }
     }
 
@@ -139,6 +144,7 @@ fn build(target: Target, rng: &mut StdRng) -> Vec<Vec<u8>> {
         Target::Envelopes => envelope::build(rng),
         Target::Admin => admin::build(rng),
         Target::Auth => auth::build(rng),
+        Target::Import => import::build(rng),
     }
 }
 
@@ -162,6 +168,7 @@ pub fn feed(target: Target, input: &[Vec<u8>]) -> Outcome {
         Target::Envelopes => envelope::feed(input, &mut out),
         Target::Admin => admin::feed(input, &mut out),
         Target::Auth => auth::feed(input, &mut out),
+        Target::Import => import::feed(input, &mut out),
     }
     out
 }

@@ -114,7 +114,7 @@ pub struct SqlOptions {
     pub sqlite_busy_timeout: Duration,
     /// Prefix of every table and index name (`database_table_prefix`), so that Hearth's tables
     /// can share a database with others of the same name (Hocuspocus's `documents`). Empty by
-    /// default; checked by [`Tables::new`].
+    /// default; checked by [`check_table_prefix`].
     pub table_prefix: String,
 }
 
@@ -168,7 +168,7 @@ impl SqlStore {
         } else {
             return Err(StoreError::Invalid(format!(
                 "unsupported database URL scheme in {:?} (expected sqlite:// or postgres://)",
-                redact(url)
+                redact_url(url)
             )));
         };
         Ok(SqlStore { pool })
@@ -515,7 +515,7 @@ pub(crate) fn migrate_err(e: MigrateError) -> StoreError {
 }
 
 /// The URL without its password, for error messages.
-fn redact(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];
@@ -586,9 +586,12 @@ mod tests {
 
     #[test]
     fn redact_hides_password() {
-        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact("mysql://h/db"), "mysql://h/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("mysql://h/db"), "mysql://h/db");
     }
 
     #[test]

@@ -1,0 +1,331 @@
+//! The import and export loops.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use yrs::updates::decoder::Decode;
+use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
+
+use super::table::{Table, is_database_url};
+use super::{Outcome, Progress, TransferError, files};
+use crate::protocol::scan::ScanLimits;
+use crate::protocol::update::{apply_guarded, decode_guarded};
+use crate::storage::{Append, AppendOutcome, DocumentStore, ListQuery, StoredDocument};
+
+/// Rows or documents read per page.
+const PAGE: u32 = 200;
+
+/// How often an import appends again when another writer took the document's epoch between
+/// its epoch and its append.
+const FENCED_RETRIES: u32 = 3;
+
+/// Where documents come from (import) or go to (export).
+#[derive(Debug, Clone)]
+pub enum ImportSource {
+    /// A `documents(name, data)`-style table: the database URL and the table name.
+    Table {
+        /// `sqlite://PATH` or `postgres://…`.
+        url: String,
+        /// The table name (optionally `schema.table` on PostgreSQL).
+        table: String,
+    },
+    /// A directory of update files (see [`files`]).
+    Dir(PathBuf),
+}
+
+impl ImportSource {
+    /// A database URL (`sqlite:`, `postgres://`) with `table`, or else a directory path.
+    pub fn parse(source: &str, table: &str) -> ImportSource {
+        if is_database_url(source) {
+            ImportSource::Table {
+                url: source.to_owned(),
+                table: table.to_owned(),
+            }
+        } else {
+            ImportSource::Dir(PathBuf::from(source))
+        }
+    }
+}
+
+/// An import into Hearth's database.
+pub struct Import<'s> {
+    /// Hearth's storage.
+    pub store: &'s dyn DocumentStore,
+    /// Bounds on the structure of every update read (`max_update_depth`).
+    pub limits: ScanLimits,
+    /// The largest document accepted, in bytes (`max_document_bytes`).
+    pub max_bytes: usize,
+    /// Count what would be written, write nothing.
+    pub dry_run: bool,
+}
+
+impl Import<'_> {
+    /// Imports every document of `source`, reporting to `progress`. Fails only when the source
+    /// or Hearth's database cannot be used at all; documents that fail are counted.
+    pub async fn run(
+        &self,
+        source: &ImportSource,
+        progress: &mut Progress<'_>,
+    ) -> Result<(), TransferError> {
+        match source {
+            ImportSource::Table { url, table } => {
+                let table = Table::open(url, table, false).await?;
+                let result = self.rows_of(&table, progress).await;
+                table.close().await;
+                result
+            }
+            ImportSource::Dir(dir) => {
+                if !dir.is_dir() {
+                    return Err(TransferError::Invalid(format!(
+                        "{}: not a directory, sqlite://PATH or postgres://…",
+                        dir.display()
+                    )));
+                }
+                let paths = files::list(dir)?;
+                progress.total(paths.len() as u64);
+                for path in paths {
+                    let name = match files::document_name(&path) {
+                        Ok(name) => name,
+                        Err(reason) => {
+                            progress.record(&path.display().to_string(), &Outcome::Failed(reason));
+                            continue;
+                        }
+                    };
+                    let bytes = files::read(&path, self.max_bytes);
+                    let outcome = self.one(&name, bytes).await?;
+                    progress.record(&name, &outcome);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn rows_of(
+        &self,
+        table: &Table,
+        progress: &mut Progress<'_>,
+    ) -> Result<(), TransferError> {
+        progress.total(table.count().await?);
+        let mut after: Option<String> = None;
+        loop {
+            let page = table.page(after.as_deref(), PAGE).await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.clone());
+            for (name, size) in page {
+                let bytes = if usize::try_from(size).map_or(true, |s| s > self.max_bytes) {
+                    Err(format!(
+                        "{size} bytes, more than max_document_bytes ({})",
+                        self.max_bytes
+                    ))
+                } else {
+                    match table.read(&name).await? {
+                        Some(data) => Ok(data),
+                        None => Err("the row disappeared while importing".to_owned()),
+                    }
+                };
+                let outcome = self.one(&name, bytes).await?;
+                progress.record(&name, &outcome);
+            }
+        }
+    }
+
+    /// Imports one document from its source bytes (or the reason they could not be read).
+    /// Errors only when Hearth's database fails.
+    async fn one(
+        &self,
+        name: &str,
+        bytes: Result<Vec<u8>, String>,
+    ) -> Result<Outcome, TransferError> {
+        let update = match bytes.and_then(|b| to_v1(&b, &self.limits)) {
+            Ok(u) => u,
+            Err(reason) => return Ok(Outcome::Failed(reason)),
+        };
+        if let Err(e) = crate::storage::check_name(name) {
+            return Ok(Outcome::Failed(e.to_string()));
+        }
+        for _ in 0..=FENCED_RETRIES {
+            let stored = self.store.load(name).await?;
+            match self.contains(&stored, &update) {
+                Ok(true) => return Ok(Outcome::Unchanged),
+                Ok(false) => {}
+                Err(reason) => return Ok(Outcome::Failed(reason)),
+            }
+            if self.dry_run {
+                return Ok(Outcome::Written);
+            }
+            let epoch = self.store.acquire_epoch(name).await?;
+            let append = Append {
+                name: name.to_owned(),
+                epoch,
+                updates: vec![Bytes::from(update.clone())],
+            };
+            match self.store.append(&[append]).await?.first() {
+                Some(AppendOutcome::Committed(_)) => {
+                    // verification: what a node would load now contains the source
+                    let stored = self.store.load(name).await?;
+                    return Ok(match self.contains(&stored, &update) {
+                        Ok(true) => Outcome::Written,
+                        Ok(false) => Outcome::Failed(
+                            "written, but the stored document does not contain it".into(),
+                        ),
+                        Err(reason) => Outcome::Failed(format!("written, but {reason}")),
+                    });
+                }
+                Some(AppendOutcome::Fenced { .. }) => continue,
+                None => break,
+            }
+        }
+        Ok(Outcome::Failed(
+            "another writer kept taking the document over".into(),
+        ))
+    }
+
+    /// Whether `stored`, loaded as a node loads it, already contains `update`: applying the
+    /// update to it changes nothing (same encoded state before and after) and leaves nothing
+    /// pending.
+    fn contains(&self, stored: &StoredDocument, update: &[u8]) -> Result<bool, String> {
+        let doc = load(stored, &self.limits)?;
+        let state = |doc: &Doc| {
+            doc.transact()
+                .encode_state_as_update_v1(&StateVector::default())
+        };
+        let before = state(&doc);
+        apply_guarded(&doc, update, &self.limits)?;
+        if doc.transact().has_missing_updates() {
+            return Ok(false);
+        }
+        Ok(state(&doc) == before)
+    }
+}
+
+/// A stored document loaded into a fresh `Doc` with guarded decoding.
+fn load(stored: &StoredDocument, limits: &ScanLimits) -> Result<Doc, String> {
+    let doc = Doc::new();
+    for part in stored.snapshot.iter().chain(stored.updates.iter()) {
+        apply_guarded(&doc, part, limits)
+            .map_err(|e| format!("Hearth's stored state does not load: {e}"))?;
+    }
+    Ok(doc)
+}
+
+/// `bytes` checked as a Yjs v1 update (what `Y.encodeStateAsUpdate` writes) with the guarded
+/// decoder. A v2 update is refused with the way to convert it: yrs's v2 decoder does not
+/// round-trip every state Yjs encodes, and an import must never store a lossy copy.
+pub fn to_v1(bytes: &[u8], limits: &ScanLimits) -> Result<Vec<u8>, String> {
+    match decode_guarded(bytes, limits) {
+        Ok(_) => Ok(bytes.to_vec()),
+        Err(e) => {
+            let v2 = bytes.first() == Some(&0)
+                && catch_unwind(AssertUnwindSafe(|| Update::decode_v2(bytes).is_ok()))
+                    .unwrap_or(false);
+            if v2 {
+                Err("a Yjs v2 update: convert it to v1 first \
+                     (Y.convertUpdateFormatV2ToV1 or Y.encodeStateAsUpdate)"
+                    .into())
+            } else {
+                Err(format!("not a Yjs update: {e}"))
+            }
+        }
+    }
+}
+
+/// Where [`export`] writes.
+#[derive(Debug, Clone)]
+pub enum ExportTarget {
+    /// A `documents(name, data)` table, created when missing.
+    Table {
+        /// `sqlite://PATH` or `postgres://…`.
+        url: String,
+        /// The table name.
+        table: String,
+    },
+    /// A directory, created when missing.
+    Dir(PathBuf),
+}
+
+impl ExportTarget {
+    /// A database URL with `table`, or else a directory path.
+    pub fn parse(target: &str, table: &str) -> ExportTarget {
+        match ImportSource::parse(target, table) {
+            ImportSource::Table { url, table } => ExportTarget::Table { url, table },
+            ImportSource::Dir(dir) => ExportTarget::Dir(dir),
+        }
+    }
+}
+
+/// Writes every document of `store` whose name starts with `prefix` to `target`, each as one
+/// v1 update of its whole state.
+pub async fn export(
+    store: &dyn DocumentStore,
+    target: &ExportTarget,
+    prefix: &str,
+    limits: &ScanLimits,
+    progress: &mut Progress<'_>,
+) -> Result<(), TransferError> {
+    let sink = match target {
+        ExportTarget::Table { url, table } => Sink::Table(Table::open(url, table, true).await?),
+        ExportTarget::Dir(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| TransferError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            Sink::Dir(dir)
+        }
+    };
+    let result = export_to(store, &sink, prefix, limits, progress).await;
+    if let Sink::Table(table) = sink {
+        table.close().await;
+    }
+    result
+}
+
+/// An open export target.
+enum Sink<'a> {
+    Table(Table),
+    Dir(&'a std::path::Path),
+}
+
+async fn export_to(
+    store: &dyn DocumentStore,
+    sink: &Sink<'_>,
+    prefix: &str,
+    limits: &ScanLimits,
+    progress: &mut Progress<'_>,
+) -> Result<(), TransferError> {
+    let mut after: Option<String> = None;
+    loop {
+        let query = ListQuery {
+            prefix: prefix.to_owned(),
+            after: after.take(),
+            limit: PAGE as usize,
+        };
+        let page = store.list(&query).await?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = Some(last.name.clone());
+        progress.total(progress.counts().total + page.len() as u64);
+        for info in page {
+            let stored = store.load(&info.name).await?;
+            let state = load(&stored, limits).map(|doc| {
+                doc.transact()
+                    .encode_state_as_update_v1(&StateVector::default())
+            });
+            let outcome = match (state, sink) {
+                (Err(reason), _) => Outcome::Failed(reason),
+                (Ok(state), Sink::Table(table)) => {
+                    table.write(&info.name, &state).await?;
+                    Outcome::Written
+                }
+                (Ok(state), Sink::Dir(dir)) => match files::write(dir, &info.name, &state) {
+                    Ok(()) => Outcome::Written,
+                    Err(reason) => Outcome::Failed(reason),
+                },
+            };
+            progress.record(&info.name, &outcome);
+        }
+    }
+}
