@@ -185,7 +185,7 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("hearth: {e}");
-            ExitCode::from(2)
+            ExitCode::from(e.exit_status())
         }
     }
 }
@@ -264,7 +264,8 @@ fn from_hex(text: &[u8]) -> Result<Vec<u8>, String> {
 
 /// `hearth cluster emit DOC EVENT [--payload P|-]`: the reply on stdout, byte for byte. Exit
 /// status 0 answered, 1 definitive failure (no owner, no handler, handler failed), 2 transient
-/// failure (timeout, Redis or the owner unreachable); docs/cluster.md.
+/// failure (timeout, Redis or the owner unreachable), 64 a wrong command line or setting
+/// (nothing was sent); docs/cluster.md.
 async fn emit_command(
     config: &Config,
     document: &str,
@@ -276,8 +277,8 @@ async fn emit_command(
         Some("-") => {
             let mut buf = Vec::new();
             if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf) {
-                eprintln!("hearth: reading the payload from stdin: {e}");
-                return ExitCode::from(1);
+                eprintln!("hearth: --payload -: cannot read standard input: {e}");
+                return ExitCode::from(64);
             }
             buf
         }
@@ -295,7 +296,7 @@ async fn emit_command(
         }
         Err(e) => {
             eprintln!("hearth: custom event {event:?} on {document:?}: {e}");
-            ExitCode::from(if e.is_transient() { 2 } else { 1 })
+            ExitCode::from(e.exit_status())
         }
     }
 }

@@ -124,6 +124,36 @@ pub enum ClusterError {
     Draining,
 }
 
+impl ClusterError {
+    /// Whether the error comes from the settings (a bad URL, prefix, node id, secret or TLS
+    /// file) rather than from Redis or the cluster's state: fixing the configuration, not
+    /// waiting, is what helps.
+    pub fn is_config(&self) -> bool {
+        use hearth_lock::LockError as L;
+        use hearth_proxy::ProxyError as P;
+        matches!(
+            self,
+            ClusterError::Config(_)
+                | ClusterError::Proxy(P::InvalidNodeId(_) | P::Config(_) | P::WeakSecret(_))
+                | ClusterError::Lock(
+                    L::InvalidTiming(_) | L::InvalidHolder(_) | L::InvalidPrefix(_)
+                )
+        )
+    }
+
+    /// The exit status of a `hearth cluster` subcommand that failed with this error: 64 for a
+    /// configuration error, 1 for a definitive one (an unexpected value in Redis), 2 for one
+    /// worth retrying (Redis unreachable or answering errors).
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            e if e.is_config() => 64,
+            ClusterError::Holder(_)
+            | ClusterError::Lock(hearth_lock::LockError::MalformedValue { .. }) => 1,
+            _ => 2,
+        }
+    }
+}
+
 /// A document's home: the node that serves it.
 #[derive(Debug, Clone)]
 pub(crate) enum Home {

@@ -101,9 +101,11 @@ pub enum ClusterCommand {
         admin: AdminArgs,
     },
     /// Run custom event EVENT on the node that owns DOCUMENT and write its reply payload to
-    /// stdout as is. Exit status: 0 answered; 1 nobody owns DOCUMENT, no handler for EVENT, or
-    /// the handler failed; 2 no reply within `custom_event_ttl_ms`, or Redis or the owner
-    /// unreachable. Uses the same Redis URL, prefix and cluster secret as the nodes.
+    /// stdout as is. Exit status: 0 answered; 1 nobody owns DOCUMENT, no handler for EVENT, the
+    /// handler failed, or the payload is too large; 2 (try again) no reply within
+    /// `custom_event_ttl_ms`, or Redis or the owner unreachable; 64 a wrong command line or
+    /// setting (nothing was sent). Uses the same Redis URL, prefix and cluster secret as the
+    /// nodes.
     Emit {
         /// Document name.
         document: String,

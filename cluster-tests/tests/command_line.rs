@@ -1,15 +1,25 @@
 //! The `hearth` command line as a process (docs/configuration.md): exit statuses of a bad flag,
-//! a bad value and `--help`, plain (uncoloured) log lines when stderr is not a terminal, and
-//! `hearth health` against a running server and against nothing.
+//! a bad value and `--help`, plain (uncoloured) log lines when stderr is not a terminal,
+//! `hearth health` against a running server and against nothing, the exit statuses of
+//! `hearth cluster emit` for usage errors, start-up errors as one line naming the setting, the
+//! defaults in `--help`, each subcommand's own settings, and the settings' precedence.
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cluster_tests::testbed::Scratch;
 use cluster_tests::testbed::node::hearth_bin;
+use cluster_tests::testbed::{Scratch, free_port};
+
+/// A strong cluster secret (only its shape matters here).
+const SECRET: &str = "Wq5Xm1Lr9Kz3Tb7Vn2Hc6Pd4Jf8Gs0Ya-tests";
 
 /// Runs `hearth args…` with no `HEARTH_*` variables from the test's environment (≤ 20 s).
 fn hearth(args: &[&str]) -> anyhow::Result<Output> {
+    hearth_with(args, &[], Stdio::null())
+}
+
+/// [`hearth`] with environment variables `env` and standard input `stdin`.
+fn hearth_with(args: &[&str], env: &[(&str, &str)], stdin: Stdio) -> anyhow::Result<Output> {
     let mut cmd = Command::new(hearth_bin()?);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("HEARTH_") || k == "NO_COLOR" {
@@ -18,7 +28,8 @@ fn hearth(args: &[&str]) -> anyhow::Result<Output> {
     }
     let child = cmd
         .args(args)
-        .stdin(Stdio::null())
+        .envs(env.iter().copied())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -131,5 +142,70 @@ fn health_answers_0_for_a_running_server_and_1_for_none() -> anyhow::Result<()> 
     let err = String::from_utf8_lossy(&down.stderr);
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(err.contains(addr.trim()), "names the address: {err}");
+    Ok(())
+}
+
+/// stderr as text, asserting it is one line.
+fn one_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(err.lines().count(), 1, "one line: {out:?}");
+    err
+}
+
+#[test]
+fn cluster_emit_usage_errors_exit_64_never_2() -> anyhow::Result<()> {
+    // Redis is never reached: every one of these is refused first
+    let unreachable = format!("redis://127.0.0.1:{}", free_port()?);
+    let env = [
+        ("HEARTH_REDIS_URL", unreachable.as_str()),
+        ("HEARTH_CLUSTER_SECRET", SECRET),
+    ];
+    for (what, args) in [
+        (
+            "unknown flag",
+            vec!["cluster", "emit", "--no-such-flag", "d", "e"],
+        ),
+        ("missing event", vec!["cluster", "emit", "d"]),
+        ("misspelt subcommand", vec!["cluster", "emti", "d", "e"]),
+        ("blank document", vec!["cluster", "emit", "", "e"]),
+        ("blank event", vec!["cluster", "emit", "d", " "]),
+        ("control character", vec!["cluster", "emit", "a\nb", "e"]),
+        (
+            "malformed redis_url",
+            vec!["cluster", "emit", "d", "e", "--redis-url", "nonsense"],
+        ),
+        (
+            "weak secret",
+            vec!["cluster", "emit", "d", "e", "--cluster-secret", "change-me"],
+        ),
+    ] {
+        let out = hearth_with(&args, &env, Stdio::null())?;
+        assert_eq!(out.status.code(), Some(64), "{what}: {out:?}");
+    }
+    let out = hearth_with(&["cluster", "emit", "", "e"], &env, Stdio::null())?;
+    assert!(one_line(&out).contains("document name"), "{out:?}");
+    let out = hearth_with(
+        &["cluster", "emit", "d", "e", "--redis-url", "nonsense"],
+        &env,
+        Stdio::null(),
+    )?;
+    assert!(one_line(&out).contains("redis_url"), "{out:?}");
+
+    // an unreadable payload: standard input is a directory
+    let scratch = Scratch::new("command_line_emit_usage")?;
+    let dir = std::fs::File::open(scratch.join(""))?;
+    let out = hearth_with(
+        &["cluster", "emit", "d", "e", "--payload", "-"],
+        &env,
+        Stdio::from(dir),
+    )?;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(one_line(&out).contains("--payload -"), "{out:?}");
+
+    // a well-formed command with Redis down is worth retrying
+    for args in [&["cluster", "emit", "d", "e"][..], &["cluster", "status"]] {
+        let out = hearth_with(args, &env, Stdio::null())?;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    }
     Ok(())
 }

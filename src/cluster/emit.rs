@@ -99,6 +99,9 @@ pub(crate) fn settle(
 /// Why `hearth cluster emit` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteEmitError {
+    /// The command line names no document or event a node could serve (nothing was sent).
+    #[error("{0}")]
+    Usage(String),
     /// No node holds the document's ownership lock (nothing was sent).
     #[error("no node owns document {0:?}")]
     NoOwner(String),
@@ -118,19 +121,48 @@ pub enum RemoteEmitError {
     Cluster(#[from] ClusterError),
 }
 
+/// Exit status of `hearth cluster emit`: definitive failure, retrying will not help.
+pub(crate) const EXIT_DEFINITIVE: u8 = 1;
+/// Exit status: transient failure, try again later.
+pub(crate) const EXIT_TRANSIENT: u8 = 2;
+/// Exit status: the settings or the command line are wrong (nothing was sent).
+pub(crate) const EXIT_USAGE: u8 = 64;
+
 impl RemoteEmitError {
-    /// True when trying again later may succeed (timeout, Redis or the owner unreachable);
-    /// false when the answer is definitive (no owner, no handler, the handler failed).
-    pub fn is_transient(&self) -> bool {
+    /// The exit status of `hearth cluster emit` for this error (docs/cluster.md): 64 for a
+    /// wrong command line or setting, 2 for a failure worth retrying, 1 for the rest.
+    pub fn exit_status(&self) -> u8 {
         match self {
-            RemoteEmitError::NoOwner(_) | RemoteEmitError::PayloadTooLarge { .. } => false,
+            RemoteEmitError::Usage(_) => EXIT_USAGE,
+            RemoteEmitError::NoOwner(_) | RemoteEmitError::PayloadTooLarge { .. } => {
+                EXIT_DEFINITIVE
+            }
             RemoteEmitError::Event(
                 EmitError::NoHandler | EmitError::Handler(_) | EmitError::NotOwned,
-            ) => false,
-            RemoteEmitError::Event(EmitError::Timeout | EmitError::Unavailable(_)) => true,
-            RemoteEmitError::Cluster(_) => true,
+            ) => EXIT_DEFINITIVE,
+            RemoteEmitError::Event(EmitError::Timeout | EmitError::Unavailable(_)) => {
+                EXIT_TRANSIENT
+            }
+            RemoteEmitError::Cluster(e) => e.exit_status(),
         }
     }
+}
+
+/// Refuses a document or event name that no node would serve, before anything is sent.
+fn check_names(config: &Config, doc: &str, event: &str) -> Result<(), RemoteEmitError> {
+    if !crate::connection::hocuspocus::valid_document_name(doc, config.max_document_name_bytes) {
+        return Err(RemoteEmitError::Usage(format!(
+            "document name {doc:?} is not one a client can open: 1 to {} bytes \
+             (max_document_name_bytes), not blank, no control characters",
+            config.max_document_name_bytes
+        )));
+    }
+    if event.trim().is_empty() || event.chars().any(char::is_control) {
+        return Err(RemoteEmitError::Usage(format!(
+            "event name {event:?} must not be blank or contain control characters"
+        )));
+    }
+    Ok(())
 }
 
 /// `hearth cluster emit DOC EVENT`: runs custom event `event` with `payload` on the node that
@@ -143,6 +175,7 @@ pub async fn emit_remote(
     event: &str,
     payload: Vec<u8>,
 ) -> Result<Vec<u8>, RemoteEmitError> {
+    check_names(config, doc, event)?;
     let max = max_payload_bytes(config);
     if payload.len() > max {
         return Err(RemoteEmitError::PayloadTooLarge {
@@ -269,13 +302,53 @@ mod tests {
     }
 
     #[test]
-    fn transient_errors_are_the_retryable_ones() {
-        assert!(!RemoteEmitError::NoOwner("d".into()).is_transient());
-        assert!(!RemoteEmitError::PayloadTooLarge { len: 2, max: 1 }.is_transient());
-        assert!(!RemoteEmitError::Event(EmitError::NoHandler).is_transient());
-        assert!(!RemoteEmitError::Event(EmitError::Handler("x".into())).is_transient());
-        assert!(RemoteEmitError::Event(EmitError::Timeout).is_transient());
-        assert!(RemoteEmitError::Event(EmitError::Unavailable("x".into())).is_transient());
-        assert!(RemoteEmitError::Cluster(ClusterError::Redis("x".into())).is_transient());
+    fn exit_statuses_say_whether_to_retry() {
+        let status = |e: RemoteEmitError| e.exit_status();
+        assert_eq!(
+            status(RemoteEmitError::NoOwner("d".into())),
+            EXIT_DEFINITIVE
+        );
+        assert_eq!(
+            status(RemoteEmitError::PayloadTooLarge { len: 2, max: 1 }),
+            EXIT_DEFINITIVE
+        );
+        assert_eq!(status(EmitError::NoHandler.into()), EXIT_DEFINITIVE);
+        assert_eq!(
+            status(EmitError::Handler("x".into()).into()),
+            EXIT_DEFINITIVE
+        );
+        assert_eq!(status(EmitError::Timeout.into()), EXIT_TRANSIENT);
+        assert_eq!(
+            status(EmitError::Unavailable("x".into()).into()),
+            EXIT_TRANSIENT
+        );
+        assert_eq!(
+            status(ClusterError::Redis("x".into()).into()),
+            EXIT_TRANSIENT
+        );
+        assert_eq!(status(RemoteEmitError::Usage("x".into())), EXIT_USAGE);
+        let config = ClusterError::Config(crate::config::ConfigError::Invalid {
+            name: "redis_url",
+            message: "x".into(),
+        });
+        assert_eq!(status(config.into()), EXIT_USAGE);
+    }
+
+    #[test]
+    fn blank_or_oversized_names_are_usage_errors() {
+        let c = Config::default();
+        for (doc, event) in [
+            ("", "e"),
+            ("  ", "e"),
+            ("a\nb", "e"),
+            ("d", ""),
+            ("d", "a\u{7}"),
+        ] {
+            let e = check_names(&c, doc, event).unwrap_err();
+            assert_eq!(e.exit_status(), EXIT_USAGE, "{doc:?} {event:?}");
+        }
+        let long = "x".repeat(c.max_document_name_bytes + 1);
+        assert!(check_names(&c, &long, "e").is_err());
+        assert!(check_names(&c, "notes/2024", "summarize").is_ok());
     }
 }
