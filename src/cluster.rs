@@ -29,6 +29,7 @@
 //! | `lifecycle.rs` | background tasks (dispatch loop, keepalives, reaping), draining and leaving |
 //! | `flow.rs` | the bounded queues between an edge and an owner |
 //! | `presence.rs` | this node's key in Redis and the node-id collision check |
+//! | `fingerprint.rs` | the published fingerprints of each node's cluster secrets |
 //! | `metrics.rs` | the cluster's metrics |
 //! | `emit.rs`, `cli.rs` | `hearth cluster emit`, `owner`, `status` |
 //!
@@ -66,6 +67,7 @@ mod cli;
 mod edge;
 mod emit;
 mod events;
+mod fingerprint;
 mod flow;
 mod inbox;
 mod lifecycle;
@@ -181,6 +183,8 @@ pub struct Cluster {
     rpc: Rpc,
     routes: RouteCache,
     presence: presence::Presence,
+    /// This node's record of its secrets' fingerprints, refreshed with the node key.
+    fingerprints: Option<(String, String)>,
     lock_ttl: Duration,
     proxy_ttl: Duration,
     event_ttl: Duration,
@@ -213,6 +217,44 @@ fn holder_addr(h: &HolderId) -> Result<NodeAddr, ClusterError> {
     let inc =
         u64::from_str_radix(h.nonce(), 16).map_err(|_| ClusterError::Holder(h.to_string()))?;
     Ok(NodeAddr::new(id, Incarnation(inc)))
+}
+
+fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+/// Publishes this node's secret fingerprints and logs a warning naming the live nodes whose
+/// secrets cannot talk with this node's (their envelopes and this node's would be dropped).
+async fn check_secrets(
+    redis: &fred::clients::Client,
+    presence: &presence::Presence,
+    keys: &hearth_proxy::Keys,
+    me: &NodeAddr,
+    secrets: &hearth_proxy::Secrets,
+    record: &(String, String),
+    lock_ttl: Duration,
+) {
+    if let Err(e) = fingerprint::publish(redis, record, ttl_ms(lock_ttl)).await {
+        debug!(error = %e, "cannot publish the secret fingerprints");
+    }
+    let nodes = match presence.live_nodes(keys).await {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            debug!(error = %e, "cannot list the live nodes to compare secrets");
+            return;
+        }
+    };
+    match fingerprint::mismatched(redis, keys, me, &nodes, secrets).await {
+        Ok(bad) if !bad.is_empty() => warn!(
+            nodes = %bad.join(","),
+            fingerprint = %secrets.current.fingerprint(),
+            "cluster_secret does not match the live nodes' secret: these nodes and this one \
+             will drop each other's envelopes (check HEARTH_CLUSTER_SECRET or \
+             HEARTH_CLUSTER_SECRET_FILE, and cluster_secret_previous during a rotation)"
+        ),
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "cannot compare secrets with the live nodes"),
+    }
 }
 
 fn kind_of(body: &Body) -> &'static str {
@@ -254,6 +296,23 @@ impl Cluster {
         .with_observer(Arc::new(Observer(metrics.clone())));
         let presence =
             presence::Presence::register(redis.clone(), transport.keys(), &me, lock_ttl).await?;
+        let fingerprints = match config.cluster_secrets() {
+            Ok(secrets) => {
+                let record = fingerprint::record(transport.keys(), &me, &secrets);
+                check_secrets(
+                    &redis,
+                    &presence,
+                    transport.keys(),
+                    &me,
+                    &secrets,
+                    &record,
+                    lock_ttl,
+                )
+                .await;
+                Some(record)
+            }
+            Err(_) => None,
+        };
         let cluster = Arc::new(Cluster {
             rpc: Rpc::new(transport.clone()),
             me,
@@ -262,6 +321,7 @@ impl Cluster {
             transport,
             routes: RouteCache::new(100_000),
             presence,
+            fingerprints,
             lock_ttl,
             proxy_ttl: Duration::from_millis(config.proxy_socket_ttl_ms),
             event_ttl: Duration::from_millis(config.custom_event_ttl_ms),
@@ -279,6 +339,13 @@ impl Cluster {
 
     async fn refresh_node_key(&self) {
         self.presence.refresh().await;
+        let Some(record) = &self.fingerprints else {
+            return;
+        };
+        let ttl = ttl_ms(self.lock_ttl);
+        if let Err(e) = fingerprint::publish(self.presence.redis(), record, ttl).await {
+            debug!(error = %e, "secret fingerprint refresh failed");
+        }
     }
 
     fn heard_from_within(&self, node: &NodeAddr, within: Duration) -> bool {

@@ -116,6 +116,21 @@ pub enum RemoteEmitError {
     /// The owner answered with an error, did not answer in time, or could not be reached.
     #[error(transparent)]
     Event(#[from] EmitError),
+    /// The owner's published secret fingerprints show that it and this command do not share
+    /// a cluster secret: it would drop the request (nothing was sent).
+    #[error(
+        "cluster_secret does not match the live nodes' secret: node {node} uses secret \
+         {theirs}, this command {mine} (fingerprints); use the nodes' HEARTH_CLUSTER_SECRET or \
+         HEARTH_CLUSTER_SECRET_FILE"
+    )]
+    SecretMismatch {
+        /// The owner's node id.
+        node: String,
+        /// The fingerprint of the owner's current secret.
+        theirs: String,
+        /// The fingerprint of this command's current secret.
+        mine: String,
+    },
     /// Redis could not be reached, or the configuration cannot address the cluster.
     #[error(transparent)]
     Cluster(#[from] ClusterError),
@@ -134,9 +149,9 @@ impl RemoteEmitError {
     pub fn exit_status(&self) -> u8 {
         match self {
             RemoteEmitError::Usage(_) => EXIT_USAGE,
-            RemoteEmitError::NoOwner(_) | RemoteEmitError::PayloadTooLarge { .. } => {
-                EXIT_DEFINITIVE
-            }
+            RemoteEmitError::NoOwner(_)
+            | RemoteEmitError::PayloadTooLarge { .. }
+            | RemoteEmitError::SecretMismatch { .. } => EXIT_DEFINITIVE,
             RemoteEmitError::Event(
                 EmitError::NoHandler | EmitError::Handler(_) | EmitError::NotOwned,
             ) => EXIT_DEFINITIVE,
@@ -216,19 +231,51 @@ pub async fn emit_remote(
         })
     };
     let ttl = Duration::from_millis(config.custom_event_ttl_ms);
-    let result = call_owner(&rpc, &lock, doc, event, payload, ttl).await;
+    let secrets = config.cluster_secrets().map_err(ClusterError::from)?;
+    let result = call_owner(
+        &rpc,
+        &lock,
+        SecretCheck {
+            redis: &redis,
+            keys: transport.keys(),
+            secrets: &secrets,
+        },
+        (doc, event, payload),
+        ttl,
+    )
+    .await;
     replies.abort();
     transport.shutdown().await;
     let _ = redis.quit().await;
     result
 }
 
+/// What the emitter compares its secrets with before it sends.
+struct SecretCheck<'a> {
+    redis: &'a fred::clients::Client,
+    keys: &'a hearth_proxy::Keys,
+    secrets: &'a hearth_proxy::Secrets,
+}
+
+impl SecretCheck<'_> {
+    /// Fails when `owner` published fingerprints of secrets it cannot talk with.
+    async fn check(&self, owner: &NodeAddr) -> Result<(), RemoteEmitError> {
+        match super::fingerprint::of_node(self.redis, self.keys, owner).await? {
+            Some(p) if !p.talks_with(self.secrets) => Err(RemoteEmitError::SecretMismatch {
+                node: owner.id.to_string(),
+                theirs: p.current,
+                mine: self.secrets.current.fingerprint(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 async fn call_owner(
     rpc: &Rpc,
     lock: &LockClient,
-    doc: &str,
-    event: &str,
-    payload: Vec<u8>,
+    secrets: SecretCheck<'_>,
+    (doc, event, payload): (&str, &str, Vec<u8>),
     ttl: Duration,
 ) -> Result<Vec<u8>, RemoteEmitError> {
     let mut last = EmitError::Unavailable("ownership kept moving".into());
@@ -237,6 +284,7 @@ async fn call_owner(
             return Err(RemoteEmitError::NoOwner(doc.to_owned()));
         };
         let owner = holder_addr(&holder)?;
+        secrets.check(&owner).await?;
         debug!(doc, owner = %owner, event, "sending custom event");
         match settle(
             rpc.call(&owner, doc, event, payload.clone(), ttl).await,
