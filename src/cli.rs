@@ -116,10 +116,31 @@ where
     match runtime.block_on(serve(config, Box::new(extensions))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hearth: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("hearth: {}", one_line(e.as_ref()));
+            let config = matches!(
+                e.downcast_ref::<crate::server::ServerError>(),
+                Some(crate::server::ServerError::Config(_))
+            );
+            ExitCode::from(if config { 64 } else { 1 })
         }
     }
+}
+
+/// An error and its causes in one line, `what: cause: cause…`, each cause named once: a cause
+/// whose text the line already contains (an error that prints its source in its own message)
+/// is skipped, and line breaks inside a message become spaces.
+pub(crate) fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// `hearth cluster owner DOC` / `hearth cluster status` / `hearth cluster emit DOC EVENT`.
@@ -128,6 +149,7 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
         file,
         hex,
         listen: None,
+        ..
     } = &cmd
     {
         return decode_command(&config, file.as_deref(), *hex);
@@ -309,7 +331,7 @@ async fn serve(config: Config, extensions: Extensions) -> anyhow::Result<()> {
     for e in extensions(&builder.weak_handle()) {
         builder = builder.extension_arc(e);
     }
-    let server = builder.bind().await.context("starting the server")?;
+    let server = builder.bind().await?;
     // the operator file first: whoever sees the ready file finds both
     if let Some(addr) = server.operator_addr() {
         write_ready_file(&operator_ready_file, addr)?;

@@ -386,6 +386,12 @@ fn redacted(name: &str, text: String) -> String {
     format!("{}***{}", &text[..start], &text[scheme_end + 3 + at..])
 }
 
+/// `url` with the password of a `scheme://user:password@host` authority replaced by `***`, for
+/// error messages and logs.
+pub(crate) fn redact_url(url: &str) -> String {
+    redacted("", url.to_owned())
+}
+
 /// Prints a prepared `Debug` text as is.
 struct Shown(String);
 

@@ -145,6 +145,18 @@ fn health_answers_0_for_a_running_server_and_1_for_none() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Runs the server on a loopback port with `database_url` = `url` (it is expected to fail).
+fn serve_with_database(url: &str) -> anyhow::Result<Output> {
+    hearth(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--operator-listen",
+        "",
+        "--database-url",
+        url,
+    ])
+}
+
 /// stderr as text, asserting it is one line.
 fn one_line(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
@@ -207,5 +219,24 @@ fn cluster_emit_usage_errors_exit_64_never_2() -> anyhow::Result<()> {
         let out = hearth_with(args, &env, Stdio::null())?;
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
     }
+    Ok(())
+}
+
+#[test]
+fn an_unopenable_sqlite_file_is_one_line_naming_the_setting_and_the_path() -> anyhow::Result<()> {
+    let scratch = Scratch::new("command_line_sqlite_path")?;
+    let path = scratch.join("no-such-dir").join("h.db");
+    let url = format!("sqlite://{}", path.display());
+    let out = serve_with_database(&url)?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = one_line(&out);
+    assert!(err.contains("database_url"), "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert_eq!(
+        err.matches("unable to open database file").count(),
+        1,
+        "the cause once: {err}"
+    );
+    assert!(err.contains("does not exist"), "says why: {err}");
     Ok(())
 }
