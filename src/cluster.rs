@@ -97,11 +97,20 @@ pub enum ClusterError {
     /// Redis could not be reached or answered an error.
     #[error("redis: {0}")]
     Redis(String),
+    /// Redis could not be reached when this process connected: `url` is `redis_url` with its
+    /// password hidden.
+    #[error("redis_url {url:?}: cannot connect: {cause}")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// Why, in one line.
+        cause: String,
+    },
     /// Lock layer error.
-    #[error("lock: {0}")]
+    #[error(transparent)]
     Lock(#[from] hearth_lock::LockError),
     /// Proxy layer error.
-    #[error("proxy: {0}")]
+    #[error(transparent)]
     Proxy(#[from] hearth_proxy::ProxyError),
     /// The cluster secrets cannot be read or are too weak.
     #[error(transparent)]
@@ -280,8 +289,9 @@ impl Cluster {
                  are accepted too"
             );
         }
-        let (transport, inbound) = Transport::connect(tc).await?;
+        // Redis first: its failure names redis_url and the cause
         let redis = redis_client(config).await?;
+        let (transport, inbound) = Transport::connect(tc).await?;
         let metrics = ClusterMetrics::register(registry)
             .map_err(|e| ClusterError::Redis(format!("metrics: {e}")))?;
         metrics::PublishCollector::register(registry, transport.stats_handle())

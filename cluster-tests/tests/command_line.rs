@@ -240,3 +240,84 @@ fn an_unopenable_sqlite_file_is_one_line_naming_the_setting_and_the_path() -> an
     assert!(err.contains("does not exist"), "says why: {err}");
     Ok(())
 }
+
+#[test]
+fn unreachable_postgres_and_redis_fail_fast_with_the_cause() -> anyhow::Result<()> {
+    let scratch = Scratch::new("command_line_unreachable")?;
+    let pg = format!(
+        "postgres://hearth:pg-password@127.0.0.1:{}/test",
+        free_port()?
+    );
+    let started = Instant::now();
+    let out = serve_with_database(&pg)?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = one_line(&out);
+    assert!(
+        err.contains("database_url") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains("pg-password") && err.contains("***"), "{err}");
+    assert!(!err.contains("pool timed out"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let redis = format!("redis://:redis-password@127.0.0.1:{}", free_port()?);
+    let db = format!("sqlite://{}", scratch.join("h.db").display());
+    let started = Instant::now();
+    let out = hearth_with(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--operator-listen",
+            "",
+            "--database-url",
+            &db,
+        ],
+        &[
+            ("HEARTH_REDIS_URL", &redis),
+            ("HEARTH_CLUSTER_SECRET", SECRET),
+        ],
+        Stdio::null(),
+    )?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = one_line(&out);
+    assert!(
+        err.contains("redis_url") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains("redis-password"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // the same from the cluster subcommands (exit 2: worth retrying)
+    let env = [
+        ("HEARTH_REDIS_URL", redis.as_str()),
+        ("HEARTH_CLUSTER_SECRET", SECRET),
+    ];
+    for args in [&["cluster", "emit", "d", "e"][..], &["cluster", "status"]] {
+        let started = Instant::now();
+        let out = hearth_with(args, &env, Stdio::null())?;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = one_line(&out);
+        assert!(
+            err.contains("redis_url") && err.contains("refused"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("redis-password") && err.contains("***"),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(7),
+            "{args:?}: {:?}",
+            started.elapsed()
+        );
+    }
+    Ok(())
+}

@@ -31,8 +31,8 @@ use crate::config::Config;
 /// The node id of `hearth cluster emit` processes (each with a fresh incarnation).
 pub const EMITTER_NODE_ID: &str = "hearth-cli";
 
-/// How long the emitter may take to connect to Redis and subscribe its inbox.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the emitter may take to subscribe its inbox once Redis answered.
+const CONNECT_TIMEOUT: Duration = super::redis::CONNECT_TIMEOUT;
 
 /// The transport settings of a cluster process with address `me`: Redis URL, prefix, the
 /// envelope authentication from the cluster secrets (current and previous, see
@@ -200,16 +200,17 @@ pub async fn emit_remote(
     }
     let me = NodeAddr::fresh(NodeId::new(EMITTER_NODE_ID).map_err(ClusterError::from)?);
     let tc = transport_config(config, me)?;
-    let connect = async {
-        let (transport, inbound) = Transport::connect(tc).await.map_err(ClusterError::from)?;
-        let redis = redis_client(config).await?;
-        Ok::<_, ClusterError>((transport, inbound, redis))
-    };
-    let (transport, mut inbound, redis) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+    // Redis first: its failure names redis_url and the cause
+    let redis = redis_client(config).await?;
+    let (transport, mut inbound) = tokio::time::timeout(CONNECT_TIMEOUT, Transport::connect(tc))
         .await
         .map_err(|_| {
-        ClusterError::Redis(format!("no connection within {CONNECT_TIMEOUT:?}"))
-    })??;
+            super::redis::connect_error(
+                config,
+                format!("cannot subscribe within {} s", CONNECT_TIMEOUT.as_secs()),
+            )
+        })?
+        .map_err(ClusterError::from)?;
     let lock = reader_lock(config, redis.clone())?;
     let rpc = Arc::new(Rpc::new(transport.clone()));
     let replies = {
