@@ -62,8 +62,8 @@ where
             return ExitCode::from(64);
         }
     };
-    let command = cli.command;
-    let config = match Config::from_settings(cli.settings) {
+    let (command, settings) = cli.into_parts();
+    let config = match Config::from_settings(settings) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hearth: {e}");
@@ -87,20 +87,20 @@ where
                 async move { crate::admin::commands::drain(&node, &admin).await },
             );
         }
-        Some(Command::Cluster(ClusterCommand::Owner { document, admin }))
-            if !admin.token.is_empty() =>
-        {
+        Some(Command::Cluster(ClusterCommand::Owner {
+            document, admin, ..
+        })) if !admin.token.is_empty() => {
             return admin_command(
                 async move { crate::admin::commands::owner(&document, &admin).await },
             );
         }
-        Some(Command::Cluster(ClusterCommand::Status { admin })) if !admin.token.is_empty() => {
+        Some(Command::Cluster(ClusterCommand::Status { admin, .. })) if !admin.token.is_empty() => {
             return admin_command(async move { crate::admin::commands::status(&admin).await });
         }
         Some(Command::Cluster(cmd)) => return cluster_command(config, cmd),
         _ => {}
     }
-    if let Some(Command::Health) = command {
+    if let Some(Command::Health(_)) = command {
         return health_command(config.listen);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -168,6 +168,7 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
         document,
         event,
         payload,
+        ..
     } = cmd
     {
         return runtime.block_on(emit_command(&config, &document, &event, payload.as_deref()));

@@ -321,3 +321,92 @@ fn unreachable_postgres_and_redis_fail_fast_with_the_cause() -> anyhow::Result<(
     }
     Ok(())
 }
+
+#[test]
+fn help_shows_defaults_and_each_subcommand_its_own_settings() -> anyhow::Result<()> {
+    let help = |args: &[&str]| -> anyhow::Result<String> {
+        let out = hearth(args)?;
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let server = help(&["--help"])?;
+    for shown in [
+        "[default: 30000]",
+        "[default: 0.0.0.0:1234]",
+        "[default: sqlite://hearth.db]",
+    ] {
+        assert!(server.contains(shown), "{shown}: {server}");
+    }
+    assert!(server.contains("--max-connections"), "{server}");
+    // a server setting after a subcommand that does not use it is a usage error
+    let out = hearth(&["cluster", "emit", "d", "e", "--max-connections", "5"])?;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let out = hearth(&["health", "--database-url", "memory://"])?;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let emit = help(&["cluster", "emit", "--help"])?;
+    assert!(
+        emit.contains("--redis-url") && emit.contains("--cluster-secret"),
+        "{emit}"
+    );
+    assert!(
+        emit.contains("[default: hearth]"),
+        "the prefix's default: {emit}"
+    );
+    for absent in ["--max-connections", "--database-url", "--jwt-secret"] {
+        assert!(!emit.contains(absent), "{absent}: {emit}");
+    }
+    let health = help(&["health", "--help"])?;
+    assert!(health.contains("--listen"), "{health}");
+    assert!(!health.contains("--redis-url"), "{health}");
+    for sub in [
+        &["cluster", "--help"][..],
+        &["doc", "get", "--help"],
+        &["event", "fire", "--help"],
+        &["auth", "revoke", "--help"],
+    ] {
+        let text = help(sub)?;
+        assert!(!text.contains("--max-connections"), "{sub:?}: {text}");
+    }
+    Ok(())
+}
+
+#[test]
+fn flags_beat_environment_beat_file_beat_defaults() -> anyhow::Result<()> {
+    // `hearth health` names the address it asked; nothing listens on these ports
+    let scratch = Scratch::new("command_line_precedence")?;
+    let (file_port, env_port, flag_port) = (free_port()?, free_port()?, free_port()?);
+    let toml = scratch.join("hearth.toml");
+    std::fs::write(&toml, format!("listen = \"127.0.0.1:{file_port}\"\n"))?;
+    let toml = toml.display().to_string();
+    let env_listen = format!("127.0.0.1:{env_port}");
+    let flag_listen = format!("127.0.0.1:{flag_port}");
+    let asked = |args: &[&str], env: &[(&str, &str)]| -> anyhow::Result<String> {
+        let out = hearth_with(args, env, Stdio::null())?;
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        Ok(one_line(&out))
+    };
+    let with_env = [("HEARTH_LISTEN", env_listen.as_str())];
+    let err = asked(
+        &["--config", &toml, "health", "--listen", &flag_listen],
+        &with_env,
+    )?;
+    assert!(err.contains(&flag_listen), "flag > env > file: {err}");
+    let err = asked(
+        &["--config", &toml, "--listen", &flag_listen, "health"],
+        &with_env,
+    )?;
+    assert!(
+        err.contains(&flag_listen),
+        "a flag before the subcommand too: {err}"
+    );
+    let err = asked(&["--config", &toml, "health"], &with_env)?;
+    assert!(err.contains(&env_listen), "env > file: {err}");
+    let err = asked(&["health", "--config", &toml], &[])?;
+    assert!(
+        err.contains(&format!("127.0.0.1:{file_port}")),
+        "file > default: {err}"
+    );
+    let err = asked(&["health"], &[])?;
+    assert!(err.contains("listen = 0.0.0.0:1234"), "the default: {err}");
+    Ok(())
+}
