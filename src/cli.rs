@@ -62,8 +62,8 @@ where
             return ExitCode::from(64);
         }
     };
-    let command = cli.command;
-    let config = match Config::from_settings(cli.settings) {
+    let (command, settings) = cli.into_parts();
+    let config = match Config::from_settings(settings) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hearth: {e}");
@@ -87,25 +87,26 @@ where
                 async move { crate::admin::commands::drain(&node, &admin).await },
             );
         }
-        Some(Command::Cluster(ClusterCommand::Owner { document, admin }))
-            if !admin.token.is_empty() =>
-        {
+        Some(Command::Cluster(ClusterCommand::Owner {
+            document, admin, ..
+        })) if !admin.token.is_empty() => {
             return admin_command(
                 async move { crate::admin::commands::owner(&document, &admin).await },
             );
         }
-        Some(Command::Cluster(ClusterCommand::Status { admin })) if !admin.token.is_empty() => {
+        Some(Command::Cluster(ClusterCommand::Status { admin, .. })) if !admin.token.is_empty() => {
             return admin_command(async move { crate::admin::commands::status(&admin).await });
         }
         Some(Command::Cluster(cmd)) => return cluster_command(config, cmd),
         _ => {}
     }
     match command {
-        Some(Command::Health) => return health_command(config.listen),
+        Some(Command::Health(_)) => return health_command(config.listen),
         Some(Command::Import {
             source,
             table,
             dry_run,
+            ..
         }) => {
             let source = crate::transfer::ImportSource::parse(&source, &table);
             return transfer_command(&config, Transfer::Import { source, dry_run });
@@ -114,6 +115,7 @@ where
             target,
             prefix,
             table,
+            ..
         }) => {
             let target = crate::transfer::ExportTarget::parse(&target, &table);
             return transfer_command(&config, Transfer::Export { target, prefix });
@@ -133,10 +135,31 @@ where
     match runtime.block_on(serve(config, Box::new(extensions))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hearth: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("hearth: {}", one_line(e.as_ref()));
+            let config = matches!(
+                e.downcast_ref::<crate::server::ServerError>(),
+                Some(crate::server::ServerError::Config(_))
+            );
+            ExitCode::from(if config { 64 } else { 1 })
         }
     }
+}
+
+/// An error and its causes in one line, `what: cause: cause…`, each cause named once: a cause
+/// whose text the line already contains (an error that prints its source in its own message)
+/// is skipped, and line breaks inside a message become spaces.
+pub(crate) fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// `hearth cluster owner DOC` / `hearth cluster status` / `hearth cluster emit DOC EVENT`.
@@ -145,6 +168,7 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
         file,
         hex,
         listen: None,
+        ..
     } = &cmd
     {
         return decode_command(&config, file.as_deref(), *hex);
@@ -163,6 +187,7 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
         document,
         event,
         payload,
+        ..
     } = cmd
     {
         return runtime.block_on(emit_command(&config, &document, &event, payload.as_deref()));
@@ -202,7 +227,7 @@ fn cluster_command(config: Config, cmd: ClusterCommand) -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("hearth: {e}");
-            ExitCode::from(2)
+            ExitCode::from(e.exit_status())
         }
     }
 }
@@ -281,7 +306,8 @@ fn from_hex(text: &[u8]) -> Result<Vec<u8>, String> {
 
 /// `hearth cluster emit DOC EVENT [--payload P|-]`: the reply on stdout, byte for byte. Exit
 /// status 0 answered, 1 definitive failure (no owner, no handler, handler failed), 2 transient
-/// failure (timeout, Redis or the owner unreachable); docs/cluster.md.
+/// failure (timeout, Redis or the owner unreachable), 64 a wrong command line or setting
+/// (nothing was sent); docs/cluster.md.
 async fn emit_command(
     config: &Config,
     document: &str,
@@ -293,8 +319,8 @@ async fn emit_command(
         Some("-") => {
             let mut buf = Vec::new();
             if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf) {
-                eprintln!("hearth: reading the payload from stdin: {e}");
-                return ExitCode::from(1);
+                eprintln!("hearth: --payload -: cannot read standard input: {e}");
+                return ExitCode::from(64);
             }
             buf
         }
@@ -312,7 +338,7 @@ async fn emit_command(
         }
         Err(e) => {
             eprintln!("hearth: custom event {event:?} on {document:?}: {e}");
-            ExitCode::from(if e.is_transient() { 2 } else { 1 })
+            ExitCode::from(e.exit_status())
         }
     }
 }
@@ -325,7 +351,7 @@ async fn serve(config: Config, extensions: Extensions) -> anyhow::Result<()> {
     for e in extensions(&builder.weak_handle()) {
         builder = builder.extension_arc(e);
     }
-    let server = builder.bind().await.context("starting the server")?;
+    let server = builder.bind().await?;
     // the operator file first: whoever sees the ready file finds both
     if let Some(addr) = server.operator_addr() {
         write_ready_file(&operator_ready_file, addr)?;

@@ -29,6 +29,7 @@
 //! | `lifecycle.rs` | background tasks (dispatch loop, keepalives, reaping), draining and leaving |
 //! | `flow.rs` | the bounded queues between an edge and an owner |
 //! | `presence.rs` | this node's key in Redis and the node-id collision check |
+//! | `fingerprint.rs` | the published fingerprints of each node's cluster secrets |
 //! | `metrics.rs` | the cluster's metrics |
 //! | `emit.rs`, `cli.rs` | `hearth cluster emit`, `owner`, `status` |
 //!
@@ -66,6 +67,7 @@ mod cli;
 mod edge;
 mod emit;
 mod events;
+mod fingerprint;
 mod flow;
 mod inbox;
 mod lifecycle;
@@ -95,11 +97,20 @@ pub enum ClusterError {
     /// Redis could not be reached or answered an error.
     #[error("redis: {0}")]
     Redis(String),
+    /// Redis could not be reached when this process connected: `url` is `redis_url` with its
+    /// password hidden.
+    #[error("redis_url {url:?}: cannot connect: {cause}")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// Why, in one line.
+        cause: String,
+    },
     /// Lock layer error.
-    #[error("lock: {0}")]
+    #[error(transparent)]
     Lock(#[from] hearth_lock::LockError),
     /// Proxy layer error.
-    #[error("proxy: {0}")]
+    #[error(transparent)]
     Proxy(#[from] hearth_proxy::ProxyError),
     /// The cluster secrets cannot be read or are too weak.
     #[error(transparent)]
@@ -122,6 +133,36 @@ pub enum ClusterError {
     /// This node is draining: it takes ownership of no document.
     #[error("this node is draining and takes no new documents")]
     Draining,
+}
+
+impl ClusterError {
+    /// Whether the error comes from the settings (a bad URL, prefix, node id, secret or TLS
+    /// file) rather than from Redis or the cluster's state: fixing the configuration, not
+    /// waiting, is what helps.
+    pub fn is_config(&self) -> bool {
+        use hearth_lock::LockError as L;
+        use hearth_proxy::ProxyError as P;
+        matches!(
+            self,
+            ClusterError::Config(_)
+                | ClusterError::Proxy(P::InvalidNodeId(_) | P::Config(_) | P::WeakSecret(_))
+                | ClusterError::Lock(
+                    L::InvalidTiming(_) | L::InvalidHolder(_) | L::InvalidPrefix(_)
+                )
+        )
+    }
+
+    /// The exit status of a `hearth cluster` subcommand that failed with this error: 64 for a
+    /// configuration error, 1 for a definitive one (an unexpected value in Redis), 2 for one
+    /// worth retrying (Redis unreachable or answering errors).
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            e if e.is_config() => 64,
+            ClusterError::Holder(_)
+            | ClusterError::Lock(hearth_lock::LockError::MalformedValue { .. }) => 1,
+            _ => 2,
+        }
+    }
 }
 
 /// A document's home: the node that serves it.
@@ -151,6 +192,8 @@ pub struct Cluster {
     rpc: Rpc,
     routes: RouteCache,
     presence: presence::Presence,
+    /// This node's record of its secrets' fingerprints, refreshed with the node key.
+    fingerprints: Option<(String, String)>,
     lock_ttl: Duration,
     proxy_ttl: Duration,
     event_ttl: Duration,
@@ -185,6 +228,44 @@ fn holder_addr(h: &HolderId) -> Result<NodeAddr, ClusterError> {
     Ok(NodeAddr::new(id, Incarnation(inc)))
 }
 
+fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+/// Publishes this node's secret fingerprints and logs a warning naming the live nodes whose
+/// secrets cannot talk with this node's (their envelopes and this node's would be dropped).
+async fn check_secrets(
+    redis: &fred::clients::Client,
+    presence: &presence::Presence,
+    keys: &hearth_proxy::Keys,
+    me: &NodeAddr,
+    secrets: &hearth_proxy::Secrets,
+    record: &(String, String),
+    lock_ttl: Duration,
+) {
+    if let Err(e) = fingerprint::publish(redis, record, ttl_ms(lock_ttl)).await {
+        debug!(error = %e, "cannot publish the secret fingerprints");
+    }
+    let nodes = match presence.live_nodes(keys).await {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            debug!(error = %e, "cannot list the live nodes to compare secrets");
+            return;
+        }
+    };
+    match fingerprint::mismatched(redis, keys, me, &nodes, secrets).await {
+        Ok(bad) if !bad.is_empty() => warn!(
+            nodes = %bad.join(","),
+            fingerprint = %secrets.current.fingerprint(),
+            "cluster_secret does not match the live nodes' secret: these nodes and this one \
+             will drop each other's envelopes (check HEARTH_CLUSTER_SECRET or \
+             HEARTH_CLUSTER_SECRET_FILE, and cluster_secret_previous during a rotation)"
+        ),
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "cannot compare secrets with the live nodes"),
+    }
+}
+
 fn kind_of(body: &Body) -> &'static str {
     body.kind().tag()
 }
@@ -208,8 +289,9 @@ impl Cluster {
                  are accepted too"
             );
         }
-        let (transport, inbound) = Transport::connect(tc).await?;
+        // Redis first: its failure names redis_url and the cause
         let redis = redis_client(config).await?;
+        let (transport, inbound) = Transport::connect(tc).await?;
         let metrics = ClusterMetrics::register(registry)
             .map_err(|e| ClusterError::Redis(format!("metrics: {e}")))?;
         metrics::PublishCollector::register(registry, transport.stats_handle())
@@ -224,6 +306,23 @@ impl Cluster {
         .with_observer(Arc::new(Observer(metrics.clone())));
         let presence =
             presence::Presence::register(redis.clone(), transport.keys(), &me, lock_ttl).await?;
+        let fingerprints = match config.cluster_secrets() {
+            Ok(secrets) => {
+                let record = fingerprint::record(transport.keys(), &me, &secrets);
+                check_secrets(
+                    &redis,
+                    &presence,
+                    transport.keys(),
+                    &me,
+                    &secrets,
+                    &record,
+                    lock_ttl,
+                )
+                .await;
+                Some(record)
+            }
+            Err(_) => None,
+        };
         let cluster = Arc::new(Cluster {
             rpc: Rpc::new(transport.clone()),
             me,
@@ -232,6 +331,7 @@ impl Cluster {
             transport,
             routes: RouteCache::new(100_000),
             presence,
+            fingerprints,
             lock_ttl,
             proxy_ttl: Duration::from_millis(config.proxy_socket_ttl_ms),
             event_ttl: Duration::from_millis(config.custom_event_ttl_ms),
@@ -249,6 +349,13 @@ impl Cluster {
 
     async fn refresh_node_key(&self) {
         self.presence.refresh().await;
+        let Some(record) = &self.fingerprints else {
+            return;
+        };
+        let ttl = ttl_ms(self.lock_ttl);
+        if let Err(e) = fingerprint::publish(self.presence.redis(), record, ttl).await {
+            debug!(error = %e, "secret fingerprint refresh failed");
+        }
     }
 
     fn heard_from_within(&self, node: &NodeAddr, within: Duration) -> bool {

@@ -34,6 +34,11 @@ pub enum LogFormat {
 }
 
 /// `hearth` command line.
+///
+/// The server's settings are flags of `hearth` itself (`hearth --listen … [serve]`) and of
+/// `hearth serve`; every other subcommand accepts, after its name, only the settings it uses
+/// (see [`SettingsGroup`]), so its `--help` lists those. Environment variables and the TOML
+/// file apply to every command.
 #[derive(Debug, Parser)]
 #[command(
     name = "hearth",
@@ -44,16 +49,197 @@ pub struct Cli {
     /// What to do (default: serve).
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Server settings (global: also accepted after a subcommand).
+    /// Server settings.
     #[command(flatten)]
+    pub settings: Flags<ServerSettings>,
+}
+
+impl Cli {
+    /// The subcommand and the settings: those given after the subcommand's name win over
+    /// those given before it (flags), then environment variables, then the TOML file.
+    pub fn into_parts(self) -> (Option<Command>, Settings) {
+        let top = self.settings.settings;
+        // a subcommand's environment values are the same as the top level's: only its flags
+        // can override what was given before it
+        let sub = match &self.command {
+            Some(Command::Serve(flags)) => Some(flags.flags.clone()),
+            Some(Command::Health(flags)) => Some(flags.flags.clone()),
+            Some(Command::Import { settings, .. } | Command::Export { settings, .. }) => {
+                Some(settings.flags.clone())
+            }
+            Some(Command::Cluster(cmd)) => cmd.flags().cloned(),
+            _ => None,
+        };
+        let settings = match sub {
+            Some(sub) => sub.or(top),
+            None => top,
+        };
+        (self.command, settings)
+    }
+}
+
+/// Which settings a subcommand accepts as flags (the server accepts all).
+pub trait SettingsGroup {
+    /// Whether setting `name` (the flag's name with `_`) belongs to the group.
+    fn includes(name: &str) -> bool;
+}
+
+/// Every setting: the server (`hearth`, `hearth serve`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerSettings;
+
+impl SettingsGroup for ServerSettings {
+    fn includes(_: &str) -> bool {
+        true
+    }
+}
+
+/// The settings of the `hearth cluster` commands that talk to Redis: the connection, the
+/// secrets, and the limits of what they send.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterSettings;
+
+impl SettingsGroup for ClusterSettings {
+    fn includes(name: &str) -> bool {
+        matches!(
+            name,
+            "config"
+                | "redis_url"
+                | "redis_prefix"
+                | "redis_tls_ca_file"
+                | "redis_tls_cert_file"
+                | "redis_tls_key_file"
+                | "cluster_secret"
+                | "cluster_secret_file"
+                | "cluster_secret_previous"
+                | "cluster_secret_previous_file"
+                | "cluster_batching"
+                | "custom_event_ttl_ms"
+                | "max_message_bytes"
+                | "max_document_name_bytes"
+                | "log_format"
+        )
+    }
+}
+
+/// The settings of `hearth health`: where the server listens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HealthSettings;
+
+impl SettingsGroup for HealthSettings {
+    fn includes(name: &str) -> bool {
+        matches!(name, "config" | "listen")
+    }
+}
+
+/// The settings of `hearth import` and `hearth export`: Hearth's database and the bounds on
+/// what they read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TransferSettings;
+
+impl SettingsGroup for TransferSettings {
+    fn includes(name: &str) -> bool {
+        matches!(
+            name,
+            "config"
+                | "database_url"
+                | "database_table_prefix"
+                | "max_document_bytes"
+                | "max_update_depth"
+                | "log_format"
+        )
+    }
+}
+
+/// The setting flags of one command: those of group `G`, each with its default in its help
+/// (`[default: …]`). The values stay unset when not given, so the defaults apply last
+/// (flag > environment > TOML file > default).
+#[derive(Debug, Clone, Default)]
+pub struct Flags<G> {
+    /// The settings given as flags or environment variables (those outside `G` are unset).
     pub settings: Settings,
+    /// Those given as flags.
+    pub flags: Settings,
+    group: std::marker::PhantomData<G>,
+}
+
+impl<G: SettingsGroup> clap::FromArgMatches for Flags<G> {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Ok(Flags {
+            settings: Settings::from_matches_where(matches, G::includes, false),
+            flags: Settings::from_matches_where(matches, G::includes, true),
+            group: std::marker::PhantomData,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        let given = Self::from_arg_matches(matches)?;
+        self.settings = given.settings.or(std::mem::take(&mut self.settings));
+        self.flags = given.flags.or(std::mem::take(&mut self.flags));
+        Ok(())
+    }
+}
+
+impl<G: SettingsGroup> Args for Flags<G> {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let defaults = Config::reference();
+        let all = <Settings as Args>::augment_args(clap::Command::new("settings"));
+        let mut cmd = cmd;
+        for arg in all.get_arguments() {
+            let id = arg.get_id().as_str();
+            if !G::includes(id) {
+                continue;
+            }
+            let default = defaults
+                .iter()
+                .find(|(name, _, _)| *name == id)
+                .and_then(|(_, _, d)| shown_default(d));
+            cmd = cmd.arg(match default {
+                Some(d) => with_default(arg.clone(), &d),
+                None => arg.clone(),
+            });
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// A setting's default as `--help` shows it, from its `Debug` text: strings unquoted, enum
+/// values in lower case; `None` for an empty default (the setting is off unless given).
+fn shown_default(debug: &str) -> Option<String> {
+    let text = debug
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .map_or_else(|| debug.to_owned(), |t| t.replace("\\\\", "\\"));
+    if text.is_empty() {
+        return None;
+    }
+    if text.chars().next().is_some_and(char::is_uppercase) && text.chars().all(char::is_alphabetic)
+    {
+        return Some(text.to_lowercase());
+    }
+    Some(text)
+}
+
+/// `arg` with `[default: D]` appended to its help texts.
+fn with_default(arg: clap::Arg, default: &str) -> clap::Arg {
+    let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+    let long = arg.get_long_help().map(ToString::to_string);
+    let arg = arg.help(format!("{help} [default: {default}]"));
+    match long {
+        Some(long) => arg.long_help(format!("{long}\n\n[default: {default}]")),
+        None => arg,
+    }
 }
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (the default).
-    Serve,
+    Serve(Flags<ServerSettings>),
     /// Inspect a cluster or send it a custom event (needs `HEARTH_REDIS_URL`).
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -69,8 +255,8 @@ pub enum Command {
     /// Ask the server on this machine whether it is up: `GET /healthz` on the configured
     /// `listen` address (a wildcard address is asked on loopback), 2 s at most. Exit status 0
     /// when it answers 200, 1 otherwise (one line on stderr says why). For container health
-    /// checks: it takes the same settings as the server.
-    Health,
+    /// checks: it reads `listen` from the same flag, environment variable or file as the server.
+    Health(Flags<HealthSettings>),
     /// Copy documents into this server's database (`database_url`, `database_table_prefix`)
     /// from SOURCE: a Hocuspocus `documents(name, data)` table in `sqlite://PATH` or
     /// `postgres://…`, or a directory of `.bin`/`.ystate` files (one Yjs update per document,
@@ -87,6 +273,9 @@ pub enum Command {
         /// Count what would be imported; write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Hearth's database and the bounds on what is read.
+        #[command(flatten)]
+        settings: Flags<TransferSettings>,
     },
     /// Copy this server's documents out as plain Yjs updates (each document's whole state, one
     /// v1 update), to TARGET: a directory (`<percent-encoded name>.bin`) or a Hocuspocus
@@ -101,6 +290,9 @@ pub enum Command {
         /// The target table.
         #[arg(long, default_value = "documents")]
         table: String,
+        /// Hearth's database and the bounds on what is read.
+        #[command(flatten)]
+        settings: Flags<TransferSettings>,
     },
 }
 
@@ -115,12 +307,16 @@ pub enum ClusterCommand {
         document: String,
         #[command(flatten)]
         admin: AdminArgs,
+        #[command(flatten)]
+        cluster: Flags<ClusterSettings>,
     },
     /// List the live nodes (from Redis, or with their documents and connections from the
     /// admin API when an admin token is given).
     Status {
         #[command(flatten)]
         admin: AdminArgs,
+        #[command(flatten)]
+        cluster: Flags<ClusterSettings>,
     },
     /// Drain node NODE through the admin API: it stops taking clients and documents, closes
     /// its sockets (providers reconnect elsewhere) and hands its documents over; the process
@@ -132,9 +328,11 @@ pub enum ClusterCommand {
         admin: AdminArgs,
     },
     /// Run custom event EVENT on the node that owns DOCUMENT and write its reply payload to
-    /// stdout as is. Exit status: 0 answered; 1 nobody owns DOCUMENT, no handler for EVENT, or
-    /// the handler failed; 2 no reply within `custom_event_ttl_ms`, or Redis or the owner
-    /// unreachable. Uses the same Redis URL, prefix and cluster secret as the nodes.
+    /// stdout as is. Exit status: 0 answered; 1 nobody owns DOCUMENT, no handler for EVENT, the
+    /// handler failed, or the payload is too large; 2 (try again) no reply within
+    /// `custom_event_ttl_ms`, or Redis or the owner unreachable; 64 a wrong command line or
+    /// setting (nothing was sent). Uses the same Redis URL, prefix and cluster secret as the
+    /// nodes.
     Emit {
         /// Document name.
         document: String,
@@ -143,6 +341,8 @@ pub enum ClusterCommand {
         /// Payload sent with the event (default: empty); `-` reads it from standard input.
         #[arg(long, allow_hyphen_values = true)]
         payload: Option<String>,
+        #[command(flatten)]
+        cluster: Flags<ClusterSettings>,
     },
     /// Print cross-node messages as JSON, one line per envelope (a batch gives several): a
     /// captured message from FILE (or standard input; raw bytes, or hex with `--hex`), or, with
@@ -157,7 +357,23 @@ pub enum ClusterCommand {
         /// Subscribe and print the next N messages instead of reading one.
         #[arg(long, value_name = "N")]
         listen: Option<usize>,
+        #[command(flatten)]
+        cluster: Flags<ClusterSettings>,
     },
+}
+
+impl ClusterCommand {
+    /// The settings given as flags after the subcommand's name (none for `drain`, which uses
+    /// the admin API only).
+    fn flags(&self) -> Option<&Settings> {
+        match self {
+            ClusterCommand::Owner { cluster, .. }
+            | ClusterCommand::Status { cluster, .. }
+            | ClusterCommand::Emit { cluster, .. }
+            | ClusterCommand::Decode { cluster, .. } => Some(&cluster.flags),
+            ClusterCommand::Drain { .. } => None,
+        }
+    }
 }
 
 /// How `hearth doc|event|cluster` reach the admin API.
@@ -329,9 +545,42 @@ macro_rules! settings {
         #[derive(Debug, Clone, Default, Args)]
         pub struct Settings {
             /// Read settings from this TOML file (keys are the long flag names with `_`).
-            #[arg(long, env = "HEARTH_CONFIG", global = true)]
+            #[arg(long, env = "HEARTH_CONFIG")]
             pub config: Option<PathBuf>,
-            $( $(#[$doc])* #[arg(long, env = $env, global = true)] pub $name: Option<$ty>, )*
+            $( $(#[$doc])* #[arg(long, env = $env)] pub $name: Option<$ty>, )*
+        }
+
+        impl Settings {
+            /// The settings `keep` selects, read from `matches` (which must define them); only
+            /// those given as flags when `flags_only`.
+            fn from_matches_where(
+                matches: &clap::ArgMatches,
+                keep: fn(&str) -> bool,
+                flags_only: bool,
+            ) -> Settings {
+                let take = |id: &str| {
+                    keep(id)
+                        && (!flags_only
+                            || matches.value_source(id)
+                                == Some(clap::parser::ValueSource::CommandLine))
+                };
+                let mut s = Settings::default();
+                if take("config") {
+                    s.config = matches.get_one::<PathBuf>("config").cloned();
+                }
+                $( if take(stringify!($name)) {
+                    s.$name = matches.get_one::<$ty>(stringify!($name)).cloned();
+                } )*
+                s
+            }
+
+            /// Each setting from `self`, or from `other` where `self` lacks it.
+            pub fn or(self, other: Settings) -> Settings {
+                Settings {
+                    config: self.config.or(other.config),
+                    $( $name: self.$name.or(other.$name), )*
+                }
+            }
         }
 
         /// The TOML file's shape (same keys, all optional).
@@ -413,6 +662,12 @@ fn redacted(name: &str, text: String) -> String {
     };
     let start = scheme_end + 3 + colon + 1;
     format!("{}***{}", &text[..start], &text[scheme_end + 3 + at..])
+}
+
+/// `url` with the password of a `scheme://user:password@host` authority replaced by `***`, for
+/// error messages and logs.
+pub(crate) fn redact_url(url: &str) -> String {
+    redacted("", url.to_owned())
 }
 
 /// Prints a prepared `Debug` text as is.
@@ -1044,13 +1299,13 @@ mod tests {
             "127.0.0.1:7",
         ])
         .unwrap();
-        let c = Config::from_settings(cli.settings).unwrap();
+        let c = Config::from_settings(cli.into_parts().1).unwrap();
         assert_eq!(c.listen.port(), 7, "flag beats file");
         assert_eq!(c.debounce_ms, 500, "file beats default");
         std::fs::write(&file, "no_such_key = 1\n").unwrap();
         let cli = Cli::try_parse_from(["hearth", "--config", file.to_str().unwrap()]).unwrap();
         assert!(matches!(
-            Config::from_settings(cli.settings),
+            Config::from_settings(cli.into_parts().1),
             Err(ConfigError::Parse { .. })
         ));
     }
@@ -1066,9 +1321,90 @@ mod tests {
             "memory",
         ])
         .unwrap();
-        assert!(matches!(cli.command, Some(Command::Serve)));
-        let c = Config::from_settings(cli.settings).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve(_))));
+        let c = Config::from_settings(cli.into_parts().1).unwrap();
         assert_eq!(c.durability, Durability::Memory);
+        assert_eq!(c.listen.port(), 0);
+    }
+
+    #[test]
+    fn subcommands_take_their_own_settings_and_the_servers_before_them() {
+        // after the subcommand: only its own settings
+        assert!(Cli::try_parse_from(["hearth", "health", "--max-connections", "5"]).is_err());
+        assert!(
+            Cli::try_parse_from(["hearth", "cluster", "status", "--listen", "127.0.0.1:1"])
+                .is_err()
+        );
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "--redis-prefix",
+            "before",
+            "--custom-event-ttl-ms",
+            "7",
+            "cluster",
+            "emit",
+            "d",
+            "e",
+            "--redis-prefix",
+            "after",
+        ])
+        .unwrap();
+        let (command, settings) = cli.into_parts();
+        assert!(matches!(
+            command,
+            Some(Command::Cluster(ClusterCommand::Emit { .. }))
+        ));
+        assert_eq!(
+            settings.redis_prefix.as_deref(),
+            Some("after"),
+            "after wins"
+        );
+        assert_eq!(
+            settings.custom_event_ttl_ms,
+            Some(7),
+            "before still applies"
+        );
+        let cli = Cli::try_parse_from(["hearth", "health", "--listen", "127.0.0.1:9"]).unwrap();
+        assert_eq!(
+            cli.into_parts().1.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9)))
+        );
+    }
+
+    #[test]
+    fn help_shows_defaults_and_subcommand_help_only_its_settings() {
+        use clap::CommandFactory as _;
+        let mut cmd = Cli::command();
+        let help = cmd.render_help().to_string();
+        assert!(help.contains("[default: 30000]"), "{help}");
+        assert!(help.contains("[default: sqlite://hearth.db]"), "{help}");
+        assert!(help.contains("[default: durable]"), "{help}");
+        assert!(!help.contains("[default: ]"), "{help}");
+        let cluster = cmd.find_subcommand_mut("cluster").unwrap();
+        let emit = cluster
+            .find_subcommand_mut("emit")
+            .unwrap()
+            .render_help()
+            .to_string();
+        assert!(emit.contains("--redis-url"), "{emit}");
+        assert!(emit.contains("--cluster-secret"), "{emit}");
+        assert!(!emit.contains("--max-connections"), "{emit}");
+        assert!(!emit.contains("--database-url"), "{emit}");
+        let health = cmd
+            .find_subcommand_mut("health")
+            .unwrap()
+            .render_help()
+            .to_string();
+        assert!(health.contains("--listen"), "{health}");
+        assert!(!health.contains("--redis-url"), "{health}");
+        for name in ["doc", "event", "auth"] {
+            let text = cmd
+                .find_subcommand_mut(name)
+                .unwrap()
+                .render_help()
+                .to_string();
+            assert!(!text.contains("--listen"), "{name}: {text}");
+        }
     }
 
     #[test]

@@ -81,9 +81,14 @@ pub enum ServerError {
         /// Cause.
         source: std::io::Error,
     },
-    /// Storage could not be opened.
-    #[error("storage")]
-    Storage(#[from] storage::StoreError),
+    /// Storage could not be opened: `url` is `database_url` with its password hidden.
+    #[error("database_url {url:?}")]
+    Storage {
+        /// The URL, password redacted.
+        url: String,
+        /// Cause.
+        source: storage::StoreError,
+    },
     /// An extension refused `on_configure` / `on_listen`.
     #[error("extension refused to start: {0}")]
     Extension(String),
@@ -91,7 +96,7 @@ pub enum ServerError {
     #[error("metrics")]
     Metrics(#[from] prometheus::Error),
     /// The cluster (Redis) could not be joined.
-    #[error("cluster")]
+    #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
 }
 
@@ -182,7 +187,12 @@ impl ServerBuilder {
                     table_prefix: self.config.database_table_prefix.clone(),
                     ..storage::SqlOptions::default()
                 };
-                storage::open_store(&self.config.database_url, opts).await?
+                storage::open_store(&self.config.database_url, opts)
+                    .await
+                    .map_err(|source| ServerError::Storage {
+                        url: crate::config::redact_url(&self.config.database_url),
+                        source,
+                    })?
             }
         };
         let table = TokenTable::parse(&self.config.auth_tokens).map_err(|m| {

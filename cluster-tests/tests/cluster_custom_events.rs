@@ -17,12 +17,17 @@
 //!   sleeping 5 s makes the CLI exit 2 after the TTL (not before, and not much later); the same
 //!   handler sleeping 100 ms answers.
 //! * `with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect`: the CLI with the cluster's
-//!   secret appends; with a wrong secret the owner rejects the envelope (counted as `bad_mac`)
-//!   and the CLI exits 2 after the TTL; with none, or a placeholder, the CLI refuses to start
-//!   (exit 64, naming `cluster_secret`) and sends nothing; the markers appear nowhere.
+//!   secret appends, and so does one in the middle of a rotation (the cluster's secret current,
+//!   a new one previous); with a wrong secret the CLI compares the owner's published secret
+//!   fingerprints, exits 1 at once with one line naming `cluster_secret`, and sends nothing
+//!   (no `bad_mac` on the owner), as it does with the new secret current and the cluster's
+//!   previous (the owner would not accept it); with none, or a placeholder, the CLI refuses to
+//!   start (exit 64, naming `cluster_secret`) and sends nothing; a node started with a wrong
+//!   secret logs a warning naming the live nodes; the markers appear nowhere.
 
 use std::time::Duration;
 
+use cluster_tests::testbed::node::{NodeProcess, NodeSpec};
 use cluster_tests::testbed::{
     CliRun, ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, WAIT, marker_hits,
     random_secret,
@@ -254,29 +259,80 @@ async fn with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect() -> anyh
     );
     wait_has(&on_n2, "the client on n2", "cli:signed-1").await?;
 
-    // A strong secret that is not the cluster's: signed, sent, rejected by the owner.
-    let forged_secret = random_secret();
-    let before = cluster.metrics(0).await?.sum(REJECTED, &[]);
-    let before_bad_mac = cluster
-        .metrics(0)
-        .await?
-        .sum(REJECTED, &[("reason", "bad_mac")]);
-    let run = emit(
+    // Rotation: the cluster's secret current and a new one previous still works.
+    let new_secret = random_secret();
+    let rotating = emit(
         &cluster,
         doc,
         "append",
-        Some("cli:forged"),
-        &[ttl[0], ("HEARTH_CLUSTER_SECRET", &forged_secret)],
+        Some("cli:rotating"),
+        &[ttl[0], ("HEARTH_CLUSTER_SECRET_PREVIOUS", &new_secret)],
     )
     .await?;
-    assert_eq!(run.code, Some(2), "wrong secret: {run:?}");
-    assert!(run.stderr.contains("timed out"), "wrong secret: {run:?}");
-    let m = cluster.metrics(0).await?;
     assert_eq!(
-        m.sum(REJECTED, &[("reason", "bad_mac")]) - before_bad_mac,
-        1.0,
-        "n1 rejected the forged request once"
+        (rotating.code, stdout(&rotating)),
+        (Some(0), "n1".into()),
+        "{rotating:?}"
     );
+
+    // A strong secret that is not the cluster's, or a swap the nodes have not made yet: found
+    // out from the owner's published fingerprints, nothing sent, definitive.
+    let forged_secret = random_secret();
+    let before = cluster.metrics(0).await?.sum(REJECTED, &[]);
+    for (what, env) in [
+        (
+            "wrong secret",
+            vec![("HEARTH_CLUSTER_SECRET", forged_secret.as_str())],
+        ),
+        (
+            "swapped too early",
+            vec![
+                ("HEARTH_CLUSTER_SECRET", new_secret.as_str()),
+                ("HEARTH_CLUSTER_SECRET_PREVIOUS", cluster.secret()),
+            ],
+        ),
+    ] {
+        let mut env = env;
+        env.push(ttl[0]);
+        let run = emit(&cluster, doc, "append", Some("cli:forged"), &env).await?;
+        assert_eq!(run.code, Some(1), "{what}: {run:?}");
+        let line = run.stderr.trim();
+        assert!(
+            line.contains("cluster_secret")
+                && line.contains("does not match the live nodes' secret")
+                && !line.contains('\n'),
+            "{what}: one line naming the setting: {run:?}"
+        );
+        assert!(!line.contains(&forged_secret) && !line.contains(&new_secret));
+        assert!(
+            run.elapsed < Duration::from_secs(2),
+            "{what}: at once, not after the TTL: {run:?}"
+        );
+    }
+    assert_eq!(
+        cluster.metrics(0).await?.sum(REJECTED, &[]),
+        before,
+        "nothing was sent with the wrong secret"
+    );
+
+    // A node joining with a wrong secret says so in its log.
+    let stranger = NodeProcess::start(
+        &scratch,
+        NodeSpec::new("n9", cluster.db.url())
+            .env("HEARTH_REDIS_URL", cluster.redis.url())
+            .env("HEARTH_REDIS_PREFIX", cluster.prefix())
+            .env("HEARTH_CLUSTER_SECRET", forged_secret.as_str()),
+    )
+    .await?;
+    let log = std::fs::read_to_string(stranger.log_path())?;
+    let warning = log
+        .lines()
+        .find(|l| l.contains("does not match the live nodes' secret"))
+        .unwrap_or_default();
+    for node in ["n1", "n2", "n3"] {
+        assert!(warning.contains(node), "names {node}: {log}");
+    }
+    drop(stranger);
 
     // No secret, or a placeholder: the CLI refuses to start, and sends nothing.
     for (what, value) in [
@@ -308,8 +364,8 @@ async fn with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect() -> anyh
     }
     assert_eq!(
         cluster.metrics(0).await?.sum(REJECTED, &[]),
-        before + 1.0,
-        "nothing but the forged request reached n1"
+        before,
+        "nothing with a wrong secret reached n1"
     );
 
     // A later authentic append arrives; the rejected ones never do.

@@ -1,4 +1,4 @@
-//! Database outage (docs/persistence.md "Database
+//! Database outage (docs/persistence.md, "How durable mode works", item "Database
 //! unavailable").
 //!
 //! Claims under test, durable mode:

@@ -187,7 +187,34 @@ impl Secret {
     pub fn expose(&self) -> &[u8] {
         &self.0
     }
+
+    /// A public, non-reversible name for this secret: the first [`FINGERPRINT_LEN`] bytes of
+    /// HMAC-SHA256 keyed with the secret over the fixed label [`FINGERPRINT_LABEL`], in hex.
+    /// Processes compare fingerprints to tell whether they share a secret without revealing it.
+    ///
+    /// Why publishing it is safe: it is a MAC over a public message, exactly like the MAC every
+    /// signed envelope already carries over its (public) body, so anyone who can read the
+    /// cluster's Redis learns nothing from it that the envelopes did not already give away.
+    /// Recovering the secret from it means searching the secret space; every accepted secret
+    /// has at least 32 bytes and passes the strength policy (no placeholder, no short pattern),
+    /// which puts that search out of reach. The label is used for nothing else, so the
+    /// fingerprint can never be replayed as an envelope MAC, and truncation to 64 bits only
+    /// leaves a 2^-64 chance that two different secrets look alike.
+    pub fn fingerprint(&self) -> String {
+        let mut mac = Key::new(&self.0).0;
+        mac.update(FINGERPRINT_LABEL);
+        mac.finalize().into_bytes()[..FINGERPRINT_LEN]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
+
+/// The message [`Secret::fingerprint`] authenticates.
+pub const FINGERPRINT_LABEL: &[u8] = b"hearth cluster secret fingerprint v1";
+
+/// Bytes of the MAC kept in a [`Secret::fingerprint`] (shown as twice as many hex digits).
+pub const FINGERPRINT_LEN: usize = 8;
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -218,6 +245,19 @@ impl Secrets {
     pub fn with_previous(mut self, previous: Secret) -> Self {
         self.previous = (previous != self.current).then_some(previous);
         self
+    }
+
+    /// Whether envelopes go through both ways between a process with these secrets and one
+    /// whose secrets have the fingerprints `theirs` (current, previous): each signs with a
+    /// secret the other accepts.
+    pub fn accepted_by(&self, theirs: (&str, Option<&str>)) -> bool {
+        let mine = (
+            self.current.fingerprint(),
+            self.previous.as_ref().map(Secret::fingerprint),
+        );
+        let they_accept_mine = theirs.0 == mine.0 || theirs.1 == Some(mine.0.as_str());
+        let i_accept_theirs = theirs.0 == mine.0 || mine.1.as_deref() == Some(theirs.0);
+        they_accept_mine && i_accept_theirs
     }
 }
 
@@ -434,6 +474,48 @@ mod tests {
 
     const A: &[u8] = b"pW3x9QzL7mKc2Rv8Tn5Yb1Hd6Jf4Gs0E";
     const B: &[u8] = b"Zr8Kq2Wm5Xv9Lp3Nt7Yc1Bd6Hf4Gj0Sa";
+
+    #[test]
+    fn fingerprints_name_a_secret_without_showing_it() {
+        let a = Secret::new(A).unwrap();
+        let b = Secret::new(B).unwrap();
+        let fa = a.fingerprint();
+        assert_eq!(fa.len(), 2 * FINGERPRINT_LEN);
+        assert_eq!(fa, Secret::new(A).unwrap().fingerprint(), "stable");
+        assert_ne!(fa, b.fingerprint());
+        let hex: String = A.iter().map(|x| format!("{x:02x}")).collect();
+        assert!(!hex.contains(&fa) && !fa.contains(&hex[..8]));
+        // never an envelope's MAC: signed envelopes' MACs cover a message starting 0x02
+        assert_ne!(FINGERPRINT_LABEL.first(), Some(&0x02));
+        let fb = b.fingerprint();
+        let only_a = Secrets::new(a.clone());
+        assert!(only_a.accepted_by((&fa, None)));
+        assert!(!only_a.accepted_by((&fb, None)));
+        // rotation: every step of the documented sequence talks both ways
+        let add = Secrets::new(a.clone()).with_previous(b.clone()); // new secret b as previous
+        let swapped = Secrets::new(b.clone()).with_previous(a.clone());
+        assert!(
+            add.accepted_by((&fa, None)),
+            "step 1 with a node not yet restarted"
+        );
+        assert!(add.accepted_by((&fa, Some(&fb))));
+        assert!(
+            swapped.accepted_by((&fa, Some(&fb))),
+            "step 2 with a step-1 node"
+        );
+        assert!(
+            swapped.accepted_by((&fb, None)),
+            "step 3 with a dropped node"
+        );
+        assert!(
+            !swapped.accepted_by((&fa, None)),
+            "a step-0 node cannot read b"
+        );
+        assert!(
+            !Secrets::new(b).accepted_by((&fa, Some(&fb))),
+            "b-only cannot read a"
+        );
+    }
 
     #[test]
     fn rfc4231_test_case_2() {

@@ -218,7 +218,9 @@ pub mod rpc;
 pub mod seq;
 pub mod transport;
 
-pub use auth::{Auth, KEY_ID, MIN_SECRET_LEN, Secret, Secrets, WeakSecret};
+pub use auth::{
+    Auth, FINGERPRINT_LABEL, FINGERPRINT_LEN, KEY_ID, MIN_SECRET_LEN, Secret, Secrets, WeakSecret,
+};
 pub use chunk::{DropReason, Reassembler, Reassembly, ReassemblyLimits, split};
 pub use codec::{
     Codec, DEFAULT_MAX_ENVELOPE_BYTES, DecodeError, MAX_BATCH_ITEMS, Message, RejectReason,

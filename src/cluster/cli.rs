@@ -194,9 +194,24 @@ pub async fn listen(
     let sub = builder
         .build_subscriber_client()
         .map_err(|e| ClusterError::Redis(e.to_string()))?;
-    sub.init()
-        .await
-        .map_err(|e| ClusterError::Redis(e.to_string()))?;
+    match tokio::time::timeout(super::redis::CONNECT_TIMEOUT, sub.init()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            return Err(super::redis::connect_error(
+                config,
+                super::redis::cause_of(&e),
+            ));
+        }
+        Err(_) => {
+            return Err(super::redis::connect_error(
+                config,
+                format!(
+                    "no connection within {} s",
+                    super::redis::CONNECT_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+    }
     let mut messages = sub.message_rx();
     sub.psubscribe(format!("{}:*", config.redis_prefix))
         .await

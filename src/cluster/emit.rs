@@ -31,8 +31,8 @@ use crate::config::Config;
 /// The node id of `hearth cluster emit` processes (each with a fresh incarnation).
 pub const EMITTER_NODE_ID: &str = "hearth-cli";
 
-/// How long the emitter may take to connect to Redis and subscribe its inbox.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the emitter may take to subscribe its inbox once Redis answered.
+const CONNECT_TIMEOUT: Duration = super::redis::CONNECT_TIMEOUT;
 
 /// The transport settings of a cluster process with address `me`: Redis URL, prefix, the
 /// envelope authentication from the cluster secrets (current and previous, see
@@ -99,6 +99,9 @@ pub(crate) fn settle(
 /// Why `hearth cluster emit` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteEmitError {
+    /// The command line names no document or event a node could serve (nothing was sent).
+    #[error("{0}")]
+    Usage(String),
     /// No node holds the document's ownership lock (nothing was sent).
     #[error("no node owns document {0:?}")]
     NoOwner(String),
@@ -113,24 +116,68 @@ pub enum RemoteEmitError {
     /// The owner answered with an error, did not answer in time, or could not be reached.
     #[error(transparent)]
     Event(#[from] EmitError),
+    /// The owner's published secret fingerprints show that it and this command do not share
+    /// a cluster secret: it would drop the request (nothing was sent).
+    #[error(
+        "cluster_secret does not match the live nodes' secret: node {node} uses secret \
+         {theirs}, this command {mine} (fingerprints); use the nodes' HEARTH_CLUSTER_SECRET or \
+         HEARTH_CLUSTER_SECRET_FILE"
+    )]
+    SecretMismatch {
+        /// The owner's node id.
+        node: String,
+        /// The fingerprint of the owner's current secret.
+        theirs: String,
+        /// The fingerprint of this command's current secret.
+        mine: String,
+    },
     /// Redis could not be reached, or the configuration cannot address the cluster.
     #[error(transparent)]
     Cluster(#[from] ClusterError),
 }
 
+/// Exit status of `hearth cluster emit`: definitive failure, retrying will not help.
+pub(crate) const EXIT_DEFINITIVE: u8 = 1;
+/// Exit status: transient failure, try again later.
+pub(crate) const EXIT_TRANSIENT: u8 = 2;
+/// Exit status: the settings or the command line are wrong (nothing was sent).
+pub(crate) const EXIT_USAGE: u8 = 64;
+
 impl RemoteEmitError {
-    /// True when trying again later may succeed (timeout, Redis or the owner unreachable);
-    /// false when the answer is definitive (no owner, no handler, the handler failed).
-    pub fn is_transient(&self) -> bool {
+    /// The exit status of `hearth cluster emit` for this error (docs/cluster.md): 64 for a
+    /// wrong command line or setting, 2 for a failure worth retrying, 1 for the rest.
+    pub fn exit_status(&self) -> u8 {
         match self {
-            RemoteEmitError::NoOwner(_) | RemoteEmitError::PayloadTooLarge { .. } => false,
+            RemoteEmitError::Usage(_) => EXIT_USAGE,
+            RemoteEmitError::NoOwner(_)
+            | RemoteEmitError::PayloadTooLarge { .. }
+            | RemoteEmitError::SecretMismatch { .. } => EXIT_DEFINITIVE,
             RemoteEmitError::Event(
                 EmitError::NoHandler | EmitError::Handler(_) | EmitError::NotOwned,
-            ) => false,
-            RemoteEmitError::Event(EmitError::Timeout | EmitError::Unavailable(_)) => true,
-            RemoteEmitError::Cluster(_) => true,
+            ) => EXIT_DEFINITIVE,
+            RemoteEmitError::Event(EmitError::Timeout | EmitError::Unavailable(_)) => {
+                EXIT_TRANSIENT
+            }
+            RemoteEmitError::Cluster(e) => e.exit_status(),
         }
     }
+}
+
+/// Refuses a document or event name that no node would serve, before anything is sent.
+fn check_names(config: &Config, doc: &str, event: &str) -> Result<(), RemoteEmitError> {
+    if !crate::connection::hocuspocus::valid_document_name(doc, config.max_document_name_bytes) {
+        return Err(RemoteEmitError::Usage(format!(
+            "document name {doc:?} is not one a client can open: 1 to {} bytes \
+             (max_document_name_bytes), not blank, no control characters",
+            config.max_document_name_bytes
+        )));
+    }
+    if event.trim().is_empty() || event.chars().any(char::is_control) {
+        return Err(RemoteEmitError::Usage(format!(
+            "event name {event:?} must not be blank or contain control characters"
+        )));
+    }
+    Ok(())
 }
 
 /// `hearth cluster emit DOC EVENT`: runs custom event `event` with `payload` on the node that
@@ -143,6 +190,7 @@ pub async fn emit_remote(
     event: &str,
     payload: Vec<u8>,
 ) -> Result<Vec<u8>, RemoteEmitError> {
+    check_names(config, doc, event)?;
     let max = max_payload_bytes(config);
     if payload.len() > max {
         return Err(RemoteEmitError::PayloadTooLarge {
@@ -152,16 +200,17 @@ pub async fn emit_remote(
     }
     let me = NodeAddr::fresh(NodeId::new(EMITTER_NODE_ID).map_err(ClusterError::from)?);
     let tc = transport_config(config, me)?;
-    let connect = async {
-        let (transport, inbound) = Transport::connect(tc).await.map_err(ClusterError::from)?;
-        let redis = redis_client(config).await?;
-        Ok::<_, ClusterError>((transport, inbound, redis))
-    };
-    let (transport, mut inbound, redis) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+    // Redis first: its failure names redis_url and the cause
+    let redis = redis_client(config).await?;
+    let (transport, mut inbound) = tokio::time::timeout(CONNECT_TIMEOUT, Transport::connect(tc))
         .await
         .map_err(|_| {
-        ClusterError::Redis(format!("no connection within {CONNECT_TIMEOUT:?}"))
-    })??;
+            super::redis::connect_error(
+                config,
+                format!("cannot subscribe within {} s", CONNECT_TIMEOUT.as_secs()),
+            )
+        })?
+        .map_err(ClusterError::from)?;
     let lock = reader_lock(config, redis.clone())?;
     let rpc = Arc::new(Rpc::new(transport.clone()));
     let replies = {
@@ -183,19 +232,51 @@ pub async fn emit_remote(
         })
     };
     let ttl = Duration::from_millis(config.custom_event_ttl_ms);
-    let result = call_owner(&rpc, &lock, doc, event, payload, ttl).await;
+    let secrets = config.cluster_secrets().map_err(ClusterError::from)?;
+    let result = call_owner(
+        &rpc,
+        &lock,
+        SecretCheck {
+            redis: &redis,
+            keys: transport.keys(),
+            secrets: &secrets,
+        },
+        (doc, event, payload),
+        ttl,
+    )
+    .await;
     replies.abort();
     transport.shutdown().await;
     let _ = redis.quit().await;
     result
 }
 
+/// What the emitter compares its secrets with before it sends.
+struct SecretCheck<'a> {
+    redis: &'a fred::clients::Client,
+    keys: &'a hearth_proxy::Keys,
+    secrets: &'a hearth_proxy::Secrets,
+}
+
+impl SecretCheck<'_> {
+    /// Fails when `owner` published fingerprints of secrets it cannot talk with.
+    async fn check(&self, owner: &NodeAddr) -> Result<(), RemoteEmitError> {
+        match super::fingerprint::of_node(self.redis, self.keys, owner).await? {
+            Some(p) if !p.talks_with(self.secrets) => Err(RemoteEmitError::SecretMismatch {
+                node: owner.id.to_string(),
+                theirs: p.current,
+                mine: self.secrets.current.fingerprint(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 async fn call_owner(
     rpc: &Rpc,
     lock: &LockClient,
-    doc: &str,
-    event: &str,
-    payload: Vec<u8>,
+    secrets: SecretCheck<'_>,
+    (doc, event, payload): (&str, &str, Vec<u8>),
     ttl: Duration,
 ) -> Result<Vec<u8>, RemoteEmitError> {
     let mut last = EmitError::Unavailable("ownership kept moving".into());
@@ -204,6 +285,7 @@ async fn call_owner(
             return Err(RemoteEmitError::NoOwner(doc.to_owned()));
         };
         let owner = holder_addr(&holder)?;
+        secrets.check(&owner).await?;
         debug!(doc, owner = %owner, event, "sending custom event");
         match settle(
             rpc.call(&owner, doc, event, payload.clone(), ttl).await,
@@ -269,13 +351,53 @@ mod tests {
     }
 
     #[test]
-    fn transient_errors_are_the_retryable_ones() {
-        assert!(!RemoteEmitError::NoOwner("d".into()).is_transient());
-        assert!(!RemoteEmitError::PayloadTooLarge { len: 2, max: 1 }.is_transient());
-        assert!(!RemoteEmitError::Event(EmitError::NoHandler).is_transient());
-        assert!(!RemoteEmitError::Event(EmitError::Handler("x".into())).is_transient());
-        assert!(RemoteEmitError::Event(EmitError::Timeout).is_transient());
-        assert!(RemoteEmitError::Event(EmitError::Unavailable("x".into())).is_transient());
-        assert!(RemoteEmitError::Cluster(ClusterError::Redis("x".into())).is_transient());
+    fn exit_statuses_say_whether_to_retry() {
+        let status = |e: RemoteEmitError| e.exit_status();
+        assert_eq!(
+            status(RemoteEmitError::NoOwner("d".into())),
+            EXIT_DEFINITIVE
+        );
+        assert_eq!(
+            status(RemoteEmitError::PayloadTooLarge { len: 2, max: 1 }),
+            EXIT_DEFINITIVE
+        );
+        assert_eq!(status(EmitError::NoHandler.into()), EXIT_DEFINITIVE);
+        assert_eq!(
+            status(EmitError::Handler("x".into()).into()),
+            EXIT_DEFINITIVE
+        );
+        assert_eq!(status(EmitError::Timeout.into()), EXIT_TRANSIENT);
+        assert_eq!(
+            status(EmitError::Unavailable("x".into()).into()),
+            EXIT_TRANSIENT
+        );
+        assert_eq!(
+            status(ClusterError::Redis("x".into()).into()),
+            EXIT_TRANSIENT
+        );
+        assert_eq!(status(RemoteEmitError::Usage("x".into())), EXIT_USAGE);
+        let config = ClusterError::Config(crate::config::ConfigError::Invalid {
+            name: "redis_url",
+            message: "x".into(),
+        });
+        assert_eq!(status(config.into()), EXIT_USAGE);
+    }
+
+    #[test]
+    fn blank_or_oversized_names_are_usage_errors() {
+        let c = Config::default();
+        for (doc, event) in [
+            ("", "e"),
+            ("  ", "e"),
+            ("a\nb", "e"),
+            ("d", ""),
+            ("d", "a\u{7}"),
+        ] {
+            let e = check_names(&c, doc, event).unwrap_err();
+            assert_eq!(e.exit_status(), EXIT_USAGE, "{doc:?} {event:?}");
+        }
+        let long = "x".repeat(c.max_document_name_bytes + 1);
+        assert!(check_names(&c, &long, "e").is_err());
+        assert!(check_names(&c, "notes/2024", "summarize").is_ok());
     }
 }

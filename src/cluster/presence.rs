@@ -273,6 +273,11 @@ impl Presence {
         }
     }
 
+    /// The Redis client the record is kept with.
+    pub(super) fn redis(&self) -> &Client {
+        &self.redis
+    }
+
     /// Deletes the record if it is still ours (graceful shutdown).
     pub(super) async fn release(&self) {
         let r: Result<i64, _> = self

@@ -7,6 +7,7 @@
 //! certificate. Every error names the setting and the file.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fred::prelude::{Builder, ClientLike, ReconnectPolicy};
 use fred::types::config::{Config as RedisConfig, TlsConfig, TlsConnector};
@@ -91,15 +92,69 @@ pub(crate) fn redis_config(config: &Config) -> Result<RedisConfig, ClusterError>
     Ok(redis)
 }
 
-/// A fred client with reconnects (fred does not reconnect without a policy).
+/// How long the first connection to Redis may take (a node at start-up, `hearth cluster …`).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A fred client with reconnects (fred does not reconnect without a policy), connected: the
+/// first connection's failure, or no connection within [`CONNECT_TIMEOUT`], is
+/// [`ClusterError::Connect`], which names `redis_url` (password hidden) and the cause.
 pub(crate) async fn redis_client(config: &Config) -> Result<fred::clients::Client, ClusterError> {
     let client = Builder::from_config(redis_config(config)?)
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 2000, 2))
         .build()
         .map_err(|e| ClusterError::Redis(e.to_string()))?;
-    client
-        .init()
-        .await
-        .map_err(|e| ClusterError::Redis(e.to_string()))?;
-    Ok(client)
+    // `init` reports the first attempt's own error, not the reconnect loop's
+    match tokio::time::timeout(CONNECT_TIMEOUT, client.init()).await {
+        Ok(Ok(_task)) => Ok(client),
+        Ok(Err(e)) => Err(connect_error(config, cause_of(&e))),
+        Err(_) => Err(connect_error(
+            config,
+            format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()),
+        )),
+    }
+}
+
+/// A fred error's cause in one line. fred keeps an I/O error as its `Debug` text
+/// (`Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }`): that becomes
+/// `Connection refused (os error 111)`.
+pub(crate) fn cause_of(e: &fred::error::Error) -> String {
+    let details = e.details();
+    let field = |name: &str| {
+        let start = details.find(name)? + name.len();
+        let rest = &details[start..];
+        let end = rest.find([',', '}'])?;
+        Some(rest[..end].trim().trim_matches('"').to_owned())
+    };
+    match (field("message:"), field("code:")) {
+        (Some(message), Some(code)) => format!("{message} (os error {code})"),
+        (Some(message), None) => message,
+        _ if details.is_empty() => format!("{:?}", e.kind()),
+        _ => details.to_owned(),
+    }
+}
+
+/// [`ClusterError::Connect`] for `config`'s Redis.
+pub(crate) fn connect_error(config: &Config, cause: String) -> ClusterError {
+    ClusterError::Connect {
+        url: crate::config::redact_url(&config.redis_url),
+        cause,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fred::error::{Error, ErrorKind};
+
+    use super::cause_of;
+
+    #[test]
+    fn io_errors_read_as_the_os_says_them() {
+        let e = Error::new(
+            ErrorKind::IO,
+            r#"Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }"#,
+        );
+        assert_eq!(cause_of(&e), "Connection refused (os error 111)");
+        let e = Error::new(ErrorKind::Auth, "WRONGPASS invalid username-password pair");
+        assert_eq!(cause_of(&e), "WRONGPASS invalid username-password pair");
+    }
 }

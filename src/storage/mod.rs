@@ -145,9 +145,18 @@ pub enum StoreError {
         /// The epoch the writer presented.
         mine: Epoch,
     },
-    /// The database could not be reached or the statement failed; retrying may succeed.
+    /// The database could not be reached or the statement failed; retrying may succeed. The
+    /// message includes the cause, which is therefore not also its `source()` (an error chain
+    /// printed with `{:#}` names each cause once).
     #[error("database error: {0}")]
-    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Database(Box<dyn std::error::Error + Send + Sync>),
+    /// The database could not be opened or reached when the store was created: `cause` is the
+    /// first connection's error, in one line (the file path and its directory for SQLite).
+    #[error("{cause}")]
+    Open {
+        /// What went wrong, with the path or host it concerns.
+        cause: String,
+    },
     /// Stored bytes are not what this version of Hearth wrote (or the migration failed).
     #[error("storage corrupt or incompatible: {0}")]
     Corrupt(String),

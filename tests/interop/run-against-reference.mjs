@@ -1,6 +1,6 @@
 // Validate every scenario script against the reference @hocuspocus/server (reference-server.mjs).
 // Each script gets a fresh reference server on a free loopback port, like the Rust driver
-// (tests/interop.rs) gives each script a fresh Hearth.
+// (cluster-tests/tests/interop.rs) gives each script a fresh Hearth.
 //
 //   node run-against-reference.mjs [script ...]      (default: all scripts in scripts.json)
 //

@@ -25,7 +25,8 @@
 //!
 //! Scratch files live in `<target>/test-scratch/<test>/`, wiped when the same test starts again.
 
-// `harness` is the bench's `src/harness.rs`; this module's files live in `src/harness/` too.
+// This module is `testbed` (`src/lib.rs` includes this file by path); its files live in
+// `src/harness/`.
 #[path = "client.rs"]
 pub mod client;
 #[path = "cluster.rs"]

@@ -514,6 +514,31 @@ pub(crate) fn migrate_err(e: MigrateError) -> StoreError {
     }
 }
 
+/// One line saying why a connection failed: the database's own message for an error it
+/// returned, the innermost I/O or TLS cause otherwise (sqlx's wrappers add nothing an operator
+/// needs).
+pub(crate) fn cause_of(e: &(dyn std::error::Error + 'static)) -> String {
+    if let Some(sqlx::Error::Database(db)) = e.downcast_ref::<sqlx::Error>() {
+        return match db.code() {
+            Some(code) => format!("{} (code {code})", db.message()),
+            None => db.message().to_owned(),
+        };
+    }
+    if let Some(sqlx::Error::PoolTimedOut) = e.downcast_ref::<sqlx::Error>() {
+        return "no connection within the pool's acquire timeout".into();
+    }
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let inner = s.to_string();
+        if !text.contains(&inner) {
+            text = format!("{text}: {inner}");
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// The URL without its password, for error messages.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

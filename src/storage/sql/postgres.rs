@@ -63,6 +63,7 @@ pub(super) async fn connect(url: &str, opts: &SqlOptions, t: Tables) -> Result<P
     let connect = PgConnectOptions::from_str(url)
         .map_err(db_err)?
         .options([("idle_in_transaction_session_timeout", "5000")]);
+    first_connection(&connect).await?;
     let pool = PgPoolOptions::new()
         .max_connections(opts.max_connections.max(1))
         .acquire_timeout(opts.acquire_timeout)
@@ -92,6 +93,37 @@ async fn foreign_documents_table(
     .map_err(db_err)?;
     Ok(super::foreign_table(&table, &columns))
 }
+
+/// Opens one connection outside the pool and closes it: the pool retries a failing connect
+/// until its acquire timeout and then reports only "pool timed out", while this reports the
+/// cause (connection refused, unknown host, TLS, authentication, unknown database) within
+/// [`FIRST_CONNECT_TIMEOUT`].
+async fn first_connection(connect: &PgConnectOptions) -> Result<(), StoreError> {
+    use sqlx::Connection as _;
+    let target = format!("{}:{}", connect.get_host(), connect.get_port());
+    let fail = |cause: String| StoreError::Open {
+        cause: format!("cannot connect to PostgreSQL at {target}: {cause}"),
+    };
+    match tokio::time::timeout(
+        FIRST_CONNECT_TIMEOUT,
+        sqlx::PgConnection::connect_with(connect),
+    )
+    .await
+    {
+        Err(_) => Err(fail(format!(
+            "no answer within {} s",
+            FIRST_CONNECT_TIMEOUT.as_secs()
+        ))),
+        Ok(Err(e)) => Err(fail(super::cause_of(&e))),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+    }
+}
+
+/// How long the first connection to PostgreSQL may take at start-up.
+pub(crate) const FIRST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(super) async fn acquire_epoch(p: &Pg, name: &str) -> Result<Epoch, StoreError> {
     sqlx::query_scalar(p.t.sql(

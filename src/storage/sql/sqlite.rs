@@ -82,9 +82,44 @@ pub(super) async fn connect(url: &str, opts: &SqlOptions, t: Tables) -> Result<P
                 tracing::debug!(error = %e, attempt, "opening SQLite raced another process; retrying");
                 tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
             }
+            Err(StoreError::Database(cause)) => {
+                return Err(StoreError::Open {
+                    cause: open_failure(url, &*cause),
+                });
+            }
             other => return other,
         }
     }
+}
+
+/// Why the file of `url` could not be opened, in one line: its path, the cause, and what is
+/// wrong with its directory when that explains it.
+fn open_failure(url: &str, cause: &(dyn std::error::Error + 'static)) -> String {
+    let path = SqliteConnectOptions::from_str(url)
+        .map(|o| o.get_filename().to_path_buf())
+        .unwrap_or_default();
+    let mut line = format!("cannot open {}: {}", path.display(), super::cause_of(cause));
+    let dir = match path.parent() {
+        Some(d) if d.as_os_str().is_empty() => std::path::Path::new("."),
+        Some(d) => d,
+        None => return line,
+    };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            line.push_str(&format!(
+                " (the directory {} does not exist)",
+                dir.display()
+            ));
+        }
+        Ok(m) if !m.is_dir() => {
+            line.push_str(&format!(" ({} is not a directory)", dir.display()));
+        }
+        Ok(m) if m.permissions().readonly() => {
+            line.push_str(&format!(" (the directory {} is read-only)", dir.display()));
+        }
+        _ => {}
+    }
+    line
 }
 
 async fn connect_once(url: &str, opts: &SqlOptions, t: &Tables) -> Result<Pools, StoreError> {
