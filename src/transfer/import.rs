@@ -215,20 +215,21 @@ fn load(stored: &StoredDocument, limits: &ScanLimits) -> Result<Doc, String> {
 /// decoder. A v2 update is refused with the way to convert it: yrs's v2 decoder does not
 /// round-trip every state Yjs encodes, and an import must never store a lossy copy.
 pub fn to_v1(bytes: &[u8], limits: &ScanLimits) -> Result<Vec<u8>, String> {
+    // A v2 update starts with a zero byte (its feature flags), which a v1 decoder reads as "no
+    // blocks" and may then accept as a bare delete set: a whole document's v1 state with no
+    // blocks is at most the two bytes of an empty update, so anything longer that starts with
+    // zero and decodes as v2 is v2.
+    let v2 = bytes.len() > 2
+        && bytes.first() == Some(&0)
+        && catch_unwind(AssertUnwindSafe(|| Update::decode_v2(bytes).is_ok())).unwrap_or(false);
+    if v2 {
+        return Err("a Yjs v2 update: convert it to v1 first \
+                    (Y.convertUpdateFormatV2ToV1 or Y.encodeStateAsUpdate)"
+            .into());
+    }
     match decode_guarded(bytes, limits) {
         Ok(_) => Ok(bytes.to_vec()),
-        Err(e) => {
-            let v2 = bytes.first() == Some(&0)
-                && catch_unwind(AssertUnwindSafe(|| Update::decode_v2(bytes).is_ok()))
-                    .unwrap_or(false);
-            if v2 {
-                Err("a Yjs v2 update: convert it to v1 first \
-                     (Y.convertUpdateFormatV2ToV1 or Y.encodeStateAsUpdate)"
-                    .into())
-            } else {
-                Err(format!("not a Yjs update: {e}"))
-            }
-        }
+        Err(e) => Err(format!("not a Yjs update: {e}")),
     }
 }
 
