@@ -108,7 +108,7 @@ where
             dry_run,
             ..
         }) => {
-            let source = crate::transfer::ImportSource::parse(&source, &table);
+            let source = crate::transfer::Location::parse(&source, &table);
             return transfer_command(&config, Transfer::Import { source, dry_run });
         }
         Some(Command::Export {
@@ -117,7 +117,7 @@ where
             table,
             ..
         }) => {
-            let target = crate::transfer::ExportTarget::parse(&target, &table);
+            let target = crate::transfer::Location::parse(&target, &table);
             return transfer_command(&config, Transfer::Export { target, prefix });
         }
         _ => {}
@@ -369,11 +369,11 @@ async fn serve(config: Config, extensions: Extensions) -> anyhow::Result<()> {
 /// What `hearth import` / `hearth export` were asked to do.
 enum Transfer {
     Import {
-        source: crate::transfer::ImportSource,
+        source: crate::transfer::Location,
         dry_run: bool,
     },
     Export {
-        target: crate::transfer::ExportTarget,
+        target: crate::transfer::Location,
         prefix: String,
     },
 }

@@ -1,52 +1,20 @@
-//! The import and export loops.
+//! The import loop: every source document merged into Hearth's database and verified.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::PathBuf;
 
 use bytes::Bytes;
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
 
-use super::table::{Table, is_database_url};
-use super::{Outcome, Progress, TransferError, files};
+use super::table::Table;
+use super::{Location, Outcome, PAGE, Progress, TransferError, files, load};
 use crate::protocol::scan::ScanLimits;
 use crate::protocol::update::{apply_guarded, decode_guarded};
-use crate::storage::{Append, AppendOutcome, DocumentStore, ListQuery, StoredDocument};
-
-/// Rows or documents read per page.
-const PAGE: u32 = 200;
+use crate::storage::{Append, AppendOutcome, DocumentStore, StoredDocument};
 
 /// How often an import appends again when another writer took the document's epoch between
 /// its epoch and its append.
 const FENCED_RETRIES: u32 = 3;
-
-/// Where documents come from (import) or go to (export).
-#[derive(Debug, Clone)]
-pub enum ImportSource {
-    /// A `documents(name, data)`-style table: the database URL and the table name.
-    Table {
-        /// `sqlite://PATH` or `postgres://…`.
-        url: String,
-        /// The table name (optionally `schema.table` on PostgreSQL).
-        table: String,
-    },
-    /// A directory of update files (see [`files`]).
-    Dir(PathBuf),
-}
-
-impl ImportSource {
-    /// A database URL (`sqlite:`, `postgres://`) with `table`, or else a directory path.
-    pub fn parse(source: &str, table: &str) -> ImportSource {
-        if is_database_url(source) {
-            ImportSource::Table {
-                url: source.to_owned(),
-                table: table.to_owned(),
-            }
-        } else {
-            ImportSource::Dir(PathBuf::from(source))
-        }
-    }
-}
 
 /// An import into Hearth's database.
 pub struct Import<'s> {
@@ -65,17 +33,17 @@ impl Import<'_> {
     /// or Hearth's database cannot be used at all; documents that fail are counted.
     pub async fn run(
         &self,
-        source: &ImportSource,
+        source: &Location,
         progress: &mut Progress<'_>,
     ) -> Result<(), TransferError> {
         match source {
-            ImportSource::Table { url, table } => {
+            Location::Table { url, table } => {
                 let table = Table::open(url, table, false).await?;
                 let result = self.rows_of(&table, progress).await;
                 table.close().await;
                 result
             }
-            ImportSource::Dir(dir) => {
+            Location::Dir(dir) => {
                 if !dir.is_dir() {
                     return Err(TransferError::Invalid(format!(
                         "{}: not a directory, sqlite://PATH or postgres://…",
@@ -139,7 +107,7 @@ impl Import<'_> {
         name: &str,
         bytes: Result<Vec<u8>, String>,
     ) -> Result<Outcome, TransferError> {
-        let update = match bytes.and_then(|b| to_v1(&b, &self.limits)) {
+        let update = match bytes.and_then(|b| check_update(&b, &self.limits).map(|()| b)) {
             Ok(u) => u,
             Err(reason) => return Ok(Outcome::Failed(reason)),
         };
@@ -201,20 +169,11 @@ impl Import<'_> {
     }
 }
 
-/// A stored document loaded into a fresh `Doc` with guarded decoding.
-fn load(stored: &StoredDocument, limits: &ScanLimits) -> Result<Doc, String> {
-    let doc = Doc::new();
-    for part in stored.snapshot.iter().chain(stored.updates.iter()) {
-        apply_guarded(&doc, part, limits)
-            .map_err(|e| format!("Hearth's stored state does not load: {e}"))?;
-    }
-    Ok(doc)
-}
-
-/// `bytes` checked as a Yjs v1 update (what `Y.encodeStateAsUpdate` writes) with the guarded
-/// decoder. A v2 update is refused with the way to convert it: yrs's v2 decoder does not
-/// round-trip every state Yjs encodes, and an import must never store a lossy copy.
-pub fn to_v1(bytes: &[u8], limits: &ScanLimits) -> Result<Vec<u8>, String> {
+/// Checks `bytes` as a Yjs v1 update (what `Y.encodeStateAsUpdate` writes) with the guarded
+/// decoder; the import stores them as they are. A v2 update is refused with the way to convert
+/// it: yrs's v2 decoder does not round-trip every state Yjs encodes, and an import must never
+/// store a lossy copy.
+pub fn check_update(bytes: &[u8], limits: &ScanLimits) -> Result<(), String> {
     // A v2 update starts with a zero byte (its feature flags), which a v1 decoder reads as "no
     // blocks" and may then accept as a bare delete set: a whole document's v1 state with no
     // blocks is at most the two bytes of an empty update, so anything longer that starts with
@@ -228,105 +187,7 @@ pub fn to_v1(bytes: &[u8], limits: &ScanLimits) -> Result<Vec<u8>, String> {
             .into());
     }
     match decode_guarded(bytes, limits) {
-        Ok(_) => Ok(bytes.to_vec()),
+        Ok(_) => Ok(()),
         Err(e) => Err(format!("not a Yjs update: {e}")),
-    }
-}
-
-/// Where [`export`] writes.
-#[derive(Debug, Clone)]
-pub enum ExportTarget {
-    /// A `documents(name, data)` table, created when missing.
-    Table {
-        /// `sqlite://PATH` or `postgres://…`.
-        url: String,
-        /// The table name.
-        table: String,
-    },
-    /// A directory, created when missing.
-    Dir(PathBuf),
-}
-
-impl ExportTarget {
-    /// A database URL with `table`, or else a directory path.
-    pub fn parse(target: &str, table: &str) -> ExportTarget {
-        match ImportSource::parse(target, table) {
-            ImportSource::Table { url, table } => ExportTarget::Table { url, table },
-            ImportSource::Dir(dir) => ExportTarget::Dir(dir),
-        }
-    }
-}
-
-/// Writes every document of `store` whose name starts with `prefix` to `target`, each as one
-/// v1 update of its whole state.
-pub async fn export(
-    store: &dyn DocumentStore,
-    target: &ExportTarget,
-    prefix: &str,
-    limits: &ScanLimits,
-    progress: &mut Progress<'_>,
-) -> Result<(), TransferError> {
-    let sink = match target {
-        ExportTarget::Table { url, table } => Sink::Table(Table::open(url, table, true).await?),
-        ExportTarget::Dir(dir) => {
-            std::fs::create_dir_all(dir).map_err(|source| TransferError::Io {
-                path: dir.display().to_string(),
-                source,
-            })?;
-            Sink::Dir(dir)
-        }
-    };
-    let result = export_to(store, &sink, prefix, limits, progress).await;
-    if let Sink::Table(table) = sink {
-        table.close().await;
-    }
-    result
-}
-
-/// An open export target.
-enum Sink<'a> {
-    Table(Table),
-    Dir(&'a std::path::Path),
-}
-
-async fn export_to(
-    store: &dyn DocumentStore,
-    sink: &Sink<'_>,
-    prefix: &str,
-    limits: &ScanLimits,
-    progress: &mut Progress<'_>,
-) -> Result<(), TransferError> {
-    let mut after: Option<String> = None;
-    loop {
-        let query = ListQuery {
-            prefix: prefix.to_owned(),
-            after: after.take(),
-            limit: PAGE as usize,
-        };
-        let page = store.list(&query).await?;
-        let Some(last) = page.last() else {
-            return Ok(());
-        };
-        after = Some(last.name.clone());
-        progress.total(progress.counts().total + page.len() as u64);
-        for info in page {
-            let stored = store.load(&info.name).await?;
-            let state = load(&stored, limits).map(|doc| {
-                doc.transact()
-                    .encode_state_as_update_v1(&StateVector::default())
-            });
-            let outcome = match (state, sink) {
-                (Err(reason), _) => Outcome::Failed(reason),
-                (Ok(state), Sink::Table(table)) => {
-                    table.write(&info.name, &state).await?;
-                    Outcome::Written
-                }
-                (Ok(state), Sink::Dir(dir)) => match files::write(dir, &info.name, &state) {
-                    Ok(()) => Outcome::Written,
-                    Err(reason) => Outcome::Failed(reason),
-                },
-            };
-            progress.record(&info.name, &outcome);
-        }
     }
 }

@@ -17,13 +17,53 @@
 //! runs under `catch_unwind`. One bad document is reported by name and counted as failed; the
 //! others go on.
 
+mod export;
 pub mod files;
 mod import;
 pub mod table;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use import::{ExportTarget, Import, ImportSource, export, to_v1};
+use yrs::Doc;
+
+pub use export::export;
+pub use import::{Import, check_update};
+
+use crate::protocol::scan::ScanLimits;
+use crate::protocol::update::apply_guarded;
+use crate::storage::StoredDocument;
+
+/// Rows or documents read per page.
+const PAGE: u32 = 200;
+
+/// Where documents come from (import) or go to (export).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A `documents(name, data)`-style table (created when missing by an export).
+    Table {
+        /// `sqlite://PATH` or `postgres://…`.
+        url: String,
+        /// The table name (optionally `schema.table` on PostgreSQL).
+        table: String,
+    },
+    /// A directory of update files (see [`files`]; created when missing by an export).
+    Dir(PathBuf),
+}
+
+impl Location {
+    /// A database URL (`sqlite:`, `postgres://`) with `table`, or else a directory path.
+    pub fn parse(location: &str, table: &str) -> Location {
+        if table::is_database_url(location) {
+            Location::Table {
+                url: location.to_owned(),
+                table: table.to_owned(),
+            }
+        } else {
+            Location::Dir(PathBuf::from(location))
+        }
+    }
+}
 
 /// Why a transfer could not run at all (a document that fails is counted, not an error).
 #[derive(Debug, thiserror::Error)]
@@ -140,4 +180,14 @@ impl<'a> Progress<'a> {
             (self.on_tick)(&self.counts);
         }
     }
+}
+
+/// A stored document loaded into a fresh `Doc` with guarded decoding.
+fn load(stored: &StoredDocument, limits: &ScanLimits) -> Result<Doc, String> {
+    let doc = Doc::new();
+    for part in stored.snapshot.iter().chain(stored.updates.iter()) {
+        apply_guarded(&doc, part, limits)
+            .map_err(|e| format!("Hearth's stored state does not load: {e}"))?;
+    }
+    Ok(doc)
 }

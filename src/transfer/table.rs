@@ -44,12 +44,7 @@ pub fn is_database_url(source: &str) -> bool {
 /// `name` quoted for SQL, or why it is not a table name.
 fn quote(name: &str) -> Result<String, TransferError> {
     let parts: Vec<&str> = name.split('.').collect();
-    let ident = |p: &&str| {
-        !p.is_empty()
-            && p.len() <= MAX_IDENT
-            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && !p.as_bytes()[0].is_ascii_digit()
-    };
+    let ident = |p: &&str| crate::storage::sql::is_plain_identifier(p, MAX_IDENT);
     if parts.len() > 2 || !parts.iter().all(ident) {
         return Err(TransferError::Invalid(format!(
             "--table {name:?}: expected a table name (letters, digits and _), optionally \

@@ -52,12 +52,12 @@ pub fn feed(input: &[Vec<u8>], out: &mut Outcome) {
         return;
     };
     let limits = hearth::protocol::scan::ScanLimits::default();
-    match hearth::transfer::to_v1(state, &limits) {
-        Ok(v1) => {
+    match hearth::transfer::check_update(state, &limits) {
+        Ok(()) => {
             // an update that decodes may still not apply (a parent of the wrong kind): the
             // import reports that document as failed; what must not happen is a panic
             let doc = Doc::new();
-            match hearth::protocol::update::apply_guarded(&doc, &v1, &limits) {
+            match hearth::protocol::update::apply_guarded(&doc, state, &limits) {
                 Ok(()) => out.accepted += 1,
                 Err(e) if e.contains("panic") => out.caught_panics += 1,
                 Err(_) => out.refused += 1,
@@ -67,7 +67,7 @@ pub fn feed(input: &[Vec<u8>], out: &mut Outcome) {
                 .transact()
                 .encode_state_as_update_v1(&StateVector::default());
             if !doc.transact().has_missing_updates()
-                && hearth::transfer::to_v1(&again, &limits).is_err()
+                && hearth::transfer::check_update(&again, &limits).is_err()
             {
                 out.violation = Some("an exported state is refused by import".into());
             }

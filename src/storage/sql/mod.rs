@@ -399,12 +399,7 @@ pub(crate) struct Tables {
 /// Checks a `database_table_prefix`: empty, or ASCII letters, digits and `_`, not starting with
 /// a digit, at most [`MAX_TABLE_PREFIX`] bytes. The error says what is wrong.
 pub fn check_table_prefix(prefix: &str) -> Result<(), String> {
-    let valid = prefix.len() <= MAX_TABLE_PREFIX
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && !prefix.bytes().next().is_some_and(|b| b.is_ascii_digit());
-    if valid {
+    if prefix.is_empty() || is_plain_identifier(prefix, MAX_TABLE_PREFIX) {
         Ok(())
     } else {
         Err(format!(
@@ -412,6 +407,16 @@ pub fn check_table_prefix(prefix: &str) -> Result<(), String> {
              digit, at most {MAX_TABLE_PREFIX} bytes)"
         ))
     }
+}
+
+/// True when `name` is an SQL identifier that needs no escaping anywhere: 1 to `max` bytes of
+/// ASCII letters, digits and `_`, not starting with a digit. Only such names are spliced into
+/// SQL text.
+pub fn is_plain_identifier(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
 }
 
 /// Every identifier [`Tables::sql`] prefixes.
