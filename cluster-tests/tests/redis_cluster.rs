@@ -358,7 +358,7 @@ async fn master_loss(test: &str, loss: Loss) -> anyhow::Result<()> {
         let c = Arc::new(TestClient::connect_with(&cluster.nodes[1 + d].url(), doc, opts).await?);
         paced.push(c.clone());
     }
-    let mut all: Vec<Arc<TestClient>> = clients.iter().chain(paced.iter()).cloned().collect();
+    let all: Vec<Arc<TestClient>> = clients.iter().chain(paced.iter()).cloned().collect();
     let reconnector = Reconnector::start(&all, &lb);
     let writers = Writers::start(
         &clients,
@@ -410,9 +410,8 @@ async fn master_loss(test: &str, loss: Loss) -> anyhow::Result<()> {
          reconnects"
     );
 
-    all.extend(probes.iter().cloned());
     let mut history = History::default();
-    for c in &all {
+    for c in all.iter().chain(probes.iter()) {
         history.record(c);
     }
     for doc in &docs {

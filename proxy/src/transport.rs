@@ -628,7 +628,7 @@ impl Transport {
             codec,
             me: config.me.clone(),
             inbox: inbox.clone(),
-            bcast,
+            bcast: bcast.clone(),
             seqs: rx_seqs.clone(),
             parts: parts.clone(),
             peer_reads: peer_reads.clone(),
@@ -639,6 +639,7 @@ impl Transport {
                 Watchdog {
                     sub: sub.clone(),
                     checker,
+                    channels: [inbox.clone(), bcast.clone()],
                     inbox: inbox.clone(),
                     parts: parts.clone(),
                     out: in_tx.clone(),
@@ -649,6 +650,8 @@ impl Transport {
         }
         tasks.push(tokio::spawn(resubscribe_loop(
             sub.clone(),
+            config.pubsub,
+            [inbox.clone(), bcast.clone()],
             reconnects,
             parts.clone(),
             in_tx,
@@ -1641,6 +1644,8 @@ impl InboundReceiver {
 
 async fn resubscribe_loop(
     sub: SubscriberClient,
+    mode: PubSubMode,
+    channels: [String; 2],
     mut reconnects: broadcast::Receiver<fred::types::config::Server>,
     parts: Arc<Mutex<Reassembler>>,
     out: mpsc::Sender<Inbound>,
@@ -1653,7 +1658,9 @@ async fn resubscribe_loop(
             Err(broadcast::error::RecvError::Closed) => return,
         }
         let mut delay = min_delay;
-        while let Err(error) = sub.resubscribe_all().await {
+        // our own channels, not fred's `resubscribe_all`: that sends a `SUBSCRIBE` without
+        // arguments (an error) when only shard channels are subscribed
+        while let Err(error) = subscribe(&sub, mode, channels.clone()).await {
             tracing::warn!(%error, "re-subscribe after reconnect failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(max_delay);
@@ -1670,6 +1677,8 @@ async fn resubscribe_loop(
 struct Watchdog {
     sub: SubscriberClient,
     checker: Client,
+    /// The inbox and the broadcast channel.
+    channels: [String; 2],
     inbox: String,
     parts: Arc<Mutex<Reassembler>>,
     out: mpsc::Sender<Inbound>,
@@ -1713,7 +1722,9 @@ impl Watchdog {
                 inbox = %self.inbox,
                 "the inbox has no subscriber on the master serving its slot; re-subscribing"
             );
-            if let Err(error) = self.sub.resubscribe_all().await {
+            if let Err(error) =
+                subscribe(&self.sub, PubSubMode::Sharded, self.channels.clone()).await
+            {
                 tracing::warn!(%error, "re-subscribe failed; trying again at the next check");
                 continue;
             }
