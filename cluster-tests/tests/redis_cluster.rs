@@ -213,7 +213,7 @@ async fn ownership_proxy_and_events() -> anyhow::Result<()> {
         assert_eq!(run.code, Some(0), "{run:?}");
         for c in clients.iter().filter(|c| c.doc_name() == *doc) {
             c.wait_for(&format!("{marker} at a client"), WAIT, |s| {
-                s.contents().iter().any(|m| *m == marker)
+                s.contents().contains(&marker)
             })
             .await?;
         }

@@ -650,8 +650,7 @@ impl Transport {
         }
         tasks.push(tokio::spawn(resubscribe_loop(
             sub.clone(),
-            config.pubsub,
-            [inbox.clone(), bcast.clone()],
+            (config.pubsub, [inbox.clone(), bcast.clone()]),
             reconnects,
             parts.clone(),
             in_tx,
@@ -1644,8 +1643,7 @@ impl InboundReceiver {
 
 async fn resubscribe_loop(
     sub: SubscriberClient,
-    mode: PubSubMode,
-    channels: [String; 2],
+    (mode, channels): (PubSubMode, [String; 2]),
     mut reconnects: broadcast::Receiver<fred::types::config::Server>,
     parts: Arc<Mutex<Reassembler>>,
     out: mpsc::Sender<Inbound>,
