@@ -304,8 +304,14 @@ impl Cluster {
             LockTiming::from_ttl(lock_ttl)?,
         )?
         .with_observer(Arc::new(Observer(metrics.clone())));
-        let presence =
-            presence::Presence::register(redis.clone(), transport.keys(), &me, lock_ttl).await?;
+        let presence = presence::Presence::register(
+            redis.clone(),
+            transport.keys(),
+            &me,
+            lock_ttl,
+            config.redis_pubsub_sharded(),
+        )
+        .await?;
         let fingerprints = match config.cluster_secrets() {
             Ok(secrets) => {
                 let record = fingerprint::record(transport.keys(), &me, &secrets);

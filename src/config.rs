@@ -22,6 +22,20 @@ pub enum Durability {
     Memory,
 }
 
+/// Which Redis pub/sub commands the cluster uses (`redis_pubsub`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisPubSub {
+    /// Sharded on a Redis Cluster URL (`redis-cluster://`, `rediss-cluster://`), classic
+    /// otherwise (default).
+    #[default]
+    Auto,
+    /// `PUBLISH` / `SUBSCRIBE`.
+    Classic,
+    /// `SPUBLISH` / `SSUBSCRIBE` (Redis 7 or later).
+    Sharded,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -109,6 +123,7 @@ impl SettingsGroup for ClusterSettings {
                 | "redis_tls_ca_file"
                 | "redis_tls_cert_file"
                 | "redis_tls_key_file"
+                | "redis_pubsub"
                 | "cluster_secret"
                 | "cluster_secret_file"
                 | "cluster_secret_previous"
@@ -887,6 +902,9 @@ settings! {
     redis_tls_cert_file: PathBuf = PathBuf::new(), env = "HEARTH_REDIS_TLS_CERT_FILE";
     /// PEM private key of `redis_tls_cert_file`.
     redis_tls_key_file: PathBuf = PathBuf::new(), env = "HEARTH_REDIS_TLS_KEY_FILE";
+    /// Pub/sub between nodes: `auto` (sharded on a `redis-cluster://` URL, else classic),
+    /// `classic` (`PUBLISH`/`SUBSCRIBE`) or `sharded` (`SPUBLISH`/`SSUBSCRIBE`, Redis 7+).
+    redis_pubsub: RedisPubSub = RedisPubSub::Auto, env = "HEARTH_REDIS_PUBSUB";
     /// Ownership lock time-to-live (ms); refreshed every third of it.
     lock_ttl_ms: u64 = 10000, env = "HEARTH_LOCK_TTL_MS";
     /// An owner drops a proxied attachment whose edge node was silent this long (ms).
@@ -1149,6 +1167,13 @@ impl Config {
                 );
             }
         }
+        if self.redis_is_cluster() && self.redis_pubsub == RedisPubSub::Classic {
+            return invalid(
+                "redis_pubsub",
+                "classic pub/sub cannot count a message's receivers on a Redis Cluster \
+                 (redis_url is redis-cluster://): use auto or sharded",
+            );
+        }
         crate::tokens::TokenTable::parse(&self.auth_tokens).map_err(|message| {
             ConfigError::Invalid {
                 name: "auth_tokens",
@@ -1256,6 +1281,24 @@ impl Config {
             out.push(t.to_owned());
         }
         Ok(out)
+    }
+
+    /// Whether `redis_url` names a Redis Cluster (`redis-cluster://`, `rediss-cluster://`,
+    /// and the `valkey` spellings).
+    pub fn redis_is_cluster(&self) -> bool {
+        self.redis_url
+            .split_once("://")
+            .is_some_and(|(scheme, _)| scheme.ends_with("-cluster"))
+    }
+
+    /// Whether the cluster's pub/sub is sharded: `redis_pubsub`, with `auto` resolved by
+    /// [`Config::redis_is_cluster`].
+    pub fn redis_pubsub_sharded(&self) -> bool {
+        match self.redis_pubsub {
+            RedisPubSub::Auto => self.redis_is_cluster(),
+            RedisPubSub::Classic => false,
+            RedisPubSub::Sharded => true,
+        }
     }
 
     /// True when `redis_url` is set.

@@ -40,7 +40,7 @@ async fn keys(cluster: &Cluster, pattern: &str) -> anyhow::Result<BTreeSet<Strin
     let mut out = BTreeSet::new();
     loop {
         let reply = cluster
-            .redis
+            .redis()
             .command(&["SCAN", &cursor, "MATCH", pattern, "COUNT", "1000"])
             .await?;
         let Resp::Array(Some(parts)) = reply else {

@@ -319,7 +319,7 @@ async fn with_a_cluster_secret_a_wrong_or_missing_secret_has_no_effect() -> anyh
     let stranger = NodeProcess::start(
         &scratch,
         NodeSpec::new("n9", cluster.db.url())
-            .env("HEARTH_REDIS_URL", cluster.redis.url())
+            .env("HEARTH_REDIS_URL", cluster.redis().url())
             .env("HEARTH_REDIS_PREFIX", cluster.prefix())
             .env("HEARTH_CLUSTER_SECRET", forged_secret.as_str()),
     )

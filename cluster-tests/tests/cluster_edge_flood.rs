@@ -279,7 +279,7 @@ async fn a_flooding_client_behind_an_edge_is_shed_and_nobody_else_notices() -> a
         "a subscriber connection was replaced"
     );
     let redis_log =
-        std::fs::read_to_string(scratch.join(&format!("redis-{}.log", cluster.redis.port())))
+        std::fs::read_to_string(scratch.join(&format!("redis-{}.log", cluster.redis().port())))
             .unwrap_or_default();
     assert!(
         !redis_log.contains("output buffer"),
@@ -421,7 +421,7 @@ impl PubsubClients {
 
 async fn pubsub_clients(cluster: &Cluster) -> anyhow::Result<PubsubClients> {
     let text = match cluster
-        .redis
+        .redis()
         .command(&["CLIENT", "LIST", "TYPE", "pubsub"])
         .await?
     {

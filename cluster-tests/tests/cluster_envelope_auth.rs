@@ -107,7 +107,7 @@ fn codec(auth: Auth) -> Codec {
 
 async fn publish(cluster: &Cluster, channel: &str, payload: &[u8]) -> anyhow::Result<i64> {
     match cluster
-        .redis
+        .redis()
         .command_bytes(&[b"PUBLISH", channel.as_bytes(), payload])
         .await?
     {
@@ -160,7 +160,7 @@ async fn stranger_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     );
     let inbox = keys.inbox(&n1);
     // an eavesdropper on n1's inbox (anyone with Redis access can read), from before w2 attaches
-    let tap = cluster.redis.subscribe(&inbox).await?;
+    let tap = cluster.redis().subscribe(&inbox).await?;
     let w1 = TestClient::connect_with(&cluster.nodes[0].url(), DOC, ClientOptions::labelled("w1"))
         .await?;
     let w2 = TestClient::connect_with(&cluster.nodes[1].url(), DOC, ClientOptions::labelled("w2"))
@@ -189,7 +189,10 @@ async fn stranger_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     drop(tap);
     let deadline = Instant::now() + WAIT;
     loop {
-        let subscribers = cluster.redis.command(&["PUBSUB", "NUMSUB", &inbox]).await?;
+        let subscribers = cluster
+            .redis()
+            .command(&["PUBSUB", "NUMSUB", &inbox])
+            .await?;
         if matches!(&subscribers, Resp::Array(Some(v)) if v.get(1) == Some(&Resp::Int(1))) {
             break;
         }

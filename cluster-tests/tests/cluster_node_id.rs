@@ -28,7 +28,7 @@ async fn start_duplicate(cluster: &Cluster, id: &str) -> anyhow::Result<(Option<
     }
     cmd.args(["--listen", "127.0.0.1:0", "--node-id", id])
         .args(["--database-url", cluster.db.url()])
-        .env("HEARTH_REDIS_URL", cluster.redis.url())
+        .env("HEARTH_REDIS_URL", cluster.redis().url())
         .env("HEARTH_REDIS_PREFIX", cluster.prefix())
         .env("HEARTH_CLUSTER_SECRET", cluster.secret())
         .env("HEARTH_LOCK_TTL_MS", LOCK_TTL_MS.to_string())

@@ -83,7 +83,7 @@ async fn redis_restart_keeps_fencing_and_recovers() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let before = cluster.epochs()?;
         let restarted_at = Instant::now();
-        cluster.redis.restart().await?;
+        cluster.redis_mut().restart().await?;
         let redis_back = restarted_at.elapsed();
 
         // Recovered = the lock is held again and exactly its holder lists the document (the

@@ -18,7 +18,7 @@ async fn a_client_reset_before_any_answer_gets_a_message_first() -> anyhow::Resu
     let scratch = Scratch::new(test)?;
     let cluster = Cluster::start(&scratch, ClusterSpec::new(1).lock_ttl_ms(2000)).await?;
     let doc = "reset-backoff";
-    cluster.redis.stop()?;
+    cluster.redis().stop()?;
     let socket = RawSocket::connect(&cluster.nodes[0].url()).await?;
     socket.send(auth_frame(doc, "rw", Some("4.8.0")));
     socket.send(step1(doc));
@@ -27,7 +27,7 @@ async fn a_client_reset_before_any_answer_gets_a_message_first() -> anyhow::Resu
     while socket.closed().is_none() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    cluster.redis.cont()?;
+    cluster.redis().cont()?;
     let closed = socket.closed();
     let transcript = socket.transcript(doc);
     eprintln!("[{test}] frames {transcript:?}, then {closed:?}");

@@ -26,6 +26,15 @@
 //!   subscriptions and only *then* emits [`Inbound::Resubscribed`]. (This replaces fred's
 //!   `manage_subscriptions()`, which re-subscribes in a task of its own and can't say when it is
 //!   done; a resync triggered before the subscription is back could lose its own replies.)
+//! * with sharded pub/sub, a **subscription watchdog**: every
+//!   [`TransportConfig::subscription_check`] it has the subscriber re-read the cluster's
+//!   topology (on a Redis Cluster: a master promoted since is connected, which re-subscribes as
+//!   above) and asks the master serving the inbox's slot whether the inbox still has a
+//!   subscriber (`PUBSUB SHARDNUMSUB`, on a client of its own). A master that lost its slots
+//!   (`CLUSTER FAILOVER`, a slot migration) drops its shard channels' subscribers without
+//!   closing their connections, and a promoted replica starts with none, so without it a node
+//!   could stay deaf. Two checks in a row finding none re-subscribe everything and report
+//!   [`Inbound::Resubscribed`].
 //!
 //! Failure policy: the outbound queue is bounded, in envelopes and in bytes
 //! ([`TransportConfig::max_outbound_bytes`], counting until Redis has answered a publish), and a
@@ -115,6 +124,9 @@ pub struct TransportConfig {
     pub reconnect_max: Duration,
     /// Classic or sharded pub/sub. Default classic.
     pub pubsub: PubSubMode,
+    /// With sharded pub/sub, how often the subscription watchdog checks that the inbox is
+    /// still subscribed on the master serving its slot (see the module docs). Default 1 s.
+    pub subscription_check: Duration,
     /// TLS settings that replace those the URL implies (a private CA, a client certificate);
     /// `None` keeps the URL's (`rediss://` verifies the server against the system's roots).
     pub tls: Option<fred::types::config::TlsConfig>,
@@ -140,6 +152,7 @@ impl TransportConfig {
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
             pubsub: PubSubMode::Classic,
+            subscription_check: Duration::from_secs(1),
             tls: None,
         }
     }
@@ -175,9 +188,12 @@ impl TransportConfig {
                 "reassembly.max_buffered_bytes must be >= reassembly.max_frame_bytes".into(),
             ));
         }
-        if self.command_timeout.is_zero() || self.reconnect_min.is_zero() {
+        if self.command_timeout.is_zero()
+            || self.reconnect_min.is_zero()
+            || self.subscription_check.is_zero()
+        {
             return Err(ProxyError::Config(
-                "command_timeout and reconnect_min must be > 0".into(),
+                "command_timeout, reconnect_min and subscription_check must be > 0".into(),
             ));
         }
         Ok(())
@@ -466,6 +482,8 @@ struct Inner {
     max_frame_bytes: usize,
     sub: SubscriberClient,
     publisher: Client,
+    /// The subscription watchdog's client (sharded pub/sub only).
+    checker: Option<Client>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -477,13 +495,19 @@ impl Drop for Inner {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let sub = self.sub.clone();
             let publisher = self.publisher.clone();
-            // after `shutdown` both are closed already; quitting again only makes fred warn
+            let checker = self.checker.clone();
+            // after `shutdown` all are closed already; quitting again only makes fred warn
             handle.spawn(async move {
                 if sub.is_connected() {
                     let _ = sub.quit().await;
                 }
                 if publisher.is_connected() {
                     let _ = publisher.quit().await;
+                }
+                if let Some(checker) = checker
+                    && checker.is_connected()
+                {
+                    let _ = checker.quit().await;
                 }
             });
         }
@@ -548,6 +572,12 @@ impl Transport {
             b.with_performance_config(|p| p.broadcast_channel_capacity = capacity);
             b.build_subscriber_client()?
         };
+        // the watchdog's own client: a subscribed connection cannot ask PUBSUB questions, and
+        // the publisher must not follow redirections (one attempt per publish)
+        let checker = match config.pubsub {
+            PubSubMode::Sharded => Some(builder.build()?),
+            PubSubMode::Classic => None,
+        };
 
         sub.init().await?;
         let messages = sub.message_rx();
@@ -557,8 +587,13 @@ impl Transport {
             Ok(()) => publisher.init().await.map(drop),
             Err(e) => Err(e),
         };
+        let published = match (&checker, published) {
+            (Some(checker), Ok(())) => checker.init().await.map(drop),
+            (_, other) => other,
+        };
         if let Err(e) = published {
             let _ = sub.quit().await;
+            let _ = publisher.quit().await;
             return Err(e.into());
         }
 
@@ -593,22 +628,35 @@ impl Transport {
             codec,
             me: config.me.clone(),
             inbox: inbox.clone(),
-            bcast,
+            bcast: bcast.clone(),
             seqs: rx_seqs.clone(),
             parts: parts.clone(),
             peer_reads: peer_reads.clone(),
         };
-        let tasks = vec![
-            tokio::spawn(writer.run()),
-            tokio::spawn(resubscribe_loop(
-                sub.clone(),
-                reconnects,
-                parts.clone(),
-                in_tx,
-                config.reconnect_min,
-                config.reconnect_max,
-            )),
-        ];
+        let mut tasks = vec![tokio::spawn(writer.run())];
+        if let Some(checker) = checker.clone() {
+            tasks.push(tokio::spawn(
+                Watchdog {
+                    sub: sub.clone(),
+                    checker,
+                    channels: [inbox.clone(), bcast.clone()],
+                    inbox: inbox.clone(),
+                    parts: parts.clone(),
+                    out: in_tx.clone(),
+                    every: config.subscription_check,
+                }
+                .run(),
+            ));
+        }
+        tasks.push(tokio::spawn(resubscribe_loop(
+            sub.clone(),
+            (config.pubsub, [inbox.clone(), bcast.clone()]),
+            reconnects,
+            parts.clone(),
+            in_tx,
+            config.reconnect_min,
+            config.reconnect_max,
+        )));
 
         let transport = Transport {
             inner: Arc::new(Inner {
@@ -629,6 +677,7 @@ impl Transport {
                 max_frame_bytes: config.reassembly.max_frame_bytes,
                 sub,
                 publisher,
+                checker,
                 tasks,
             }),
         };
@@ -802,6 +851,9 @@ impl Transport {
         }
         let _ = self.inner.sub.quit().await;
         let _ = self.inner.publisher.quit().await;
+        if let Some(checker) = &self.inner.checker {
+            let _ = checker.quit().await;
+        }
     }
 }
 
@@ -1591,6 +1643,7 @@ impl InboundReceiver {
 
 async fn resubscribe_loop(
     sub: SubscriberClient,
+    (mode, channels): (PubSubMode, [String; 2]),
     mut reconnects: broadcast::Receiver<fred::types::config::Server>,
     parts: Arc<Mutex<Reassembler>>,
     out: mpsc::Sender<Inbound>,
@@ -1603,7 +1656,9 @@ async fn resubscribe_loop(
             Err(broadcast::error::RecvError::Closed) => return,
         }
         let mut delay = min_delay;
-        while let Err(error) = sub.resubscribe_all().await {
+        // our own channels, not fred's `resubscribe_all`: that sends a `SUBSCRIBE` without
+        // arguments (an error) when only shard channels are subscribed
+        while let Err(error) = subscribe(&sub, mode, channels.clone()).await {
             tracing::warn!(%error, "re-subscribe after reconnect failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(max_delay);
@@ -1612,6 +1667,70 @@ async fn resubscribe_loop(
         tracing::info!("pub/sub re-subscribed after reconnect; reporting a gap on every link");
         if out.send(Inbound::Resubscribed).await.is_err() {
             return;
+        }
+    }
+}
+
+/// The subscription watchdog of sharded pub/sub (see the module docs).
+struct Watchdog {
+    sub: SubscriberClient,
+    checker: Client,
+    /// The inbox and the broadcast channel.
+    channels: [String; 2],
+    inbox: String,
+    parts: Arc<Mutex<Reassembler>>,
+    out: mpsc::Sender<Inbound>,
+    every: Duration,
+}
+
+impl Watchdog {
+    async fn run(self) {
+        use fred::interfaces::ClusterInterface as _;
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut missing = 0u32;
+        loop {
+            tick.tick().await;
+            if self.sub.is_clustered() {
+                // a master promoted since the last look is connected now, which fires the
+                // reconnect event the resubscribe task answers
+                if let Err(error) = self.sub.sync_cluster().await {
+                    tracing::debug!(%error, "cluster topology refresh failed");
+                }
+            }
+            let reply: Result<Vec<fred::types::Value>, _> =
+                self.checker.pubsub_shardnumsub(self.inbox.clone()).await;
+            let subscribers = match reply {
+                Ok(reply) => reply.get(1).and_then(fred::types::Value::as_i64),
+                Err(error) => {
+                    tracing::debug!(%error, "inbox subscription check failed");
+                    None
+                }
+            };
+            match subscribers {
+                Some(0) => missing += 1,
+                Some(_) => missing = 0,
+                None => {}
+            }
+            if missing < 2 {
+                continue;
+            }
+            tracing::warn!(
+                inbox = %self.inbox,
+                "the inbox has no subscriber on the master serving its slot; re-subscribing"
+            );
+            if let Err(error) =
+                subscribe(&self.sub, PubSubMode::Sharded, self.channels.clone()).await
+            {
+                tracing::warn!(%error, "re-subscribe failed; trying again at the next check");
+                continue;
+            }
+            missing = 0;
+            lock(&self.parts).clear();
+            if self.out.send(Inbound::Resubscribed).await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -21,7 +21,8 @@ use std::time::Duration;
 use fred::prelude::ClientLike as _;
 use hearth_lock::{HolderId, LockClient, LockTiming};
 use hearth_proxy::{
-    Auth, Body, Inbound, NodeAddr, NodeId, Rpc, RpcError, RpcFailure, Transport, TransportConfig,
+    Auth, Body, Inbound, NodeAddr, NodeId, PubSubMode, Rpc, RpcError, RpcFailure, Transport,
+    TransportConfig,
 };
 use tracing::debug;
 
@@ -46,6 +47,11 @@ pub(crate) fn transport_config(
     tc.auth = Auth::new(&config.cluster_secrets()?);
     tc.max_envelope_bytes = max_payload_bytes(config) + 4096;
     tc.batching = config.cluster_batching;
+    tc.pubsub = if config.redis_pubsub_sharded() {
+        PubSubMode::Sharded
+    } else {
+        PubSubMode::Classic
+    };
     Ok(tc)
 }
 

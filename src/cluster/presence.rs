@@ -25,7 +25,12 @@
 //! process never overwrites or deletes another's record (a missing record, after a Redis
 //! restart, is re-created).
 //!
-//! Classic pub/sub only: with sharded pub/sub the check would need `PUBSUB SHARDNUMSUB`.
+//! With sharded pub/sub (`redis_pubsub`, a Redis Cluster) the subscriber count is
+//! `PUBSUB SHARDNUMSUB`, asked once per channel so that each question goes to the master that
+//! serves the channel's slot (only that node knows its shard's subscribers; classic
+//! `PUBSUB NUMSUB` on a cluster only counts the node asked). Right after a master failover the
+//! promoted replica has no subscriber on its channels until every node has re-subscribed them,
+//! so a count of 0 there is evidence only once it has stayed 0 for [`CONFIRM_EXIT`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -42,6 +47,14 @@ use super::ClusterError;
 
 /// How many times registration retries after losing a race for the record.
 const ATTEMPTS: usize = 3;
+
+/// With sharded pub/sub, how long a channel must keep showing no subscriber before its process
+/// counts as exited: longer than a node takes to re-subscribe after a master failover (its
+/// reconnect backoff is at most 2 s).
+pub(super) const CONFIRM_EXIT: Duration = Duration::from_secs(3);
+
+/// How often the count is asked again while [`CONFIRM_EXIT`] runs.
+const CONFIRM_STEP: Duration = Duration::from_millis(300);
 
 /// Replace the record only if it still holds the incarnation found dead.
 const TAKE_OVER: &str = r"
@@ -74,6 +87,8 @@ return 0
 #[derive(Debug)]
 pub(super) struct Presence {
     redis: Client,
+    /// Subscriber counts with `PUBSUB SHARDNUMSUB` (sharded pub/sub) instead of `NUMSUB`.
+    sharded: bool,
     key: String,
     value: String,
     ttl_ms: i64,
@@ -93,8 +108,10 @@ impl Presence {
         keys: &Keys,
         me: &NodeAddr,
         ttl: Duration,
+        sharded: bool,
     ) -> Result<Presence, ClusterError> {
         let presence = Presence {
+            sharded,
             key: keys.node_key(&me.id),
             value: me.inc.to_string(),
             ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1),
@@ -192,32 +209,49 @@ impl Presence {
             .is_empty()
     }
 
-    /// Of `addrs`, those with evidence of having exited (as [`Presence::has_exited`]), asked in
-    /// one `PUBSUB NUMSUB` for all of them and `me`. Empty when Redis cannot be asked or `me`'s
-    /// own inbox shows no subscriber.
+    /// Of `addrs`, those with evidence of having exited (as [`Presence::has_exited`]), asked for
+    /// all of them and `me` at once. Empty when Redis cannot be asked or `me`'s own inbox shows
+    /// no subscriber. With sharded pub/sub a process counts as exited only when its inbox shows
+    /// no subscriber in every check for [`CONFIRM_EXIT`] (a master failover empties a shard's
+    /// subscriptions until the nodes re-subscribe).
     pub(super) async fn exited_of(
         &self,
         keys: &Keys,
         addrs: &[NodeAddr],
         me: &NodeAddr,
     ) -> Vec<NodeAddr> {
+        let mut candidates = self.exited_once(keys, addrs, me).await;
+        if !self.sharded || candidates.is_empty() {
+            return candidates;
+        }
+        let deadline = tokio::time::Instant::now() + CONFIRM_EXIT;
+        while !candidates.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(CONFIRM_STEP).await;
+            candidates = self.exited_once(keys, &candidates, me).await;
+        }
+        if !candidates.is_empty() {
+            debug!(
+                exited = candidates.len(),
+                "inboxes without a subscriber for the whole confirmation period"
+            );
+        }
+        candidates
+    }
+
+    /// One check of [`Presence::exited_of`].
+    async fn exited_once(&self, keys: &Keys, addrs: &[NodeAddr], me: &NodeAddr) -> Vec<NodeAddr> {
         if addrs.is_empty() {
             return Vec::new();
         }
         let mut channels: Vec<String> = addrs.iter().map(|a| keys.inbox(a)).collect();
         channels.push(keys.inbox(me));
-        let reply: Vec<Value> = match self.redis.pubsub_numsub(channels).await {
-            Ok(r) => r,
+        let counts = match self.subscribers(channels).await {
+            Ok(c) => c,
             Err(e) => {
                 debug!(error = %e, "liveness check failed");
                 return Vec::new();
             }
         };
-        // [channel, count, channel, count, …] in the order asked
-        let counts: Vec<i64> = reply
-            .chunks(2)
-            .map(|pair| pair.get(1).and_then(Value::as_i64).unwrap_or(0))
-            .collect();
         if counts.len() != addrs.len() + 1 || counts.last().is_none_or(|&mine| mine == 0) {
             return Vec::new();
         }
@@ -229,19 +263,57 @@ impl Presence {
             .collect()
     }
 
-    /// Whether the process `addr` runs: its inbox channel has a subscriber (`PUBSUB NUMSUB`).
-    /// A process subscribes its inbox before it registers and keeps it subscribed until it
-    /// exits, and Redis drops the subscription as soon as the process's connection closes, so
-    /// `false` is evidence that it has exited. A frozen process still counts as running.
+    /// The subscriber count of each of `channels`, in order: one `PUBSUB NUMSUB` for all of
+    /// them, or with sharded pub/sub one `PUBSUB SHARDNUMSUB` per channel (each routed to the
+    /// master serving its slot), asked concurrently.
+    async fn subscribers(&self, channels: Vec<String>) -> Result<Vec<i64>, ClusterError> {
+        // [channel, count, channel, count, …] in the order asked
+        let counts = |reply: Vec<Value>| -> Vec<i64> {
+            reply
+                .chunks(2)
+                .map(|pair| pair.get(1).and_then(Value::as_i64).unwrap_or(0))
+                .collect()
+        };
+        if !self.sharded {
+            let reply: Vec<Value> = self
+                .redis
+                .pubsub_numsub(channels)
+                .await
+                .map_err(redis_err)?;
+            return Ok(counts(reply));
+        }
+        let asks = channels
+            .into_iter()
+            .map(|c| self.redis.pubsub_shardnumsub::<Vec<Value>, _>(c));
+        let mut out = Vec::new();
+        for reply in futures_util::future::join_all(asks).await {
+            out.extend(counts(reply.map_err(redis_err)?).first().copied());
+        }
+        Ok(out)
+    }
+
+    /// Whether the process `addr` runs: its inbox channel has a subscriber (`PUBSUB NUMSUB`, or
+    /// `SHARDNUMSUB` confirmed over [`CONFIRM_EXIT`] with sharded pub/sub). A process subscribes
+    /// its inbox before it registers and keeps it subscribed until it exits, and Redis drops the
+    /// subscription as soon as the process's connection closes, so `false` is evidence that it
+    /// has exited. A frozen process still counts as running.
     async fn is_running(&self, keys: &Keys, addr: &NodeAddr) -> Result<bool, ClusterError> {
-        let reply: Vec<Value> = self
-            .redis
-            .pubsub_numsub(keys.inbox(addr))
-            .await
-            .map_err(redis_err)?;
-        // [channel, count]
-        let subscribers = reply.get(1).and_then(Value::as_i64).unwrap_or(0);
-        Ok(subscribers > 0)
+        let deadline = tokio::time::Instant::now() + CONFIRM_EXIT;
+        loop {
+            let subscribers = self
+                .subscribers(vec![keys.inbox(addr)])
+                .await?
+                .first()
+                .copied()
+                .unwrap_or(0);
+            if subscribers > 0 {
+                return Ok(true);
+            }
+            if !self.sharded || tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(CONFIRM_STEP).await;
+        }
     }
 
     /// Extends the record (every `lock_ttl/3`). Logs an error when another incarnation holds it:
@@ -297,8 +369,33 @@ pub(super) async fn scan_nodes(
 ) -> Result<Vec<(String, String)>, ClusterError> {
     let probe = keys.node_key(&hearth_proxy::NodeId::new("x")?);
     let prefix = probe.strip_suffix('x').unwrap_or(&probe).to_owned();
-    let mut cursor = "0".to_owned();
     let mut out = Vec::new();
+    if redis.is_clustered() {
+        // SCAN walks one node's keys: ask every master (the record keys carry no hash tag,
+        // so they are spread over the cluster)
+        use futures_util::StreamExt as _;
+        let mut found = Vec::new();
+        let mut stream =
+            std::pin::pin!(redis.scan_cluster_buffered(format!("{prefix}*"), Some(500), None));
+        while let Some(key) = stream.next().await {
+            let key = key.map_err(redis_err)?;
+            if let Some(key) = key.as_str() {
+                found.push(key.to_owned());
+            }
+            if found.len() > 1_000_000 {
+                break;
+            }
+        }
+        for key in found {
+            let inc: Option<String> = redis.get(&key).await.map_err(redis_err)?;
+            if let (Some(id), Some(inc)) = (key.strip_prefix(&prefix), inc) {
+                out.push((id.to_owned(), inc));
+            }
+        }
+        out.sort();
+        return Ok(out);
+    }
+    let mut cursor = "0".to_owned();
     for _ in 0..10_000 {
         let (next, batch): (String, Vec<String>) = redis
             .custom(

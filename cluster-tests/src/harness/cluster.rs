@@ -31,6 +31,7 @@ use super::lb::Lb;
 use super::node::{NodeProcess, NodeSpec, hearth_bin};
 use super::pg::PgDatabase;
 use super::redis::{RedisProcess, Resp};
+use super::redis_cluster::RedisCluster;
 use super::{Scratch, WAIT};
 
 /// What to start: node count, lock TTL, cluster secret, extra settings for every node.
@@ -51,6 +52,9 @@ pub struct ClusterSpec {
     pub args: Vec<String>,
     /// The server binary of every node (default: [`hearth_bin`]).
     pub bin: Option<PathBuf>,
+    /// Run on a private Redis Cluster ([`RedisCluster`], `redis-cluster://` URL) instead of
+    /// one `redis-server`.
+    pub redis_cluster: bool,
 }
 
 impl ClusterSpec {
@@ -64,7 +68,14 @@ impl ClusterSpec {
             env: Vec::new(),
             args: Vec::new(),
             bin: None,
+            redis_cluster: false,
         }
+    }
+
+    /// On a private Redis Cluster (3 masters, 3 replicas) instead of one `redis-server`.
+    pub fn on_redis_cluster(mut self) -> ClusterSpec {
+        self.redis_cluster = true;
+        self
     }
 
     /// Runs `bin` instead of the stock `hearth` on every node (e.g. `hearth-test-server`).
@@ -193,17 +204,26 @@ impl Metrics {
     }
 }
 
-/// Nodes `n1..=nN` on one fresh PostgreSQL database and one private Redis, behind a round-robin
-/// balancer over all of them. Dropping it kills the nodes first, then Redis, then drops the
-/// database (fields drop in declaration order).
+/// The Redis a [`Cluster`] runs on.
+#[derive(Debug)]
+pub enum RedisBackend {
+    /// One `redis-server`.
+    Single(RedisProcess),
+    /// A Redis Cluster.
+    Cluster(RedisCluster),
+}
+
+/// Nodes `n1..=nN` on one fresh PostgreSQL database and one private Redis (or Redis Cluster),
+/// behind a round-robin balancer over all of them. Dropping it kills the nodes first, then
+/// Redis, then drops the database (fields drop in declaration order).
 #[derive(Debug)]
 pub struct Cluster {
     /// The balancer (initially over every node).
     pub lb: Lb,
     /// The nodes, `nodes[i]` has id `n{i+1}`.
     pub nodes: Vec<NodeProcess>,
-    /// The Redis server.
-    pub redis: RedisProcess,
+    /// The Redis server or cluster.
+    pub redis_backend: RedisBackend,
     /// The shared database.
     pub db: PgDatabase,
     prefix: String,
@@ -215,10 +235,18 @@ impl Cluster {
     /// Starts Redis, a fresh database and the nodes (concurrently), then the balancer.
     pub async fn start(scratch: &Scratch, spec: ClusterSpec) -> anyhow::Result<Cluster> {
         let db = PgDatabase::create()?;
-        let redis = RedisProcess::start(scratch).await?;
+        let redis = if spec.redis_cluster {
+            RedisBackend::Cluster(RedisCluster::start(scratch).await?)
+        } else {
+            RedisBackend::Single(RedisProcess::start(scratch).await?)
+        };
+        let redis_url = match &redis {
+            RedisBackend::Single(r) => r.url(),
+            RedisBackend::Cluster(c) => c.url(),
+        };
         let starts = (1..=spec.nodes).map(|i| {
             let mut node = NodeSpec::new(format!("n{i}"), db.url())
-                .env("HEARTH_REDIS_URL", redis.url())
+                .env("HEARTH_REDIS_URL", redis_url.clone())
                 .env("HEARTH_LOCK_TTL_MS", spec.lock_ttl_ms.to_string())
                 .env("HEARTH_REDIS_PREFIX", spec.prefix.clone())
                 .env("HEARTH_CLUSTER_SECRET", spec.secret.clone())
@@ -237,12 +265,65 @@ impl Cluster {
         Ok(Cluster {
             lb,
             nodes,
-            redis,
+            redis_backend: redis,
             db,
             prefix: spec.prefix,
             secret: spec.secret,
             lock_ttl: Duration::from_millis(spec.lock_ttl_ms),
         })
+    }
+
+    /// The single `redis-server` the nodes run on.
+    ///
+    /// # Panics
+    ///
+    /// On a Redis Cluster ([`ClusterSpec::on_redis_cluster`]): use [`Cluster::redis_cluster`].
+    pub fn redis(&self) -> &RedisProcess {
+        match &self.redis_backend {
+            RedisBackend::Single(r) => r,
+            RedisBackend::Cluster(_) => panic!("this cluster runs on a Redis Cluster"),
+        }
+    }
+
+    /// [`Cluster::redis`], mutable (restart, kill).
+    ///
+    /// # Panics
+    ///
+    /// On a Redis Cluster.
+    pub fn redis_mut(&mut self) -> &mut RedisProcess {
+        match &mut self.redis_backend {
+            RedisBackend::Single(r) => r,
+            RedisBackend::Cluster(_) => panic!("this cluster runs on a Redis Cluster"),
+        }
+    }
+
+    /// The Redis Cluster the nodes run on.
+    ///
+    /// # Panics
+    ///
+    /// On a single `redis-server`.
+    pub fn redis_cluster(&mut self) -> &mut RedisCluster {
+        match &mut self.redis_backend {
+            RedisBackend::Cluster(c) => c,
+            RedisBackend::Single(_) => panic!("this cluster runs on one redis-server"),
+        }
+    }
+
+    /// The URL the nodes were given (`redis://…` or `redis-cluster://…`).
+    pub fn redis_url(&self) -> String {
+        match &self.redis_backend {
+            RedisBackend::Single(r) => r.url(),
+            RedisBackend::Cluster(c) => c.url(),
+        }
+    }
+
+    /// Runs one Redis command: on the single server, or on the Redis Cluster node serving the
+    /// command's key.
+    pub async fn redis_command(&self, args: &[&str]) -> anyhow::Result<Resp> {
+        match &self.redis_backend {
+            RedisBackend::Single(r) => r.command(args).await,
+            RedisBackend::Cluster(c) => c.command(args).await,
+        }
     }
 
     /// The cluster secret the nodes run with.
@@ -288,12 +369,21 @@ impl Cluster {
             .flatten())
     }
 
-    /// The lock holders of `docs`, read with one `MGET` (one atomic snapshot of Redis).
+    /// The lock holders of `docs`, read with one `MGET` (one atomic snapshot of Redis); on a
+    /// Redis Cluster, where the keys live on different masters, with one `GET` each.
     pub async fn holders(&self, docs: &[String]) -> anyhow::Result<Vec<Option<LockHolder>>> {
         let keys: Vec<String> = docs.iter().map(|d| self.lock_key(d)).collect();
+        if let RedisBackend::Cluster(c) = &self.redis_backend {
+            let mut out = Vec::new();
+            for k in &keys {
+                let v = c.command(&["GET", k]).await?;
+                out.push(v.as_str().and_then(|s| LockHolder::parse(&s)));
+            }
+            return Ok(out);
+        }
         let mut args: Vec<&str> = vec!["MGET"];
         args.extend(keys.iter().map(String::as_str));
-        match self.redis.command(&args).await? {
+        match self.redis().command(&args).await? {
             Resp::Array(Some(items)) if items.len() == docs.len() => Ok(items
                 .iter()
                 .map(|v| v.as_str().and_then(|s| LockHolder::parse(&s)))
@@ -349,7 +439,7 @@ impl Cluster {
     /// The incarnation node `id` last published (`<prefix>:node:<id>`), if its key is alive.
     pub async fn incarnation(&self, id: &str) -> anyhow::Result<Option<String>> {
         let key = format!("{}:node:{id}", self.prefix);
-        Ok(self.redis.command(&["GET", &key]).await?.as_str())
+        Ok(self.redis_command(&["GET", &key]).await?.as_str())
     }
 
     /// `GET /cluster/owned` on node `i`'s operator listener: the documents it says it serves.
@@ -408,7 +498,7 @@ impl Cluster {
             }
         }
         cmd.args(args)
-            .env("HEARTH_REDIS_URL", self.redis.url())
+            .env("HEARTH_REDIS_URL", self.redis_url())
             .env("HEARTH_REDIS_PREFIX", &self.prefix)
             .env("HEARTH_CLUSTER_SECRET", &self.secret)
             .env("RUST_LOG", "error")

@@ -40,6 +40,11 @@ impl RedisProcess {
     /// Starts `redis-server --port P --save "" --appendonly no --bind 127.0.0.1` on a free port
     /// and waits (≤ 10 s) until it answers PING.
     pub async fn start(scratch: &Scratch) -> anyhow::Result<RedisProcess> {
+        Self::start_with(scratch, Vec::new()).await
+    }
+
+    /// [`RedisProcess::start`] with further `redis-server` arguments (e.g. cluster mode).
+    pub async fn start_with(scratch: &Scratch, extra: Vec<String>) -> anyhow::Result<RedisProcess> {
         let port = free_port()?;
         let dir = scratch.join(&format!("redis-{port}"));
         std::fs::create_dir_all(&dir)?;
@@ -49,7 +54,7 @@ impl RedisProcess {
             dir,
             log,
             child: None,
-            extra: Vec::new(),
+            extra,
             tls_port: None,
         };
         r.launch().await?;
@@ -165,6 +170,11 @@ impl RedisProcess {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Whether the process was started and not killed since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// SIGKILL and reap (the data is gone).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -211,8 +221,15 @@ impl RedisProcess {
 
     /// [`command`](Self::command) with binary-safe arguments (e.g. `PUBLISH` of raw bytes).
     pub async fn command_bytes(&self, args: &[&[u8]]) -> anyhow::Result<Resp> {
+        command_on(self.port, args).await
+    }
+}
+
+/// Runs one command on the Redis at `127.0.0.1:port` over a fresh connection (≤ 5 s).
+pub async fn command_on(port: u16, args: &[&[u8]]) -> anyhow::Result<Resp> {
+    {
         let fut = async {
-            let mut s = TcpStream::connect(("127.0.0.1", self.port)).await?;
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
             let mut req = format!("*{}\r\n", args.len()).into_bytes();
             for a in args {
                 req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());

@@ -5,6 +5,8 @@
 //! * [`node`] — [`NodeProcess`]: one `hearth` process (start, SIGKILL, SIGTERM, SIGSTOP/SIGCONT,
 //!   restart on the same port, `/readyz`, log file kept per test).
 //! * [`redis`] — [`RedisProcess`]: a private `redis-server` on a free port.
+//! * [`redis_cluster`] — [`RedisCluster`]: a private Redis Cluster (3 masters, 3 replicas) with
+//!   its faults (SIGKILL of the master serving a key, `CLUSTER FAILOVER`).
 //! * [`pg`] — [`PgDatabase`] (a fresh database on a shared server) and [`PgCluster`] (a private
 //!   PostgreSQL cluster this test may stop and start).
 //! * [`lb`] — [`Lb`]: a round-robin TCP load balancer over a mutable backend list.
@@ -43,6 +45,8 @@ pub mod pg;
 pub mod raw;
 #[path = "redis.rs"]
 pub mod redis;
+#[path = "redis_cluster.rs"]
+pub mod redis_cluster;
 #[path = "tls.rs"]
 pub mod tls;
 #[path = "witness.rs"]
@@ -58,14 +62,15 @@ use anyhow::Context as _;
 
 pub use client::{ClientOptions, Snapshot, TestClient};
 pub use cluster::{
-    CliRun, Cluster, ClusterSpec, LockHolder, Metrics, Reconnector, StoredRow, marker_hits,
-    probe_writable, random_secret, wait_all_acked, wait_converged,
+    CliRun, Cluster, ClusterSpec, LockHolder, Metrics, Reconnector, RedisBackend, StoredRow,
+    marker_hits, probe_writable, random_secret, wait_all_acked, wait_converged,
 };
 pub use lb::Lb;
 pub use node::{NodeProcess, NodeSpec};
 pub use pg::{PgCluster, PgDatabase};
 pub use raw::RawSocket;
 pub use redis::RedisProcess;
+pub use redis_cluster::RedisCluster;
 pub use tls::TestPki;
 pub use workload::{History, Verdict, Writers};
 
