@@ -1527,6 +1527,35 @@ mod secret_tests {
     }
 
     #[test]
+    fn redis_pubsub_follows_the_url_and_refuses_classic_on_a_redis_cluster() {
+        let on = |url: &str, mode: RedisPubSub| {
+            cluster(|c| {
+                c.redis_url = url.into();
+                c.redis_pubsub = mode;
+                c.cluster_secret = STRONG.into();
+            })
+        };
+        let standalone = on("redis://127.0.0.1:6379", RedisPubSub::Auto);
+        assert!(standalone.validate().is_ok());
+        assert!(!standalone.redis_pubsub_sharded());
+        assert!(
+            on("redis://127.0.0.1:6379", RedisPubSub::Sharded).redis_pubsub_sharded(),
+            "sharded may be chosen on a standalone Redis 7"
+        );
+        for url in [
+            "redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001",
+            "rediss-cluster://127.0.0.1:7000",
+        ] {
+            let auto = on(url, RedisPubSub::Auto);
+            assert!(auto.validate().is_ok(), "{url}");
+            assert!(auto.redis_pubsub_sharded(), "{url}");
+            let (name, message) = refusal(&on(url, RedisPubSub::Classic));
+            assert_eq!(name, "redis_pubsub");
+            assert!(message.contains("Redis Cluster"), "{message}");
+        }
+    }
+
+    #[test]
     fn a_cluster_needs_a_strong_secret() {
         let (name, message) = refusal(&cluster(|_| {}));
         assert_eq!(name, "cluster_secret");
