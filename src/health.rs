@@ -57,7 +57,8 @@ struct Dependency {
 }
 
 impl Dependency {
-    /// Records one check's outcome; logs when the dependency goes down or comes back.
+    /// Records the outcome of a check started at `now`; logs when the dependency goes down or
+    /// comes back.
     fn record(&self, result: Result<(), String>, now: Instant) {
         let Ok(mut s) = self.state.lock() else {
             return;
@@ -139,7 +140,8 @@ impl Readiness {
             dependencies.push(dep);
         }
         futures_util::future::join_all(first.iter().map(|(dep, probe)| async move {
-            dep.record(check(probe).await, Instant::now());
+            let started = Instant::now();
+            dep.record(check(probe).await, started);
         }))
         .await;
         let stop = stop.child_token();
@@ -179,11 +181,14 @@ async fn keep_checking(dep: Arc<Dependency>, probe: Probe, stop: CancellationTok
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // an outage is dated from the start of the first check that failed, not from its
+        // timeout
+        let started = Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             r = check(&probe) => r,
         };
-        dep.record(result, Instant::now());
+        dep.record(result, started);
     }
 }
 
