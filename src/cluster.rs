@@ -353,6 +353,16 @@ impl Cluster {
         Ok((cluster, inbound))
     }
 
+    /// Asks Redis for a `PONG` on the node's own connection: the readiness check of Redis.
+    pub(crate) async fn ping_redis(&self) -> Result<(), String> {
+        self.presence
+            .redis()
+            .ping::<fred::types::Value>(None)
+            .await
+            .map(drop)
+            .map_err(|e| redis::cause_of(&e))
+    }
+
     async fn refresh_node_key(&self) {
         self.presence.refresh().await;
         let Some(record) = &self.fingerprints else {

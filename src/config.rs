@@ -11,6 +11,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+mod secrets;
+
 /// When a client's update is acknowledged (`SyncStatus(1)`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -888,6 +890,11 @@ settings! {
     max_document_name_bytes: usize = 1024, env = "HEARTH_MAX_DOCUMENT_NAME_BYTES";
     /// How long a graceful shutdown may take before the process exits anyway (ms).
     shutdown_timeout_ms: u64 = 10000, env = "HEARTH_SHUTDOWN_TIMEOUT_MS";
+    /// How long storage (or, in a cluster, Redis) may stay unreachable before `/readyz` answers
+    /// 503 (ms). Shorter outages leave the node ready: every node sees the same database, so
+    /// taking them all out of the balancer at once would only turn a blip into an outage. 0: not
+    /// ready as soon as a check fails.
+    readiness_outage_ms: u64 = 30000, env = "HEARTH_READINESS_OUTAGE_MS";
     /// Largest single memory allocation the process makes (bytes); bigger requests fail
     /// (defends against length-prefix memory bombs in client updates).
     max_allocation_bytes: usize = crate::alloc::DEFAULT_CAP, env = "HEARTH_MAX_ALLOCATION_BYTES";
@@ -1174,6 +1181,7 @@ impl Config {
                  (redis_url is redis-cluster://): use auto or sharded",
             );
         }
+        secrets::check(self)?;
         crate::tokens::TokenTable::parse(&self.auth_tokens).map_err(|message| {
             ConfigError::Invalid {
                 name: "auth_tokens",

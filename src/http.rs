@@ -6,7 +6,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `/healthz` | 200 while the process runs |
-//! | `/readyz` | 200 `ready` when storage answers and the server is not draining, else 503 `not ready` (the reason is logged) |
+//! | `/readyz` | 200 `ready` unless draining, storage never reached, or a dependency down for longer than `readiness_outage_ms` (`crate::health`); else 503 `not ready` (the reason is logged) |
 //! | `/y/<document>` (upgrade) | y-websocket protocol |
 //! | any other path (upgrade) | Hocuspocus protocol |
 //! | `/` (plain) | `on_request` hooks, else 200 `Welcome to Hearth!` |
@@ -26,7 +26,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -122,7 +121,7 @@ pub(crate) async fn handle(
     if !is_upgrade(&req) {
         return Ok(match path {
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" => match readiness(&shared).await {
+            "/readyz" => match readiness(&shared) {
                 Ok(()) => text(StatusCode::OK, "ready\n"),
                 Err(reason) => {
                     info!(%reason, "/readyz: not ready");
@@ -221,7 +220,7 @@ pub(crate) async fn handle_operator(
 ) -> Result<Response<Body>, Infallible> {
     Ok(match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => match readiness(&shared).await {
+        "/readyz" => match readiness(&shared) {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
         },
@@ -251,18 +250,19 @@ pub(crate) async fn handle_operator(
     })
 }
 
-/// Whether the node should receive clients: `Err(reason)` while draining, when storage does not
-/// answer a ping within 2 s, or after a failed write (until one succeeds).
-async fn readiness(shared: &Shared) -> Result<(), String> {
+/// Whether the node should receive clients, answered at once from the background checks
+/// (`crate::health`): `Err(reason)` while draining or shutting down, before storage was reached
+/// once, or after storage (or Redis) has been unreachable for longer than
+/// `readiness_outage_ms`; with `readiness_outage_ms` 0 also as soon as a storage write failed
+/// (until one succeeds).
+fn readiness(shared: &Shared) -> Result<(), String> {
     if shared.draining.load(Ordering::Acquire) {
         return Err("draining".into());
     }
-    match tokio::time::timeout(Duration::from_secs(2), shared.docs.store.ping()).await {
-        Ok(Ok(())) if shared.metrics.failed_writes_recent() => Err("storage writes failing".into()),
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("storage: {e}")),
-        Err(_) => Err("storage: timeout".into()),
+    if shared.config.readiness_outage_ms == 0 && shared.metrics.failed_writes_recent() {
+        return Err("storage writes failing".into());
     }
+    shared.readiness.verdict()
 }
 
 /// Accepts connections on `listener` until the task is aborted and serves each in a task of its

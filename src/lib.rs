@@ -26,6 +26,7 @@ pub(crate) mod connection;
 pub(crate) mod doc;
 pub mod events;
 pub(crate) mod fd_limit;
+pub(crate) mod health;
 pub mod hooks;
 pub(crate) mod http;
 pub mod jwt;

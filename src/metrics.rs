@@ -77,8 +77,11 @@ pub struct Metrics {
     pub compaction_log_len: Histogram,
     /// Documents with changes not yet committed.
     pub dirty_documents: IntGauge,
-    /// 1 while the last storage write succeeded, 0 after a failure (drives `/readyz`).
+    /// 1 while the last storage write succeeded, 0 after a failure (counts as storage down for
+    /// `/readyz`).
     pub storage_write_ok: IntGauge,
+    /// 1 while the last check of a dependency (`storage`, `redis`) succeeded, by `dependency`.
+    pub dependency_up: IntGaugeVec,
     /// Awareness states held, all documents together.
     pub awareness_states: IntGauge,
     /// Encoded size of the awareness states held, all documents together.
@@ -136,6 +139,14 @@ impl Metrics {
         )?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build))?;
+        let dependency_up = IntGaugeVec::new(
+            Opts::new(
+                "hearth_dependency_up",
+                "1 while the last background check of the dependency succeeded, else 0",
+            ),
+            &["dependency"],
+        )?;
+        registry.register(Box::new(dependency_up.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -276,6 +287,7 @@ impl Metrics {
                 "hearth_awareness_bytes",
                 "Encoded size of the awareness states held (all documents)",
             )?,
+            dependency_up,
             awareness_refused: counter_vec(
                 "hearth_awareness_refused_total",
                 "Awareness states dropped or clients disconnected by an awareness limit",
@@ -284,6 +296,18 @@ impl Metrics {
             registry,
         };
         m.storage_write_ok.set(1);
+        // at 0 from the start, so `increase()` in an alert sees the first refusal
+        for reason in ["node_limit", "ip_limit", "rate_limit"] {
+            m.connections_refused.with_label_values(&[reason]);
+        }
+        for reason in [
+            "invalid",
+            "apply_failed",
+            "invalid_state_vector",
+            "read_only",
+        ] {
+            m.updates_rejected.with_label_values(&[reason]);
+        }
         Ok(m)
     }
 

@@ -37,6 +37,7 @@ use crate::doc::registry::Registry;
 use crate::doc::services::{Burst, DocServices};
 use crate::doc::{DocCommand, LoadError};
 use crate::events::NodeStatus;
+use crate::health::{Probe, Readiness};
 use crate::hooks::{Context, Extension, Extensions};
 use crate::limits::{ConnectionLimits, ConnectionSlot, IpAdmission};
 use crate::metrics::Metrics;
@@ -294,6 +295,12 @@ impl ServerBuilder {
                 .map(|(c, _)| Arc::new(TransportBurst(c.clone())) as Arc<dyn Burst>),
         });
         let shutdown = CancellationToken::new();
+        let readiness = Readiness::start(
+            readiness_checks(&docs, &metrics, cluster.as_ref().map(|(c, _)| c)),
+            Duration::from_millis(self.config.readiness_outage_ms),
+            &shutdown,
+        )
+        .await;
         let shared = Arc::new(Shared {
             config: self.config,
             extensions,
@@ -303,6 +310,7 @@ impl ServerBuilder {
             shutdown,
             sockets: TaskTracker::new(),
             draining: Default::default(),
+            readiness,
             placement: cluster.as_ref().map(|(c, _)| {
                 Arc::new(ClusterPlacement::new(c.clone(), docs.clone())) as Arc<dyn Placement>
             }),
@@ -331,6 +339,37 @@ impl ServerBuilder {
             trusted: Arc::new(trusted),
         })
     }
+}
+
+/// The dependencies `/readyz` watches (`crate::health`): storage (a ping, and the last write's
+/// outcome) and, in a cluster, Redis.
+fn readiness_checks(
+    docs: &Arc<DocServices>,
+    metrics: &Metrics,
+    cluster: Option<&Arc<Cluster>>,
+) -> Vec<(&'static str, prometheus::IntGauge, Probe)> {
+    let up = |name: &str| metrics.dependency_up.with_label_values(&[name]);
+    let (store, m) = (docs.store.clone(), metrics.clone());
+    let storage = crate::health::probe(move || {
+        let (store, m) = (store.clone(), m.clone());
+        async move {
+            store.ping().await.map_err(|e| e.to_string())?;
+            if m.failed_writes_recent() {
+                return Err("writes failing".into());
+            }
+            Ok(())
+        }
+    });
+    let mut checks = vec![("storage", up("storage"), storage)];
+    if let Some(c) = cluster {
+        let c = c.clone();
+        let redis = crate::health::probe(move || {
+            let c = c.clone();
+            async move { c.ping_redis().await }
+        });
+        checks.push(("redis", up("redis"), redis));
+    }
+    checks
 }
 
 /// The running node: the state its tasks share and, in a cluster, its membership.

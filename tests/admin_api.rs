@@ -18,8 +18,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use yrs::updates::decoder::Decode as _;
 use yrs::{GetString as _, Text as _, Transact as _};
 
-const TOKEN: &str = "admin-token-0123456789";
-const OLD_TOKEN: &str = "older-admin-token-abcdef";
+const TOKEN: &str = "Tq8Ld3Wv6Mz1Kc9Rb4Xn7Hs2";
+const OLD_TOKEN: &str = "Pg5Yk2Nc8Vr3Jm6Qw1Zt9Bd4";
 
 /// One HTTP/1.1 request with `Connection: close`; returns the status and the JSON body.
 async fn http(
@@ -169,6 +169,20 @@ async fn the_admin_api_is_off_without_tokens_and_weak_tokens_are_refused() {
     };
     let err = hearth::Server::builder(weak).bind().await.unwrap_err();
     assert!(err.to_string().contains("admin_tokens"), "{err}");
+    // long enough, but made of placeholder words: refused with the cluster secret's policy
+    let placeholder = Config {
+        admin_tokens: format!("{TOKEN},admin-token-0123456789"),
+        ..test_config()
+    };
+    let err = hearth::Server::builder(placeholder)
+        .bind()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("admin_tokens") && err.contains("token 2 is a placeholder"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -77,7 +77,12 @@ async fn each_update_gets_one_ack_after_its_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_appends_withhold_acks_until_storage_recovers() {
     let store = FlakyStore::new();
-    let s = start_with(no_compaction(), store.clone(), |b| b).await;
+    // not ready as soon as a write fails (the default waits out short outages)
+    let config = Config {
+        readiness_outage_ms: 0,
+        ..no_compaction()
+    };
+    let s = start_with(config, store.clone(), |b| b).await;
     let mut a = RawClient::connect(s.addr).await;
     let mut b = RawClient::connect(s.addr).await;
     a.join("flaky").await;

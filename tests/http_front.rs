@@ -347,7 +347,11 @@ async fn a_64_mib_message_is_closed_with_1009_not_reset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_endpoints_live_on_the_operator_listener_only() {
     let store = FlakyStore::new();
-    let s = start_with(test_config(), store.clone(), |b| b).await;
+    let config = Config {
+        readiness_outage_ms: 0,
+        ..test_config()
+    };
+    let s = start_with(config, store.clone(), |b| b).await;
     let op = s.operator_addr();
     let mut c = RawClient::connect(s.addr).await;
     c.join("listed").await;
@@ -397,6 +401,46 @@ async fn operator_endpoints_live_on_the_operator_listener_only() {
         (503, "storage writes failing\n".into())
     );
     store.set_failing(false);
+    c.close_socket().await;
+    s.stop().await;
+}
+
+/// A storage failure shorter than `readiness_outage_ms` leaves `/readyz` at 200 (every node shares
+/// the database), while `hearth_dependency_up{dependency="storage"}` records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_storage_failure_keeps_the_node_ready() {
+    let store = FlakyStore::new();
+    let s = start_with(test_config(), store.clone(), |b| b).await;
+    let op = s.operator_addr();
+    let up = || {
+        s.handle
+            .metrics()
+            .dependency_up
+            .with_label_values(&["storage"])
+            .get()
+    };
+    assert_eq!(up(), 1);
+    let mut c = RawClient::connect(s.addr).await;
+    c.join("blip").await;
+    store.set_failing(true);
+    c.send(update("blip", &YDoc::new(4).insert("unacked")))
+        .await;
+    let deadline = Instant::now() + T;
+    while up() != 0 {
+        assert!(Instant::now() < deadline, "the storage check never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http_get(s.addr, "/readyz").await, (200, "ready\n".into()));
+    assert_eq!(http_get(op, "/readyz").await, (200, "ready\n".into()));
+    store.set_failing(false);
+    let deadline = Instant::now() + T;
+    while up() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the storage check never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     c.close_socket().await;
     s.stop().await;
 }

@@ -34,7 +34,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::time::{Instant, timeout};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
-const ADMIN_TOKEN: &str = "browser-editor-admin-token-0123456789";
+const ADMIN_TOKEN: &str = "Rz6Kb1Qm8Wx3Tv5Lc9Hn2Jd7P";
 const DOC: &str = "browser-editor";
 /// Bound for `npm run build`.
 const BUILD_LIMIT: Duration = Duration::from_secs(180);

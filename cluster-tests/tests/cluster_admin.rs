@@ -21,7 +21,7 @@ use cluster_tests::testbed::{Cluster, ClusterSpec, Scratch, TestClient, WAIT, wo
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-const TOKEN: &str = "cluster-admin-token-0123456789";
+const TOKEN: &str = "Hm4Vq9Xc2Lr7Tk1Wb6Zn3Pd8J";
 const CLI_LIMIT: Duration = Duration::from_secs(30);
 
 fn spec() -> ClusterSpec {

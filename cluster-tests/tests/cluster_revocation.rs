@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 const SECRET: &str = "cluster-revocation-secret-0123456789abcdef";
-const ADMIN: &str = "cluster-revocation-admin-0123456789";
+const ADMIN: &str = "Yc3Nt8Vk1Qz6Lm9Wr4Hb7Xd2F";
 const DOC: &str = "rev-doc";
 
 fn token(sub: &str, jti: &str) -> String {

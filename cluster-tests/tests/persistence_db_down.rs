@@ -7,7 +7,8 @@
 //! 2. no acknowledgement is sent for anything that is not committed: no `SyncStatus(1)` arrives
 //!    once the outage has begun (after a short grace period for commits that completed just
 //!    before it), and never for an edit made after the database was already down;
-//! 3. `/readyz` turns 503 during the outage and 200 after it;
+//! 3. `/readyz` turns 503 during the outage and 200 after it (with `readiness_outage_ms` 0: by
+//!    default a short outage leaves the node ready, see `readiness_db_blip.rs`);
 //! 4. once the database is back, every edit made before or during the outage is acknowledged
 //!    (bounded wait) and is served by the node after a kill -9 and restart — i.e. it really is in
 //!    the database.
@@ -68,7 +69,9 @@ async fn outage_scenario(
     outage: &mut dyn FnMut(bool) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
     let seed = seed(test);
-    let spec = NodeSpec::new("1", database_url).args(args.iter().copied());
+    let spec = NodeSpec::new("1", database_url)
+        .args(["--readiness-outage-ms", "0"])
+        .args(args.iter().copied());
     let mut node = NodeProcess::start(scratch, spec).await?;
     let docs: Vec<String> = (0..DOCS).map(|d| format!("outage-{d}")).collect();
     let mut clients = Vec::new();

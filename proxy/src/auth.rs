@@ -262,13 +262,22 @@ impl Secrets {
 }
 
 fn check_strength(bytes: &[u8]) -> Result<(), WeakSecret> {
+    check_secret(bytes, MIN_SECRET_LEN)
+}
+
+/// Checks `bytes` against the strength policy with `min_len` as the shortest accepted length
+/// instead of [`MIN_SECRET_LEN`]: empty, too short, too few distinct bytes, a placeholder (module
+/// docs), a short pattern repeated. For other secrets than the cluster's (bearer tokens, webhook
+/// signing keys) that have a length rule of their own; [`Secret::new`] is this with
+/// [`MIN_SECRET_LEN`].
+pub fn check_secret(bytes: &[u8], min_len: usize) -> Result<(), WeakSecret> {
     if bytes.is_empty() {
         return Err(WeakSecret::Empty);
     }
-    if bytes.len() < MIN_SECRET_LEN {
+    if bytes.len() < min_len {
         return Err(WeakSecret::TooShort {
             len: bytes.len(),
-            min: MIN_SECRET_LEN,
+            min: min_len,
         });
     }
     let mut seen = [false; 256];

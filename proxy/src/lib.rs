@@ -220,6 +220,7 @@ pub mod transport;
 
 pub use auth::{
     Auth, FINGERPRINT_LABEL, FINGERPRINT_LEN, KEY_ID, MIN_SECRET_LEN, Secret, Secrets, WeakSecret,
+    check_secret,
 };
 pub use chunk::{DropReason, Reassembler, Reassembly, ReassemblyLimits, split};
 pub use codec::{

@@ -33,7 +33,7 @@ impl ClusterMetrics {
             r.register(Box::new(x.clone()))?;
             Ok(x)
         };
-        Ok(Self {
+        let m = Self {
             owned: g(
                 "hearth_cluster_owned_documents",
                 "Documents this node holds the ownership lock for",
@@ -100,7 +100,30 @@ impl ClusterMetrics {
                  owner was full, by queue",
                 &["queue"],
             )?,
-        })
+        };
+        m.zero_alerted_series();
+        Ok(m)
+    }
+
+    /// Creates at 0 the series that the shipped alerts (deploy/prometheus/alerts.yml) and dashboard watch
+    /// with `increase()`/`rate()`: a series that first appears at 1 has no increase to show, so
+    /// the first lock loss or forged envelope would never fire an alert.
+    fn zero_alerted_series(&self) {
+        for reason in ["expired", "missing", "taken"] {
+            self.lock_losses.with_label_values(&[reason]);
+        }
+        for queue in ["edge_out", "owner_in", "owner_out"] {
+            self.shed.with_label_values(&[queue]);
+        }
+        for reason in ["unsigned", "unknown_key", "bad_mac"] {
+            self.rejected.with_label_values(&[reason]);
+        }
+        for reason in ["gap", "lagged", "owner_gone", "owner_silent", "edge_silent"] {
+            self.resyncs.with_label_values(&[reason]);
+        }
+        for outcome in ["moved", "reset"] {
+            self.rehomes.with_label_values(&[outcome]);
+        }
     }
 }
 

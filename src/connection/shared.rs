@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub sockets: TaskTracker,
     /// True while shutting down (`/readyz` reports not ready).
     pub draining: AtomicBool,
+    /// What the background checks of storage (and Redis) found; `/readyz` answers from it.
+    pub readiness: crate::health::Readiness,
     /// Where authenticated documents are served; `None` on a single node (all local).
     pub placement: Option<Arc<dyn Placement>>,
     /// Failed-authentication counts and bans per client address.
