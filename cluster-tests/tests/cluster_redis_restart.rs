@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cluster_tests::testbed::{
-    ClientOptions, Cluster, ClusterSpec, History, Reconnector, Scratch, TestClient, WAIT, Writers,
-    probe_writable, seed, wait_all_acked, wait_converged,
+    ClientOptions, Cluster, ClusterSpec, Reconnector, Scratch, TestClient, WAIT, Writers,
+    assert_nothing_lost, probe_writable, seed, wait_all_acked,
 };
 use tokio::time::Instant;
 
@@ -209,22 +209,6 @@ async fn redis_restart_keeps_fencing_and_recovers() -> anyhow::Result<()> {
         );
     }
 
-    let mut history = History::default();
-    for c in clients.iter().chain(probes.iter()) {
-        history.record(c);
-    }
-    for doc in &docs {
-        let served = wait_converged(&clients, &lb, doc, "", WAIT).await?;
-        let v = history.check(doc, &served);
-        assert!(v.ok(), "{doc}: {v:?}");
-        eprintln!(
-            "[{test}] {doc}: acked {} sent {} present {}",
-            v.counts.0, v.counts.1, v.counts.2
-        );
-    }
-    for c in &clients {
-        let anomalies = c.view(|s| s.anomalies().to_vec());
-        assert!(anomalies.is_empty(), "{anomalies:?}");
-    }
+    assert_nothing_lost(test, &clients, &probes, &lb, &docs).await?;
     Ok(())
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use cluster_tests::testbed::{
     ClientOptions, Cluster, ClusterSpec, History, Reconnector, Scratch, TestClient, WAIT, Writers,
-    probe_writable, seed, wait_all_acked, wait_converged,
+    assert_nothing_lost, probe_writable, seed, wait_all_acked, wait_converged,
 };
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -294,23 +294,7 @@ async fn owner_sigkill_under_edits() -> anyhow::Result<()> {
     assert!(owners.iter().all(|o| o != "n1"), "{owners:?}");
     eprintln!("[{test}] owner n1 SIGKILLed; both documents writable again after {recovery:?}");
 
-    let mut history = History::default();
-    for c in clients.iter().chain(probes.iter()) {
-        history.record(c);
-    }
-    for doc in &docs {
-        let served = wait_converged(&clients, &lb, doc, "", WAIT).await?;
-        let v = history.check(doc, &served);
-        assert!(v.ok(), "{doc}: {v:?}");
-        eprintln!(
-            "[{test}] {doc}: acked {} sent {} present {}",
-            v.counts.0, v.counts.1, v.counts.2
-        );
-    }
-    for c in &clients {
-        let anomalies = c.view(|s| s.anomalies().to_vec());
-        assert!(anomalies.is_empty(), "{anomalies:?}");
-    }
+    assert_nothing_lost(test, &clients, &probes, &lb, &docs).await?;
     Ok(())
 }
 
@@ -410,23 +394,7 @@ async fn master_loss(test: &str, loss: Loss) -> anyhow::Result<()> {
          reconnects"
     );
 
-    let mut history = History::default();
-    for c in all.iter().chain(probes.iter()) {
-        history.record(c);
-    }
-    for doc in &docs {
-        let served = wait_converged(&all, &lb, doc, "", WAIT).await?;
-        let v = history.check(doc, &served);
-        assert!(v.ok(), "{doc}: {v:?}");
-        eprintln!(
-            "[{test}] {doc}: acked {} sent {} present {}",
-            v.counts.0, v.counts.1, v.counts.2
-        );
-    }
-    for c in &all {
-        let anomalies = c.view(|s| s.anomalies().to_vec());
-        assert!(anomalies.is_empty(), "{anomalies:?}");
-    }
+    assert_nothing_lost(test, &all, &probes, &lb, &docs).await?;
     Ok(())
 }
 

@@ -32,6 +32,7 @@ use super::node::{NodeProcess, NodeSpec, hearth_bin};
 use super::pg::PgDatabase;
 use super::redis::{RedisProcess, Resp};
 use super::redis_cluster::RedisCluster;
+use super::workload::History;
 use super::{Scratch, WAIT};
 
 /// What to start: node count, lock TTL, cluster secret, extra settings for every node.
@@ -799,6 +800,36 @@ pub async fn wait_converged(
         }
         sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The end check of a workload: every marker `clients` and `probes` had acknowledged is present
+/// exactly once in what `url` serves for each of `docs`, every client converged to it (within
+/// `WAIT`), and no client saw an anomaly. Prints the counts per document, tagged `test`.
+pub async fn assert_nothing_lost(
+    test: &str,
+    clients: &[Arc<TestClient>],
+    probes: &[Arc<TestClient>],
+    url: &str,
+    docs: &[impl AsRef<str>],
+) -> anyhow::Result<()> {
+    let mut history = History::default();
+    for c in clients.iter().chain(probes.iter()) {
+        history.record(c);
+    }
+    for doc in docs.iter().map(AsRef::as_ref) {
+        let served = wait_converged(clients, url, doc, "", WAIT).await?;
+        let v = history.check(doc, &served);
+        assert!(v.ok(), "{doc}: {v:?}");
+        eprintln!(
+            "[{test}] {doc}: acked {} sent {} present {}",
+            v.counts.0, v.counts.1, v.counts.2
+        );
+    }
+    for c in clients {
+        let anomalies = c.view(|s| s.anomalies().to_vec());
+        assert!(anomalies.is_empty(), "{anomalies:?}");
+    }
+    Ok(())
 }
 
 /// Waits until every client has all its markers acknowledged (≤ `limit` overall).

@@ -63,7 +63,8 @@ use anyhow::Context as _;
 pub use client::{ClientOptions, Snapshot, TestClient};
 pub use cluster::{
     CliRun, Cluster, ClusterSpec, LockHolder, Metrics, Reconnector, RedisBackend, StoredRow,
-    marker_hits, probe_writable, random_secret, wait_all_acked, wait_converged,
+    assert_nothing_lost, marker_hits, probe_writable, random_secret, wait_all_acked,
+    wait_converged,
 };
 pub use lb::Lb;
 pub use node::{NodeProcess, NodeSpec};
