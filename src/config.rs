@@ -1102,9 +1102,6 @@ impl Config {
         if let Err(e) = crate::client_ip::TrustedProxies::parse(&self.trusted_proxies) {
             return invalid("trusted_proxies", &e.to_string());
         }
-        if let Err(e) = self.admin_token_list() {
-            return invalid("admin_tokens", &e);
-        }
         if self.admin_requests_per_second == 0 {
             return invalid("admin_requests_per_second", "must be > 0");
         }
@@ -1266,18 +1263,20 @@ impl Config {
     }
 
     /// The admin API's bearer tokens (empty: the admin API is off). Each must be at least 16
-    /// characters, printable ASCII without spaces.
+    /// characters, printable ASCII without spaces, and pass the secret strength policy (no
+    /// placeholder).
     pub fn admin_token_list(&self) -> Result<Vec<String>, String> {
         let mut out = Vec::new();
         for (i, t) in self.admin_tokens.split(',').map(str::trim).enumerate() {
             if t.is_empty() {
                 continue;
             }
-            if t.len() < 16 {
+            if t.len() < secrets::MIN_TOKEN_LEN {
                 return Err(format!(
-                    "token {} is {} characters long; at least 16 are required",
+                    "token {} is {} characters long; at least {} are required",
                     i + 1,
-                    t.len()
+                    t.len(),
+                    secrets::MIN_TOKEN_LEN
                 ));
             }
             if !t.bytes().all(|b| b.is_ascii_graphic()) {
@@ -1286,6 +1285,12 @@ impl Config {
                     i + 1
                 ));
             }
+            hearth_proxy::check_secret(t.as_bytes(), secrets::MIN_TOKEN_LEN).map_err(|e| {
+                format!(
+                    "token {} {e}; generate one with `openssl rand -base64 48`",
+                    i + 1
+                )
+            })?;
             out.push(t.to_owned());
         }
         Ok(out)

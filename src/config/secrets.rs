@@ -56,11 +56,12 @@ pub(super) fn check(config: &Config) -> Result<(), ConfigError> {
                 .map_err(|e| weak(name, "the secret ", e))?;
         }
     }
-    let tokens = config.admin_tokens.split(',').map(str::trim);
-    for (i, token) in tokens.filter(|t| !t.is_empty()).enumerate() {
-        hearth_proxy::check_secret(token.as_bytes(), MIN_TOKEN_LEN)
-            .map_err(|e| weak("admin_tokens", &format!("token {} ", i + 1), e))?;
-    }
+    config
+        .admin_token_list()
+        .map_err(|message| ConfigError::Invalid {
+            name: "admin_tokens",
+            message,
+        })?;
     for (name, url) in [
         ("database_url", &config.database_url),
         ("redis_url", &config.redis_url),
