@@ -27,7 +27,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use common::{
-    Msg, RawClient, T, TestServer, YDoc, start_server, test_config, text_of, with_timeout,
+    Msg, RawClient, T, TestServer, YDoc, retry_until, start_server, test_config, text_of,
+    with_timeout,
 };
 use hearth::hooks::CustomEventPayload;
 use hearth::storage::{Append, AppendOutcome, DocumentStore, SqlOptions, open_store};
@@ -71,6 +72,7 @@ impl Redis {
                 tokio::time::Instant::now() < deadline,
                 "redis-server on port {port} did not answer PING within 10 s"
             );
+            // polling a starting process, bounded by the deadline above
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -225,19 +227,10 @@ async fn lock_document_and_emit_across_two_nodes() {
     drop(on_a);
 
     // node-b's lock_document succeeds once the release has arrived (bounded).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let conn = loop {
-        match b.handle.lock_document(DOC, Context::new()).await {
-            Ok(conn) => break conn,
-            Err(e) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "lock_document on node-b after node-a left: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let conn = retry_until(T, "lock_document on node-b after node-a left", || {
+        b.handle.lock_document(DOC, Context::new())
+    })
+    .await;
     assert!(b.is_loaded(DOC));
     let epoch_b = store.current_epoch(DOC).await.unwrap().expect("a row");
     assert!(

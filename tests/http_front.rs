@@ -387,11 +387,10 @@ async fn operator_endpoints_live_on_the_operator_listener_only() {
     store.set_failing(true);
     c.send(update("listed", &YDoc::new(4).insert("unacked")))
         .await;
-    let deadline = Instant::now() + T;
-    while http_get(s.addr, "/readyz").await.0 != 503 {
-        assert!(Instant::now() < deadline, "/readyz never turned 503");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_async(T, "/readyz turns 503", || async {
+        http_get(s.addr, "/readyz").await.0 == 503
+    })
+    .await;
     assert_eq!(
         http_get(s.addr, "/readyz").await,
         (503, "not ready\n".into())
@@ -425,22 +424,11 @@ async fn a_short_storage_failure_keeps_the_node_ready() {
     store.set_failing(true);
     c.send(update("blip", &YDoc::new(4).insert("unacked")))
         .await;
-    let deadline = Instant::now() + T;
-    while up() != 0 {
-        assert!(Instant::now() < deadline, "the storage check never failed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(T, "the storage check fails", || up() == 0).await;
     assert_eq!(http_get(s.addr, "/readyz").await, (200, "ready\n".into()));
     assert_eq!(http_get(op, "/readyz").await, (200, "ready\n".into()));
     store.set_failing(false);
-    let deadline = Instant::now() + T;
-    while up() != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the storage check never recovered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(T, "the storage check recovers", || up() == 1).await;
     c.close_socket().await;
     s.stop().await;
 }

@@ -308,14 +308,15 @@ async fn failed_deliveries_are_retried_then_counted() {
         "a retry is the same delivery"
     );
     // the receiver logs a request before it answers: wait for the answer to be counted
-    let mut metrics = String::new();
-    for _ in 0..50 {
-        metrics = http_get(s.operator_addr(), "/metrics").await.1;
-        if metrics.contains(r#"hearth_webhook_events_total{result="delivered"} 1"#) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let delivered = r#"hearth_webhook_events_total{result="delivered"} 1"#;
+    wait_until_async(T, "the delivery is counted", || async {
+        http_get(s.operator_addr(), "/metrics")
+            .await
+            .1
+            .contains(delivered)
+    })
+    .await;
+    let metrics = http_get(s.operator_addr(), "/metrics").await.1;
     assert!(metrics.contains(r#"hearth_webhook_events_total{result="retried"} 1"#));
     assert!(metrics.contains(r#"hearth_webhook_events_total{result="delivered"} 1"#));
     s.stop().await;

@@ -37,14 +37,45 @@ pub async fn with_timeout<F: Future>(d: Duration, what: &str, f: F) -> F::Output
     }
 }
 
-/// Polls `cond` every 10 ms until it holds; fails the test after `d`.
+/// How often the `wait_*` helpers check their condition again.
+pub const POLL: Duration = Duration::from_millis(10);
+
+/// Polls `cond` every [`POLL`] until it holds; fails the test after `d`, naming `what`.
 pub async fn wait_until(d: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    wait_until_async(d, what, || std::future::ready(cond())).await;
+}
+
+/// [`wait_until`] for a condition that awaits (an HTTP request, a store read, a connection).
+pub async fn wait_until_async<F: Future<Output = bool>>(
+    d: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> F,
+) {
     let deadline = tokio::time::Instant::now() + d;
-    while !cond() {
+    while !cond().await {
         if tokio::time::Instant::now() >= deadline {
             panic!("condition not reached within {d:?}: {what}");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Retries `attempt` every [`POLL`] until it succeeds and returns its value; fails the test
+/// after `d`, naming `what` and the last error.
+pub async fn retry_until<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    d: Duration,
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + d;
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("not reached within {d:?}: {what} (last error: {e})")
+            }
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
     }
 }
 
