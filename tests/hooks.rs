@@ -239,14 +239,21 @@ async fn before_unload_rejection_keeps_the_document_loaded() {
         r.has("before_unload_document kept")
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(s.is_loaded("kept"));
-    assert!(!r.has("after_unload_document kept"));
-    // the next time the last client leaves, the unload is tried again
-    r.refuse_unload.store(false, Ordering::SeqCst);
+    // a client joins: the document handles its attach only once the unload attempt is over,
+    // and an unload that went on would make this join load the document again
     let mut c = RawClient::connect(s.addr).await;
     let state = c.join("kept").await;
     assert_eq!(text_of([state.as_slice()]), "x");
+    assert!(s.is_loaded("kept"));
+    assert!(!r.has("after_unload_document kept"));
+    let loads = r
+        .hooks_of("kept")
+        .iter()
+        .filter(|h| *h == "on_load_document")
+        .count();
+    assert_eq!(loads, 1, "{:?}", r.hooks_of("kept"));
+    // the next time the last client leaves, the unload is tried again
+    r.refuse_unload.store(false, Ordering::SeqCst);
     c.close_socket().await;
     wait_until(T, "unloaded", || !s.is_loaded("kept")).await;
     assert!(r.has("after_unload_document kept"));

@@ -28,6 +28,7 @@ impl Extension for AuthExt {
     async fn on_authenticate(&self, p: &mut AuthPayload<'_>) -> HookResult {
         match p.token {
             "ro" => p.read_only = true,
+            // a slow authentication backend, for sockets that go away meanwhile
             "slow" => tokio::time::sleep(Duration::from_millis(300)).await,
             "deny" => return Err(HookError::permission_denied()),
             "forbidden" => return Err(HookError::forbidden()),
@@ -545,8 +546,23 @@ async fn document_unloads_after_the_last_client_and_reloads() {
     b.join("u1").await;
     a.edit("u1", &YDoc::new(61).insert("persisted")).await;
     a.close_socket().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until(T, "the document saw a leave", || {
+        s.handle.metrics().doc_connections.get() == 1
+    })
+    .await;
+    // a round trip through the document after the leave: an unload it had started would fail it
+    b.fetch_state("u1").await;
     assert!(s.is_loaded("u1"), "one client is still there");
+    assert!(
+        !counter
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.contains("unload")),
+        "{:?}",
+        counter.events.lock().unwrap()
+    );
     b.close_socket().await;
     wait_until(T, "unloaded", || !s.is_loaded("u1")).await;
     assert_eq!(store_text(&store, "u1").await, "persisted");
@@ -574,9 +590,13 @@ async fn unload_delay_keeps_the_document_loaded() {
     let mut a = RawClient::connect(s.addr).await;
     a.join("delayed").await;
     a.close_socket().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(T, "the document saw its last client leave", || {
+        s.handle.metrics().doc_connections.get() == 0
+    })
+    .await;
     assert!(s.is_loaded("delayed"), "kept for unload_delay_ms");
-    // coming back within the delay does not load again
+    // coming back within the delay does not load again (without the delay the document would
+    // unload as soon as it saw the leave, and this join would load it again)
     let mut b = RawClient::connect(s.addr).await;
     b.join("delayed").await;
     assert_eq!(counter.count("delayed"), 1);
@@ -750,7 +770,12 @@ async fn direct_connection_transact_broadcasts_stores_and_unloads() {
         other => panic!("{other:?}"),
     }
     c.close_socket().await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_until(T, "the document saw the client leave", || {
+        s.handle.metrics().doc_connections.get() == 0
+    })
+    .await;
+    // a round trip through the document after the leave: an unload it had started would fail it
+    d.transact(|_| {}).await.unwrap();
     assert!(
         s.is_loaded("dc"),
         "an open direct connection keeps the document"
@@ -763,7 +788,9 @@ async fn direct_connection_transact_broadcasts_stores_and_unloads() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On a paused clock (no client socket here to time out): the wait past the grace a fresh
+/// document gets before an idle unload passes at once.
+#[tokio::test(start_paused = true)]
 async fn direct_connection_alone_keeps_the_document_loaded() {
     let (s, store) = start_with_store(test_config()).await;
     let d = s
@@ -771,7 +798,8 @@ async fn direct_connection_alone_keeps_the_document_loaded() {
         .open_direct_connection("dc2", Default::default())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // a freshly loaded document that no connection holds is unloaded after a 2 s grace
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(s.is_loaded("dc2"));
     d.transact(|doc| {
         let t = doc.get_or_insert_text("t");
@@ -943,17 +971,26 @@ async fn a_fresh_document_is_not_unloaded_before_its_openers_attach() {
 /// connection (and so a loaded document) behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_closed_during_auth_leaves_no_document_behind() {
-    let s = auth_server().await;
+    let counter = LoadCounter::default();
+    let ext = counter.clone();
+    let s = start_server(test_config(), move |b| b.extension(AuthExt).extension(ext)).await;
     let mut c = RawClient::connect(s.addr).await;
     c.send(auth("orphan", "slow")).await;
     c.send(step1_empty("orphan")).await;
     c.close_socket().await;
-    // the hook finishes 300 ms later; the document may load, but must unload again
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    wait_until(Duration::from_secs(5), "orphan document unloaded", || {
-        !s.is_loaded("orphan")
+    // the hook finishes 300 ms later and the authentication runs on: the document loads, but
+    // must unload again
+    wait_until(T, "orphan document loaded", || counter.count("orphan") == 1).await;
+    wait_until(T, "orphan document unloaded", || {
+        counter
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e == "after_unload orphan")
     })
     .await;
+    assert!(!s.is_loaded("orphan"));
     assert_eq!(s.handle.metrics().doc_connections.get(), 0);
     s.stop().await;
 }
@@ -971,6 +1008,7 @@ async fn a_failed_load_is_shared_by_every_waiter() {
             _p: &LoadPayload<'_>,
         ) -> Result<Option<Vec<u8>>, HookError> {
             self.0.fetch_add(1, Ordering::SeqCst);
+            // a slow load: the other waiters arrive while it runs
             tokio::time::sleep(Duration::from_millis(200)).await;
             Err(HookError::reject("load-failed"))
         }
