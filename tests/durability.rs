@@ -170,7 +170,17 @@ async fn a_fenced_document_is_dropped_and_its_clients_reset() {
         );
     }
     wait_until(T, "fenced document dropped", || !s.is_loaded("fence")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // a durable edit of another document: acknowledged after its commit, which the committer
+    // makes after any write the fenced document had handed it
+    let mut c = RawClient::connect(s.addr).await;
+    c.join("after-fence").await;
+    c.edit("after-fence", &YDoc::new(6).insert("x")).await;
+    assert!(
+        store
+            .writes()
+            .iter()
+            .any(|w| w.name == "after-fence" && w.outcome == "committed")
+    );
     let after: Vec<_> = store.writes()[writes_before..]
         .iter()
         .filter(|w| w.name == "fence")
@@ -189,7 +199,6 @@ async fn a_fenced_document_is_dropped_and_its_clients_reset() {
     assert_eq!(store_text(&store.inner, "fence").await, "before");
 
     // a reconnecting client loads the stored state under a newer epoch
-    let mut c = RawClient::connect(s.addr).await;
     let state = c.join("fence").await;
     assert_eq!(text_of([state.as_slice()]), "before");
     assert!(store.inner.current_epoch("fence").await.unwrap().unwrap() > new);

@@ -5,6 +5,8 @@
 //! PostgreSQL tests **fail** when the server is unreachable, unless `HEARTH_TEST_SKIP_PG=1`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -825,13 +827,14 @@ async fn concurrent_appends_all_land(env: &Env) {
 }
 
 async fn acquire_fences_concurrent_appends(env: &Env) {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let s = env.open().await;
     let old = s.acquire_epoch("doc").await.unwrap();
     let acquired = Arc::new(AtomicBool::new(false));
+    let commits = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for t in 0..4 {
-        let (s, acquired) = (s.clone(), acquired.clone());
+        let (s, acquired, commits) = (s.clone(), acquired.clone(), commits.clone());
         tasks.push(tokio::spawn(async move {
             let mut committed = Vec::new();
             for r in 0..100_000 {
@@ -850,6 +853,7 @@ async fn acquire_fences_concurrent_appends(env: &Env) {
                             "{tag} committed after the new epoch"
                         );
                         committed.push(tag.into_bytes());
+                        commits.fetch_add(1, Ordering::SeqCst);
                     }
                     AppendOutcome::Fenced { current } => {
                         assert_eq!(current, old + 1);
@@ -860,7 +864,11 @@ async fn acquire_fences_concurrent_appends(env: &Env) {
             panic!("task {t} was never fenced");
         }));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    // the acquire lands among appends that are under way
+    common::wait_until(common::T, "appends committed under the old epoch", || {
+        commits.load(Ordering::SeqCst) >= 8
+    })
+    .await;
     let new = s.acquire_epoch("doc").await.unwrap();
     acquired.store(true, Ordering::SeqCst);
     assert_eq!(new, old + 1);
