@@ -91,9 +91,11 @@ async fn repeated_bad_tokens_ban_the_address_until_the_ban_ends() {
 
     // Three refused tokens from the attacker, on one socket that stays open.
     let mut attacker = client(&s, ATTACKER).await;
-    for doc in ["d1", "d2", "d3"] {
-        denied(&mut attacker, doc, "bad").await;
-    }
+    denied(&mut attacker, "d1", "bad").await;
+    denied(&mut attacker, "d2", "bad").await;
+    // the ban starts with the third failure, not before this
+    let third = std::time::Instant::now();
+    denied(&mut attacker, "d3", "bad").await;
     assert_eq!(hooks.load(Ordering::SeqCst), 3);
     assert_eq!(m.auth_failures.get(), 3);
     assert_eq!(m.auth_bans.get(), 1);
@@ -131,8 +133,16 @@ async fn repeated_bad_tokens_ban_the_address_until_the_ban_ends() {
     assert_eq!(m.auth_bans.get(), 1);
 
     // The ban ends: the attacker's address works again, on a new socket and on the old one.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    works(&mut client(&s, ATTACKER).await, "d5").await;
+    let mut fresh = retry_until(T, "an upgrade from the attacker after the ban", || {
+        RawClient::try_connect_forwarded(s.addr, "/", ATTACKER)
+    })
+    .await;
+    assert!(
+        third.elapsed() >= Duration::from_millis(1500),
+        "the ban ended after {:?}, before auth_ban_ms",
+        third.elapsed()
+    );
+    works(&mut fresh, "d5").await;
     works(&mut attacker, "d6").await;
     wait_until(T, "the banned-addresses gauge drops to 0", || {
         m.auth_banned.get() == 0
