@@ -135,6 +135,7 @@ async fn server(name: &str) -> Server {
         .on_event(
             "slow",
             |call: hearth::events::handlers::EventCall<u64>| async move {
+                // a handler as slow as the caller asks, for the admin API's timeouts
                 tokio::time::sleep(Duration::from_millis(call.payload)).await;
                 Ok::<_, HookError>(json!("done"))
             },

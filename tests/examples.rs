@@ -65,6 +65,7 @@ fn start_example(dir: &std::path::Path) -> (Process, SocketAddr) {
             return (process, addr);
         }
         assert!(Instant::now() < deadline, "the example never became ready");
+        // polling a starting process (no runtime here), bounded by the deadline above
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -286,13 +286,14 @@ async fn a_jwks_file_chooses_keys_by_kid_and_is_reread() {
         denied(),
         "kid of another key"
     );
-    // rotation: the new key appears in the file
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // rotation: the new key appears in the file (with a modification time of its own, however
+    // coarse the file system's clock)
     write(vec![jwk(&rsa, "k1"), jwk(&other, "k2")]);
     let filetime = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
     let f = std::fs::File::options().write(true).open(&jwks).unwrap();
     f.set_modified(filetime).unwrap();
     drop(f);
+    // the server looks at the file at most once a second (a fixed interval, not a setting)
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(
         answer(&s, "d", &t(&other, Some("k2"))).await,
@@ -347,6 +348,7 @@ async fn a_jwks_url_is_fetched_and_fetched_again_for_a_new_kid() {
     *served.lock().unwrap() = set(vec![jwk(&rsa, "k1"), jwk(&other, "k2")]);
     assert_eq!(answer(&s, "d", &t(&other, "k2")).await, denied());
     assert_eq!(idp.count(), 1, "unknown kids do not hammer the provider");
+    // a JWKS URL is fetched at most every 10 s (a fixed interval, not a setting)
     tokio::time::sleep(std::time::Duration::from_millis(10_100)).await;
     assert_eq!(answer(&s, "d", &t(&other, "k2")).await, rw(), "rotated in");
     assert_eq!(idp.count(), 2);

@@ -12,8 +12,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use hearth::protocol::lib0::Writer;
 
@@ -36,8 +34,8 @@ fn reset_peak() -> bool {
 }
 
 /// Sends `frame` on an established connection; returns the peak RSS growth (MiB) it caused.
+/// The caller's last round trip has finished the previous frame's work.
 async fn growth_mib(c: &mut RawClient, doc: &str, frame: Vec<u8>) -> u64 {
-    tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(reset_peak(), "cannot reset VmHWM");
     let base = status_kib("VmRSS:").unwrap();
     c.send(frame).await;
