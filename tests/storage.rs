@@ -332,6 +332,7 @@ suite!(
     rows_record_their_epoch_and_newer_migrations_are_tolerated,
     create_epoch_creates_only_an_absent_row,
     a_large_group_commit_keeps_every_document_in_order,
+    group_commits_of_every_size_around_one_statement,
     list_orders_by_bytes_and_skips_documents_without_content,
     list_prefix_is_literal,
     list_pages_with_after_and_limit,
@@ -552,6 +553,71 @@ async fn a_large_group_commit_keeps_every_document_in_order(env: &Env) {
     }
     assert!(committed(out[0]) < committed(out[2]));
     assert!(s.load("d1").await.unwrap().updates.is_empty());
+}
+
+/// Batches of 3 to 258 rows (SQLite writes up to 256 in one statement, padded to a power of
+/// two, and takes a transaction beyond): a document repeated around a fenced item and a document
+/// with no row, in one batch. Every committed item's outcome is the seq of its own last update,
+/// the fenced and the absent ones write nothing, and each document's log is its items in order.
+async fn group_commits_of_every_size_around_one_statement(env: &Env) {
+    let s = env.open().await;
+    for total in [1usize, 3, 5, 253, 254, 255, 256] {
+        // rows in the batch: total + 2
+        let (a, b) = (format!("a{total}"), format!("b{total}"));
+        let ea = s.acquire_epoch(&a).await.unwrap();
+        let eb = s.acquire_epoch(&b).await.unwrap();
+        let data: Vec<Vec<u8>> = (0..total)
+            .map(|i| format!("{total}:{i}").into_bytes())
+            .collect();
+        let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        // a's updates split over two items, b's item and two refused items in between
+        let (first, rest) = refs.split_at(total / 2);
+        let (second, third) = rest.split_at(rest.len() / 2);
+        let mut batch = Vec::new();
+        if !first.is_empty() {
+            batch.push(item(&a, ea, first));
+        }
+        batch.push(item(&b, eb + 1, &[b"fenced"]));
+        batch.push(item("nobody", 1, &[b"absent"]));
+        if !second.is_empty() {
+            batch.push(item(&b, eb, second));
+        }
+        batch.push(item(&a, ea, third));
+        let out = s.append(&batch).await.unwrap();
+        assert_eq!(out.len(), batch.len(), "{total}");
+        let mut expect_a: Vec<Vec<u8>> = Vec::new();
+        let mut expect_b: Vec<Vec<u8>> = Vec::new();
+        let (mut last_a, mut last_b) = (0, 0);
+        let mut seen = Vec::new();
+        for (it, o) in batch.iter().zip(&out) {
+            if it.name == b && it.epoch == eb + 1 {
+                assert_eq!(*o, AppendOutcome::Fenced { current: eb }, "{total}");
+            } else if it.name == "nobody" {
+                assert_eq!(*o, AppendOutcome::Fenced { current: 0 }, "{total}");
+            } else {
+                let seq = committed(*o);
+                seen.push(seq);
+                let bytes = it.updates.iter().map(|u| u.to_vec());
+                if it.name == a {
+                    expect_a.extend(bytes);
+                    last_a = seq;
+                } else {
+                    expect_b.extend(bytes);
+                    last_b = seq;
+                }
+            }
+        }
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{total}: {seen:?}");
+        let doc_a = s.load(&a).await.unwrap();
+        assert_eq!(doc_a.updates, expect_a, "{total}");
+        assert_eq!(doc_a.last_seq, last_a, "{total}");
+        let doc_b = s.load(&b).await.unwrap();
+        assert_eq!(doc_b.updates, expect_b, "{total}");
+        if !expect_b.is_empty() {
+            assert_eq!(doc_b.last_seq, last_b, "{total}");
+        }
+        assert_eq!(s.current_epoch("nobody").await.unwrap(), None, "{total}");
+    }
 }
 
 async fn group_commit_with_repeated_document(env: &Env) {

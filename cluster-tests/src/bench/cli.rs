@@ -171,6 +171,11 @@ pub enum Scenario {
         /// Do not publish awareness states.
         #[arg(long)]
         no_awareness: bool,
+        /// Connect from this many loopback source addresses (127.0.0.1, 127.0.0.2, …) in
+        /// turn: one source reaches one server address with at most one ephemeral port range
+        /// of connections (about 28,000 by default). Loopback servers only.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+        sources: u8,
     },
     /// Time for a new client to sync a stored document (seed, restart the server, measure).
     Coldload {
@@ -260,6 +265,7 @@ impl Cli {
                 settle,
                 hold,
                 no_awareness,
+                sources,
             } => {
                 let c = Conns {
                     conns,
@@ -267,6 +273,7 @@ impl Cli {
                     settle: secs(settle),
                     hold: secs(hold),
                     awareness: !no_awareness,
+                    sources,
                 };
                 scenarios::conns(&t, c, out).await
             }

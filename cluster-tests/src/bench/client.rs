@@ -55,6 +55,10 @@ pub struct ClientConfig {
     pub renew_awareness: bool,
     /// Limit for connect + handshake.
     pub handshake_timeout: Duration,
+    /// Local address to connect from (`None`: the kernel picks). One source address has at most
+    /// one ephemeral port range of connections to one server address, about 28,000 by default;
+    /// more connections to one loopback server come from several `127.0.0.x` sources.
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// Timings of one handshake (ns since the bench epoch), for cold-load measurements.
@@ -108,6 +112,31 @@ fn awareness_json(client_id: u64) -> String {
     format!("{{\"user\":{{\"name\":\"bench-{client_id}\",\"color\":\"#30bced\"}}}}")
 }
 
+/// A TCP connection to the `ws://host:port` of `url` from the local address `source`.
+async fn connect_from(source: std::net::IpAddr, url: &str) -> anyhow::Result<TcpStream> {
+    let authority = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .with_context(|| format!("{url}: a source address needs a ws://host:port URL"))?;
+    let server = tokio::net::lookup_host(authority)
+        .await
+        .with_context(|| format!("resolving {authority}"))?
+        .find(|a| a.is_ipv4() == source.is_ipv4())
+        .with_context(|| format!("{authority}: no address of the source's family"))?;
+    let socket = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket
+        .bind(std::net::SocketAddr::new(source, 0))
+        .with_context(|| format!("binding {source}"))?;
+    socket
+        .connect(server)
+        .await
+        .with_context(|| format!("connecting to {server} from {source}"))
+}
+
 impl Client {
     /// Connects and runs the provider handshake until the document is synced and our step2
     /// is acknowledged.
@@ -124,10 +153,25 @@ impl Client {
             start: now_ns(),
             ..Handshake::default()
         };
-        let (ws, _) =
-            tokio_tungstenite::connect_async_with_config(cfg.url.as_str(), Some(ws_config()), true)
+        let (ws, _) = match cfg.source {
+            None => tokio_tungstenite::connect_async_with_config(
+                cfg.url.as_str(),
+                Some(ws_config()),
+                true,
+            )
+            .await
+            .with_context(|| format!("connecting to {}", cfg.url))?,
+            Some(source) => {
+                let stream = connect_from(source, &cfg.url).await?;
+                tokio_tungstenite::client_async_with_config(
+                    cfg.url.as_str(),
+                    MaybeTlsStream::Plain(stream),
+                    Some(ws_config()),
+                )
                 .await
-                .with_context(|| format!("connecting to {}", cfg.url))?;
+                .with_context(|| format!("upgrading {} from {source}", cfg.url))?
+            }
+        };
         hs.connected = now_ns();
         let doc = Doc::with_client_id(cfg.client_id);
         let text = doc.get_or_insert_text(TEXT);

@@ -137,6 +137,7 @@ impl Fleet {
                 awareness: topo.awareness,
                 renew_awareness: topo.awareness,
                 handshake_timeout: target.handshake_timeout,
+                source: None,
             };
             let (sem, ready, plan, rec) =
                 (sem.clone(), ready_tx.clone(), plan_rx.clone(), rec.clone());

@@ -227,6 +227,10 @@ pub struct Conns {
     pub hold: Duration,
     /// Publish one awareness state per connection (like a provider with a user).
     pub awareness: bool,
+    /// Connect from this many loopback addresses, `127.0.0.1` upwards, in turn (1: let the
+    /// kernel pick). Beyond about 28,000 connections to one address a single source runs out
+    /// of ephemeral ports.
+    pub sources: u8,
 }
 
 /// `conns`: K idle providers; server RSS per connection.
@@ -249,6 +253,11 @@ pub async fn conns(t: &Target, c: Conns, out: &mut dyn Out) -> anyhow::Result<()
             awareness: c.awareness,
             renew_awareness: false,
             handshake_timeout: t.handshake_timeout,
+            source: (c.sources > 1).then(|| {
+                // i % sources < 255: 127.0.0.1 ..= 127.0.0.255
+                let host = (i % usize::from(c.sources)) as u8 + 1;
+                std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, host))
+            }),
         };
         let (sem, ready, quit, rec) = (sem.clone(), ready_tx.clone(), quit_rx.clone(), rec.clone());
         tasks.spawn(async move {
@@ -386,6 +395,7 @@ pub async fn coldload(t: &Target, c: ColdLoad, out: &mut dyn Out) -> anyhow::Res
         awareness: true,
         renew_awareness: false,
         handshake_timeout: t.handshake_timeout.max(Duration::from_secs(60)),
+        source: None,
     };
     if c.phase != Phase::Measure {
         let start = Instant::now();
@@ -562,6 +572,7 @@ pub async fn proxied(
                 awareness: false,
                 renew_awareness: false,
                 handshake_timeout: t.handshake_timeout,
+                source: None,
             };
             let (client, _) = Client::connect(cfg)
                 .await
