@@ -1,8 +1,8 @@
 //! A private Redis Cluster for one test: 3 masters and 3 replicas (`redis-server
-//! --cluster-enabled yes`, no persistence, a short `cluster-node-timeout`) on free loopback
-//! ports, created with `redis-cli --cluster create … --cluster-replicas 1`. Every node has a
-//! directory of its own (`<scratch>/redis-<port>/`, its `nodes.conf` there) and a log
-//! (`<scratch>/redis-<port>.log`); all are SIGKILLed on drop.
+//! --cluster-enabled yes`, no persistence, a short `cluster-node-timeout`) on leased loopback
+//! ports (client and cluster bus), created with `redis-cli --cluster create …
+//! --cluster-replicas 1`. Every node has a directory of its own (`<scratch>/redis-<port>/`, its
+//! `nodes.conf` there) and a log (`<scratch>/redis-<port>.log`); all are SIGKILLed on drop.
 //!
 //! Faults: [`RedisCluster::kill_master_of`] SIGKILLs the master serving a key's slot (its
 //! replica is promoted after `cluster-node-timeout`), [`RedisCluster::failover`] runs
@@ -17,8 +17,8 @@ use anyhow::{Context as _, bail};
 use tokio::process::Command;
 use tokio::time::{Instant, sleep, timeout};
 
+use super::Scratch;
 use super::redis::{RedisProcess, Resp, command_on};
-use super::{Scratch, free_port};
 
 /// `cluster-node-timeout` of every node (ms): how long a master may be unreachable before its
 /// replica is promoted.
@@ -61,7 +61,6 @@ impl RedisCluster {
     pub async fn start(scratch: &Scratch) -> anyhow::Result<RedisCluster> {
         let mut nodes = Vec::new();
         for _ in 0..6 {
-            let bus = free_port()?;
             let extra = vec![
                 "--cluster-enabled".into(),
                 "yes".into(),
@@ -69,13 +68,11 @@ impl RedisCluster {
                 "nodes.conf".into(),
                 "--cluster-node-timeout".into(),
                 NODE_TIMEOUT_MS.to_string(),
-                "--cluster-port".into(),
-                bus.to_string(),
                 // a replica may be promoted however long its link was down
                 "--cluster-replica-validity-factor".into(),
                 "0".into(),
             ];
-            nodes.push(RedisProcess::start_with(scratch, extra).await?);
+            nodes.push(RedisProcess::start_cluster_node(scratch, extra).await?);
         }
         let cluster = RedisCluster { nodes };
         let cli = redis_cli_bin();
