@@ -17,8 +17,8 @@ use anyhow::{Context as _, bail};
 use tokio::process::Command;
 use tokio::time::{Instant, sleep, timeout};
 
-use super::Scratch;
 use super::redis::{RedisProcess, Resp, command_on};
+use super::{Scratch, wait_until};
 
 /// `cluster-node-timeout` of every node (ms): how long a master may be unreachable before its
 /// replica is promoted.
@@ -230,34 +230,25 @@ impl RedisCluster {
         if r != Resp::Simple("OK".into()) {
             bail!("CLUSTER FAILOVER answered {r:?}");
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(m) = self.master_of_slot(slot).await
-                && m == replica
-            {
-                return Ok((master, replica));
-            }
-            if Instant::now() >= deadline {
-                bail!("replica {replica} did not take slot {slot} over within 15 s");
-            }
-            sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("replica {replica} serving slot {slot}");
+        wait_until(&what, Duration::from_secs(15), || async move {
+            // no master for the slot is a moment of the switch, not an error
+            anyhow::Ok(match self.master_of_slot(slot).await {
+                Ok(m) if m == replica => Ok(()),
+                other => Err(format!("{other:?}")),
+            })
+        })
+        .await?;
+        Ok((master, replica))
     }
 
     /// Waits (≤ `limit`) until every live node says `cluster_state:ok`, every slot is served
     /// by a live master and every live replica's link to its master is up.
     pub async fn wait_healthy(&self, limit: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let problem = self.health_problem().await;
-            match problem {
-                None => return Ok(()),
-                Some(p) if Instant::now() >= deadline => {
-                    bail!("Redis Cluster not healthy within {limit:?}: {p}")
-                }
-                Some(_) => sleep(Duration::from_millis(100)).await,
-            }
-        }
+        wait_until("a healthy Redis Cluster", limit, || async {
+            anyhow::Ok(self.health_problem().await.map_or(Ok(()), Err))
+        })
+        .await
     }
 
     async fn health_problem(&self) -> Option<String> {

@@ -21,9 +21,12 @@
 //! * [`witness`] — edit → acknowledgement round trips of a client during an attack, and
 //!   process probes (CPU time, resident memory).
 //!
-//! Every wait is bounded; every child process is killed when its handle drops. Handles print
-//! where their logs are when they drop (libtest shows that only for failing tests), plus the
-//! last log lines of a node when the test panics.
+//! Every wait is bounded and ends on something observable ([`wait_until`]: a metric, a lock
+//! holder, a client's state, a log line). A fixed sleep paces a workload or sets how long a
+//! fault lasts; it is not how a test learns that something happened (or did not). Every child
+//! process is killed when its handle drops. Handles print where their logs are when they drop
+//! (libtest shows that only for failing tests), plus the last log lines of a node when the test
+//! panics.
 //!
 //! Scratch files live in `<target>/test-scratch/<test>/`, wiped when the same test starts again.
 //!
@@ -303,6 +306,76 @@ fn leasable_ports() -> Vec<u16> {
         ports = (1024..=u16::MAX).collect();
     }
     ports
+}
+
+/// How often [`wait_until`] looks.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// What one look of a [`wait_until`] check found: whether the condition holds and, if it does,
+/// the value to return; if not, what was seen instead.
+pub trait Look {
+    /// What the wait returns once the condition holds.
+    type Found;
+    /// `Ok` when the condition holds; else what was seen, for the timeout error (may be empty).
+    fn look(self) -> Result<Self::Found, String>;
+}
+
+impl Look for bool {
+    type Found = ();
+    fn look(self) -> Result<(), String> {
+        if self { Ok(()) } else { Err(String::new()) }
+    }
+}
+
+impl<T> Look for Option<T> {
+    type Found = T;
+    fn look(self) -> Result<T, String> {
+        self.ok_or_else(String::new)
+    }
+}
+
+impl<T> Look for Result<T, String> {
+    type Found = T;
+    fn look(self) -> Result<T, String> {
+        self
+    }
+}
+
+/// Runs `check` every [`POLL`] until the condition holds, at most `limit`: `check` answers
+/// `true`, `Some(value)` or `Ok(value)` ([`Look`]), and that value is returned. An error from
+/// `check` ends the wait; so does the limit, with an error naming `what` and, when `check`
+/// said (`Err(seen)`), what it saw last.
+///
+/// This is the harness's one "until something observable happened" loop: a test waits for
+/// the event it depends on, never for a fixed time.
+pub async fn wait_until<F, Fut, L>(
+    what: &str,
+    limit: Duration,
+    mut check: F,
+) -> anyhow::Result<L::Found>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<L>>,
+    L: Look,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let seen = match check()
+            .await
+            .with_context(|| format!("waiting for {what}"))?
+            .look()
+        {
+            Ok(found) => return Ok(found),
+            Err(seen) => seen,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            if seen.is_empty() {
+                bail!("{what}: not within {limit:?}");
+            }
+            bail!("{what}: not within {limit:?}; last seen: {seen}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// True when this process runs as root (file permissions do not stop root).
