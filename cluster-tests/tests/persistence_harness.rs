@@ -32,7 +32,6 @@ fn leased_ports_are_exclusive_and_outside_the_ephemeral_range() -> anyhow::Resul
         leases.len(),
         "a port was leased twice: {ports:?}"
     );
-    let dir = std::env::temp_dir().join("hearth-test-ports");
     for &port in &ports {
         if low > 2048 || high < u16::MAX {
             assert!(
@@ -40,9 +39,8 @@ fn leased_ports_are_exclusive_and_outside_the_ephemeral_range() -> anyhow::Resul
                 "{port} is in the ephemeral range {low}-{high}"
             );
         }
-        let lock = std::fs::File::open(dir.join(port.to_string()))?;
         assert!(
-            matches!(lock.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+            is_leased(port)?,
             "port {port} is leased but its lock file is not locked"
         );
     }
@@ -52,6 +50,18 @@ fn leased_ports_are_exclusive_and_outside_the_ephemeral_range() -> anyhow::Resul
         leases[0].port(),
     ))?);
     Ok(())
+}
+
+/// Whether some test process holds the lease of `port` (its lock file is locked).
+fn is_leased(port: u16) -> anyhow::Result<bool> {
+    let path = std::env::temp_dir()
+        .join("hearth-test-ports")
+        .join(port.to_string());
+    let lock = std::fs::File::open(path)?;
+    Ok(matches!(
+        lock.try_lock(),
+        Err(std::fs::TryLockError::WouldBlock)
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +115,14 @@ async fn client_handshake_acks_and_reconnect() -> anyhow::Result<()> {
     // the node's data survives SIGTERM + restart on the same port
     let status = node.term().await?;
     assert!(status.success(), "exit status {status}");
+    // while it is down, its port stays leased: no other test is handed it
+    let port = node.addr().port();
+    assert!(
+        is_leased(port)?,
+        "port {port} of a stopped node is not leased"
+    );
     node.restart().await?;
+    assert_eq!(node.addr().port(), port);
     let fresh = TestClient::connect(&node.url(), "doc", "").await?;
     let mut got = fresh.contents();
     let mut want = a.contents();

@@ -3,8 +3,8 @@
 //! files, like a real deployment.
 //!
 //! * [`node`] — [`NodeProcess`]: one `hearth` process (start, SIGKILL, SIGTERM, SIGSTOP/SIGCONT,
-//!   restart on the same port, `/readyz`, log file kept per test).
-//! * [`redis`] — [`RedisProcess`]: a private `redis-server` on a free port.
+//!   restart on the same leased port, `/readyz`, log file kept per test).
+//! * [`redis`] — [`RedisProcess`]: a private `redis-server` on a leased port.
 //! * [`redis_cluster`] — [`RedisCluster`]: a private Redis Cluster (3 masters, 3 replicas) with
 //!   its faults (SIGKILL of the master serving a key, `CLUSTER FAILOVER`).
 //! * [`pg`] — [`PgDatabase`] (a fresh database on a shared server) and [`PgCluster`] (a private
@@ -35,15 +35,18 @@
 //! Test binaries run in parallel, so a port that was free when looked at may be taken before a
 //! server binds it. The harness keeps that from happening:
 //!
-//! * What can report its address binds port 0 and keeps the socket: `hearth` nodes (ready
-//!   files; a restart binds the same port again), the [`lb`] balancer.
-//! * Every port handed to another program (`redis-server` and its TLS and cluster-bus ports,
-//!   PostgreSQL, a port where a test needs nothing to listen) comes from [`lease_port`], the
-//!   only way to get one. A lease is a port outside the kernel's ephemeral range (the kernel
-//!   never picks those for port 0 or outgoing connections, so only explicit binders compete),
-//!   held under an exclusive `flock` on `$TMPDIR/hearth-test-ports/<port>` (so no other test
-//!   process, of this or another binary, leases it until the [`PortLease`] drops) and bindable
-//!   on 127.0.0.1 when leased. The lease lives as long as the handle of the server using it.
+//! * A listener that reports its address and is never bound again binds port 0 and keeps the
+//!   socket: the [`lb`] balancer, a node's operator and admin listeners (ready files; a fresh
+//!   port each start).
+//! * Every other port a program is told to bind comes from [`lease_port`], the only way to get
+//!   one: a node's client port (bound again on restart), `redis-server` and its TLS and
+//!   cluster-bus ports, PostgreSQL, a port where a test needs nothing to listen. A lease is a
+//!   port outside the kernel's ephemeral range (the kernel never picks those for port 0 or
+//!   outgoing connections, so only explicit binders compete), held under an exclusive `flock`
+//!   on `$TMPDIR/hearth-test-ports/<port>` (so no other test process, of this or another
+//!   binary, leases it until the [`PortLease`] drops) and bindable on 127.0.0.1 when leased.
+//!   The lease lives as long as the handle of the server using it, restarts included: a
+//!   restarted node or Redis binds a port nothing else in the harness was handed meanwhile.
 //! * A program outside the harness may still bind a leased port first; the launchers then
 //!   start again on fresh ports (≤ [`BIND_ATTEMPTS`] times), telling that failure apart by the
 //!   server's own message ("Address already in use", "could not bind"). A Redis answers as
