@@ -17,7 +17,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use cluster_tests::testbed::{Cluster, ClusterSpec, Scratch, TestClient, WAIT, workspace_dir};
+use cluster_tests::testbed::{
+    Cluster, ClusterSpec, Scratch, TestClient, WAIT, wait_until, workspace_dir,
+};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -399,15 +401,12 @@ async fn every_operation_through_any_node() -> anyhow::Result<()> {
     on_n3.wait_for("acked", WAIT, |s| s.all_acked()).await?;
     let (st, v) = call(&cluster, 0, "POST", "/v1/nodes/n3/drain", Some(json!({}))).await?;
     assert_eq!((st, &v["draining"]), (202, &json!(true)), "{v}");
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until("n3 drained", WAIT, || async {
         let v = ok(&cluster, 2, "GET", "/v1/node", None).await?;
-        if v["draining"] == true && v["documents"] == 0 {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "n3 did not drain: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let drained = v["draining"] == true && v["documents"] == 0;
+        anyhow::Ok(drained.then_some(()).ok_or_else(|| v.to_string()))
+    })
+    .await?;
     assert_eq!(cluster.nodes[2].readyz().await?, 503);
     on_n3
         .wait_for("the client on n3 was let go", WAIT, |s| {
@@ -537,8 +536,7 @@ async fn streaming_inserts_while_providers_edit() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     // the stored document (PostgreSQL) holds every insert
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until("every insert stored", WAIT, || async {
         let blobs = cluster.stored_blobs("streamed")?;
         let doc = yrs::Doc::new();
         {
@@ -557,13 +555,13 @@ async fn streaming_inserts_while_providers_edit() -> anyhow::Result<()> {
         let missing = (0..2000)
             .filter(|i| !text.contains(&format!("<{i}>")))
             .count();
-        if missing == 0 {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{missing} inserts not stored");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
+        anyhow::Ok(
+            (missing == 0)
+                .then_some(())
+                .ok_or_else(|| format!("{missing} missing")),
+        )
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

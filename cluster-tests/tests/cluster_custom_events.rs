@@ -30,9 +30,8 @@ use std::time::Duration;
 use cluster_tests::testbed::node::{NodeProcess, NodeSpec};
 use cluster_tests::testbed::{
     CliRun, ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, WAIT, marker_hits,
-    random_secret,
+    random_secret, wait_until,
 };
-use tokio::time::{Instant, sleep};
 
 /// Bound on one CLI run (its own timeouts are shorter).
 const CLI_LIMIT: Duration = Duration::from_secs(20);
@@ -63,22 +62,15 @@ fn stdout(run: &CliRun) -> String {
 
 /// Waits (≤ `WAIT`) until the stored blobs of `doc` hold `marker`.
 async fn wait_stored(cluster: &Cluster, doc: &str, marker: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until(&format!("{marker:?} stored for {doc}"), WAIT, || async {
         let hits: usize = cluster
             .stored_blobs(doc)?
             .iter()
             .map(|b| marker_hits(b, marker))
             .sum();
-        if hits > 0 {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{marker:?} not stored for {doc} within {WAIT:?}"
-        );
-        sleep(Duration::from_millis(50)).await;
-    }
+        anyhow::Ok(hits > 0)
+    })
+    .await
 }
 
 async fn wait_has(client: &TestClient, who: &str, marker: &str) -> anyhow::Result<()> {
@@ -415,19 +407,17 @@ async fn emit_callers_are_forgotten_by_the_owner() -> anyhow::Result<()> {
     let after = cluster.metrics(0).await?.sum(PEERS, &[]);
     assert!(after >= 3.0, "n1 knows {after} peers after 3 emits");
     // ...and only the nodes once 2 × 3 s have passed (housekeeping runs every 0.5 s here)
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
+    let limit = Duration::from_secs(15);
+    let peers = wait_until("n1 forgetting the callers", limit, || async {
         let peers = cluster.metrics(0).await?.sum(PEERS, &[]);
-        if peers <= 2.0 {
-            eprintln!("[cluster_custom_events] n1 peers: {after} after the emits, {peers} later");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "n1 still knows {peers} peers 15 s after 3 emits"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        anyhow::Ok(if peers <= 2.0 {
+            Ok(peers)
+        } else {
+            Err(format!("{peers} peers"))
+        })
+    })
+    .await?;
+    eprintln!("[cluster_custom_events] n1 peers: {after} after the emits, {peers} later");
     // the owner still answers new callers
     let who = emit(&cluster, doc, "whoami", None, &short).await?;
     assert_eq!(who.code, Some(0), "{who:?}");

@@ -207,6 +207,7 @@ async fn read_only_and_denied_clients_behave_the_same_through_an_edge() -> anyho
     }
 
     // --- nothing from the read-only or denied clients reached anybody ---
+    // (a refused update forwarded by the edge has no answer to wait for: give it time to show)
     tokio::time::sleep(SETTLE).await;
     let forbidden = [
         "ro-owner:1",

@@ -28,19 +28,18 @@
 //! kept them out.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use cluster_tests::testbed::client::auth_frame;
 use cluster_tests::testbed::raw::{marker_update, update};
 use cluster_tests::testbed::redis::Resp;
 use cluster_tests::testbed::{
     ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, WAIT, marker_hits, random_secret,
+    wait_until,
 };
 use hearth_proxy::{
     Auth, Body, Codec, ConnId, DEFAULT_MAX_ENVELOPE_BYTES, Envelope, Header, Incarnation, Keys,
     NodeAddr, NodeId, OpenMeta, SCHEMA_VERSION, Session,
 };
-use tokio::time::Instant;
 
 const DOC: &str = "guarded";
 const REJECTED: &str = "hearth_cluster_envelopes_rejected_total";
@@ -187,22 +186,16 @@ async fn stranger_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
         captured.len()
     );
     drop(tap);
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait_until("the eavesdropper gone from n1's inbox", WAIT, || async {
         let subscribers = cluster
             .redis()
             .command(&["PUBSUB", "NUMSUB", &inbox])
             .await?;
-        if matches!(&subscribers, Resp::Array(Some(v)) if v.get(1) == Some(&Resp::Int(1))) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the eavesdropper did not go away: {subscribers:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let before: Vec<String> = w1.contents();
+        let gone = matches!(&subscribers, Resp::Array(Some(v)) if v.get(1) == Some(&Resp::Int(1)));
+        anyhow::Ok(gone.then_some(()).ok_or_else(|| format!("{subscribers:?}")))
+    })
+    .await?;
+    let mut before: Vec<String> = w1.contents();
     assert_eq!(
         cluster.holder(DOC).await?.map(|h| h.node).as_deref(),
         Some("n1")
@@ -263,8 +256,11 @@ async fn stranger_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v + baseline[0].get(k).copied().unwrap_or(0)))
     .collect();
-    let deadline = Instant::now() + WAIT;
-    let counted = loop {
+    let what = format!(
+        "rejections counted: n1 {expected_n1:?}, and one unsigned plus one bad_mac more than \
+         {baseline:?} on n2, n3"
+    );
+    let counted = wait_until(&what, WAIT, || async {
         let now = rejected(&cluster).await?;
         let others_ok = (1..3).all(|i| {
             let mut want = baseline[i].clone();
@@ -272,20 +268,27 @@ async fn stranger_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
             *want.entry("bad_mac".into()).or_default() += 1;
             now[i] == want
         });
-        if now[0] == expected_n1 && others_ok {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rejections counted {now:?}, expected n1 {expected_n1:?} and one unsigned plus one \
-             bad_mac more than {baseline:?} on n2, n3"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        let all = now[0] == expected_n1 && others_ok;
+        anyhow::Ok(if all {
+            Ok(now)
+        } else {
+            Err(format!("{now:?}"))
+        })
+    })
+    .await?;
     eprintln!("[{test}] rejected envelopes per node: {counted:?}");
 
     // --- no effect ---
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every forgery was counted as rejected. A marker w2 sends now takes the forgeries' path
+    // after them (n1's inbox, its document, the broadcasts to w1 and through n2 to w2): once
+    // both watchers have it, an effect of any forgery would have reached them too.
+    let barrier = w2.insert_next();
+    w2.wait_all_acked(WAIT).await?;
+    w1.wait_for("w2's marker after the forgeries", WAIT, |s| {
+        s.contents().contains(&barrier)
+    })
+    .await?;
+    before.push(barrier);
     assert_eq!(
         w1.contents(),
         before,
@@ -333,15 +336,19 @@ async fn stranger_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     for payload in &captured {
         assert_eq!(publish(&cluster, &inbox, payload).await?, 1);
     }
-    let deadline = Instant::now() + WAIT;
-    while out_of_order(&cluster.metrics(0).await?) < ooo_before + captured.len() as f64 {
-        assert!(
-            Instant::now() < deadline,
-            "n1 did not count the {} replayed envelopes as out of order",
-            captured.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!(
+        "n1 counting the {} replayed envelopes as out of order",
+        captured.len()
+    );
+    wait_until(&what, WAIT, || async {
+        let counted = out_of_order(&cluster.metrics(0).await?) - ooo_before;
+        anyhow::Ok(
+            (counted >= captured.len() as f64)
+                .then_some(())
+                .ok_or_else(|| format!("{counted}")),
+        )
+    })
+    .await?;
     // w2's attachment still works (a replayed `open` would have replaced it with a fresh,
     // unauthenticated one)
     let m = w2.insert_next();

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use cluster_tests::testbed::{
     ClientOptions, Cluster, ClusterSpec, Reconnector, Scratch, TestClient, WAIT, Writers,
-    assert_nothing_lost, probe_writable, seed, wait_all_acked,
+    assert_nothing_lost, probe_writable, seed, wait_all_acked, wait_until,
 };
 use tokio::time::Instant;
 
@@ -93,7 +93,9 @@ async fn redis_restart_keeps_fencing_and_recovers() -> anyhow::Result<()> {
         let deadline = restarted_at + limit;
         let mut settled = Vec::new();
         for doc in &docs {
-            loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let cluster = &cluster;
+            let owner = wait_until(&format!("{doc} re-owned"), left, || async move {
                 let holder = cluster.holder(doc).await?.map(|h| h.node);
                 let owned = cluster.owned_all().await;
                 let listers: Vec<&str> = cluster
@@ -103,20 +105,13 @@ async fn redis_restart_keeps_fencing_and_recovers() -> anyhow::Result<()> {
                     .filter(|(_, o)| o.as_ref().is_ok_and(|o| o.contains(doc)))
                     .map(|(n, _)| n.id())
                     .collect();
-                if listers.len() == 1 && holder.as_deref() == Some(listers[0]) {
-                    settled.push(format!(
-                        "{doc} by {} in {:?}",
-                        listers[0],
-                        restarted_at.elapsed()
-                    ));
-                    break;
-                }
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "{doc} not re-owned within {limit:?}: lock {holder:?}, listed by {listers:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+                anyhow::Ok(match listers[..] {
+                    [lister] if holder.as_deref() == Some(lister) => Ok(lister.to_owned()),
+                    _ => Err(format!("lock {holder:?}, listed by {listers:?}")),
+                })
+            })
+            .await?;
+            settled.push(format!("{doc} by {owner} in {:?}", restarted_at.elapsed()));
         }
         let mut probes = Vec::new();
         let mut served = Vec::new();
@@ -128,15 +123,12 @@ async fn redis_restart_keeps_fencing_and_recovers() -> anyhow::Result<()> {
             served.push(format!("{doc} in {took:?}"));
         }
         for n in &cluster.nodes {
-            let deadline = Instant::now() + cluster.lock_ttl();
-            while cluster.incarnation(n.id()).await?.is_none() {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "node {} did not refresh its liveness key",
-                    n.id()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let what = format!("node {}'s liveness key refreshed", n.id());
+            let cluster = &cluster;
+            wait_until(&what, cluster.lock_ttl(), || async move {
+                anyhow::Ok(cluster.incarnation(n.id()).await?.is_some())
+            })
+            .await?;
         }
         eprintln!(
             "[{test}] Redis back empty after {redis_back:?}; re-owned: {settled:?}; probes \

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use cluster_tests::testbed::client::auth_frame;
 use cluster_tests::testbed::raw::step1;
-use cluster_tests::testbed::{Cluster, ClusterSpec, RawSocket, Scratch};
-use tokio::time::Instant;
+use cluster_tests::testbed::{Cluster, ClusterSpec, RawSocket, Scratch, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reset_before_any_answer_gets_a_message_first() -> anyhow::Result<()> {
@@ -23,11 +22,12 @@ async fn a_client_reset_before_any_answer_gets_a_message_first() -> anyhow::Resu
     socket.send(auth_frame(doc, "rw", Some("4.8.0")));
     socket.send(step1(doc));
     // routing gives up after the lock's validity (under the 2 s TTL); bounded wait for the close
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while socket.closed().is_none() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let closing = wait_until("the socket closed", Duration::from_secs(20), || async {
+        anyhow::Ok(socket.closed().is_some())
+    })
+    .await;
     cluster.redis().cont()?;
+    closing?;
     let closed = socket.closed();
     let transcript = socket.transcript(doc);
     eprintln!("[{test}] frames {transcript:?}, then {closed:?}");

@@ -10,7 +10,7 @@ mod receiver;
 use std::time::Duration;
 
 use cluster_tests::testbed::{
-    ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, run_auth_cases,
+    ClientOptions, Cluster, ClusterSpec, Scratch, TestClient, run_auth_cases, wait_until,
 };
 use receiver::{Received, Receiver};
 use serde_json::{Value, json};
@@ -113,16 +113,20 @@ async fn the_provider_sees_the_same_answer_on_the_owner_and_through_a_non_owner(
         .filter(|r| r.body["event"] == "connect" && r.body["payload"]["documentName"] == "wh-a")
         .collect();
     // the opener, the owner case, the non-owner case
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let mut connects_n = connects.len();
-    while connects_n < 3 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        connects_n = hook
+    let what = format!("three connect webhooks for wh-a; the first ones: {connects:?}");
+    let connects_n = wait_until(&what, Duration::from_secs(5), || async {
+        let connects_n = hook
             .all()
             .iter()
             .filter(|r| r.body["event"] == "connect" && r.body["payload"]["documentName"] == "wh-a")
             .count();
-    }
+        anyhow::Ok(if connects_n >= 3 {
+            Ok(connects_n)
+        } else {
+            Err(format!("{connects_n}"))
+        })
+    })
+    .await?;
     assert_eq!(connects_n, 3, "{connects:?}");
     for r in hook
         .all()

@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cluster_tests::testbed::node::hearth_bin;
-use cluster_tests::testbed::{Scratch, free_port};
+use cluster_tests::testbed::{Scratch, lease_port};
 
 /// A strong cluster secret (only its shape matters here).
 const SECRET: &str = "Wq5Xm1Lr9Kz3Tb7Vn2Hc6Pd4Jf8Gs0Ya-tests";
@@ -167,7 +167,8 @@ fn one_line(out: &Output) -> String {
 #[test]
 fn cluster_emit_usage_errors_exit_64_never_2() -> anyhow::Result<()> {
     // Redis is never reached: every one of these is refused first
-    let unreachable = format!("redis://127.0.0.1:{}", free_port()?);
+    let closed = lease_port()?;
+    let unreachable = format!("redis://127.0.0.1:{}", closed.port());
     let env = [
         ("HEARTH_REDIS_URL", unreachable.as_str()),
         ("HEARTH_CLUSTER_SECRET", SECRET),
@@ -244,9 +245,11 @@ fn an_unopenable_sqlite_file_is_one_line_naming_the_setting_and_the_path() -> an
 #[test]
 fn unreachable_postgres_and_redis_fail_fast_with_the_cause() -> anyhow::Result<()> {
     let scratch = Scratch::new("command_line_unreachable")?;
+    // nothing listens on leased ports until their leases drop
+    let (pg_closed, redis_closed) = (lease_port()?, lease_port()?);
     let pg = format!(
         "postgres://hearth:pg-password@127.0.0.1:{}/test",
-        free_port()?
+        pg_closed.port()
     );
     let started = Instant::now();
     let out = serve_with_database(&pg)?;
@@ -264,7 +267,7 @@ fn unreachable_postgres_and_redis_fail_fast_with_the_cause() -> anyhow::Result<(
         started.elapsed()
     );
 
-    let redis = format!("redis://:redis-password@127.0.0.1:{}", free_port()?);
+    let redis = format!("redis://:redis-password@127.0.0.1:{}", redis_closed.port());
     let db = format!("sqlite://{}", scratch.join("h.db").display());
     let started = Instant::now();
     let out = hearth_with(
@@ -374,7 +377,8 @@ fn help_shows_defaults_and_each_subcommand_its_own_settings() -> anyhow::Result<
 fn flags_beat_environment_beat_file_beat_defaults() -> anyhow::Result<()> {
     // `hearth health` names the address it asked; nothing listens on these ports
     let scratch = Scratch::new("command_line_precedence")?;
-    let (file_port, env_port, flag_port) = (free_port()?, free_port()?, free_port()?);
+    let leases = [lease_port()?, lease_port()?, lease_port()?];
+    let [file_port, env_port, flag_port] = leases.each_ref().map(|l| l.port());
     let toml = scratch.join("hearth.toml");
     std::fs::write(&toml, format!("listen = \"127.0.0.1:{file_port}\"\n"))?;
     let toml = toml.display().to_string();

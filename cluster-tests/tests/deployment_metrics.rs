@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cluster_tests::testbed::{NodeProcess, NodeSpec, RawSocket, RedisProcess, Scratch, TestClient};
+use cluster_tests::testbed::{
+    NodeProcess, NodeSpec, RawSocket, RedisProcess, Scratch, TestClient, wait_until,
+};
 
 const SECRET: &str = "Jt6Wq2Xr9Lm4Vb8Zc1Kn5Hd3Fs7Yp0Ga-metrics";
 
@@ -66,16 +68,12 @@ async fn dashboard_and_alerts_name_only_real_metrics() -> anyhow::Result<()> {
     client.wait_all_acked(Duration::from_secs(10)).await?;
     let raw = RawSocket::connect(&node.url()).await?;
     raw.send(Bytes::from_static(&[0xff, 0xff, 0xff]));
-    for _ in 0..100 {
-        if raw.closed().is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::ensure!(
-        raw.closed().is_some(),
-        "the server never closed the bad socket"
-    );
+    wait_until(
+        "the server closing the bad socket",
+        Duration::from_secs(5),
+        || async { anyhow::Ok(raw.closed().is_some()) },
+    )
+    .await?;
 
     let (status, body) = node.operator_get("/metrics").await?;
     anyhow::ensure!(status == 200, "/metrics answered {status}");

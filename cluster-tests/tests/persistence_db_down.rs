@@ -23,7 +23,7 @@ use std::time::Duration;
 use cluster_tests::testbed::db::FrozenSqlite;
 use cluster_tests::testbed::{
     ClientOptions, History, NodeProcess, NodeSpec, PgCluster, Scratch, TestClient, WAIT, Writers,
-    seed,
+    seed, wait_until,
 };
 use tokio::time::{Instant, sleep};
 
@@ -38,25 +38,16 @@ const GRACE: Duration = Duration::from_millis(500);
 /// at most 5 s).
 const RECOVERY: Duration = Duration::from_secs(30);
 
-/// Polls `/readyz` until it answers `want` (≤ `limit`).
-async fn wait_readyz(node: &mut NodeProcess, want: u16, limit: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    let mut last = None;
-    while Instant::now() < deadline {
-        if !node.is_running() {
-            anyhow::bail!(
-                "hearth exited ({:?}) while waiting for /readyz {want}; log {}",
-                node.exit_status(),
-                node.log_path().display()
-            );
-        }
-        match node.readyz().await {
-            Ok(code) if code == want => return Ok(()),
-            other => last = Some(format!("{other:?}")),
-        }
-        sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("/readyz did not answer {want} within {limit:?}; last answer {last:?}")
+/// Waits (≤ `limit`) until `/readyz` answers `want`.
+async fn wait_readyz(node: &NodeProcess, want: u16, limit: Duration) -> anyhow::Result<()> {
+    wait_until(&format!("/readyz answering {want}"), limit, || async {
+        // an error is seen, not fatal: a node that died shows as refused connections
+        anyhow::Ok(match node.readyz().await {
+            Ok(code) if code == want => Ok(()),
+            other => Err(format!("{other:?}")),
+        })
+    })
+    .await
 }
 
 /// The scenario; `outage(true)` takes the database away, `outage(false)` brings it back.
@@ -83,7 +74,7 @@ async fn outage_scenario(
             ));
         }
     }
-    wait_readyz(&mut node, 200, WAIT).await?;
+    wait_readyz(&node, 200, WAIT).await?;
 
     // Healthy phase: acks flow.
     let writers = Writers::start(
@@ -92,7 +83,6 @@ async fn outage_scenario(
         Duration::from_millis(30),
         seed,
     );
-    sleep(Duration::from_millis(700)).await;
     for c in &clients {
         c.wait_for("some acks before the outage", WAIT, |s| s.acked_count() > 5)
             .await?;
@@ -102,10 +92,11 @@ async fn outage_scenario(
     outage(true)?;
     let down_at = Instant::now();
     let sent_at_down: Vec<usize> = clients.iter().map(|c| c.view(|s| s.sent().len())).collect();
+    // the claim's grace period: what committed just before the outage may still be acked
     sleep(GRACE).await;
     let statuses_after_grace: Vec<u64> =
         clients.iter().map(|c| c.view(|s| s.statuses().0)).collect();
-    wait_readyz(&mut node, 503, OUTAGE).await?;
+    wait_readyz(&node, 503, OUTAGE).await?;
     let left = OUTAGE.saturating_sub(down_at.elapsed());
     sleep(left).await;
 
@@ -170,7 +161,7 @@ async fn outage_scenario(
         "[{test}] every edit acknowledged {:?} after the database came back",
         up_at.elapsed()
     );
-    wait_readyz(&mut node, 200, RECOVERY).await?;
+    wait_readyz(&node, 200, RECOVERY).await?;
 
     // Everything is in the database: kill -9 (no shutdown store) and read it back fresh.
     let mut history = History::default();
@@ -268,7 +259,10 @@ async fn failed_compactions_back_off() -> anyhow::Result<()> {
         Duration::from_millis(30),
         1,
     );
-    sleep(Duration::from_millis(500)).await;
+    for c in &clients {
+        c.wait_for("some acks before the freeze", WAIT, |s| s.acked_count() > 5)
+            .await?;
+    }
     let frozen = FrozenSqlite::freeze(&db)?;
     let before = node.log_text().matches("compaction failed").count();
     sleep(OUTAGE).await;

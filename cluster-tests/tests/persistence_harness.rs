@@ -1,12 +1,68 @@
 //! Self-tests of the test harness (`cluster_tests::testbed`) against the real binary: the
 //! recording client's ack bookkeeping, reconnect re-delivery, awareness, the load balancer and
-//! the Redis helper. If these fail, the persistence and cluster tests cannot be trusted.
+//! the Redis helper and the port leases. If these fail, the persistence and cluster tests cannot
+//! be trusted.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cluster_tests::testbed::{
-    ClientOptions, Lb, NodeProcess, NodeSpec, RedisProcess, Scratch, TestClient, WAIT,
+    ClientOptions, Lb, NodeProcess, NodeSpec, PortLease, RedisProcess, Scratch, TestClient, WAIT,
+    lease_port,
 };
+
+/// Leased ports lie outside the kernel's ephemeral range, are bindable, and are never leased
+/// twice while held: each one's lock file is locked.
+#[test]
+fn leased_ports_are_exclusive_and_outside_the_ephemeral_range() -> anyhow::Result<()> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let bounds: Vec<u16> = range
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let [low, high] = bounds[..] else {
+        anyhow::bail!("unexpected ip_local_port_range {range:?}");
+    };
+    let leases = (0..50)
+        .map(|_| lease_port())
+        .collect::<anyhow::Result<Vec<PortLease>>>()?;
+    let ports: BTreeSet<u16> = leases.iter().map(PortLease::port).collect();
+    assert_eq!(
+        ports.len(),
+        leases.len(),
+        "a port was leased twice: {ports:?}"
+    );
+    for &port in &ports {
+        if low > 2048 || high < u16::MAX {
+            assert!(
+                port < low || port > high,
+                "{port} is in the ephemeral range {low}-{high}"
+            );
+        }
+        assert!(
+            is_leased(port)?,
+            "port {port} is leased but its lock file is not locked"
+        );
+    }
+    // a server can bind a leased port
+    drop(std::net::TcpListener::bind((
+        "127.0.0.1",
+        leases[0].port(),
+    ))?);
+    Ok(())
+}
+
+/// Whether some test process holds the lease of `port` (its lock file is locked).
+fn is_leased(port: u16) -> anyhow::Result<bool> {
+    let path = std::env::temp_dir()
+        .join("hearth-test-ports")
+        .join(port.to_string());
+    let lock = std::fs::File::open(path)?;
+    Ok(matches!(
+        lock.try_lock(),
+        Err(std::fs::TryLockError::WouldBlock)
+    ))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_handshake_acks_and_reconnect() -> anyhow::Result<()> {
@@ -59,7 +115,14 @@ async fn client_handshake_acks_and_reconnect() -> anyhow::Result<()> {
     // the node's data survives SIGTERM + restart on the same port
     let status = node.term().await?;
     assert!(status.success(), "exit status {status}");
+    // while it is down, its port stays leased: no other test is handed it
+    let port = node.addr().port();
+    assert!(
+        is_leased(port)?,
+        "port {port} of a stopped node is not leased"
+    );
     node.restart().await?;
+    assert_eq!(node.addr().port(), port);
     let fresh = TestClient::connect(&node.url(), "doc", "").await?;
     let mut got = fresh.contents();
     let mut want = a.contents();

@@ -119,6 +119,7 @@ async fn load_failure(
             .await?;
         // the refused client tries to write anyway (queued for a new Auth, never applied)
         c.insert("written after the refusal");
+        // nothing answers a refused document's update: a wrong answer needs time to show
         tokio::time::sleep(Duration::from_millis(200)).await;
         c.view(|s| {
             let auth: Vec<&String> = s

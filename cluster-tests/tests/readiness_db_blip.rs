@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use cluster_tests::testbed::{NodeProcess, NodeSpec, PgCluster, Scratch};
+use cluster_tests::testbed::{NodeProcess, NodeSpec, PgCluster, Scratch, wait_until};
 use tokio::time::{Instant, sleep};
 
 /// `readiness_outage_ms` of the node under test.
@@ -37,22 +37,6 @@ async fn readyz(node: &NodeProcess) -> anyhow::Result<u16> {
     Ok(code)
 }
 
-/// Polls until `f` holds (≤ `limit`), asserting `/readyz` stays `ready` meanwhile when given.
-async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F) -> anyhow::Result<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f().await? {
-            return Ok(start.elapsed());
-        }
-        sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("{what}: not within {limit:?}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_db_blip() -> anyhow::Result<()> {
     let scratch = Scratch::new("readiness_db_blip")?;
@@ -74,24 +58,27 @@ async fn readiness_db_blip() -> anyhow::Result<()> {
     }
     assert!(saw_down, "hearth_dependency_up{{storage}} never went 0");
     pg.start_again()?;
-    let back = wait_for(
+    let started = Instant::now();
+    wait_until(
         "storage up after the blip",
         Duration::from_secs(15),
-        || async { Ok(storage_up(&node).await? == 1.0) },
+        || async { anyhow::Ok(storage_up(&node).await? == 1.0) },
     )
     .await?;
+    let back = started.elapsed();
     assert_eq!(readyz(&node).await?, 200);
     eprintln!("blip of {BLIP:?}: /readyz 200 throughout, storage up again {back:?} after restart");
 
     // 2. a long outage: 503 after readiness_outage_ms, with the reason
     pg.stop_immediate()?;
     let down_at = Instant::now();
-    let unready = wait_for(
+    wait_until(
         "/readyz 503 in a long outage",
         Duration::from_millis(OUTAGE_MS) + Duration::from_secs(10),
-        || async { Ok(readyz(&node).await? == 503) },
+        || async { anyhow::Ok(readyz(&node).await? == 503) },
     )
     .await?;
+    let unready = down_at.elapsed();
     assert!(
         unready >= Duration::from_millis(OUTAGE_MS) - Duration::from_millis(100),
         "503 after {unready:?}, before readiness_outage_ms"
@@ -110,12 +97,14 @@ async fn readiness_db_blip() -> anyhow::Result<()> {
 
     // 3. back: ready again
     pg.start_again()?;
-    let ready = wait_for(
+    let started = Instant::now();
+    wait_until(
         "/readyz 200 after recovery",
         Duration::from_secs(15),
-        || async { Ok(readyz(&node).await? == 200) },
+        || async { anyhow::Ok(readyz(&node).await? == 200) },
     )
     .await?;
+    let ready = started.elapsed();
     assert_eq!(storage_up(&node).await?, 1.0);
     eprintln!("database back: /readyz 200 after {ready:?}");
     Ok(())

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use cluster_tests::testbed::{
     ClientOptions, Cluster, ClusterSpec, History, Reconnector, Scratch, TestClient, WAIT, Writers,
-    assert_nothing_lost, probe_writable, seed, wait_all_acked, wait_converged,
+    assert_nothing_lost, probe_writable, seed, wait_all_acked, wait_converged, wait_until,
 };
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -50,9 +50,7 @@ async fn single_owners(
     live: &[usize],
     limit: Duration,
 ) -> anyhow::Result<Vec<String>> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let mut problem = None;
+    wait_until("a single owner of each document", limit, || async move {
         let mut owners = Vec::new();
         let holders = cluster.holders(docs).await?;
         let mut owned = Vec::new();
@@ -69,27 +67,18 @@ async fn single_owners(
                 Some(h) if listing.len() == 1 && *listing[0] == h.node => {
                     owners.push(h.node.clone());
                 }
-                other => {
-                    problem = Some(format!("{doc}: lock {other:?}, listed by {listing:?}"));
-                }
+                other => return Ok(Err(format!("{doc}: lock {other:?}, listed by {listing:?}"))),
             }
         }
-        if problem.is_none() {
-            for (doc, owner) in docs.iter().zip(&owners) {
-                let cli = cluster.cli_owner(doc).await?;
-                if cli.as_deref() != Some(owner.as_str()) {
-                    problem = Some(format!("{doc}: hearth cluster owner says {cli:?}"));
-                }
+        for (doc, owner) in docs.iter().zip(&owners) {
+            let cli = cluster.cli_owner(doc).await?;
+            if cli.as_deref() != Some(owner.as_str()) {
+                return Ok(Err(format!("{doc}: hearth cluster owner says {cli:?}")));
             }
         }
-        match problem {
-            None => return Ok(owners),
-            Some(p) if Instant::now() >= deadline => {
-                anyhow::bail!("no single owner within {limit:?}: {p}")
-            }
-            Some(_) => sleep(Duration::from_millis(100)).await,
-        }
-    }
+        anyhow::Ok(Ok(owners))
+    })
+    .await
 }
 
 /// A client that inserts a marker, waits for its acknowledgement, and does it again, recording

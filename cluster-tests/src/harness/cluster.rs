@@ -33,7 +33,7 @@ use super::pg::PgDatabase;
 use super::redis::{RedisProcess, Resp};
 use super::redis_cluster::RedisCluster;
 use super::workload::History;
-use super::{Scratch, WAIT};
+use super::{Scratch, WAIT, wait_until};
 
 /// What to start: node count, lock TTL, cluster secret, extra settings for every node.
 #[derive(Debug, Clone)]
@@ -400,19 +400,18 @@ impl Cluster {
         limit: Duration,
         pred: impl Fn(&LockHolder) -> bool,
     ) -> anyhow::Result<LockHolder> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let h = self.holder(doc).await?;
-            if let Some(h) = &h
-                && pred(h)
-            {
-                return Ok(h.clone());
-            }
-            if Instant::now() >= deadline {
-                bail!("lock of {doc:?}: holder {h:?} did not satisfy the wait within {limit:?}");
-            }
-            sleep(Duration::from_millis(20)).await;
-        }
+        let pred = &pred;
+        wait_until(
+            &format!("the wanted holder of {doc:?}'s lock"),
+            limit,
+            || async move {
+                anyhow::Ok(match self.holder(doc).await? {
+                    Some(h) if pred(&h) => Ok(h),
+                    other => Err(format!("holder {other:?}")),
+                })
+            },
+        )
+        .await
     }
 
     /// Waits (≤ `limit`) until the lock of `doc` no longer names node `node` (expired, released
@@ -424,17 +423,15 @@ impl Cluster {
         limit: Duration,
     ) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        let deadline = started + limit;
-        loop {
-            let h = self.holder(doc).await?;
-            if h.as_ref().is_none_or(|h| h.node != node) {
-                return Ok(started.elapsed());
-            }
-            if Instant::now() >= deadline {
-                bail!("lock of {doc:?} still held by {h:?} after {limit:?}");
-            }
-            sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("the lock of {doc:?} no longer held by {node}");
+        wait_until(&what, limit, || async move {
+            anyhow::Ok(match self.holder(doc).await? {
+                Some(h) if h.node == node => Err(format!("held by {h:?}")),
+                _ => Ok(()),
+            })
+        })
+        .await?;
+        Ok(started.elapsed())
     }
 
     /// The incarnation node `id` last published (`<prefix>:node:<id>`), if its key is alive.

@@ -1,12 +1,14 @@
 //! One `hearth` process under test control.
 //!
 //! The binary is `$HEARTH_BIN`, else `<target>/release/hearth`, else `<target>/debug/hearth`.
-//! It is started as `hearth --listen 127.0.0.1:<port|0> --ready-file F --operator-listen
+//! It is started as `hearth --listen 127.0.0.1:<port> --ready-file F --operator-listen
 //! 127.0.0.1:0 --operator-ready-file F.operator --node-id ID --database-url URL <args…>` with
 //! `<env…>`, stdout and stderr appended to `<scratch>/node-<id>.log`. [`NodeProcess::start`]
-//! returns once the ready files name the bound addresses. A restart reuses the client port, so
-//! clients and load balancers keep their URL; the operator listener (`/metrics`,
-//! `/cluster/owned`) gets a fresh port each start ([`NodeProcess::operator_addr`]).
+//! returns once the ready files name the bound addresses. The client port is leased
+//! ([`lease_port`]) for as long as the handle lives, so a restart binds the same port, which no
+//! other test is handed in between: clients and load balancers keep their URL. The operator
+//! and admin listeners (`/metrics`, `/cluster/owned`) bind port 0 and get a fresh port each
+//! start ([`NodeProcess::operator_addr`]).
 //!
 //! Cluster settings go in [`NodeSpec::env`] (`HEARTH_REDIS_URL`, `HEARTH_LOCK_TTL_MS`, …) or
 //! [`NodeSpec::args`]; the node id is always passed as `--node-id`. `HEARTH_*` variables of the
@@ -24,7 +26,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::{Instant, sleep, timeout};
 
 use super::cluster::Metrics;
-use super::{Scratch, signal, tail, target_dir};
+use super::{BIND_ATTEMPTS, PortLease, Scratch, lease_port, signal, tail, target_dir};
 
 /// How long a node may take to write its ready file.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,10 +114,12 @@ pub struct NodeProcess {
     admin: Option<SocketAddr>,
     starts: u32,
     last_exit: Option<ExitStatus>,
+    /// The client port, held until the handle drops (after the process is killed).
+    lease: PortLease,
 }
 
 impl NodeProcess {
-    /// Starts a node on a free port and waits (≤ [`START_TIMEOUT`]) until it listens.
+    /// Starts a node on a leased port and waits (≤ [`START_TIMEOUT`]) until it listens.
     pub async fn start(scratch: &Scratch, spec: NodeSpec) -> anyhow::Result<NodeProcess> {
         NodeProcess::start_in(scratch.path(), spec).await
     }
@@ -128,23 +132,46 @@ impl NodeProcess {
         };
         let dir = dir.to_path_buf();
         let log = dir.join(format!("node-{}.log", spec.node_id));
+        let lease = lease_port()?;
         let mut node = NodeProcess {
             spec,
             bin,
             dir,
             log,
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr: SocketAddr::from(([127, 0, 0, 1], lease.port())),
             operator: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin: None,
             starts: 0,
             last_exit: None,
+            lease,
         };
-        node.launch(0).await?;
-        Ok(node)
+        // A program outside the harness may have bound the leased port: again on a fresh one.
+        let mut attempt = 1;
+        loop {
+            match node.launch().await {
+                Ok(()) => return Ok(node),
+                Err(e) if attempt < BIND_ATTEMPTS && node.port_was_taken() => {
+                    eprintln!(
+                        "[testbed] node {}: port taken, again on a fresh one: {e:#}",
+                        node.id()
+                    );
+                    node.lease = lease_port()?;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    async fn launch(&mut self, port: u16) -> anyhow::Result<()> {
+    /// Whether the last start failed because its client port was in use.
+    fn port_was_taken(&self) -> bool {
+        tail(&self.log, 5).contains("in use")
+    }
+
+    /// Starts the process on the leased port and waits until its ready files are written.
+    async fn launch(&mut self) -> anyhow::Result<()> {
+        let port = self.lease.port();
         self.starts += 1;
         let ready = self
             .dir
@@ -453,22 +480,11 @@ impl NodeProcess {
     }
 
     /// Starts the node again on the same port with the same spec (SIGKILLs it first if it still
-    /// runs) and waits until it listens.
+    /// runs) and waits until it listens. The port stayed leased to this handle, so nothing
+    /// else in the harness was handed it meanwhile.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill()?;
-        let port = self.addr.port();
-        // The old listener is gone with the process; retry briefly in case the port lingers.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match self.launch(port).await {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() < deadline && tail(&self.log, 5).contains("in use") => {
-                    let _ = e;
-                    sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.launch().await
     }
 
     /// `GET path` on the client port over plain HTTP/1.1 (≤ 5 s): the status code and the body.

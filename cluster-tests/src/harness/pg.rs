@@ -3,7 +3,7 @@
 //! * [`PgDatabase`]: a fresh database `hearth_ct_<random>` on the server named by
 //!   `$HEARTH_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/test`), dropped (after
 //!   terminating its connections) when the handle drops.
-//! * [`PgCluster`]: a private cluster (initdb with trust auth into the scratch directory, a free
+//! * [`PgCluster`]: a private cluster (initdb with trust auth into the scratch directory, a leased
 //!   port) that the test may stop with `pg_ctl stop -m immediate` and start again. Binaries come
 //!   from `$HEARTH_TEST_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`. As root the cluster
 //!   runs as the `postgres` user (PostgreSQL refuses to run as root).
@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 
 use anyhow::{Context as _, bail};
 
-use super::{Scratch, free_port, is_root, tail};
+use super::{BIND_ATTEMPTS, PortLease, Scratch, is_root, lease_port, tail};
 
 /// The default shared server for [`PgDatabase`].
 pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -187,11 +187,13 @@ pub struct PgCluster {
     running: bool,
     /// Further server options (`-c name=value`), e.g. TLS.
     extra: String,
+    /// The port's lease; dropped after the server is stopped.
+    _lease: PortLease,
 }
 
 impl PgCluster {
-    /// initdb (trust auth, superuser `postgres`) into `<scratch>/pg/data` and start it on a free
-    /// port.
+    /// initdb (trust auth, superuser `postgres`) into `<scratch>/pg/data` and start it on a
+    /// leased port (again on a fresh one, ≤ [`BIND_ATTEMPTS`] times, while that port is taken).
     pub fn start(scratch: &Scratch) -> anyhow::Result<PgCluster> {
         PgCluster::start_with(scratch, None)
     }
@@ -217,15 +219,17 @@ impl PgCluster {
         } else {
             None
         };
+        let lease = lease_port()?;
         let mut c = PgCluster {
             data: root.join("data"),
             log: root.join("postgres.log"),
             root,
             bin,
-            port: free_port()?,
+            port: lease.port(),
             owner,
             running: false,
             extra: String::new(),
+            _lease: lease,
         };
         let out = c
             .tool("initdb")
@@ -251,8 +255,31 @@ impl PgCluster {
                 key.display()
             );
         }
-        c.start_again()?;
-        Ok(c)
+        let mut attempt = 1;
+        loop {
+            let logged = std::fs::metadata(&c.log).map_or(0, |m| m.len());
+            match c.start_again() {
+                Ok(()) => return Ok(c),
+                Err(e)
+                    if attempt < BIND_ATTEMPTS
+                        && std::fs::read(&c.log).is_ok_and(|log| {
+                            let new = log.get(usize::try_from(logged).unwrap_or(0)..);
+                            String::from_utf8_lossy(new.unwrap_or_default())
+                                .contains("could not bind")
+                        }) =>
+                {
+                    eprintln!(
+                        "[testbed] PostgreSQL: port {} taken, again on a fresh one: {e:#}",
+                        c.port
+                    );
+                    let lease = lease_port()?;
+                    c.port = lease.port();
+                    c._lease = lease;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn tool(&self, name: &str) -> Command {

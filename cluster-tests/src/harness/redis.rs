@@ -1,4 +1,4 @@
-//! A private `redis-server` for one test: a free loopback port, no persistence, output to
+//! A private `redis-server` for one test: a leased loopback port, no persistence, output to
 //! `<scratch>/redis-<port>.log`. [`RedisProcess::restart`] brings it back on the same port with
 //! no data (what a Redis restart without persistence looks like to the nodes).
 
@@ -14,9 +14,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout};
 
-use super::{Scratch, free_port, signal, tail};
+use super::{BIND_ATTEMPTS, PortLease, Scratch, lease_port, signal, tail};
 
-/// `$HEARTH_TEST_REDIS_SERVER`, else `/usr/bin/redis-server`.
+/// `$HEARTH_TEST_REDIS_SERVER`, else `/usr/bin/redis-server`. It must be the server itself (or
+/// a script that `exec`s it): a server counts as started once it reports the process id started.
 pub fn redis_server_bin() -> PathBuf {
     std::env::var_os("HEARTH_TEST_REDIS_SERVER")
         .map(PathBuf::from)
@@ -30,35 +31,46 @@ pub struct RedisProcess {
     dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
-    /// Further `redis-server` arguments (TLS).
+    /// Further `redis-server` arguments (TLS, cluster mode).
     extra: Vec<String>,
     /// The TLS port, when TLS is on.
     tls_port: Option<u16>,
+    /// The client port's lease, then those of the further ports (TLS, cluster bus); dropped
+    /// after the process is killed.
+    _leases: Vec<PortLease>,
+}
+
+/// What a `redis-server` listens on besides its client port.
+#[derive(Clone, Copy)]
+enum ExtraPorts<'a> {
+    /// Nothing else.
+    None,
+    /// `--tls-port`, serving this PKI's server certificate.
+    Tls(&'a super::tls::TestPki),
+    /// `--cluster-port` (the cluster bus).
+    ClusterBus,
 }
 
 impl RedisProcess {
-    /// Starts `redis-server --port P --save "" --appendonly no --bind 127.0.0.1` on a free port
-    /// and waits (≤ 10 s) until it answers PING.
+    /// Starts `redis-server --port P --save "" --appendonly no --bind 127.0.0.1` on a leased
+    /// port and waits (≤ 10 s) until it answers PING.
     pub async fn start(scratch: &Scratch) -> anyhow::Result<RedisProcess> {
         Self::start_with(scratch, Vec::new()).await
     }
 
-    /// [`RedisProcess::start`] with further `redis-server` arguments (e.g. cluster mode).
+    /// [`RedisProcess::start`] with further `redis-server` arguments (which must not name
+    /// ports: those come from [`lease_port`]).
     pub async fn start_with(scratch: &Scratch, extra: Vec<String>) -> anyhow::Result<RedisProcess> {
-        let port = free_port()?;
-        let dir = scratch.join(&format!("redis-{port}"));
-        std::fs::create_dir_all(&dir)?;
-        let log = scratch.join(&format!("redis-{port}.log"));
-        let mut r = RedisProcess {
-            port,
-            dir,
-            log,
-            child: None,
-            extra,
-            tls_port: None,
-        };
-        r.launch().await?;
-        Ok(r)
+        Self::start_leased(scratch, extra, ExtraPorts::None).await
+    }
+
+    /// [`RedisProcess::start`] in cluster mode with `extra` arguments and a leased cluster-bus
+    /// port.
+    pub(super) async fn start_cluster_node(
+        scratch: &Scratch,
+        extra: Vec<String>,
+    ) -> anyhow::Result<RedisProcess> {
+        Self::start_leased(scratch, extra, ExtraPorts::ClusterBus).await
     }
 
     /// [`RedisProcess::start`] with a TLS port too, serving `pki`'s server certificate and
@@ -68,33 +80,76 @@ impl RedisProcess {
         scratch: &Scratch,
         pki: &super::tls::TestPki,
     ) -> anyhow::Result<RedisProcess> {
-        let port = free_port()?;
-        let tls_port = free_port()?;
-        let dir = scratch.join(&format!("redis-{port}"));
-        std::fs::create_dir_all(&dir)?;
-        let log = scratch.join(&format!("redis-{port}.log"));
-        let path = |p: &PathBuf| p.display().to_string();
-        let mut r = RedisProcess {
-            port,
-            dir,
-            log,
-            child: None,
-            extra: vec![
-                "--tls-port".into(),
-                tls_port.to_string(),
-                "--tls-cert-file".into(),
-                path(&pki.server_cert),
-                "--tls-key-file".into(),
-                path(&pki.server_key),
-                "--tls-ca-cert-file".into(),
-                path(&pki.ca),
-                "--tls-auth-clients".into(),
-                "yes".into(),
-            ],
-            tls_port: Some(tls_port),
-        };
-        r.launch().await?;
-        Ok(r)
+        Self::start_leased(scratch, Vec::new(), ExtraPorts::Tls(pki)).await
+    }
+
+    /// Leases the ports and starts the server, again on fresh ports (≤ [`BIND_ATTEMPTS`]
+    /// times) while it exits because one of them is in use.
+    async fn start_leased(
+        scratch: &Scratch,
+        extra: Vec<String>,
+        ports: ExtraPorts<'_>,
+    ) -> anyhow::Result<RedisProcess> {
+        let mut attempt = 1;
+        loop {
+            let lease = lease_port()?;
+            let port = lease.port();
+            let mut leases = vec![lease];
+            let mut args = extra.clone();
+            let mut tls_port = None;
+            match ports {
+                ExtraPorts::None => {}
+                ExtraPorts::Tls(pki) => {
+                    let lease = lease_port()?;
+                    let path = |p: &PathBuf| p.display().to_string();
+                    args.extend([
+                        "--tls-port".into(),
+                        lease.port().to_string(),
+                        "--tls-cert-file".into(),
+                        path(&pki.server_cert),
+                        "--tls-key-file".into(),
+                        path(&pki.server_key),
+                        "--tls-ca-cert-file".into(),
+                        path(&pki.ca),
+                        "--tls-auth-clients".into(),
+                        "yes".into(),
+                    ]);
+                    tls_port = Some(lease.port());
+                    leases.push(lease);
+                }
+                ExtraPorts::ClusterBus => {
+                    let lease = lease_port()?;
+                    args.extend(["--cluster-port".into(), lease.port().to_string()]);
+                    leases.push(lease);
+                }
+            }
+            let dir = scratch.join(&format!("redis-{port}"));
+            std::fs::create_dir_all(&dir)?;
+            let log = scratch.join(&format!("redis-{port}.log"));
+            let mut r = RedisProcess {
+                port,
+                dir,
+                log,
+                child: None,
+                extra: args,
+                tls_port,
+                _leases: leases,
+            };
+            match r.launch().await {
+                Ok(()) => return Ok(r),
+                Err(e)
+                    if attempt < BIND_ATTEMPTS
+                        && std::fs::read_to_string(&r.log)
+                            .is_ok_and(|l| l.contains("Address already in use")) =>
+                {
+                    eprintln!(
+                        "[testbed] redis-server: a port was taken, again on fresh ports: {e:#}"
+                    );
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `rediss://localhost:<tls port>` when TLS is on.
@@ -135,9 +190,12 @@ impl RedisProcess {
             .with_context(|| format!("starting {}", bin.display()))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = self.child.as_ref().map(Child::id);
         loop {
+            // answered by this process, not by another one on the port
             if let Ok(Resp::Simple(s)) = self.command(&["PING"]).await
                 && s == "PONG"
+                && self.process_id().await == pid
             {
                 return Ok(());
             }
@@ -158,6 +216,14 @@ impl RedisProcess {
             }
             sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The `process_id` in `INFO server`, from whichever server answers on the port.
+    async fn process_id(&self) -> Option<u32> {
+        let info = self.command(&["INFO", "server"]).await.ok()?.as_str()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// The port.

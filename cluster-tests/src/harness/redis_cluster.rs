@@ -1,8 +1,8 @@
 //! A private Redis Cluster for one test: 3 masters and 3 replicas (`redis-server
-//! --cluster-enabled yes`, no persistence, a short `cluster-node-timeout`) on free loopback
-//! ports, created with `redis-cli --cluster create … --cluster-replicas 1`. Every node has a
-//! directory of its own (`<scratch>/redis-<port>/`, its `nodes.conf` there) and a log
-//! (`<scratch>/redis-<port>.log`); all are SIGKILLed on drop.
+//! --cluster-enabled yes`, no persistence, a short `cluster-node-timeout`) on leased loopback
+//! ports (client and cluster bus), created with `redis-cli --cluster create …
+//! --cluster-replicas 1`. Every node has a directory of its own (`<scratch>/redis-<port>/`, its
+//! `nodes.conf` there) and a log (`<scratch>/redis-<port>.log`); all are SIGKILLed on drop.
 //!
 //! Faults: [`RedisCluster::kill_master_of`] SIGKILLs the master serving a key's slot (its
 //! replica is promoted after `cluster-node-timeout`), [`RedisCluster::failover`] runs
@@ -18,7 +18,7 @@ use tokio::process::Command;
 use tokio::time::{Instant, sleep, timeout};
 
 use super::redis::{RedisProcess, Resp, command_on};
-use super::{Scratch, free_port};
+use super::{Scratch, wait_until};
 
 /// `cluster-node-timeout` of every node (ms): how long a master may be unreachable before its
 /// replica is promoted.
@@ -61,7 +61,6 @@ impl RedisCluster {
     pub async fn start(scratch: &Scratch) -> anyhow::Result<RedisCluster> {
         let mut nodes = Vec::new();
         for _ in 0..6 {
-            let bus = free_port()?;
             let extra = vec![
                 "--cluster-enabled".into(),
                 "yes".into(),
@@ -69,13 +68,11 @@ impl RedisCluster {
                 "nodes.conf".into(),
                 "--cluster-node-timeout".into(),
                 NODE_TIMEOUT_MS.to_string(),
-                "--cluster-port".into(),
-                bus.to_string(),
                 // a replica may be promoted however long its link was down
                 "--cluster-replica-validity-factor".into(),
                 "0".into(),
             ];
-            nodes.push(RedisProcess::start_with(scratch, extra).await?);
+            nodes.push(RedisProcess::start_cluster_node(scratch, extra).await?);
         }
         let cluster = RedisCluster { nodes };
         let cli = redis_cli_bin();
@@ -233,34 +230,25 @@ impl RedisCluster {
         if r != Resp::Simple("OK".into()) {
             bail!("CLUSTER FAILOVER answered {r:?}");
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(m) = self.master_of_slot(slot).await
-                && m == replica
-            {
-                return Ok((master, replica));
-            }
-            if Instant::now() >= deadline {
-                bail!("replica {replica} did not take slot {slot} over within 15 s");
-            }
-            sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("replica {replica} serving slot {slot}");
+        wait_until(&what, Duration::from_secs(15), || async move {
+            // no master for the slot is a moment of the switch, not an error
+            anyhow::Ok(match self.master_of_slot(slot).await {
+                Ok(m) if m == replica => Ok(()),
+                other => Err(format!("{other:?}")),
+            })
+        })
+        .await?;
+        Ok((master, replica))
     }
 
     /// Waits (≤ `limit`) until every live node says `cluster_state:ok`, every slot is served
     /// by a live master and every live replica's link to its master is up.
     pub async fn wait_healthy(&self, limit: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let problem = self.health_problem().await;
-            match problem {
-                None => return Ok(()),
-                Some(p) if Instant::now() >= deadline => {
-                    bail!("Redis Cluster not healthy within {limit:?}: {p}")
-                }
-                Some(_) => sleep(Duration::from_millis(100)).await,
-            }
-        }
+        wait_until("a healthy Redis Cluster", limit, || async {
+            anyhow::Ok(self.health_problem().await.map_or(Ok(()), Err))
+        })
+        .await
     }
 
     async fn health_problem(&self) -> Option<String> {
