@@ -2,8 +2,8 @@
 //! (docs/cluster.md "Server-side API in a cluster").
 //!
 //! Two servers, `node-a` and `node-b`, share a private `redis-server` (started by this test on a
-//! free loopback port) and one SQLite store. A client opens a document on `node-a`, so `node-a`
-//! owns it. Then:
+//! port no other test is handed) and one SQLite store. A client opens a document on `node-a`, so
+//! `node-a` owns it. Then:
 //!
 //! * `node-b`'s `lock_document` returns `LockDocumentError::Owned { node: "node-a" }` and loads
 //!   nothing;
@@ -19,10 +19,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -33,76 +30,16 @@ use common::{
 use hearth::hooks::CustomEventPayload;
 use hearth::storage::{Append, AppendOutcome, DocumentStore, SqlOptions, open_store};
 use hearth::{Config, Context, EmitError, Extension, HookError, LockDocumentError};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use yrs::{Text, Transact};
 
 const DOC: &str = "locked-doc";
 
-/// A private `redis-server` on a free loopback port (`$HEARTH_TEST_REDIS_SERVER`, else
-/// `/usr/bin/redis-server`), killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    async fn start() -> Redis {
-        let bin = std::env::var("HEARTH_TEST_REDIS_SERVER")
-            .unwrap_or_else(|_| "/usr/bin/redis-server".into());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new(&bin)
-            .args(["--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {bin}: {e} (install redis-server)"));
-        let redis = Redis { child, port };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if ping(addr).await {
-                return redis;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server on port {port} did not answer PING within 10 s"
-            );
-            // polling a starting process, bounded by the deadline above
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn ping(addr: SocketAddr) -> bool {
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"PING\r\n").await.ok()?;
-        let mut buf = [0u8; 7];
-        s.read_exact(&mut buf).await.ok()?;
-        Some(&buf == b"+PONG\r\n")
-    };
-    tokio::time::timeout(Duration::from_secs(1), attempt)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-}
+// A private `redis-server` (no persistence, killed on drop) on a port no other test is handed,
+// accepted only once the process answering reports the pid started: the lock crate's helper.
+#[path = "../lock/tests/common/redis_server.rs"]
+#[allow(dead_code)]
+mod redis_server;
+use redis_server::RedisServer as Redis;
 
 /// Custom events a node's hook saw: (document, event, payload).
 type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
@@ -175,7 +112,7 @@ async fn stored_text(store: &dyn DocumentStore) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_document_and_emit_across_two_nodes() {
-    let redis = Redis::start().await;
+    let redis = Redis::start();
     let dir = std::env::temp_dir().join(format!("hearth-lockdoc-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
