@@ -279,14 +279,12 @@ const READ_EPOCHS: &str = "\
 SELECT name, epoch, snapshot_seq FROM documents \
 WHERE name IN (SELECT value FROM json_each($1))";
 
-/// The most log rows one `INSERT` writes (three variables each, far below SQLite's limit).
+/// The most log rows one `INSERT` writes, in either form of the group commit (three or four
+/// variables each, far below SQLite's limit); larger batches take [`append_on`].
 const MAX_INSERT_ROWS: usize = 256;
 
-/// The most log rows [`append_one_statement`] writes; larger batches take [`append_on`].
-const ONE_STATEMENT_ROWS: usize = 256;
-
 /// Group commit in one statement, the common case: every item carries updates and there are at
-/// most [`ONE_STATEMENT_ROWS`] of them. A single `INSERT … SELECT` in autocommit mode checks
+/// most [`MAX_INSERT_ROWS`] of them. A single `INSERT … SELECT` in autocommit mode checks
 /// every item's epoch against `documents` and writes the rows of the items that hold it, in
 /// batch order, as one transaction: SQLite takes the write lock at the start of a writing
 /// statement, so the epochs it reads cannot change before its rows are committed. The whole
@@ -302,7 +300,7 @@ async fn append_one_statement(
     batch: &[Append],
 ) -> Result<Option<Vec<AppendOutcome>>, StoreError> {
     let rows: usize = batch.iter().map(|a| a.updates.len()).sum();
-    if rows > ONE_STATEMENT_ROWS || batch.iter().any(|a| a.updates.is_empty()) {
+    if rows > MAX_INSERT_ROWS || batch.iter().any(|a| a.updates.is_empty()) {
         return Ok(None);
     }
     // Statement sizes are powers of two (few distinct statements get prepared); the rows past
@@ -383,12 +381,7 @@ fn one_statement_sql(rows: usize) -> String {
         "INSERT INTO document_updates (name, data, epoch) \
          SELECT v.column2, v.column3, v.column4 FROM (VALUES ",
     );
-    for i in 0..rows {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("(?, ?, ?, ?)");
-    }
+    push_tuples(&mut sql, rows, "(?, ?, ?, ?)");
     sql.push_str(
         ") AS v JOIN documents AS d ON d.name = v.column2 AND d.epoch = v.column4 \
          ORDER BY v.column1 RETURNING seq, name, epoch",
@@ -508,14 +501,19 @@ fn chunk_rows(remaining: usize) -> usize {
 /// `INSERT … VALUES (?, ?, ?) × rows RETURNING seq`.
 fn insert_sql(rows: usize) -> String {
     let mut sql = String::from("INSERT INTO document_updates (name, data, epoch) VALUES ");
+    push_tuples(&mut sql, rows, "(?, ?, ?)");
+    sql.push_str(" RETURNING seq");
+    sql
+}
+
+/// Appends `rows` copies of `tuple`, comma-separated: the `VALUES` list of a multi-row insert.
+fn push_tuples(sql: &mut String, rows: usize, tuple: &str) {
     for i in 0..rows {
         if i > 0 {
             sql.push_str(", ");
         }
-        sql.push_str("(?, ?, ?)");
+        sql.push_str(tuple);
     }
-    sql.push_str(" RETURNING seq");
-    sql
 }
 
 pub(super) async fn compact(
