@@ -93,9 +93,10 @@ async fn run(
     let mut jobs: Vec<AppendJob> = Vec::new();
     while let Some(first) = rx.recv().await {
         jobs.push(first);
-        let window_end = Instant::now() + interval;
-        while let Ok(Some(job)) = tokio::time::timeout_at(window_end, rx.recv()).await {
-            jobs.push(job);
+        // Jobs that arrive during the window wait in the channel and are taken together at its
+        // end: the committer wakes once per commit, not once per job.
+        if !interval.is_zero() {
+            tokio::time::sleep(interval).await;
         }
         while let Ok(job) = rx.try_recv() {
             jobs.push(job);
