@@ -617,6 +617,38 @@ async fn group_commits_of_every_size_around_one_statement(env: &Env) {
             assert_eq!(doc_b.last_seq, last_b, "{total}");
         }
         assert_eq!(s.current_epoch("nobody").await.unwrap(), None, "{total}");
+
+        // the same shape with nothing fenced: every row written, seqs known without reading
+        // them back; they must be the ones the log holds
+        let mut batch = Vec::new();
+        if !first.is_empty() {
+            batch.push(item(&b, eb, first));
+        }
+        batch.push(item(&a, ea, &[b"clean"]));
+        if !second.is_empty() {
+            batch.push(item(&a, ea, second));
+        }
+        batch.push(item(&b, eb, third));
+        let out = s.append(&batch).await.unwrap();
+        let seqs: Vec<i64> = out.iter().map(|o| committed(*o)).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{total}: {seqs:?}");
+        let last_of = |name: &str| {
+            batch
+                .iter()
+                .zip(&seqs)
+                .filter(|(it, _)| it.name == name)
+                .map(|(_, seq)| *seq)
+                .max()
+        };
+        for (name, before) in [(&a, &expect_a), (&b, &expect_b)] {
+            let doc = s.load(name).await.unwrap();
+            let mut expect = before.clone();
+            for it in batch.iter().filter(|it| it.name == *name) {
+                expect.extend(it.updates.iter().map(|u| u.to_vec()));
+            }
+            assert_eq!(doc.updates, expect, "{total} {name}");
+            assert_eq!(Some(doc.last_seq), last_of(name), "{total} {name}");
+        }
     }
 }
 

@@ -54,9 +54,10 @@
 //! The database runs in WAL mode. [`Synchronous::Full`] (the default) fsyncs the WAL at every
 //! commit, so an acked append survives power loss. [`Synchronous::Normal`] skips that fsync: still
 //! safe against *process* crashes (kill -9), but an OS crash or power cut can roll back the last
-//! commits, i.e. lose acked edits. In-process writers are queued on a single-connection writer
-//! pool instead of spinning on `SQLITE_BUSY`; `busy_timeout` covers other processes.
+//! commits, i.e. lose acked edits. In-process writers are queued on a single writer connection
+//! instead of spinning on `SQLITE_BUSY`; `busy_timeout` covers other processes.
 
+mod dedicated;
 mod postgres;
 mod sqlite;
 
@@ -103,10 +104,11 @@ impl FromStr for Synchronous {
 /// Connection settings for [`SqlStore::connect`].
 #[derive(Debug, Clone)]
 pub struct SqlOptions {
-    /// Pool size (PostgreSQL pool; SQLite reader pool; the SQLite writer pool always has one).
+    /// Pool size (PostgreSQL pool; SQLite reader pool). Writes of SQLite, and PostgreSQL's group
+    /// commits, have one connection of their own besides.
     pub max_connections: u32,
-    /// How long an operation may wait for a pooled connection before failing with
-    /// [`StoreError::Database`].
+    /// How long an operation may wait for a pooled connection (or its turn on a writer
+    /// connection) before failing with [`StoreError::Database`].
     pub acquire_timeout: Duration,
     /// SQLite only: `PRAGMA synchronous` (WAL mode). Default [`Synchronous::Full`].
     pub sqlite_synchronous: Synchronous,
@@ -179,7 +181,7 @@ impl SqlStore {
     pub async fn close(&self) {
         match &self.pool {
             Pool::Sqlite(p) => p.close().await,
-            Pool::Postgres(p) => p.pool.close().await,
+            Pool::Postgres(p) => p.close().await,
         }
     }
 }

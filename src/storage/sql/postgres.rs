@@ -8,10 +8,13 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection as _, PgConnection};
 
+use super::dedicated::Dedicated;
 use super::{LoadRow, SqlOptions, Tables, assemble, db_err, list_limit, list_sql, migrate_err};
 use crate::storage::{
     Append, AppendOutcome, DocumentInfo, Epoch, ListQuery, LogSeq, StoreError, StoredDocument,
@@ -49,11 +52,21 @@ fn migrator(t: &Tables) -> Migrator {
     super::migrator([MIGRATION_1, MIGRATION_2, MIGRATION_3], t)
 }
 
-/// The pool and the table names its statements use.
+/// The pool, the group commit's own connection and the table names their statements use.
 #[derive(Clone)]
 pub(super) struct Pg {
     pub(super) pool: PgPool,
+    /// The group commit's connection, outside the pool: a pooled one is pinged when given
+    /// back, a second round trip for every commit.
+    appender: Arc<Dedicated<PgConnection>>,
     t: Tables,
+}
+
+impl Pg {
+    pub(super) async fn close(&self) {
+        self.appender.close().await;
+        self.pool.close().await;
+    }
 }
 
 pub(super) async fn connect(url: &str, opts: &SqlOptions, t: Tables) -> Result<Pg, StoreError> {
@@ -67,14 +80,15 @@ pub(super) async fn connect(url: &str, opts: &SqlOptions, t: Tables) -> Result<P
     let pool = PgPoolOptions::new()
         .max_connections(opts.max_connections.max(1))
         .acquire_timeout(opts.acquire_timeout)
-        .connect_with(connect)
+        .connect_with(connect.clone())
         .await
         .map_err(db_err)?;
     if let Some(refusal) = foreign_documents_table(&pool, &t).await? {
         return Err(refusal);
     }
     migrator(&t).run(&pool).await.map_err(migrate_err)?;
-    Ok(Pg { pool, t })
+    let appender = Arc::new(Dedicated::open(connect, opts.acquire_timeout).await?);
+    Ok(Pg { pool, appender, t })
 }
 
 /// The refusal when the `documents` table in the connection's schema is not Hearth's.
@@ -204,14 +218,24 @@ const MAX_SEQ: &str = "\
 SELECT name, max(seq) FROM document_updates WHERE name = ANY($1::text[]) GROUP BY name";
 
 /// Group commit in four round trips whatever the batch size: `BEGIN`, lock + read epochs,
-/// insert all updates of the non-fenced items, `COMMIT`.
+/// insert all updates of the non-fenced items, `COMMIT`; on the group commit's own connection.
 pub(super) async fn append(p: &Pg, batch: &[Append]) -> Result<Vec<AppendOutcome>, StoreError> {
+    let mut conn = p.appender.lock().await?;
+    let result = append_on(&mut conn, &p.t, batch).await;
+    conn.finish(result)
+}
+
+async fn append_on(
+    conn: &mut PgConnection,
+    t: &Tables,
+    batch: &[Append],
+) -> Result<Vec<AppendOutcome>, StoreError> {
     let mut names: Vec<&str> = batch.iter().map(|a| a.name.as_str()).collect();
     names.sort_unstable();
     names.dedup();
 
-    let mut tx = p.pool.begin().await.map_err(db_err)?;
-    let rows: Vec<(String, Epoch, LogSeq)> = sqlx::query_as(p.t.sql(LOCK_DOCUMENTS))
+    let mut tx = conn.begin().await.map_err(db_err)?;
+    let rows: Vec<(String, Epoch, LogSeq)> = sqlx::query_as(t.sql(LOCK_DOCUMENTS))
         .bind(&names)
         .fetch_all(&mut *tx)
         .await
@@ -248,7 +272,7 @@ pub(super) async fn append(p: &Pg, batch: &[Append]) -> Result<Vec<AppendOutcome
     // Last seq per document before this batch (needed only for items without updates).
     let mut last: HashMap<&str, LogSeq> = HashMap::new();
     if !empty_names.is_empty() {
-        let maxes: Vec<(String, Option<LogSeq>)> = sqlx::query_as(p.t.sql(MAX_SEQ))
+        let maxes: Vec<(String, Option<LogSeq>)> = sqlx::query_as(t.sql(MAX_SEQ))
             .bind(&empty_names)
             .fetch_all(&mut *tx)
             .await
@@ -263,7 +287,7 @@ pub(super) async fn append(p: &Pg, batch: &[Append]) -> Result<Vec<AppendOutcome
     let mut seqs: Vec<LogSeq> = if ins_data.is_empty() {
         Vec::new()
     } else {
-        sqlx::query_scalar(p.t.sql(INSERT_UPDATES))
+        sqlx::query_scalar(t.sql(INSERT_UPDATES))
             .bind(&ins_names)
             .bind(&ins_data)
             .bind(&ins_epochs)

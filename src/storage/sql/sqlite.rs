@@ -1,8 +1,8 @@
 //! SQLite dialect of [`super::SqlStore`].
 //!
-//! Two pools on one file: a **writer** pool with a single connection (every write transaction
-//! queues there, in FIFO order, instead of racing for the SQLite write lock and backing off on
-//! `SQLITE_BUSY`) and a **reader** pool for `load`, `list`, `current_epoch` and `ping` (WAL
+//! Two ways into one file: a single **writer** connection ([`Dedicated`]; every write
+//! transaction queues there, in FIFO order, instead of racing for the SQLite write lock and
+//! backing off on `SQLITE_BUSY`) and a **reader** pool for `load`, `list`, `current_epoch` and `ping` (WAL
 //! readers never block the writer and see a consistent snapshot per statement). Write
 //! transactions start with `BEGIN IMMEDIATE`, so the database write lock is held *before* the
 //! epoch is read, which also keeps fencing correct when another process writes the same file.
@@ -10,11 +10,14 @@
 use std::str::FromStr;
 
 use sqlx::migrate::Migrator;
+use std::sync::Arc;
+
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Sqlite, SqliteConnection, Transaction};
 
+use super::dedicated::Dedicated;
 use super::{
     LoadRow, SqlOptions, Synchronous, Tables, assemble, db_err, list_limit, list_sql, migrate_err,
 };
@@ -57,7 +60,7 @@ fn migrator(t: &Tables) -> Migrator {
 
 #[derive(Clone)]
 pub(super) struct Pools {
-    writer: SqlitePool,
+    writer: Arc<Dedicated<SqliteConnection>>,
     reader: SqlitePool,
     t: Tables,
 }
@@ -133,24 +136,25 @@ async fn connect_once(url: &str, opts: &SqlOptions, t: &Tables) -> Result<Pools,
         })
         .busy_timeout(opts.sqlite_busy_timeout);
 
-    // One connection to a local file, never idle-dropped by a server: no ping before each
-    // acquire (a round trip to the connection's worker thread per commit). A database error
-    // closes the connection instead (`with_writer!`).
-    let writer = SqlitePoolOptions::new()
-        .max_connections(1)
-        .test_before_acquire(false)
-        .acquire_timeout(opts.acquire_timeout)
-        .connect_with(connect.clone())
-        .await
-        .map_err(db_err)?;
-    if let Some(refusal) = foreign_documents_table(&writer, t).await? {
+    // One connection to a local file, outside any pool: a pool would ping it (a round trip to
+    // its worker thread) every time it is given back, i.e. once per commit.
+    let writer = Dedicated::open(connect.clone(), opts.acquire_timeout).await?;
+    let mut conn = writer.lock().await?;
+    let prepared = async {
+        if let Some(refusal) = foreign_documents_table(&mut conn, t).await? {
+            return Ok(Some(refusal));
+        }
+        migrator(t).run(&mut *conn).await.map_err(|e| match e {
+            // another process migrating the new file at the same moment: retryable
+            sqlx::migrate::MigrateError::ExecuteMigration(e, _) => db_err(e),
+            other => migrate_err(other),
+        })?;
+        Ok(None)
+    }
+    .await;
+    if let Some(refusal) = conn.finish(prepared)? {
         return Err(refusal);
     }
-    migrator(t).run(&writer).await.map_err(|e| match e {
-        // another process migrating the new file at the same moment: retryable
-        sqlx::migrate::MigrateError::ExecuteMigration(e, _) => db_err(e),
-        other => migrate_err(other),
-    })?;
     let reader = SqlitePoolOptions::new()
         .max_connections(opts.max_connections.max(1))
         .acquire_timeout(opts.acquire_timeout)
@@ -158,7 +162,7 @@ async fn connect_once(url: &str, opts: &SqlOptions, t: &Tables) -> Result<Pools,
         .await
         .map_err(db_err)?;
     Ok(Pools {
-        writer,
+        writer: Arc::new(writer),
         reader,
         t: t.clone(),
     })
@@ -166,13 +170,13 @@ async fn connect_once(url: &str, opts: &SqlOptions, t: &Tables) -> Result<Pools,
 
 /// The refusal when the file's `documents` table is not Hearth's.
 async fn foreign_documents_table(
-    pool: &SqlitePool,
+    conn: &mut SqliteConnection,
     t: &Tables,
 ) -> Result<Option<StoreError>, StoreError> {
     let table = t.documents();
     let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info($1)")
         .bind(&table)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
         .map_err(db_err)?;
     Ok(super::foreign_table(&table, &columns))
@@ -185,21 +189,18 @@ async fn begin_write(conn: &mut SqliteConnection) -> Result<Transaction<'_, Sqli
         .map_err(db_err)
 }
 
-/// Runs a write on the single writer connection. After a database error the connection is
-/// closed instead of returned to the pool: when SQLite rolled back by itself (e.g. a disk I/O
-/// error in COMMIT), the connection's transaction bookkeeping is wrong and every later BEGIN
-/// would fail until the process restarted.
+/// Runs a write on the single writer connection. After a database error (or a cancelled
+/// write) the connection is closed and the next write opens a new one: when SQLite rolled back
+/// by itself (e.g. a disk I/O error in COMMIT), the connection's transaction bookkeeping is
+/// wrong and every later BEGIN would fail until the process restarted.
 macro_rules! with_writer {
     ($p:expr, |$conn:ident| $body:expr) => {{
-        let mut pooled = $p.writer.acquire().await.map_err(db_err)?;
+        let mut guard = $p.writer.lock().await?;
         let result = {
-            let $conn: &mut SqliteConnection = &mut pooled;
+            let $conn: &mut SqliteConnection = &mut guard;
             $body.await
         };
-        if matches!(result, Err(StoreError::Database(_))) {
-            pooled.close_on_drop();
-        }
-        result
+        guard.finish(result)
     }};
 }
 
@@ -288,8 +289,15 @@ const MAX_INSERT_ROWS: usize = 256;
 /// every item's epoch against `documents` and writes the rows of the items that hold it, in
 /// batch order, as one transaction: SQLite takes the write lock at the start of a writing
 /// statement, so the epochs it reads cannot change before its rows are committed. The whole
-/// commit is therefore one hand-over to the connection's worker thread instead of five (pool
-/// check, `BEGIN`, epoch read, `INSERT`, `COMMIT`), which is most of a small commit's cost.
+/// commit is therefore one hand-over to the connection's worker thread instead of five
+/// (`BEGIN`, epoch read, `INSERT`, `COMMIT`), which is most of a small commit's cost, and it
+/// returns no rows (each row would be a message, and a wake-up, of its own).
+///
+/// What was written follows from the statement's row count and last rowid: `seq` is
+/// `AUTOINCREMENT` and the write lock is held, so the rows of one statement take consecutive
+/// seqs in insertion (batch) order. When every row was written (nothing fenced) the seqs are
+/// known without reading anything back; otherwise the rows just written are read back to see
+/// which items they belong to.
 ///
 /// Returns `None` when the batch is not of that shape. Items that wrote nothing were fenced (or
 /// name a document with no row); they are decided again by [`append_on`], which reads the
@@ -307,8 +315,7 @@ async fn append_one_statement(
     // the batch's own are NULL and join nothing.
     let size = rows.next_power_of_two();
     // built from constant text only: no input reaches the statement but through binds
-    let mut query =
-        sqlx::query_as::<_, (LogSeq, String, Epoch)>(t.sql_owned(one_statement_sql(size)));
+    let mut query = sqlx::query(t.sql_owned(one_statement_sql(size)));
     let mut ord: i64 = 0;
     for item in batch {
         for u in &item.updates {
@@ -327,9 +334,39 @@ async fn append_one_statement(
             .bind(None::<&[u8]>)
             .bind(None::<i64>);
     }
-    let mut written = query.fetch_all(&mut *conn).await.map_err(db_err)?;
-    // Rows of one INSERT get increasing seqs in insertion (batch) order.
-    written.sort_unstable_by_key(|(seq, _, _)| *seq);
+    let done = query.execute(&mut *conn).await.map_err(db_err)?;
+    let affected = done.rows_affected();
+    let last: LogSeq = done.last_insert_rowid();
+    if affected == rows as u64 {
+        // nothing fenced: item after item, each took the next `len` seqs
+        let mut seq = last - rows as LogSeq;
+        return Ok(Some(
+            batch
+                .iter()
+                .map(|item| {
+                    seq += item.updates.len() as LogSeq;
+                    AppendOutcome::Committed(seq)
+                })
+                .collect(),
+        ));
+    }
+    let written: Vec<(LogSeq, String, Epoch)> = if affected == 0 {
+        Vec::new()
+    } else {
+        sqlx::query_as(t.sql(
+            "SELECT seq, name, epoch FROM document_updates WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+        ))
+        .bind(last - affected as LogSeq)
+        .bind(last)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_err)?
+    };
+    if written.len() as u64 != affected {
+        return Err(StoreError::Database(
+            "the rows of a group commit could not be read back".into(),
+        ));
+    }
     let held: std::collections::HashSet<(&str, Epoch)> =
         written.iter().map(|(_, n, e)| (n.as_str(), *e)).collect();
 
@@ -375,7 +412,7 @@ async fn append_one_statement(
 }
 
 /// `INSERT … SELECT` of `rows` `(ord, name, data, epoch)` tuples whose epoch is the document's
-/// current one, in `ord` order, returning what it wrote.
+/// current one, in `ord` order.
 fn one_statement_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO document_updates (name, data, epoch) \
@@ -384,7 +421,7 @@ fn one_statement_sql(rows: usize) -> String {
     push_tuples(&mut sql, rows, "(?, ?, ?, ?)");
     sql.push_str(
         ") AS v JOIN documents AS d ON d.name = v.column2 AND d.epoch = v.column4 \
-         ORDER BY v.column1 RETURNING seq, name, epoch",
+         ORDER BY v.column1",
     );
     sql
 }
