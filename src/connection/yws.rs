@@ -25,15 +25,24 @@ use crate::protocol::message::{ServerMessage, YwsMessage, decode_yws_frame};
 use crate::request::RequestInfo;
 
 /// Runs one y-websocket connection for document `name`.
-pub(crate) async fn serve(shared: Arc<Shared>, ws: Ws, request: Arc<RequestInfo>, name: String) {
+///
+/// A plain function returning the socket's future, and the WebSocket boxed: an `async fn`
+/// keeps its arguments beside the locals they move into, so an inline WebSocket would be
+/// held twice (or three times) for the socket's whole life.
+pub(crate) fn serve(
+    shared: Arc<Shared>,
+    ws: Ws,
+    request: Arc<RequestInfo>,
+    name: String,
+) -> impl std::future::Future<Output = ()> + Send {
     let id: Arc<str> = Arc::from(uuid::Uuid::now_v7().to_string());
     let span = info_span!("yws", socket = %id, doc = %name, node = %shared.config.node_id);
-    run(shared, ws, request, name, id).instrument(span).await;
+    run(shared, Box::new(ws), request, name, id).instrument(span)
 }
 
 async fn run(
     shared: Arc<Shared>,
-    mut ws: Ws,
+    mut ws: Box<Ws>,
     request: Arc<RequestInfo>,
     name: String,
     id: Arc<str>,
@@ -82,11 +91,11 @@ async fn run(
             Message::Binary(ServerMessage::YwsPermissionDenied(&reason).frame(None)),
         )
         .await;
-        close(ws, Close::Forbidden).await;
+        Box::pin(close(*ws, Close::Forbidden)).await;
         return;
     }
     if !valid_document_name(&name, shared.config.max_document_name_bytes) {
-        close(ws, Close::BadDocumentName).await;
+        Box::pin(close(*ws, Close::BadDocumentName)).await;
         return;
     }
     let read_only = payload.read_only;
@@ -121,7 +130,7 @@ async fn run(
             .auth
             .with_label_values(&["load_failed"])
             .inc();
-        close(ws, Close::LoadFailed).await;
+        Box::pin(close(*ws, Close::LoadFailed)).await;
         return;
     };
     shared.metrics.auth.with_label_values(&["ok"]).inc();
@@ -229,6 +238,25 @@ async fn run(
             .closes
             .with_label_values(&[&how.code().to_string()])
             .inc();
-        close(ws, how).await;
+        Box::pin(close(*ws, how)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output_size<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn a_socket_task_stays_small() {
+        // every open y-websocket socket holds this future for its whole life
+        let size = output_size(serve);
+        assert!(
+            size <= 1_800,
+            "the socket task's future grew to {size} bytes"
+        );
     }
 }

@@ -808,6 +808,11 @@ impl Actor {
                 conn.outbox.send(frame);
             }
         }
+        if conn.acks.is_empty() {
+            // an idle connection keeps no ack queue (a few hundred bytes each, for as long as
+            // it stays open)
+            conn.acks = VecDeque::new();
+        }
     }
 
     fn release_acks(&mut self) {
