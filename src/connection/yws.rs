@@ -241,22 +241,3 @@ async fn run(
         Box::pin(close(*ws, how)).await;
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn output_size<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
-
-    #[test]
-    fn a_socket_task_stays_small() {
-        // every open y-websocket socket holds this future for its whole life
-        let size = output_size(serve);
-        assert!(
-            size <= 1_800,
-            "the socket task's future grew to {size} bytes"
-        );
-    }
-}
