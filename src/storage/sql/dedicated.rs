@@ -8,10 +8,10 @@
 //! **Invariants.** Users take turns in FIFO order (`tokio::sync::Mutex`), each waiting at most
 //! the acquire timeout. The connection is opened on first use and again after it was
 //! discarded; one that sat unused for [`IDLE_CHECK`] is pinged first (a server or a proxy may
-//! have closed it meanwhile), and opened again if the ping fails. A user that got a database error, or that was cancelled before it said it
-//! finished ([`WriterGuard::finish`]), discards the connection: its transaction bookkeeping may
-//! be wrong (SQLite rolled back on its own, a statement stopped half-way), and a new
-//! connection is the only state known to be clean.
+//! have closed it meanwhile), and opened again if the ping fails. A user that got a database
+//! error, or that was cancelled before it said it finished ([`WriterGuard::finish`]), discards
+//! the connection: its transaction bookkeeping may be wrong (SQLite rolled back on its own, a
+//! statement stopped half-way), and a new connection is the only state known to be clean.
 
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;

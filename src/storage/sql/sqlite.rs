@@ -2,16 +2,15 @@
 //!
 //! Two ways into one file: a single **writer** connection ([`Dedicated`]; every write
 //! transaction queues there, in FIFO order, instead of racing for the SQLite write lock and
-//! backing off on `SQLITE_BUSY`) and a **reader** pool for `load`, `list`, `current_epoch` and `ping` (WAL
-//! readers never block the writer and see a consistent snapshot per statement). Write
+//! backing off on `SQLITE_BUSY`) and a **reader** pool for `load`, `list`, `current_epoch` and
+//! `ping` (WAL readers never block the writer and see a consistent snapshot per statement). Write
 //! transactions start with `BEGIN IMMEDIATE`, so the database write lock is held *before* the
 //! epoch is read, which also keeps fencing correct when another process writes the same file.
 
 use std::str::FromStr;
-
-use sqlx::migrate::Migrator;
 use std::sync::Arc;
 
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -280,6 +279,10 @@ const READ_EPOCHS: &str = "\
 SELECT name, epoch, snapshot_seq FROM documents \
 WHERE name IN (SELECT value FROM json_each($1))";
 
+/// The log rows with seqs in `($1, $2]`, in seq order: what one statement just wrote.
+const WRITTEN_ROWS: &str = "\
+SELECT seq, name, epoch FROM document_updates WHERE seq > $1 AND seq <= $2 ORDER BY seq";
+
 /// The most log rows one `INSERT` writes, in either form of the group commit (three or four
 /// variables each, far below SQLite's limit); larger batches take [`append_on`].
 const MAX_INSERT_ROWS: usize = 256;
@@ -289,7 +292,7 @@ const MAX_INSERT_ROWS: usize = 256;
 /// every item's epoch against `documents` and writes the rows of the items that hold it, in
 /// batch order, as one transaction: SQLite takes the write lock at the start of a writing
 /// statement, so the epochs it reads cannot change before its rows are committed. The whole
-/// commit is therefore one hand-over to the connection's worker thread instead of five
+/// commit is therefore one hand-over to the connection's worker thread instead of four
 /// (`BEGIN`, epoch read, `INSERT`, `COMMIT`), which is most of a small commit's cost, and it
 /// returns no rows (each row would be a message, and a wake-up, of its own).
 ///
@@ -353,14 +356,12 @@ async fn append_one_statement(
     let written: Vec<(LogSeq, String, Epoch)> = if affected == 0 {
         Vec::new()
     } else {
-        sqlx::query_as(t.sql(
-            "SELECT seq, name, epoch FROM document_updates WHERE seq > $1 AND seq <= $2 ORDER BY seq",
-        ))
-        .bind(last - affected as LogSeq)
-        .bind(last)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db_err)?
+        sqlx::query_as(t.sql(WRITTEN_ROWS))
+            .bind(last - affected as LogSeq)
+            .bind(last)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_err)?
     };
     if written.len() as u64 != affected {
         return Err(StoreError::Database(
