@@ -798,8 +798,9 @@ settings! {
     operator_ready_file: PathBuf = PathBuf::new(), env = "HEARTH_OPERATOR_READY_FILE";
     /// When updates are acknowledged: `durable` (after commit) or `memory` (on apply).
     durability: Durability = Durability::Durable, env = "HEARTH_DURABILITY";
-    /// Group-commit window for durable appends, in milliseconds.
-    commit_interval_ms: u64 = 2, env = "HEARTH_COMMIT_INTERVAL_MS";
+    /// Least time between the starts of two group commits of durable appends, in
+    /// milliseconds (an update arriving at an idle committer is committed at once).
+    commit_interval_ms: u64 = 10, env = "HEARTH_COMMIT_INTERVAL_MS";
     /// Compaction debounce after the last change, in milliseconds.
     debounce_ms: u64 = 2000, env = "HEARTH_DEBOUNCE_MS";
     /// Longest time changes wait for compaction, in milliseconds.

@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, Transact};
 
-use super::committer::{AppendJob, CommitResult};
+use super::committer::{AppendJob, CommitResult, OpenBatch};
 use super::offload;
 use super::ownership::Claim;
 use super::services::DocServices;
@@ -64,6 +64,13 @@ struct Conn {
     acks: VecDeque<(u64, Bytes, Instant)>,
 }
 
+/// A durable job at the committer: its batch, open until the committer takes it, and the same
+/// updates with their LSNs (what is committed, or restored on failure, when the answer comes).
+struct Inflight {
+    batch: Arc<OpenBatch>,
+    entries: Vec<(u64, Bytes)>,
+}
+
 /// What a loaded document starts with.
 pub(crate) struct Loaded {
     pub doc: Doc,
@@ -102,7 +109,8 @@ pub(crate) struct Actor {
     unsent: Vec<(u64, Bytes)>,
     /// Bytes of applied updates not committed yet (`unsent` and the job in flight).
     uncommitted: usize,
-    inflight: Option<(u64, Vec<(u64, Bytes)>)>,
+    /// The job at the committer.
+    inflight: Option<Inflight>,
     db_seq: LogSeq,
     log_len: usize,
     retry_at: Option<Instant>,
@@ -733,7 +741,14 @@ impl Actor {
             let bytes = Bytes::from(change);
             if self.durable {
                 self.uncommitted += bytes.len();
-                self.unsent.push((self.lsn, bytes.clone()));
+                // Joins the job still waiting at the committer if it can (nothing unsent may
+                // go before it), else waits for the next job.
+                match &mut self.inflight {
+                    Some(job) if self.unsent.is_empty() && job.batch.add(&bytes) => {
+                        job.entries.push((self.lsn, bytes.clone()));
+                    }
+                    _ => self.unsent.push((self.lsn, bytes.clone())),
+                }
             } else {
                 self.committed_lsn = self.lsn;
             }
@@ -835,20 +850,21 @@ impl Actor {
             return;
         }
         self.retry_at = None;
-        let batch = std::mem::take(&mut self.unsent);
-        let upto = batch.last().map_or(self.lsn, |(l, _)| *l);
+        let entries = std::mem::take(&mut self.unsent);
+        let batch = OpenBatch::new(entries.iter().map(|(_, b)| b.clone()).collect());
         let job = AppendJob {
             name: self.name.to_string(),
             epoch: self.epoch,
-            updates: batch.iter().map(|(_, b)| b.clone()).collect(),
+            batch: batch.clone(),
             reply: self.internal_tx.clone(),
         };
-        self.inflight = Some((upto, batch));
+        self.inflight = Some(Inflight { batch, entries });
         self.svc.committer.submit(job);
     }
 
     fn on_commit_result(&mut self, result: CommitResult) -> Option<Exit> {
-        let (upto, batch) = self.inflight.take()?;
+        let batch = self.inflight.take()?.entries;
+        let upto = batch.last().map_or(self.committed_lsn, |(lsn, _)| *lsn);
         match result.outcome {
             Ok(AppendOutcome::Committed(seq)) => {
                 let bytes: usize = batch.iter().map(|(_, b)| b.len()).sum();
