@@ -164,9 +164,7 @@ async fn run(
             _ => tokio::task::yield_now().await,
         }
         last_start = Some(Instant::now());
-        let first_updates = first.batch.seal();
-        jobs.push((first, first_updates));
-        while let Ok(job) = rx.try_recv() {
+        for job in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             let updates = job.batch.seal();
             jobs.push((job, updates));
         }
