@@ -2,17 +2,18 @@
 //!
 //! Transactions run at the default READ COMMITTED level. Fencing relies on row locks on
 //! `documents`: `append` locks its documents' rows with `SELECT … FOR UPDATE` before checking
-//! the epochs and holds the locks until commit; `acquire_epoch` (an upsert) and `compact` (a conditional
-//! `UPDATE`) lock the same row. A group commit locks all its documents with one statement, in
-//! name order, so that two concurrent group commits cannot deadlock on each other.
+//! the epochs and holds the locks until commit; `acquire_epoch` (an upsert) and `compact` (a
+//! conditional `UPDATE`) lock the same row. A group commit is one statement, so its own
+//! transaction and one round trip; it locks all its documents in name order, so that two
+//! concurrent group commits cannot deadlock on each other.
 
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use sqlx::PgConnection;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection as _, PgConnection};
 
 use super::dedicated::Dedicated;
 use super::{LoadRow, SqlOptions, Tables, assemble, db_err, list_limit, list_sql, migrate_err};
@@ -70,7 +71,7 @@ impl Pg {
 }
 
 pub(super) async fn connect(url: &str, opts: &SqlOptions, t: Tables) -> Result<Pg, StoreError> {
-    // A paused or partitioned owner must not hold a document's row lock (taken by `append`)
+    // A paused or partitioned owner must not hold a document's row lock (taken by `compact`)
     // for long: PostgreSQL aborts its idle transaction after 5 s, so the next owner's
     // `acquire_epoch` proceeds. Safe: the aborted batch was never acknowledged.
     let connect = PgConnectOptions::from_str(url)
@@ -186,39 +187,59 @@ pub(super) async fn load(p: &Pg, name: &str) -> Result<StoredDocument, StoreErro
     assemble(rows)
 }
 
-/// Locks the batch's document rows in name order (the lock is taken as sorted rows are returned,
-/// so two group commits always lock in the same order and cannot deadlock) and reads their
-/// epochs. Rows stay locked until commit: a concurrent `acquire_epoch` waits for us.
-const LOCK_DOCUMENTS: &str = "\
-SELECT name, epoch, snapshot_seq FROM documents
-WHERE name = ANY($1::text[])
-ORDER BY name
-FOR UPDATE";
-
-/// Inserts every committed update of the batch in one round trip. Sequence numbers are drawn
-/// first (after the row locks, so per document they follow commit order) and paired with the
-/// updates by rank, so the log order is the input order by construction rather than by how
-/// `INSERT … SELECT` happens to evaluate defaults. Returns the drawn seqs; the k-th smallest
-/// belongs to the k-th update.
-const INSERT_UPDATES: &str = "\
-WITH ids AS (
+/// The group commit as one statement, so one round trip and its own (autocommit)
+/// transaction: nothing is ever left idle in a transaction between statements.
+///
+/// - `locked` locks the batch's document rows in name order (the lock is taken as sorted rows
+///   are returned, so two group commits always lock in the same order and cannot deadlock) and
+///   reads their epochs. Under READ COMMITTED a row that another transaction changed meanwhile
+///   (an `acquire_epoch` by the next owner) is read in its committed new version once its lock
+///   is released, so a fenced writer sees the new epoch. Rows stay locked until commit.
+/// - `accepted` keeps the updates (`$2`–`$4`, flattened in batch order, `ord` their position)
+///   whose epoch is their document's current one.
+/// - `ids` draws one seq per accepted update. It counts `accepted`, which cannot be known
+///   before every lock is held, so seqs are drawn after the locks and per document follow
+///   commit order. Seqs are paired with the updates by rank, so the log order is the input
+///   order by construction rather than by how `INSERT … SELECT` happens to evaluate defaults.
+/// - `prior` is, per document of `$5` (items that append nothing), the highest logged seq
+///   before this statement (a data-modifying `WITH` does not see its own rows).
+///
+/// Rows out: kind 0 per locked document (name, epoch, snapshot seq), kind 1 per inserted
+/// update (its seq; the k-th smallest belongs to the k-th accepted update), kind 2 per `prior`.
+const GROUP_COMMIT: &str = "\
+WITH locked AS (
+    SELECT name, epoch, snapshot_seq FROM documents
+    WHERE name = ANY($1::text[])
+    ORDER BY name
+    FOR UPDATE
+), accepted AS (
+    SELECT u.name, u.data, u.epoch, u.ord
+    FROM unnest($2::text[], $3::bytea[], $4::bigint[]) WITH ORDINALITY AS u(name, data, epoch, ord)
+    JOIN locked l ON l.name = u.name AND l.epoch = u.epoch
+), ids AS (
     SELECT nextval(pg_get_serial_sequence('document_updates', 'seq')) AS seq
-    FROM generate_series(1, cardinality($2::bytea[]))
+    FROM generate_series(1, (SELECT count(*) FROM accepted))
 ), numbered AS (
-    SELECT seq, row_number() OVER (ORDER BY seq) AS ord FROM ids
+    SELECT seq, row_number() OVER (ORDER BY seq) AS rank FROM ids
+), ranked AS (
+    SELECT name, data, epoch, row_number() OVER (ORDER BY ord) AS rank FROM accepted
+), inserted AS (
+    INSERT INTO document_updates (seq, name, data, epoch)
+    SELECT n.seq, r.name, r.data, r.epoch FROM ranked r JOIN numbered n ON n.rank = r.rank
+    RETURNING seq
+), prior AS (
+    SELECT name, max(seq) AS seq FROM document_updates
+    WHERE name = ANY($5::text[]) GROUP BY name
 )
-INSERT INTO document_updates (seq, name, data, epoch)
-SELECT n.seq, u.name, u.data, u.epoch
-FROM unnest($1::text[], $2::bytea[], $3::bigint[]) WITH ORDINALITY AS u(name, data, epoch, ord)
-JOIN numbered n ON n.ord = u.ord
-RETURNING seq";
+SELECT 0 AS kind, name, epoch, snapshot_seq AS seq FROM locked
+UNION ALL SELECT 1, NULL, NULL, seq FROM inserted
+UNION ALL SELECT 2, name, NULL, seq FROM prior";
 
-/// Per document of `$1`, the highest logged seq (only for items that append nothing).
-const MAX_SEQ: &str = "\
-SELECT name, max(seq) FROM document_updates WHERE name = ANY($1::text[]) GROUP BY name";
+/// One row of [`GROUP_COMMIT`]'s answer: kind, name, epoch, seq.
+type CommitRow = (i32, Option<String>, Option<Epoch>, Option<LogSeq>);
 
-/// Group commit in four round trips whatever the batch size: `BEGIN`, lock + read epochs,
-/// insert all updates of the non-fenced items, `COMMIT`; on the group commit's own connection.
+/// Group commit in one round trip whatever the batch size ([`GROUP_COMMIT`]), on the group
+/// commit's own connection.
 pub(super) async fn append(p: &Pg, batch: &[Append]) -> Result<Vec<AppendOutcome>, StoreError> {
     let mut conn = p.appender.lock().await?;
     let result = append_on(&mut conn, &p.t, batch).await;
@@ -233,77 +254,79 @@ async fn append_on(
     let mut names: Vec<&str> = batch.iter().map(|a| a.name.as_str()).collect();
     names.sort_unstable();
     names.dedup();
+    let mut up_names: Vec<&str> = Vec::new();
+    let mut up_data: Vec<&[u8]> = Vec::new();
+    let mut up_epochs: Vec<Epoch> = Vec::new();
+    let mut empty_names: Vec<&str> = Vec::new();
+    for item in batch {
+        if item.updates.is_empty() {
+            empty_names.push(&item.name);
+        }
+        for u in &item.updates {
+            up_names.push(&item.name);
+            up_data.push(u.as_ref());
+            up_epochs.push(item.epoch);
+        }
+    }
 
-    let mut tx = conn.begin().await.map_err(db_err)?;
-    let rows: Vec<(String, Epoch, LogSeq)> = sqlx::query_as(t.sql(LOCK_DOCUMENTS))
+    let rows: Vec<CommitRow> = sqlx::query_as(t.sql(GROUP_COMMIT))
         .bind(&names)
-        .fetch_all(&mut *tx)
+        .bind(&up_names)
+        .bind(&up_data)
+        .bind(&up_epochs)
+        .bind(&empty_names)
+        .fetch_all(&mut *conn)
         .await
         .map_err(db_err)?;
-    let docs: HashMap<&str, (Epoch, LogSeq)> = rows
-        .iter()
-        .map(|(n, e, s)| (n.as_str(), (*e, *s)))
-        .collect();
+    let mut docs: HashMap<&str, (Epoch, LogSeq)> = HashMap::new();
+    let mut seqs: Vec<LogSeq> = Vec::new();
+    let mut prior: HashMap<&str, LogSeq> = HashMap::new();
+    for (kind, name, epoch, seq) in &rows {
+        match (kind, name, epoch, seq) {
+            (0, Some(name), Some(epoch), Some(seq)) => {
+                docs.insert(name, (*epoch, *seq));
+            }
+            (1, _, _, Some(seq)) => seqs.push(*seq),
+            (2, Some(name), _, Some(seq)) => {
+                prior.insert(name, *seq);
+            }
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "unexpected group commit row ({kind}, {name:?}, {epoch:?}, {seq:?})"
+                )));
+            }
+        }
+    }
 
-    // Decide every item; flatten the updates of those that commit, in batch order.
-    let mut ins_names: Vec<&str> = Vec::new();
-    let mut ins_data: Vec<&[u8]> = Vec::new();
-    let mut ins_epochs: Vec<Epoch> = Vec::new();
-    let mut empty_names: Vec<&str> = Vec::new();
+    // Decide every item as the statement did; count the updates it must have inserted.
     let mut fenced: Vec<Option<Epoch>> = Vec::with_capacity(batch.len());
+    let mut accepted = 0;
     for item in batch {
         match docs.get(item.name.as_str()) {
             Some(&(current, _)) if current == item.epoch => {
                 fenced.push(None);
-                if item.updates.is_empty() {
-                    empty_names.push(&item.name);
-                }
-                for u in &item.updates {
-                    ins_names.push(&item.name);
-                    ins_data.push(u.as_ref());
-                    ins_epochs.push(item.epoch);
-                }
+                accepted += item.updates.len();
             }
             Some(&(current, _)) => fenced.push(Some(current)),
             None => fenced.push(Some(0)),
         }
     }
-
-    // Last seq per document before this batch (needed only for items without updates).
-    let mut last: HashMap<&str, LogSeq> = HashMap::new();
-    if !empty_names.is_empty() {
-        let maxes: Vec<(String, Option<LogSeq>)> = sqlx::query_as(t.sql(MAX_SEQ))
-            .bind(&empty_names)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        for name in &empty_names {
-            let logged = maxes.iter().find(|(n, _)| n == name).and_then(|(_, m)| *m);
-            let snapshot_seq = docs.get(name).map_or(0, |d| d.1);
-            last.insert(name, logged.unwrap_or(snapshot_seq));
-        }
-    }
-
-    let mut seqs: Vec<LogSeq> = if ins_data.is_empty() {
-        Vec::new()
-    } else {
-        sqlx::query_scalar(t.sql(INSERT_UPDATES))
-            .bind(&ins_names)
-            .bind(&ins_data)
-            .bind(&ins_epochs)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?
-    };
-    if seqs.len() != ins_data.len() {
+    if seqs.len() != accepted {
         return Err(StoreError::Corrupt(format!(
-            "inserted {} log rows for {} updates",
-            seqs.len(),
-            ins_data.len()
+            "inserted {} log rows for {accepted} updates",
+            seqs.len()
         )));
     }
     seqs.sort_unstable();
-    tx.commit().await.map_err(db_err)?;
+
+    // Last seq per document before this batch, for the items that append nothing: its
+    // highest logged seq, or its snapshot's when compaction left no log.
+    let mut last: HashMap<&str, LogSeq> = HashMap::new();
+    for name in &empty_names {
+        let snapshot_seq = docs.get(name).map_or(0, |d| d.1);
+        let logged = prior.get(name).copied().unwrap_or(0);
+        last.insert(name, logged.max(snapshot_seq));
+    }
 
     // Walk the batch in order again, handing out the seqs.
     let mut next = seqs.into_iter();
