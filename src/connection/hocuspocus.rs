@@ -14,7 +14,6 @@
 //! routed: served here, or **Remote** (the queued frames and the Auth frame go to the owner,
 //! which authenticates the client again and whose answer is the one the client gets).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::addr_map::AddrMap;
 use super::placement::{Link, LinkClient, Route};
 use super::shared::Shared;
 use super::stand_in::{StandInInput, ToEdge};
@@ -205,7 +205,7 @@ struct Socket {
     id: Arc<str>,
     request: Arc<RequestInfo>,
     outbox: Outbox,
-    addrs: HashMap<String, Addr>,
+    addrs: AddrMap<Addr>,
     pending_bytes: usize,
     pending_frames: usize,
     authenticated_once: bool,
@@ -470,7 +470,7 @@ impl Socket {
             id,
             request,
             outbox,
-            addrs: HashMap::new(),
+            addrs: AddrMap::default(),
             pending_bytes: 0,
             pending_frames: 0,
             authenticated_once: false,
@@ -532,9 +532,9 @@ impl Socket {
         for c in controls {
             match c {
                 Outgoing::DocClosed { address, conn } => {
-                    if matches!(self.addrs.get(&*address), Some(Addr::Established(e)) if e.conn == conn)
+                    if matches!(self.addrs.get(&address), Some(Addr::Established(e)) if e.conn == conn)
                     {
-                        self.addrs.remove(&*address);
+                        self.addrs.remove(&address);
                     }
                 }
                 Outgoing::CloseSocket(how) => return Some(End::Close(how)),

@@ -7,6 +7,7 @@
 //! **Invariant:** a socket task never blocks a document task: documents write into a
 //! byte-bounded outbox and a client that cannot keep up is disconnected.
 
+mod addr_map;
 pub mod hocuspocus;
 pub(crate) mod node;
 pub(crate) mod placement;
