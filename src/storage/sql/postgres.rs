@@ -324,8 +324,7 @@ async fn append_on(
     let mut last: HashMap<&str, LogSeq> = HashMap::new();
     for name in &empty_names {
         let snapshot_seq = docs.get(name).map_or(0, |d| d.1);
-        let logged = prior.get(name).copied().unwrap_or(0);
-        last.insert(name, logged.max(snapshot_seq));
+        last.insert(name, prior.get(name).copied().unwrap_or(snapshot_seq));
     }
 
     // Walk the batch in order again, handing out the seqs.
