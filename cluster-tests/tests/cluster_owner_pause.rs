@@ -30,9 +30,11 @@
 //!   G3 check in its plainest form.
 //! * `paused_owner_is_replaced_on_nodes_that_routed_to_it` — the same, but the
 //!   probe goes to n2, which proxied clients to n1 before the freeze and still caches that route.
-//! * `paused_owner_is_replaced_when_frozen_mid_commit` — n1 is frozen while one of
-//!   its group commits holds the document's row lock (found by freezing until PostgreSQL shows
-//!   an "idle in transaction" session in the test database); the probe goes to n4.
+//! * `paused_owner_is_replaced_when_frozen_mid_commit` — n1 is frozen with one of its group
+//!   commits in flight: a session of the test holds the document's row lock until PostgreSQL
+//!   shows another session of the test database waiting for it (n1's commit statement), n1 is
+//!   frozen, and the lock is released, so the statement runs to its end while n1 cannot read
+//!   the reply; the probe goes to n4.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -69,14 +71,39 @@ async fn paused_owner_is_replaced_when_frozen_mid_commit() -> anyhow::Result<()>
     pause_scenario("cluster_owner_pause_midcommit", Variant::MidCommit).await
 }
 
-/// Sessions of the test database that are inside a transaction but idle (a frozen client).
-fn idle_in_transaction(cluster: &Cluster) -> anyhow::Result<usize> {
+/// Sessions of the test database waiting for a lock.
+fn waiting_for_lock(cluster: &Cluster) -> anyhow::Result<usize> {
     let n = cluster.store()?.scalar(&format!(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
-         AND state = 'idle in transaction'",
+         AND wait_event_type = 'Lock'",
         cluster.db.name()
     ))?;
     Ok(n.parse()?)
+}
+
+/// Freezes n1 while its group commit for `doc` waits for the document's row lock, which a
+/// session of the test holds; releases it once n1 is frozen, so the statement completes in
+/// PostgreSQL and its reply waits unread in n1's socket. Returns when n1 was frozen.
+async fn freeze_mid_commit(cluster: &mut Cluster, doc: &str) -> anyhow::Result<Instant> {
+    use sqlx::Connection;
+    let mut blocker = sqlx::PgConnection::connect(cluster.db.url()).await?;
+    let mut tx = blocker.begin().await?;
+    sqlx::query("SELECT 1 FROM documents WHERE name = $1 FOR UPDATE")
+        .bind(doc)
+        .fetch_one(&mut *tx)
+        .await?;
+    let waiting = wait_until("n1's group commit waits for the row lock", WAIT, || async {
+        Ok(waiting_for_lock(cluster)? > 0)
+    })
+    .await;
+    let at = Instant::now();
+    let frozen = match waiting {
+        Ok(()) => cluster.nodes[0].stop(),
+        Err(e) => Err(e),
+    };
+    tx.commit().await?;
+    frozen?;
+    Ok(at)
 }
 
 async fn pause_scenario(test: &str, variant: Variant) -> anyhow::Result<()> {
@@ -152,19 +179,9 @@ async fn pause_scenario(test: &str, variant: Variant) -> anyhow::Result<()> {
             at
         }
         Variant::MidCommit => {
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                let at = Instant::now();
-                cluster.nodes[0].stop()?;
-                if idle_in_transaction(&cluster)? > 0 {
-                    eprintln!("[{test}] n1 frozen inside a transaction after {tries} tries");
-                    break at;
-                }
-                cluster.nodes[0].cont()?;
-                assert!(tries < 200, "never caught n1 inside a transaction");
-                tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 20)).await;
-            }
+            let at = freeze_mid_commit(&mut cluster, doc).await?;
+            eprintln!("[{test}] n1 frozen with a group commit in flight");
+            at
         }
     };
     for _ in 0..5 {
@@ -178,8 +195,8 @@ async fn pause_scenario(test: &str, variant: Variant) -> anyhow::Result<()> {
         .wait_holder_gone(doc, "n1", cluster.lock_ttl() + WAIT)
         .await?;
     let mut probes = Vec::new();
-    // + 5 s: a frozen owner's open transaction holds the document's row lock until
-    // PostgreSQL's idle_in_transaction_session_timeout (5 s, set by hearth) aborts it
+    // + 5 s: an owner frozen inside a compaction's transaction holds the document's row lock
+    // until PostgreSQL's idle_in_transaction_session_timeout (5 s, set by hearth) aborts it
     let limit = cluster.lock_ttl() + Duration::from_secs(5) + Duration::from_secs(5);
     let probe_url = cluster.nodes[probe_node].url();
     let probe = probe_writable(&probe_url, doc, "probe", limit, &mut probes).await;
