@@ -62,6 +62,7 @@ mod postgres;
 mod sqlite;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -72,7 +73,7 @@ use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, SqlSafeStr};
 
 use super::{
-    Append, AppendOutcome, DocumentInfo, DocumentStore, Epoch, ListQuery, StoreError,
+    Append, AppendOutcome, DocumentInfo, DocumentStore, Epoch, ListQuery, LogSeq, StoreError,
     StoredDocument, UNSTORED, check_name,
 };
 
@@ -238,7 +239,7 @@ impl DocumentStore for SqlStore {
         name: &str,
         epoch: Epoch,
         state: &[u8],
-        upto: super::LogSeq,
+        upto: LogSeq,
     ) -> Result<(), StoreError> {
         check_name(name)?;
         match &self.pool {
@@ -582,10 +583,84 @@ pub(crate) fn may_delete(
     }
 }
 
+/// Each item's outcome once a group commit's rows are written, walking the batch in order.
+///
+/// `fenced[i]` is `Some(current epoch)` for an item that wrote nothing because its epoch is
+/// stale, `None` for one whose updates were written. `seqs` are the written rows' seqs in
+/// ascending order, which is batch order: an accepted item takes the next `updates.len()` of
+/// them. Every accepted item reports the last seq its document has reached so far in the batch;
+/// `last` gives each document's last seq before the batch, for items that append nothing.
+/// Errors when the seqs do not match the accepted updates one for one.
+pub(crate) fn hand_out_seqs<'a>(
+    batch: &'a [Append],
+    fenced: impl IntoIterator<Item = Option<Epoch>>,
+    seqs: &[LogSeq],
+    mut last: HashMap<&'a str, LogSeq>,
+) -> Result<Vec<AppendOutcome>, StoreError> {
+    let mut next = seqs.iter();
+    let mut out = Vec::with_capacity(batch.len());
+    for (item, fenced) in batch.iter().zip(fenced) {
+        if let Some(current) = fenced {
+            out.push(AppendOutcome::Fenced { current });
+            continue;
+        }
+        for _ in &item.updates {
+            let seq = next
+                .next()
+                .ok_or_else(|| StoreError::Database("fewer log seqs than updates".into()))?;
+            last.insert(&item.name, *seq);
+        }
+        let seq = last.get(item.name.as_str()).copied().unwrap_or(0);
+        out.push(AppendOutcome::Committed(seq));
+    }
+    if next.next().is_some() {
+        return Err(StoreError::Database("more log seqs than updates".into()));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn item(name: &str, epoch: Epoch, updates: usize) -> Append {
+        Append {
+            name: name.into(),
+            epoch,
+            updates: vec![bytes::Bytes::from_static(b"u"); updates],
+        }
+    }
+
+    #[test]
+    fn seqs_are_handed_out_in_batch_order() {
+        let batch = [
+            item("a", 1, 2),
+            item("b", 1, 1),
+            item("a", 1, 0),
+            item("c", 2, 3),
+            item("d", 1, 0),
+            item("a", 1, 1),
+        ];
+        let fenced = [None, None, None, Some(5), None, None];
+        let last = HashMap::from([("d", 7)]);
+        let out = hand_out_seqs(&batch, fenced, &[10, 11, 12, 13], last).unwrap();
+        assert_eq!(
+            out,
+            [
+                AppendOutcome::Committed(11),
+                AppendOutcome::Committed(12),
+                AppendOutcome::Committed(11),
+                AppendOutcome::Fenced { current: 5 },
+                AppendOutcome::Committed(7),
+                AppendOutcome::Committed(13),
+            ]
+        );
+        // one seq short, one too many
+        let fenced = || [None, None, None, Some(5), None, None];
+        assert!(hand_out_seqs(&batch, fenced(), &[10, 11, 12], HashMap::new()).is_err());
+        assert!(hand_out_seqs(&batch, fenced(), &[10, 11, 12, 13, 14], HashMap::new()).is_err());
+    }
 
     #[test]
     fn table_prefix_renames_whole_identifiers_only() {

@@ -16,7 +16,9 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::dedicated::Dedicated;
-use super::{LoadRow, SqlOptions, Tables, assemble, db_err, list_limit, list_sql, migrate_err};
+use super::{
+    LoadRow, SqlOptions, Tables, assemble, db_err, hand_out_seqs, list_limit, list_sql, migrate_err,
+};
 use crate::storage::{
     Append, AppendOutcome, DocumentInfo, Epoch, ListQuery, LogSeq, StoreError, StoredDocument,
 };
@@ -327,23 +329,7 @@ async fn append_on(
         last.insert(name, prior.get(name).copied().unwrap_or(snapshot_seq));
     }
 
-    // Walk the batch in order again, handing out the seqs.
-    let mut next = seqs.into_iter();
-    let mut out = Vec::with_capacity(batch.len());
-    for (item, fenced) in batch.iter().zip(fenced) {
-        if let Some(current) = fenced {
-            out.push(AppendOutcome::Fenced { current });
-            continue;
-        }
-        for _ in &item.updates {
-            if let Some(seq) = next.next() {
-                last.insert(&item.name, seq);
-            }
-        }
-        let seq = last.get(item.name.as_str()).copied().unwrap_or(0);
-        out.push(AppendOutcome::Committed(seq));
-    }
-    Ok(out)
+    hand_out_seqs(batch, fenced, &seqs, last)
 }
 
 pub(super) async fn compact(

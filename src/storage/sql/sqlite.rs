@@ -18,7 +18,8 @@ use sqlx::{Sqlite, SqliteConnection, Transaction};
 
 use super::dedicated::Dedicated;
 use super::{
-    LoadRow, SqlOptions, Synchronous, Tables, assemble, db_err, list_limit, list_sql, migrate_err,
+    LoadRow, SqlOptions, Synchronous, Tables, assemble, db_err, hand_out_seqs, list_limit,
+    list_sql, migrate_err,
 };
 use crate::storage::{
     Append, AppendOutcome, DocumentInfo, Epoch, ListQuery, LogSeq, StoreError, StoredDocument,
@@ -455,24 +456,24 @@ async fn append_on(
 
     // Decide every item; flatten the updates of those that commit, in batch order.
     let mut rows_in: Vec<(&str, &[u8], Epoch)> = Vec::new();
-    let mut decided: Vec<Result<usize, Epoch>> = Vec::with_capacity(batch.len());
+    let mut fenced: Vec<Option<Epoch>> = Vec::with_capacity(batch.len());
     for item in batch {
         match docs.get(item.name.as_str()) {
             Some(&(current, _)) if current == item.epoch => {
                 for u in &item.updates {
                     rows_in.push((&item.name, u.as_ref(), item.epoch));
                 }
-                decided.push(Ok(item.updates.len()));
+                fenced.push(None);
             }
-            Some(&(current, _)) => decided.push(Err(current)),
-            None => decided.push(Err(0)),
+            Some(&(current, _)) => fenced.push(Some(current)),
+            None => fenced.push(Some(0)),
         }
     }
 
     // Last logged seq of each document before this batch, for items that append nothing.
     let mut last: std::collections::HashMap<&str, LogSeq> = std::collections::HashMap::new();
-    for (item, decision) in batch.iter().zip(&decided) {
-        if matches!(decision, Ok(0)) && !last.contains_key(item.name.as_str()) {
+    for (item, fenced) in batch.iter().zip(&fenced) {
+        if fenced.is_none() && item.updates.is_empty() && !last.contains_key(item.name.as_str()) {
             let logged: Option<LogSeq> =
                 sqlx::query_scalar(t.sql("SELECT MAX(seq) FROM document_updates WHERE name = $1"))
                     .bind(&item.name)
@@ -506,25 +507,7 @@ async fn append_on(
         seqs.extend(got);
     }
 
-    // Each item's outcome as of its place in the batch.
-    let mut out = Vec::with_capacity(batch.len());
-    let mut next = 0usize;
-    for (item, decision) in batch.iter().zip(decided) {
-        match decision {
-            Err(current) => out.push(AppendOutcome::Fenced { current }),
-            Ok(count) => {
-                if count > 0 {
-                    next += count;
-                    let seq = seqs.get(next - 1).copied().ok_or_else(|| {
-                        StoreError::Database("fewer log seqs than updates".into())
-                    })?;
-                    last.insert(&item.name, seq);
-                }
-                let seq = last.get(item.name.as_str()).copied().unwrap_or(0);
-                out.push(AppendOutcome::Committed(seq));
-            }
-        }
-    }
+    let out = hand_out_seqs(batch, fenced, &seqs, last)?;
     tx.commit().await.map_err(db_err)?;
     Ok(out)
 }
