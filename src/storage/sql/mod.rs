@@ -36,14 +36,18 @@
 //! # Fencing
 //!
 //! Every write checks the writer's epoch inside the transaction that writes:
-//! * PostgreSQL: a group commit first runs `SELECT name, epoch, snapshot_seq FROM documents
-//!   WHERE name = ANY($1) ORDER BY name FOR UPDATE` (row locks held to commit, so a concurrent
-//!   `acquire_epoch` waits for the append and vice versa; name order rules out deadlocks between
-//!   group commits), then inserts the updates of the items whose epoch matched; compaction is a conditional `UPDATE … WHERE name = $1 AND epoch = $2`
-//!   whose row count decides (READ COMMITTED re-checks the `WHERE` on the newest row version after
-//!   waiting for a lock).
-//! * SQLite: the transaction starts with `BEGIN IMMEDIATE`, which takes the database write lock
-//!   before the epoch is read, so nothing can change the epoch between check and write.
+//! * PostgreSQL: a group commit is one autocommit statement whose first step locks the
+//!   documents' rows in name order (`SELECT … FOR UPDATE`, held until the statement commits, so
+//!   a concurrent `acquire_epoch` waits for the append and vice versa; name order rules out
+//!   deadlocks between group commits) and which inserts only the updates of the items whose
+//!   epoch matches the locked row. Compaction is a conditional `UPDATE … WHERE name = $1 AND
+//!   epoch = $2` whose row count decides (READ COMMITTED re-checks the `WHERE` on the newest
+//!   row version after waiting for a lock).
+//! * SQLite: a group commit of the common shape is one `INSERT … SELECT` that joins each update
+//!   with its document's current epoch; SQLite takes the database write lock when a writing
+//!   statement starts, so the epochs it reads cannot change before its rows are committed.
+//!   Every other write runs in a transaction that starts with `BEGIN IMMEDIATE`, which takes the
+//!   write lock before the epoch is read.
 //!
 //! A write on a document that has no row (never acquired) is fenced with `current = 0` and
 //! creates nothing. `delete` checks the epoch like `append` (PostgreSQL: `SELECT … FOR UPDATE`

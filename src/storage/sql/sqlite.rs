@@ -5,7 +5,9 @@
 //! backing off on `SQLITE_BUSY`) and a **reader** pool for `load`, `list`, `current_epoch` and
 //! `ping` (WAL readers never block the writer and see a consistent snapshot per statement). Write
 //! transactions start with `BEGIN IMMEDIATE`, so the database write lock is held *before* the
-//! epoch is read, which also keeps fencing correct when another process writes the same file.
+//! epoch is read, which also keeps fencing correct when another process writes the same file;
+//! the one-statement group commit is a single writing statement, which takes the lock as it
+//! starts.
 
 use std::str::FromStr;
 use std::sync::Arc;
