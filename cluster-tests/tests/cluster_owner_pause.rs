@@ -97,10 +97,7 @@ async fn freeze_mid_commit(cluster: &mut Cluster, doc: &str) -> anyhow::Result<I
     })
     .await;
     let at = Instant::now();
-    let frozen = match waiting {
-        Ok(()) => cluster.nodes[0].stop(),
-        Err(e) => Err(e),
-    };
+    let frozen = waiting.and_then(|()| cluster.nodes[0].stop());
     tx.commit().await?;
     frozen?;
     Ok(at)

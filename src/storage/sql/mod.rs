@@ -587,6 +587,17 @@ pub(crate) fn may_delete(
     }
 }
 
+/// Whether a group commit's item is fenced, given the rows (epoch, snapshot seq) of the batch's
+/// documents as the commit read them under its lock: `Some(current epoch)` when the item's epoch
+/// is stale, `Some(0)` when its document has no row, `None` when it may write.
+pub(crate) fn fenced_by(docs: &HashMap<&str, (Epoch, LogSeq)>, item: &Append) -> Option<Epoch> {
+    match docs.get(item.name.as_str()) {
+        Some(&(current, _)) if current == item.epoch => None,
+        Some(&(current, _)) => Some(current),
+        None => Some(0),
+    }
+}
+
 /// Each item's outcome once a group commit's rows are written, walking the batch in order.
 ///
 /// `fenced[i]` is `Some(current epoch)` for an item that wrote nothing because its epoch is
@@ -634,6 +645,15 @@ mod tests {
             epoch,
             updates: vec![bytes::Bytes::from_static(b"u"); updates],
         }
+    }
+
+    #[test]
+    fn stale_epochs_and_missing_rows_are_fenced() {
+        let docs = HashMap::from([("a", (3, 0)), ("b", (1, 4))]);
+        assert_eq!(fenced_by(&docs, &item("a", 3, 1)), None);
+        assert_eq!(fenced_by(&docs, &item("a", 2, 1)), Some(3));
+        assert_eq!(fenced_by(&docs, &item("b", 1, 0)), None);
+        assert_eq!(fenced_by(&docs, &item("c", 1, 1)), Some(0));
     }
 
     #[test]

@@ -17,7 +17,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::dedicated::Dedicated;
 use super::{
-    LoadRow, SqlOptions, Tables, assemble, db_err, hand_out_seqs, list_limit, list_sql, migrate_err,
+    LoadRow, SqlOptions, Tables, assemble, db_err, fenced_by, hand_out_seqs, list_limit, list_sql,
+    migrate_err,
 };
 use crate::storage::{
     Append, AppendOutcome, DocumentInfo, Epoch, ListQuery, LogSeq, StoreError, StoredDocument,
@@ -301,18 +302,13 @@ async fn append_on(
     }
 
     // Decide every item as the statement did; count the updates it must have inserted.
-    let mut fenced: Vec<Option<Epoch>> = Vec::with_capacity(batch.len());
-    let mut accepted = 0;
-    for item in batch {
-        match docs.get(item.name.as_str()) {
-            Some(&(current, _)) if current == item.epoch => {
-                fenced.push(None);
-                accepted += item.updates.len();
-            }
-            Some(&(current, _)) => fenced.push(Some(current)),
-            None => fenced.push(Some(0)),
-        }
-    }
+    let fenced: Vec<Option<Epoch>> = batch.iter().map(|item| fenced_by(&docs, item)).collect();
+    let accepted: usize = batch
+        .iter()
+        .zip(&fenced)
+        .filter(|(_, f)| f.is_none())
+        .map(|(item, _)| item.updates.len())
+        .sum();
     if seqs.len() != accepted {
         return Err(StoreError::Corrupt(format!(
             "inserted {} log rows for {accepted} updates",

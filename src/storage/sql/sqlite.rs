@@ -20,8 +20,8 @@ use sqlx::{Sqlite, SqliteConnection, Transaction};
 
 use super::dedicated::Dedicated;
 use super::{
-    LoadRow, SqlOptions, Synchronous, Tables, assemble, db_err, hand_out_seqs, list_limit,
-    list_sql, migrate_err,
+    LoadRow, SqlOptions, Synchronous, Tables, assemble, db_err, fenced_by, hand_out_seqs,
+    list_limit, list_sql, migrate_err,
 };
 use crate::storage::{
     Append, AppendOutcome, DocumentInfo, Epoch, ListQuery, LogSeq, StoreError, StoredDocument,
@@ -460,16 +460,13 @@ async fn append_on(
     let mut rows_in: Vec<(&str, &[u8], Epoch)> = Vec::new();
     let mut fenced: Vec<Option<Epoch>> = Vec::with_capacity(batch.len());
     for item in batch {
-        match docs.get(item.name.as_str()) {
-            Some(&(current, _)) if current == item.epoch => {
-                for u in &item.updates {
-                    rows_in.push((&item.name, u.as_ref(), item.epoch));
-                }
-                fenced.push(None);
+        let fence = fenced_by(&docs, item);
+        if fence.is_none() {
+            for u in &item.updates {
+                rows_in.push((&item.name, u.as_ref(), item.epoch));
             }
-            Some(&(current, _)) => fenced.push(Some(current)),
-            None => fenced.push(Some(0)),
         }
+        fenced.push(fence);
     }
 
     // Last logged seq of each document before this batch, for items that append nothing.
