@@ -20,11 +20,12 @@
 //! owner, one through another node) insert a marker, wait for its acknowledgement and measure
 //! that round trip, again and again. Asserted for every attack: every node process is up and
 //! ready; each witness's 95th percentile round trip during the attack stays under
-//! [`P95_LIMIT`] and its 99th under [`P99_LIMIT`]; each node's resident memory stays under [`RSS_LIMIT`]; the documents the attack opened are
-//! released once its connections are gone; the attacker saw the answer in the table. Asserted
-//! at the end: nothing acknowledged to a witness is lost (the single node is killed, restarted
-//! and every acknowledged marker read back; in the cluster the stored rows hold them), no
-//! witness was ever disconnected or refused, and in the cluster the owner kept every document.
+//! [`P95_LIMIT`] and its 99th under [`P99_LIMIT`]; each node's resident memory stays under
+//! [`RSS_LIMIT`]; the documents the attack opened are released once its connections are gone;
+//! the attacker saw the answer in the table. Asserted at the end: nothing acknowledged to a
+//! witness is lost (the single node is killed, restarted and every acknowledged marker read
+//! back; in the cluster the stored rows hold them), no witness was ever disconnected or refused,
+//! and in the cluster the owner kept every document.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
