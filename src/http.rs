@@ -62,19 +62,14 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 /// list is allocated at its exact length (collecting from a filter grows it by doubling, to up
 /// to twice the slots).
 fn request_info(req: &Request<Incoming>, remote: SocketAddr) -> RequestInfo {
-    let mut headers = Vec::with_capacity(req.headers().len());
-    headers.extend(req.headers().iter().filter_map(|(k, v)| {
-        v.to_str()
-            .ok()
-            .map(|v| (k.as_str().to_owned(), v.to_owned()))
-    }));
-    headers.shrink_to_fit();
-    RequestInfo {
-        path: req.uri().path().to_owned(),
-        query: req.uri().query().unwrap_or_default().to_owned(),
-        headers,
-        remote_addr: Some(remote),
-    }
+    RequestInfo::new(
+        req.uri().path(),
+        req.uri().query().unwrap_or_default(),
+        req.headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
+        Some(remote),
+    )
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -192,7 +187,7 @@ pub(crate) async fn handle(
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
         // The socket lives in a task of its own: this task's state (the upgrade, the handshake)
         // would otherwise stay allocated beside it for the socket's whole life.
-        match info.path.strip_prefix(YWS_PREFIX) {
+        match info.path().strip_prefix(YWS_PREFIX) {
             Some(name) => {
                 let name = name.to_owned();
                 let tasks = task_shared.sockets.clone();

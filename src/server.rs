@@ -307,6 +307,7 @@ impl ServerBuilder {
             metrics,
             docs: docs.clone(),
             stop_sockets: shutdown.child_token(),
+            signals: Default::default(),
             shutdown,
             sockets: TaskTracker::new(),
             draining: Default::default(),
@@ -317,6 +318,11 @@ impl ServerBuilder {
             throttle,
             revocations,
         });
+        tokio::spawn(crate::connection::signals::forward(
+            shared.signals.clone(),
+            shared.stop_sockets.clone(),
+            shared.revocations.subscribe(),
+        ));
         let cluster = cluster.map(|(c, inbound)| {
             c.spawn_tasks(&shared, inbound);
             c

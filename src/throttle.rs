@@ -527,12 +527,11 @@ impl AuthThrottle {
     /// `None` when unknown or the throttle is off.
     pub fn client_of(&self, request: &RequestInfo) -> Option<IpAddr> {
         let inner = self.inner.as_ref()?;
-        let peer = request.remote_addr?.ip();
+        let peer = request.remote_addr()?.ip();
         let forwarded = request
-            .headers
-            .iter()
+            .headers()
             .filter(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
-            .map(|(_, v)| v.as_str());
+            .map(|(_, v)| v);
         Some(inner.trusted.client_ip(peer, forwarded))
     }
 

@@ -824,14 +824,14 @@ struct HttpExt {
 #[async_trait]
 impl Extension for HttpExt {
     async fn on_request(&self, r: &RequestInfo) -> Result<Option<HttpAnswer>, HookError> {
-        if r.path == "/custom" {
+        if r.path() == "/custom" {
             return Ok(Some(HttpAnswer {
                 status: 201,
                 content_type: "application/json".into(),
                 body: Bytes::from_static(br#"{"custom":true}"#),
             }));
         }
-        if r.path == "/denied" {
+        if r.path() == "/denied" {
             return Err(HookError::reject("no"));
         }
         Ok(None)
@@ -839,7 +839,7 @@ impl Extension for HttpExt {
 
     async fn on_upgrade(&self, r: &RequestInfo) -> HookResult {
         self.upgrades.fetch_add(1, Ordering::SeqCst);
-        if r.path == "/forbidden" {
+        if r.path() == "/forbidden" {
             return Err(HookError::forbidden());
         }
         Ok(())

@@ -574,10 +574,10 @@ impl Placement for ClusterPlacement {
         };
         let request = client.request;
         let meta = OpenMeta {
-            path: request.path.clone(),
-            query: request.query.clone(),
+            path: request.path().to_owned(),
+            query: request.query().to_owned(),
             headers: forwarded_headers(request),
-            remote: request.remote_addr.map(|a| a.to_string()),
+            remote: request.remote_addr().map(|a| a.to_string()),
             provider_version: None,
         };
         let edge = self
@@ -640,10 +640,9 @@ fn forwarded_headers(req: &RequestInfo) -> Vec<(String, String)> {
         "content-length",
         "transfer-encoding",
     ];
-    req.headers
-        .iter()
-        .filter(|(k, _)| !SKIP.contains(&k.as_str()))
-        .cloned()
+    req.headers()
+        .filter(|(k, _)| !SKIP.contains(k))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
 }
 

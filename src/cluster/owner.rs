@@ -64,12 +64,12 @@ impl Cluster {
     ) {
         let id: Arc<str> = Arc::from(session.conn.as_uuid().to_string());
         let span = info_span!("remote", socket = %id, doc = %session.doc, edge = %edge, node = %shared.config.node_id);
-        let request = Arc::new(RequestInfo {
-            path: meta.path,
-            query: meta.query,
-            headers: meta.headers,
-            remote_addr: meta.remote.and_then(|r| r.parse().ok()),
-        });
+        let request = Arc::new(RequestInfo::new(
+            &meta.path,
+            &meta.query,
+            meta.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            meta.remote.and_then(|r| r.parse().ok()),
+        ));
         let to_edge = OwnerEdge {
             cluster: self,
             edge,

@@ -27,9 +27,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::addr_map::AddrMap;
 use super::placement::{Link, LinkClient, Route};
 use super::shared::Shared;
+use super::signals::Signal;
 use super::stand_in::{StandInInput, ToEdge};
 use super::traffic::TrafficLimit;
-use super::{Stop, Ws, close, flush_final, guarded, stop_signal, write_batch, write_ping};
+use super::{Stop, Write, Ws, close, flush_final, write_guarded};
 use crate::doc::{
     Attach, ConnId, DocCommand, DocHandle, Framing, LoadError, WeakDocHandle, next_conn_id,
 };
@@ -248,51 +249,31 @@ pub(crate) fn serve(
 async fn run(shared: Arc<Shared>, mut ws: Box<Ws>, request: Arc<RequestInfo>, id: Arc<str>) {
     shared.metrics.sockets.inc();
     let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
-    let stop = stop_signal(shared.stop_sockets.clone(), out_rx.overflow_signal());
-    tokio::pin!(stop);
+    // watched from before any authentication, so a revocation made meanwhile is seen
+    let mut signals = shared.signals.wait();
     let (auth_tx, mut auth_rx) = queue();
     let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, false);
     let cfg = &shared.config;
-    let idle = Duration::from_millis(cfg.idle_timeout_ms);
-    let auth_deadline = s.opened + Duration::from_millis(cfg.auth_timeout_ms);
-    let ping_every = cfg.effective_ping_interval();
-    let app_ping_every =
-        (cfg.app_ping_interval_ms > 0).then(|| Duration::from_millis(cfg.app_ping_interval_ms));
-    let mut next_ping = ping_every.map(|d| s.opened + d);
-    let mut next_app_ping = app_ping_every.map(|d| s.opened + d);
+    let mut next_ping = cfg.effective_ping_interval().map(|d| s.opened + d);
+    let mut next_app_ping = app_ping_interval(cfg).map(|d| s.opened + d);
     // One timer per socket, armed for the earliest of its deadlines and re-armed only when it
     // fires: an idle socket wakes once per ping interval, not on a fixed tick.
-    let next_deadline = |s: &Socket, next_ping: Option<Instant>, next_app_ping: Option<Instant>| {
-        let mut at = s.last_inbound + idle;
-        if !s.authenticated() {
-            at = at.min(auth_deadline);
-        }
-        if let Some(e) = s.next_expiry() {
-            at = at.min(e);
-        }
-        next_ping
-            .into_iter()
-            .chain(next_app_ping)
-            .fold(at, Instant::min)
-    };
-    let mut timer = Box::pin(tokio::time::sleep_until(next_deadline(
-        &s,
-        next_ping,
-        next_app_ping,
-    )));
-    let mut revoked = shared.revocations.subscribe();
+    let mut timer = Box::pin(tokio::time::sleep_until(
+        s.next_deadline(next_ping, next_app_ping),
+    ));
     let mut traffic = TrafficLimit::new(cfg, s.opened);
-    debug!(path = %s.request.path, remote = ?s.request.remote_addr, "socket open");
+    debug!(path = %s.request.path(), remote = ?s.request.remote_addr(), "socket open");
 
     let end = loop {
         tokio::select! {
             biased;
-            why = &mut stop => match why {
-                Stop::Shutdown => break Box::pin(s.shut_down(&mut ws, &mut out_rx)).await,
-                Stop::Overflow => break s.slow_reader(&out_rx),
+            signal = &mut signals => match signal {
+                Signal::Stop => break Box::pin(s.shut_down(&mut ws, &mut out_rx)).await,
+                Signal::Revoked => Box::pin(s.refuse_revoked()).await,
             },
-            msg = out_rx.recv() => {
-                match guarded(write_batch(&mut ws, msg, &mut out_rx), stop.as_mut()).await {
+            ready = out_rx.ready() => {
+                if !ready { break s.slow_reader(&out_rx) }
+                match write_guarded(&mut ws, Write::Batch, &mut out_rx, &mut signals).await {
                     Ok(Err(e)) => { debug!(error = %e, "write failed"); break End::Gone; }
                     Ok(Ok(controls)) => {
                         if let Some(end) = s.on_controls(controls) { break end; }
@@ -301,7 +282,6 @@ async fn run(shared: Arc<Shared>, mut ws: Box<Ws>, request: Arc<RequestInfo>, id
                     Err(Stop::Shutdown) => break End::Close(Close::ResetConnection),
                 }
             }
-            Ok(()) = revoked.changed() => Box::pin(s.refuse_revoked()).await,
             done = auth_rx.recv() => {
                 let expiry = s.next_expiry();
                 let was_authenticated = s.authenticated();
@@ -309,7 +289,7 @@ async fn run(shared: Arc<Shared>, mut ws: Box<Ws>, request: Arc<RequestInfo>, id
                 if (!was_authenticated && s.authenticated()) || s.next_expiry() != expiry {
                     // the authentication deadline no longer applies, or credentials now end
                     // earlier: re-arm for the earliest deadline
-                    timer.as_mut().reset(next_deadline(&s, next_ping, next_app_ping));
+                    timer.as_mut().reset(s.next_deadline(next_ping, next_app_ping));
                 }
             }
             inbound = ws.next() => {
@@ -324,7 +304,7 @@ async fn run(shared: Arc<Shared>, mut ws: Box<Ws>, request: Arc<RequestInfo>, id
                         s.last_inbound = Instant::now();
                         match msg {
                             // every message counts, pings included
-                            msg if !traffic.allow(msg.len(), s.last_inbound) => {
+                            msg if !traffic.allow(cfg, msg.len(), s.last_inbound) => {
                                 Some(Box::pin(s.rate_limited()).await)
                             }
                             Message::Binary(bytes) => {
@@ -332,7 +312,7 @@ async fn run(shared: Arc<Shared>, mut ws: Box<Ws>, request: Arc<RequestInfo>, id
                                 let end = Box::pin(s.on_frame(bytes)).await;
                                 if s.next_expiry() != expiry {
                                     // a token sync moved an expiry
-                                    timer.as_mut().reset(next_deadline(&s, next_ping, next_app_ping));
+                                    timer.as_mut().reset(s.next_deadline(next_ping, next_app_ping));
                                 }
                                 end
                             }
@@ -352,30 +332,30 @@ async fn run(shared: Arc<Shared>, mut ws: Box<Ws>, request: Arc<RequestInfo>, id
                 if s.next_expiry().is_some_and(|e| e <= now) {
                     Box::pin(s.expire(now)).await;
                 }
-                if !s.authenticated() && now >= auth_deadline {
+                if !s.authenticated() && now >= s.auth_deadline() {
                     info!("no document authenticated before the deadline");
                     break End::Close(Close::ConnectionTimeout);
                 }
-                if now.duration_since(s.last_inbound) >= idle {
+                if now >= s.idle_deadline() {
                     info!("idle timeout");
                     break Box::pin(s.idle_timeout(&mut ws, &mut out_rx)).await;
                 }
-                if let (Some(at), Some(every)) = (next_ping, ping_every) && now >= at {
+                if let (Some(at), Some(every)) = (next_ping, cfg.effective_ping_interval()) && now >= at {
                     next_ping = Some(now + every);
-                    match guarded(write_ping(&mut ws), stop.as_mut()).await {
-                        Ok(Ok(())) => {}
+                    match write_guarded(&mut ws, Write::Ping, &mut out_rx, &mut signals).await {
+                        Ok(Ok(_)) => {}
                         Ok(Err(_)) => break End::Gone,
                         Err(Stop::Overflow) => break s.slow_reader(&out_rx),
                         Err(Stop::Shutdown) => break End::Close(Close::ResetConnection),
                     }
                 }
-                if let (Some(at), Some(every)) = (next_app_ping, app_ping_every) && now >= at {
+                if let (Some(at), Some(every)) = (next_app_ping, app_ping_interval(cfg)) && now >= at {
                     next_app_ping = Some(now + every);
                     if s.provider_v4 {
                         s.outbox.send(Bytes::from_static(&[PING_FRAME]));
                     }
                 }
-                timer.as_mut().reset(next_deadline(&s, next_ping, next_app_ping));
+                timer.as_mut().reset(s.next_deadline(next_ping, next_app_ping));
             }
         }
     };
@@ -395,7 +375,38 @@ async fn run(shared: Arc<Shared>, mut ws: Box<Ws>, request: Arc<RequestInfo>, id
     }
 }
 
+/// How often a Hocuspocus-level ping goes to v4 providers, if at all.
+fn app_ping_interval(cfg: &crate::config::Config) -> Option<Duration> {
+    (cfg.app_ping_interval_ms > 0).then(|| Duration::from_millis(cfg.app_ping_interval_ms))
+}
+
 impl Socket {
+    /// When the socket times out without inbound traffic.
+    fn idle_deadline(&self) -> Instant {
+        self.last_inbound + Duration::from_millis(self.shared.config.idle_timeout_ms)
+    }
+
+    /// When the socket closes unless a document has authenticated.
+    fn auth_deadline(&self) -> Instant {
+        self.opened + Duration::from_millis(self.shared.config.auth_timeout_ms)
+    }
+
+    /// The earliest of the socket's deadlines: idle, authentication (until a document
+    /// authenticated), credential expiry and the two pings.
+    fn next_deadline(&self, next_ping: Option<Instant>, next_app_ping: Option<Instant>) -> Instant {
+        let mut at = self.idle_deadline();
+        if !self.authenticated() {
+            at = at.min(self.auth_deadline());
+        }
+        if let Some(e) = self.next_expiry() {
+            at = at.min(e);
+        }
+        next_ping
+            .into_iter()
+            .chain(next_app_ping)
+            .fold(at, Instant::min)
+    }
+
     /// The outbox overflowed: the client does not read fast enough.
     fn slow_reader(&self, out_rx: &OutboxReceiver) -> End {
         warn!(
@@ -1225,11 +1236,9 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
         Arc::new(move |frame: &Bytes| edge.try_forward(frame))
     };
     let (outbox, mut out_rx) = outbox_direct(shared.config.outbound_queue_bytes, direct);
-    let stop = stop_signal(shared.stop_sockets.clone(), out_rx.overflow_signal());
-    tokio::pin!(stop);
+    let mut signals = shared.signals.wait();
     let (auth_tx, mut auth_rx) = queue();
     let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, true);
-    let mut revoked = shared.revocations.subscribe();
     debug!("proxied attachment open");
     let end = loop {
         // while the queue to the edge is full the outbox is not drained, so a client that
@@ -1237,10 +1246,10 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
         let out_full = edge.is_full();
         tokio::select! {
             biased;
-            why = &mut stop => {
-                if let Stop::Overflow = why {
-                    shared.metrics.slow_readers.inc();
-                    break Some(End::Close(Close::SlowReader));
+            signal = &mut signals => {
+                if signal == Signal::Revoked {
+                    Box::pin(s.refuse_revoked()).await;
+                    continue;
                 }
                 // frames the edge already forwarded are applied before the documents store
                 while let Ok(StandInInput::Frame(bytes)) = input.try_recv() {
@@ -1250,7 +1259,11 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
                 }
                 break Some(End::Close(Close::ResetConnection));
             }
-            mut msg = out_rx.recv(), if !out_full => {
+            msg = out_rx.next(!out_full) => {
+                let Some(mut msg) = msg else {
+                    shared.metrics.slow_readers.inc();
+                    break Some(End::Close(Close::SlowReader));
+                };
                 let mut controls = Vec::new();
                 let mut failed = None;
                 loop {
@@ -1279,7 +1292,6 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
             () = sleep_until_or_never(s.next_expiry()) => {
                 Box::pin(s.expire(Instant::now())).await;
             }
-            Ok(()) = revoked.changed() => Box::pin(s.refuse_revoked()).await,
             done = auth_rx.recv() => {
                 if let Some(end) = Box::pin(s.on_done(*done)).await { break Some(end); }
             }

@@ -23,8 +23,10 @@ pub(crate) struct Shared {
     /// Cancelled when the server starts shutting down: sockets close, listeners stop.
     pub shutdown: CancellationToken,
     /// Cancelled when sockets must close: at a shutdown (a child of `shutdown`) or when the
-    /// node drains.
+    /// node drains. Sockets wait on [`signals`](Self::signals), which follows it.
     pub stop_sockets: CancellationToken,
+    /// The stop and revocation events every socket waits for, with one waiter each.
+    pub signals: Arc<super::signals::Signals>,
     /// Every socket task (local sockets, and stand-ins for clients of other nodes): a shutdown
     /// waits for them to end before it stores the documents.
     pub sockets: TaskTracker,

@@ -26,63 +26,62 @@ pub(crate) async fn charge(shared: &Shared, request: &RequestInfo) {
     }
 }
 
-/// A token bucket.
+/// One connection's message and byte budgets (either may be off): two token buckets whose
+/// rates and sizes are read from the configuration on each message, so a socket keeps only
+/// their levels and one clock.
 #[derive(Debug, Clone)]
-struct Bucket {
-    tokens: f64,
-    per_sec: f64,
-    burst: f64,
+pub(crate) struct TrafficLimit {
+    messages: f64,
+    bytes: f64,
     last: Instant,
 }
 
-impl Bucket {
-    fn new(per_sec: f64, burst: f64, now: Instant) -> Self {
-        Self {
-            tokens: burst,
-            per_sec,
-            burst,
-            last: now,
-        }
-    }
-
-    fn take(&mut self, n: f64, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = self.last.max(now);
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
-        if self.tokens >= n {
-            self.tokens -= n;
-            true
-        } else {
-            false
-        }
-    }
+/// A bucket's refill rate a second and its size, or `None` when the budget is off.
+fn message_budget(config: &Config) -> Option<(f64, f64)> {
+    (config.max_messages_per_second > 0).then(|| {
+        let rate = f64::from(config.max_messages_per_second);
+        (rate, rate * 2.0)
+    })
 }
 
-/// One connection's message and byte budgets (either may be off).
-#[derive(Debug, Clone)]
-pub(crate) struct TrafficLimit {
-    messages: Option<Bucket>,
-    bytes: Option<Bucket>,
+fn byte_budget(config: &Config) -> Option<(f64, f64)> {
+    (config.max_bytes_per_second > 0).then(|| {
+        let rate = config.max_bytes_per_second as f64;
+        (rate, (rate * 2.0).max(config.max_message_bytes as f64))
+    })
+}
+
+/// Refills `tokens` for `elapsed` seconds and takes `n`; false (nothing taken) when short.
+fn take(tokens: &mut f64, budget: Option<(f64, f64)>, elapsed: f64, n: f64) -> bool {
+    let Some((per_sec, burst)) = budget else {
+        return true;
+    };
+    *tokens = (*tokens + elapsed * per_sec).min(burst);
+    if *tokens >= n {
+        *tokens -= n;
+        true
+    } else {
+        false
+    }
 }
 
 impl TrafficLimit {
     /// The budgets `config` sets, full.
     pub(crate) fn new(config: &Config, now: Instant) -> Self {
-        let messages = (config.max_messages_per_second > 0).then(|| {
-            let rate = f64::from(config.max_messages_per_second);
-            Bucket::new(rate, rate * 2.0, now)
-        });
-        let bytes = (config.max_bytes_per_second > 0).then(|| {
-            let rate = config.max_bytes_per_second as f64;
-            Bucket::new(rate, (rate * 2.0).max(config.max_message_bytes as f64), now)
-        });
-        Self { messages, bytes }
+        Self {
+            messages: message_budget(config).map_or(0.0, |(_, burst)| burst),
+            bytes: byte_budget(config).map_or(0.0, |(_, burst)| burst),
+            last: now,
+        }
     }
 
-    /// Counts one message of `len` bytes; false when it is over a budget.
-    pub(crate) fn allow(&mut self, len: usize, now: Instant) -> bool {
-        self.messages.as_mut().is_none_or(|b| b.take(1.0, now))
-            && self.bytes.as_mut().is_none_or(|b| b.take(len as f64, now))
+    /// Counts one message of `len` bytes under `config`'s budgets (the same configuration
+    /// as at [`new`](Self::new)); false when it is over a budget.
+    pub(crate) fn allow(&mut self, config: &Config, len: usize, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        take(&mut self.messages, message_budget(config), elapsed, 1.0)
+            && take(&mut self.bytes, byte_budget(config), elapsed, len as f64)
     }
 }
 
@@ -103,18 +102,19 @@ mod tests {
         let mut l = TrafficLimit::new(&config, t0);
         // two seconds' worth of messages at once
         for _ in 0..20 {
-            assert!(l.allow(1, t0));
+            assert!(l.allow(&config, 1, t0));
         }
-        assert!(!l.allow(1, t0));
+        assert!(!l.allow(&config, 1, t0));
         // a tenth of a second gives one message back
-        assert!(l.allow(1, t0 + Duration::from_millis(100)));
+        assert!(l.allow(&config, 1, t0 + Duration::from_millis(100)));
         // one message as large as max_message_bytes fits a full byte budget
         let mut l = TrafficLimit::new(&config, t0);
-        assert!(l.allow(1500, t0));
-        assert!(l.allow(500, t0));
-        assert!(!l.allow(1, t0));
+        assert!(l.allow(&config, 1500, t0));
+        assert!(l.allow(&config, 500, t0));
+        assert!(!l.allow(&config, 1, t0));
         // off
-        let mut off = TrafficLimit::new(&Config::for_tests(), t0);
-        assert!((0..100_000).all(|_| off.allow(1 << 20, t0)));
+        let off_config = Config::for_tests();
+        let mut off = TrafficLimit::new(&off_config, t0);
+        assert!((0..100_000).all(|_| off.allow(&off_config, 1 << 20, t0)));
     }
 }

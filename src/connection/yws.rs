@@ -16,7 +16,8 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::hocuspocus::valid_document_name;
 use super::shared::Shared;
-use super::{Stop, Ws, close, guarded, stop_signal, write_batch, write_ping};
+use super::signals::Signal;
+use super::{Stop, Write, Ws, close, write_guarded};
 use crate::doc::{Attach, DocCommand, Framing, next_conn_id};
 use crate::hooks::{AuthPayload, Context};
 use crate::outbox::{Outgoing, outbox};
@@ -55,7 +56,7 @@ async fn run(
         .unwrap_or_default();
     // watched from before the check below, so a revocation made while the document loads
     // is seen by the loop
-    let mut revoked = shared.revocations.subscribe();
+    let mut signals = shared.signals.wait();
     let mut payload = AuthPayload {
         document_name: &name,
         token: &token,
@@ -101,8 +102,6 @@ async fn run(
     let read_only = payload.read_only;
     let context = Arc::new(payload.context);
     let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
-    let stop = stop_signal(shared.stop_sockets.clone(), out_rx.overflow_signal());
-    tokio::pin!(stop);
     let conn = next_conn_id();
     let mut doc = None;
     for _ in 0..10 {
@@ -152,22 +151,22 @@ async fn run(
     let end: Option<Close> = loop {
         tokio::select! {
             biased;
-            why = &mut stop => match why {
-                Stop::Shutdown => break Some(Close::ServiceRestart),
-                Stop::Overflow => {
+            signal = &mut signals => match signal {
+                Signal::Stop => break Some(Close::ServiceRestart),
+                Signal::Revoked => {
+                    if shared.revocations.denies(&name, &context) {
+                        info!("revoked: closing");
+                        shared.metrics.auth.with_label_values(&["revoked"]).inc();
+                        break Some(Close::Forbidden);
+                    }
+                }
+            },
+            ready = out_rx.ready() => {
+                if !ready {
                     shared.metrics.slow_readers.inc();
                     break Some(Close::SlowReader);
                 }
-            },
-            Ok(()) = revoked.changed() => {
-                if shared.revocations.denies(&name, &context) {
-                    info!("revoked: closing");
-                    shared.metrics.auth.with_label_values(&["revoked"]).inc();
-                    break Some(Close::Forbidden);
-                }
-            }
-            msg = out_rx.recv() => {
-                match guarded(write_batch(&mut ws, msg, &mut out_rx), stop.as_mut()).await {
+                match write_guarded(&mut ws, Write::Batch, &mut out_rx, &mut signals).await {
                     Ok(Err(_)) => break None,
                     Err(Stop::Overflow) => {
                         shared.metrics.slow_readers.inc();
@@ -189,7 +188,7 @@ async fn run(
                 Some(Err(tungstenite::Error::Capacity(_))) => break Some(Close::MessageTooBig),
                 Some(Err(_)) => break None,
                 // every message counts, pings included
-                Some(Ok(msg)) if !traffic.allow(msg.len(), Instant::now()) => {
+                Some(Ok(msg)) if !traffic.allow(cfg, msg.len(), Instant::now()) => {
                     super::traffic::charge(&shared, &request).await;
                     break Some(Close::RateLimited);
                 }
@@ -216,8 +215,8 @@ async fn run(
                 }
                 if let (Some(at), Some(every)) = (next_ping, ping_every) && now >= at {
                     next_ping = Some(now + every);
-                    match guarded(write_ping(&mut ws), stop.as_mut()).await {
-                        Ok(Ok(())) => {}
+                    match write_guarded(&mut ws, Write::Ping, &mut out_rx, &mut signals).await {
+                        Ok(Ok(_)) => {}
                         Ok(Err(_)) => break None,
                         Err(Stop::Overflow) => {
                             shared.metrics.slow_readers.inc();

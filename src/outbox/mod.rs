@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 use self::queue::{QueueReceiver, QueueSender, queue};
 use crate::protocol::Close;
@@ -43,7 +42,6 @@ struct Shared {
     queued: AtomicUsize,
     limit: usize,
     overflowed: AtomicBool,
-    notify: Notify,
 }
 
 /// The direct path of an outbox: sends a frame now, or returns false to have it queued. Runs
@@ -74,23 +72,6 @@ pub struct OutboxReceiver {
     shared: Arc<Shared>,
 }
 
-/// Resolves when the outbox overflowed (see [`OutboxReceiver::overflow_signal`]).
-#[derive(Debug, Clone)]
-pub struct OverflowSignal(Arc<Shared>);
-
-impl OverflowSignal {
-    /// Waits until the queue overflowed.
-    pub async fn wait(&self) {
-        loop {
-            let notified = self.0.notify.notified();
-            if self.0.overflowed.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
 /// Creates a queue that holds at most `limit` bytes of frames.
 pub fn outbox(limit: usize) -> (Outbox, OutboxReceiver) {
     build(limit, None)
@@ -107,7 +88,6 @@ fn build(limit: usize, direct: Option<Direct>) -> (Outbox, OutboxReceiver) {
         queued: AtomicUsize::new(0),
         limit,
         overflowed: AtomicBool::new(false),
-        notify: Notify::new(),
     });
     (
         Outbox {
@@ -133,7 +113,8 @@ impl Outbox {
         if before >= self.shared.limit {
             self.shared.queued.fetch_sub(len, Ordering::AcqRel);
             self.shared.overflowed.store(true, Ordering::Release);
-            self.shared.notify.notify_one();
+            // the receiver's own waker: no waiter of its own to keep per socket
+            self.tx.wake();
             return false;
         }
         let sent = match &self.direct {
@@ -162,7 +143,8 @@ impl Outbox {
 }
 
 impl OutboxReceiver {
-    /// The next message. Cancel-safe.
+    /// The next message, whether or not the queue overflowed. Cancel-safe.
+    #[cfg(test)]
     pub async fn recv(&mut self) -> Outgoing {
         let msg = self.rx.recv().await;
         self.account(&msg);
@@ -190,9 +172,65 @@ impl OutboxReceiver {
         self.rx.idle();
     }
 
-    /// A handle that resolves when a sender found the queue over its limit.
-    pub fn overflow_signal(&self) -> OverflowSignal {
-        OverflowSignal(self.shared.clone())
+    /// Ready once a sender found the queue over its limit. It shares the receiver's waker
+    /// with [`recv`](Self::recv): both may be polled by the one task that owns the receiver.
+    pub fn poll_overflowed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.shared.overflowed.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(());
+        }
+        self.rx.register(cx.waker());
+        // an overflow between the first look and the registration has woken nobody
+        if self.shared.overflowed.load(Ordering::Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// The socket task's wait on its outbox, taking nothing: false once a sender found the
+    /// queue over its limit (looked at first), true when a message is queued. Cancel-safe.
+    pub async fn ready(&self) -> bool {
+        std::future::poll_fn(|cx| {
+            if self.shared.overflowed.load(Ordering::Acquire) {
+                return std::task::Poll::Ready(false);
+            }
+            let queued = self.rx.poll_ready(cx).is_ready();
+            // an overflow between the first look and the registration has woken nobody
+            if self.shared.overflowed.load(Ordering::Acquire) {
+                std::task::Poll::Ready(false)
+            } else if queued {
+                std::task::Poll::Ready(true)
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// The socket task's wait on its outbox: `None` once a sender found the queue over its
+    /// limit (looked at first), else the next message when `take` is true. With `take` false
+    /// it only watches for the overflow (the socket cannot write now). Cancel-safe.
+    pub async fn next(&mut self, take: bool) -> Option<Outgoing> {
+        std::future::poll_fn(|cx| {
+            if self.shared.overflowed.load(Ordering::Acquire) {
+                return std::task::Poll::Ready(None);
+            }
+            if take {
+                if let std::task::Poll::Ready(msg) = self.rx.poll_recv(cx) {
+                    self.account(&msg);
+                    return std::task::Poll::Ready(Some(msg));
+                }
+            } else {
+                self.rx.register(cx.waker());
+            }
+            // an overflow between the first look and the registration has woken nobody
+            if self.shared.overflowed.load(Ordering::Acquire) {
+                std::task::Poll::Ready(None)
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Bytes currently queued.
@@ -218,15 +256,53 @@ mod tests {
             !tx.send(Bytes::from_static(b"1")),
             "queue already at the limit"
         );
-        tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            rx.overflow_signal().wait(),
-        )
-        .await
-        .unwrap();
+        let overflowed = tokio::time::timeout(std::time::Duration::from_secs(1), rx.next(true));
+        assert!(
+            overflowed.await.unwrap().is_none(),
+            "the overflow comes first"
+        );
+        let watched = tokio::time::timeout(std::time::Duration::from_secs(1), rx.next(false));
+        assert!(watched.await.unwrap().is_none());
         assert!(!tx.send(Bytes::from_static(b"1")), "stays refused");
         assert!(matches!(rx.recv().await, Outgoing::Frame(_)));
         assert_eq!(rx.queued_bytes(), 6);
+    }
+
+    #[tokio::test]
+    async fn an_overflow_wakes_a_waiting_receiver() {
+        for take in [true, false] {
+            let (tx, mut rx) = outbox(4);
+            let waiter = tokio::spawn(async move { rx.next(take).await.is_none() });
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            if take {
+                // taken by the waiter: not an overflow
+                assert!(tx.send(Bytes::from_static(b"1234")));
+                assert!(!waiter.await.unwrap(), "a frame, not an overflow");
+                continue;
+            }
+            assert!(tx.send(Bytes::from_static(b"1234")));
+            assert!(
+                !waiter.is_finished(),
+                "not taking: a frame does not end the wait"
+            );
+            assert!(!tx.send(Bytes::from_static(b"5")));
+            let overflowed = tokio::time::timeout(std::time::Duration::from_secs(5), waiter);
+            assert!(overflowed.await.unwrap().unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn ready_takes_nothing_and_reports_the_overflow() {
+        let (tx, mut rx) = outbox(4);
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(20), rx.ready());
+        assert!(pending.await.is_err(), "nothing queued");
+        assert!(tx.send(Bytes::from_static(b"1234")));
+        assert!(rx.ready().await);
+        assert!(rx.ready().await, "still there");
+        assert!(matches!(rx.try_recv(), Some(Outgoing::Frame(_))));
+        assert!(tx.send(Bytes::from_static(b"1234")));
+        assert!(!tx.send(Bytes::from_static(b"5")));
+        assert!(!rx.ready().await, "the overflow comes first");
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use futures_util::task::AtomicWaker;
 
 /// A drained buffer with more capacity than this is freed rather than kept.
-const KEEP_CAPACITY: usize = 4;
+const KEEP_CAPACITY: usize = 0;
 
 #[derive(Debug)]
 struct Inner<T> {
@@ -98,6 +98,11 @@ impl<T> QueueSender<T> {
         Ok(false)
     }
 
+    /// Wakes the receiver without queueing anything (it has something else to look at).
+    pub fn wake(&self) {
+        self.0.waker.wake();
+    }
+
     /// True once the receiver has been dropped.
     pub fn is_closed(&self) -> bool {
         self.0.lock().closed
@@ -125,12 +130,32 @@ impl<T> QueueReceiver<T> {
         self.0.lock().busy = false;
     }
 
+    /// Registers `waker` to be woken by the next send or [`QueueSender::wake`].
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.0.waker.register(waker);
+    }
+
     /// Waits for the next item. Cancel-safe: an item is removed only when it is returned.
     pub async fn recv(&mut self) -> T {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<T> {
+    /// Ready while an item is queued; takes nothing. Registers the waker otherwise.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.0.lock().items.is_empty() {
+            return Poll::Ready(());
+        }
+        self.0.waker.register(cx.waker());
+        // an item pushed between the first look and the registration has woken nobody
+        if self.0.lock().items.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    /// Polls for the next item (see [`recv`](Self::recv)).
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<T> {
         if let Some(item) = self.try_recv() {
             return Poll::Ready(item);
         }

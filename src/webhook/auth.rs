@@ -187,10 +187,10 @@ impl WebhookAuth {
     /// The forwarded headers and query parameters of the payload's request.
     fn forwarded(&self, payload: &AuthPayload<'_>) -> (Map<String, Value>, Map<String, Value>) {
         let mut headers = Map::new();
-        for (k, v) in &payload.request.headers {
+        for (k, v) in payload.request.headers() {
             let k = k.to_ascii_lowercase();
             if self.headers.contains(&k) && !headers.contains_key(&k) {
-                headers.insert(k, Value::String(v.clone()));
+                headers.insert(k, Value::String(v.to_owned()));
             }
         }
         let mut params = Map::new();
