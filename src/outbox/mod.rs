@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 
-use self::queue::{QueueReceiver, QueueSender, queue};
+use self::queue::{QueueReceiver, QueueSender, queue_with};
 use crate::protocol::Close;
 
 /// Something for the socket task to do, in order with the frames.
@@ -51,15 +51,15 @@ pub type Direct = Arc<dyn Fn(&Bytes) -> bool + Send + Sync>;
 /// Sender side; cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: QueueSender<Outgoing>,
-    shared: Arc<Shared>,
+    /// The queue, whose header also holds the byte accounting ([`Shared`]).
+    tx: QueueSender<Outgoing, Shared>,
     direct: Option<Direct>,
 }
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox")
-            .field("shared", &self.shared)
+            .field("shared", self.tx.extra())
             .field("direct", &self.direct.is_some())
             .finish()
     }
@@ -68,8 +68,7 @@ impl std::fmt::Debug for Outbox {
 /// Receiver side, owned by the socket task.
 #[derive(Debug)]
 pub struct OutboxReceiver {
-    rx: QueueReceiver<Outgoing>,
-    shared: Arc<Shared>,
+    rx: QueueReceiver<Outgoing, Shared>,
 }
 
 /// Creates a queue that holds at most `limit` bytes of frames.
@@ -83,36 +82,28 @@ pub fn outbox_direct(limit: usize, direct: Direct) -> (Outbox, OutboxReceiver) {
 }
 
 fn build(limit: usize, direct: Option<Direct>) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = queue();
-    let shared = Arc::new(Shared {
+    let (tx, rx) = queue_with(Shared {
         queued: AtomicUsize::new(0),
         limit,
         overflowed: AtomicBool::new(false),
     });
-    (
-        Outbox {
-            tx,
-            shared: shared.clone(),
-            direct,
-        },
-        OutboxReceiver { rx, shared },
-    )
+    (Outbox { tx, direct }, OutboxReceiver { rx })
 }
 
 impl Outbox {
     /// Queues a frame. Returns false when the socket is gone or has overflowed.
     pub fn send(&self, frame: Bytes) -> bool {
-        if self.shared.overflowed.load(Ordering::Relaxed) {
+        if self.tx.extra().overflowed.load(Ordering::Relaxed) {
             return false;
         }
         let len = frame.len();
-        let before = self.shared.queued.fetch_add(len, Ordering::AcqRel);
+        let before = self.tx.extra().queued.fetch_add(len, Ordering::AcqRel);
         // The bound is on falling behind, not on frame size: a frame is refused only when the
         // queue already holds `limit` bytes, so one frame larger than the limit (a joiner's
         // step2 of a large document) still goes out. The queue never exceeds limit + one frame.
-        if before >= self.shared.limit {
-            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
-            self.shared.overflowed.store(true, Ordering::Release);
+        if before >= self.tx.extra().limit {
+            self.tx.extra().queued.fetch_sub(len, Ordering::AcqRel);
+            self.tx.extra().overflowed.store(true, Ordering::Release);
             // the receiver's own waker: no waiter of its own to keep per socket
             self.tx.wake();
             return false;
@@ -126,7 +117,7 @@ impl Outbox {
         };
         if !matches!(sent, Ok(false)) {
             // passed on directly (it never waited in the queue) or refused: not queued
-            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+            self.tx.extra().queued.fetch_sub(len, Ordering::AcqRel);
         }
         sent.is_ok()
     }
@@ -162,7 +153,7 @@ impl OutboxReceiver {
 
     fn account(&self, msg: &Outgoing) {
         if let Outgoing::Frame(f) = msg {
-            self.shared.queued.fetch_sub(f.len(), Ordering::AcqRel);
+            self.rx.extra().queued.fetch_sub(f.len(), Ordering::AcqRel);
         }
     }
 
@@ -175,12 +166,12 @@ impl OutboxReceiver {
     /// Ready once a sender found the queue over its limit. It shares the receiver's waker
     /// with [`recv`](Self::recv): both may be polled by the one task that owns the receiver.
     pub fn poll_overflowed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.shared.overflowed.load(Ordering::Acquire) {
+        if self.rx.extra().overflowed.load(Ordering::Acquire) {
             return std::task::Poll::Ready(());
         }
         self.rx.register(cx.waker());
         // an overflow between the first look and the registration has woken nobody
-        if self.shared.overflowed.load(Ordering::Acquire) {
+        if self.rx.extra().overflowed.load(Ordering::Acquire) {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
@@ -191,12 +182,12 @@ impl OutboxReceiver {
     /// queue over its limit (looked at first), true when a message is queued. Cancel-safe.
     pub async fn ready(&self) -> bool {
         std::future::poll_fn(|cx| {
-            if self.shared.overflowed.load(Ordering::Acquire) {
+            if self.rx.extra().overflowed.load(Ordering::Acquire) {
                 return std::task::Poll::Ready(false);
             }
             let queued = self.rx.poll_ready(cx).is_ready();
             // an overflow between the first look and the registration has woken nobody
-            if self.shared.overflowed.load(Ordering::Acquire) {
+            if self.rx.extra().overflowed.load(Ordering::Acquire) {
                 std::task::Poll::Ready(false)
             } else if queued {
                 std::task::Poll::Ready(true)
@@ -212,7 +203,7 @@ impl OutboxReceiver {
     /// it only watches for the overflow (the socket cannot write now). Cancel-safe.
     pub async fn next(&mut self, take: bool) -> Option<Outgoing> {
         std::future::poll_fn(|cx| {
-            if self.shared.overflowed.load(Ordering::Acquire) {
+            if self.rx.extra().overflowed.load(Ordering::Acquire) {
                 return std::task::Poll::Ready(None);
             }
             if take {
@@ -224,7 +215,7 @@ impl OutboxReceiver {
                 self.rx.register(cx.waker());
             }
             // an overflow between the first look and the registration has woken nobody
-            if self.shared.overflowed.load(Ordering::Acquire) {
+            if self.rx.extra().overflowed.load(Ordering::Acquire) {
                 std::task::Poll::Ready(None)
             } else {
                 std::task::Poll::Pending
@@ -235,7 +226,7 @@ impl OutboxReceiver {
 
     /// Bytes currently queued.
     pub fn queued_bytes(&self) -> usize {
-        self.shared.queued.load(Ordering::Acquire)
+        self.rx.extra().queued.load(Ordering::Acquire)
     }
 }
 

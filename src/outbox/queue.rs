@@ -17,9 +17,11 @@ use futures_util::task::AtomicWaker;
 const KEEP_CAPACITY: usize = 0;
 
 #[derive(Debug)]
-struct Inner<T> {
+struct Inner<T, X> {
     state: Mutex<State<T>>,
     waker: AtomicWaker,
+    /// What the queue's owner shares between its two sides, in the same allocation.
+    extra: X,
 }
 
 #[derive(Debug)]
@@ -32,14 +34,20 @@ struct State<T> {
 
 /// The sending side; cheap to clone.
 #[derive(Debug)]
-pub struct QueueSender<T>(Arc<Inner<T>>);
+pub struct QueueSender<T, X = ()>(Arc<Inner<T, X>>);
 
 /// The receiving side, owned by one task.
 #[derive(Debug)]
-pub struct QueueReceiver<T>(Arc<Inner<T>>);
+pub struct QueueReceiver<T, X = ()>(Arc<Inner<T, X>>);
 
 /// Creates an empty queue (allocating only the shared header).
 pub fn queue<T>() -> (QueueSender<T>, QueueReceiver<T>) {
+    queue_with(())
+}
+
+/// [`queue`] whose shared header also holds `extra`, reachable from both sides (one
+/// allocation instead of two for a queue that comes with state of its own).
+pub fn queue_with<T, X>(extra: X) -> (QueueSender<T, X>, QueueReceiver<T, X>) {
     let inner = Arc::new(Inner {
         state: Mutex::new(State {
             items: VecDeque::new(),
@@ -47,24 +55,30 @@ pub fn queue<T>() -> (QueueSender<T>, QueueReceiver<T>) {
             busy: false,
         }),
         waker: AtomicWaker::new(),
+        extra,
     });
     (QueueSender(inner.clone()), QueueReceiver(inner))
 }
 
-impl<T> Inner<T> {
+impl<T, X> Inner<T, X> {
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         // a panic while holding the lock cannot leave the deque inconsistent
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-impl<T> Clone for QueueSender<T> {
+impl<T, X> Clone for QueueSender<T, X> {
     fn clone(&self) -> Self {
         Self(self.0.clone())
     }
 }
 
-impl<T> QueueSender<T> {
+impl<T, X> QueueSender<T, X> {
+    /// The state shared with the receiver ([`queue_with`]).
+    pub fn extra(&self) -> &X {
+        &self.0.extra
+    }
+
     /// Queues `item`; gives it back when the receiver is gone.
     pub fn send(&self, item: T) -> Result<(), T> {
         {
@@ -109,7 +123,12 @@ impl<T> QueueSender<T> {
     }
 }
 
-impl<T> QueueReceiver<T> {
+impl<T, X> QueueReceiver<T, X> {
+    /// The state shared with the senders ([`queue_with`]).
+    pub fn extra(&self) -> &X {
+        &self.0.extra
+    }
+
     /// An item if one is queued now. Taking one marks the consumer busy until
     /// [`idle`](Self::idle).
     pub fn try_recv(&mut self) -> Option<T> {
@@ -168,7 +187,7 @@ impl<T> QueueReceiver<T> {
     }
 }
 
-impl<T> Drop for QueueReceiver<T> {
+impl<T, X> Drop for QueueReceiver<T, X> {
     fn drop(&mut self) {
         let items = {
             let mut state = self.0.lock();
