@@ -223,7 +223,7 @@ pub(crate) async fn write_guarded(
     let mut controls: Option<Vec<Outgoing>> = None;
     std::future::poll_fn(|cx| {
         loop {
-            match futures_util::Sink::<Message>::poll_flush(Pin::new(&mut *ws), cx) {
+            match poll_flush(ws, cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Ok(Err(e))),
                 Poll::Ready(Ok(())) => match controls.take() {
                     Some(done) => return Poll::Ready(Ok(Ok(done))),
@@ -279,9 +279,15 @@ fn queue_batch(io: &mut Io, first: Outgoing, rx: &mut OutboxReceiver) -> Vec<Out
 fn flush(
     ws: &mut Ws,
 ) -> impl std::future::Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>> + '_ {
-    std::future::poll_fn(move |cx| {
-        futures_util::Sink::<Message>::poll_flush(Pin::new(&mut *ws), cx)
-    })
+    std::future::poll_fn(move |cx| poll_flush(ws, cx))
+}
+
+/// One poll of [`flush`].
+fn poll_flush(
+    ws: &mut Ws,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Result<(), tokio_tungstenite::tungstenite::Error>> {
+    futures_util::Sink::<Message>::poll_flush(Pin::new(ws), cx)
 }
 
 /// Why a socket must drop whatever it is waiting for.

@@ -106,19 +106,25 @@ impl std::fmt::Debug for SignalWait<'_> {
 }
 
 impl SignalWait<'_> {
-    /// Ready once sockets must stop. A revocation seen meanwhile is not consumed: the next
-    /// poll as a future reports it.
-    pub(crate) fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready with the state once `ready` holds for it; the waiter is re-armed after each
+    /// wake-up, before the state is read again.
+    fn poll_until(&mut self, cx: &mut Context<'_>, ready: impl Fn(u64) -> bool) -> Poll<u64> {
         loop {
-            if self.signals.state.load(Ordering::SeqCst) & STOP != 0 {
-                return Poll::Ready(());
+            let now = self.signals.state.load(Ordering::SeqCst);
+            if ready(now) {
+                return Poll::Ready(now);
             }
             match self.notified.as_mut().poll(cx) {
-                // woken: re-arm before the state is read again
                 Poll::Ready(()) => self.notified.set(self.signals.notify.notified()),
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+
+    /// Ready once sockets must stop. A revocation seen meanwhile is not consumed: the next
+    /// poll as a future reports it.
+    pub(crate) fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.poll_until(cx, |now| now & STOP != 0).map(|_| ())
     }
 }
 
@@ -127,20 +133,13 @@ impl Future for SignalWait<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Signal> {
         let this = self.get_mut();
-        loop {
-            let now = this.signals.state.load(Ordering::SeqCst);
-            if now & STOP != 0 {
-                return Poll::Ready(Signal::Stop);
-            }
-            if now != this.seen {
-                this.seen = now;
-                return Poll::Ready(Signal::Revoked);
-            }
-            match this.notified.as_mut().poll(cx) {
-                Poll::Ready(()) => this.notified.set(this.signals.notify.notified()),
-                Poll::Pending => return Poll::Pending,
-            }
+        let seen = this.seen;
+        let now = std::task::ready!(this.poll_until(cx, |now| now & STOP != 0 || now != seen));
+        if now & STOP != 0 {
+            return Poll::Ready(Signal::Stop);
         }
+        this.seen = now;
+        Poll::Ready(Signal::Revoked)
     }
 }
 

@@ -163,37 +163,45 @@ impl OutboxReceiver {
         self.rx.idle();
     }
 
+    fn overflowed(&self) -> bool {
+        self.rx.extra().overflowed.load(Ordering::Acquire)
+    }
+
+    /// `None` once a sender found the queue over its limit, else what `poll` gives. The
+    /// overflow is looked at first, and again when `poll` is pending (it registers the
+    /// receiver's waker then): an overflow in between has woken nobody.
+    fn poll_unless_overflowed<R>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: impl FnOnce(&mut Self, &mut std::task::Context<'_>) -> std::task::Poll<R>,
+    ) -> std::task::Poll<Option<R>> {
+        if self.overflowed() {
+            return std::task::Poll::Ready(None);
+        }
+        match poll(self, cx) {
+            std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+            std::task::Poll::Pending if self.overflowed() => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
     /// Ready once a sender found the queue over its limit. It shares the receiver's waker
-    /// with [`recv`](Self::recv): both may be polled by the one task that owns the receiver.
-    pub fn poll_overflowed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.rx.extra().overflowed.load(Ordering::Acquire) {
-            return std::task::Poll::Ready(());
-        }
-        self.rx.register(cx.waker());
-        // an overflow between the first look and the registration has woken nobody
-        if self.rx.extra().overflowed.load(Ordering::Acquire) {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
+    /// with the waits for messages: both may be polled by the one task that owns the receiver.
+    pub fn poll_overflowed(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.poll_unless_overflowed(cx, |this, cx| {
+            this.rx.register(cx.waker());
+            std::task::Poll::<()>::Pending
+        })
+        .map(|_| ())
     }
 
     /// The socket task's wait on its outbox, taking nothing: false once a sender found the
     /// queue over its limit (looked at first), true when a message is queued. Cancel-safe.
-    pub async fn ready(&self) -> bool {
+    pub async fn ready(&mut self) -> bool {
         std::future::poll_fn(|cx| {
-            if self.rx.extra().overflowed.load(Ordering::Acquire) {
-                return std::task::Poll::Ready(false);
-            }
-            let queued = self.rx.poll_ready(cx).is_ready();
-            // an overflow between the first look and the registration has woken nobody
-            if self.rx.extra().overflowed.load(Ordering::Acquire) {
-                std::task::Poll::Ready(false)
-            } else if queued {
-                std::task::Poll::Ready(true)
-            } else {
-                std::task::Poll::Pending
-            }
+            // nothing is taken, so an overflow meanwhile still wins
+            self.poll_unless_overflowed(cx, |this, cx| this.rx.poll_ready(cx))
+                .map(|r| r.is_some() && !self.overflowed())
         })
         .await
     }
@@ -203,23 +211,15 @@ impl OutboxReceiver {
     /// it only watches for the overflow (the socket cannot write now). Cancel-safe.
     pub async fn next(&mut self, take: bool) -> Option<Outgoing> {
         std::future::poll_fn(|cx| {
-            if self.rx.extra().overflowed.load(Ordering::Acquire) {
-                return std::task::Poll::Ready(None);
+            if !take {
+                return self.poll_overflowed(cx).map(|()| None);
             }
-            if take {
-                if let std::task::Poll::Ready(msg) = self.rx.poll_recv(cx) {
-                    self.account(&msg);
-                    return std::task::Poll::Ready(Some(msg));
-                }
-            } else {
-                self.rx.register(cx.waker());
-            }
-            // an overflow between the first look and the registration has woken nobody
-            if self.rx.extra().overflowed.load(Ordering::Acquire) {
-                std::task::Poll::Ready(None)
-            } else {
-                std::task::Poll::Pending
-            }
+            self.poll_unless_overflowed(cx, |this, cx| {
+                this.rx.poll_recv(cx).map(|msg| {
+                    this.account(&msg);
+                    msg
+                })
+            })
         })
         .await
     }
