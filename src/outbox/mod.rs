@@ -93,17 +93,18 @@ fn build(limit: usize, direct: Option<Direct>) -> (Outbox, OutboxReceiver) {
 impl Outbox {
     /// Queues a frame. Returns false when the socket is gone or has overflowed.
     pub fn send(&self, frame: Bytes) -> bool {
-        if self.tx.extra().overflowed.load(Ordering::Relaxed) {
+        let shared = self.tx.extra();
+        if shared.overflowed.load(Ordering::Relaxed) {
             return false;
         }
         let len = frame.len();
-        let before = self.tx.extra().queued.fetch_add(len, Ordering::AcqRel);
+        let before = shared.queued.fetch_add(len, Ordering::AcqRel);
         // The bound is on falling behind, not on frame size: a frame is refused only when the
         // queue already holds `limit` bytes, so one frame larger than the limit (a joiner's
         // step2 of a large document) still goes out. The queue never exceeds limit + one frame.
-        if before >= self.tx.extra().limit {
-            self.tx.extra().queued.fetch_sub(len, Ordering::AcqRel);
-            self.tx.extra().overflowed.store(true, Ordering::Release);
+        if before >= shared.limit {
+            shared.queued.fetch_sub(len, Ordering::AcqRel);
+            shared.overflowed.store(true, Ordering::Release);
             // the receiver's own waker: no waiter of its own to keep per socket
             self.tx.wake();
             return false;
@@ -117,7 +118,7 @@ impl Outbox {
         };
         if !matches!(sent, Ok(false)) {
             // passed on directly (it never waited in the queue) or refused: not queued
-            self.tx.extra().queued.fetch_sub(len, Ordering::AcqRel);
+            shared.queued.fetch_sub(len, Ordering::AcqRel);
         }
         sent.is_ok()
     }
