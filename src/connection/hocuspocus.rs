@@ -37,7 +37,7 @@ use crate::doc::{
 use crate::hooks::{
     AuthPayload, ConnectionOps, ConnectionRef, Context, DocumentPayload, HookError, MessagePayload,
 };
-use crate::outbox::queue::{QueueSender, queue};
+use crate::outbox::queue::{QueueReceiver, QueueSender, queue};
 use crate::outbox::{Outbox, OutboxReceiver, Outgoing, outbox, outbox_direct};
 use crate::protocol::Close;
 use crate::protocol::lib0::DecodeError;
@@ -231,11 +231,11 @@ enum End {
 
 /// Runs one Hocuspocus socket until it closes.
 ///
-/// A plain function returning the socket's future, and the WebSocket boxed: an `async fn`
-/// keeps its arguments beside the locals they move into, so an inline WebSocket would be
-/// held twice (or three times) for the socket's whole life. Rare, large steps (revocation,
-/// credential expiry, rate limiting, closing) are boxed where they are awaited for the same
-/// reason: the future is as large as its largest step.
+/// Plain functions returning the socket's future, and the WebSocket boxed: an `async fn`
+/// keeps its arguments beside the locals they move into, where an `async` block uses what it
+/// captured in place, so nothing the socket keeps is held twice for its whole life. Rare,
+/// large steps (revocation, credential expiry, rate limiting, closing) are boxed where they
+/// are awaited for the same reason: the future is as large as its largest step.
 pub(crate) fn serve(
     shared: Arc<Shared>,
     ws: Ws,
@@ -243,135 +243,216 @@ pub(crate) fn serve(
 ) -> impl std::future::Future<Output = ()> + Send {
     let id: Arc<str> = Arc::from(uuid::Uuid::now_v7().to_string());
     let span = info_span!("socket", socket = %id, node = %shared.config.node_id);
-    run(shared, Box::new(ws), request, id).instrument(span)
+    let (outbox, out_rx) = outbox(shared.config.outbound_queue_bytes);
+    let (auth_tx, auth_rx) = queue();
+    let s = Socket::new(shared.clone(), id, request, outbox, auth_tx, false);
+    run(shared, Box::new(ws), s, out_rx, auth_rx).instrument(span)
 }
 
-async fn run(shared: Arc<Shared>, mut ws: Box<Ws>, request: Arc<RequestInfo>, id: Arc<str>) {
-    shared.metrics.sockets.inc();
-    let (outbox, mut out_rx) = outbox(shared.config.outbound_queue_bytes);
-    // watched from before any authentication, so a revocation made meanwhile is seen
-    let mut signals = shared.signals.wait();
-    let (auth_tx, mut auth_rx) = queue();
-    let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, false);
-    let cfg = &shared.config;
-    let mut next_ping = cfg.effective_ping_interval().map(|d| s.opened + d);
-    let mut next_app_ping = app_ping_interval(cfg).map(|d| s.opened + d);
-    // One timer per socket, armed for the earliest of its deadlines and re-armed only when it
-    // fires: an idle socket wakes once per ping interval, not on a fixed tick.
-    let mut timer = Box::pin(tokio::time::sleep_until(
-        s.next_deadline(next_ping, next_app_ping),
-    ));
-    let mut traffic = TrafficLimit::new(cfg, s.opened);
-    debug!(path = %s.request.path(), remote = ?s.request.remote_addr(), "socket open");
+/// The socket's loop: the select decides what woke it, the match does the work.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice in the socket's future"
+)]
+fn run(
+    shared: Arc<Shared>,
+    mut ws: Box<Ws>,
+    mut s: Socket,
+    mut out_rx: OutboxReceiver,
+    mut auth_rx: QueueReceiver<Box<Done>>,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        shared.metrics.sockets.inc();
+        // watched from before any authentication, so a revocation made meanwhile is seen
+        let mut signals = shared.signals.wait();
+        let cfg = &shared.config;
+        let mut next_ping = cfg.effective_ping_interval().map(|d| s.opened + d);
+        let mut next_app_ping = app_ping_interval(cfg).map(|d| s.opened + d);
+        // One timer per socket, armed for the earliest of its deadlines and re-armed only when it
+        // fires: an idle socket wakes once per ping interval, not on a fixed tick.
+        let mut timer = Box::pin(tokio::time::sleep_until(
+            s.next_deadline(next_ping, next_app_ping),
+        ));
+        let mut traffic = TrafficLimit::new(cfg, s.opened);
+        debug!(path = %s.request.path(), remote = ?s.request.remote_addr(), "socket open");
 
-    let end = loop {
-        tokio::select! {
-            biased;
-            signal = &mut signals => match signal {
-                Signal::Stop => break Box::pin(s.shut_down(&mut ws, &mut out_rx)).await,
-                Signal::Revoked => Box::pin(s.refuse_revoked()).await,
-            },
-            ready = out_rx.ready() => {
-                if !ready { break s.slow_reader(&out_rx) }
-                match write_guarded(&mut ws, Write::Batch, &mut out_rx, &mut signals).await {
-                    Ok(Err(e)) => { debug!(error = %e, "write failed"); break End::Gone; }
-                    Ok(Ok(controls)) => {
-                        if let Some(end) = s.on_controls(controls) { break end; }
-                    }
-                    Err(Stop::Overflow) => break s.slow_reader(&out_rx),
-                    Err(Stop::Shutdown) => break End::Close(Close::ResetConnection),
+        let end = loop {
+            // The select only decides what woke the socket; the work, and every await in it,
+            // comes after. A frame or a message held in the select's output would otherwise stay
+            // in the socket's future beside the locals of each step that awaits.
+            let wake = tokio::select! {
+                biased;
+                signal = &mut signals => Wake::Signal(signal),
+                ready = out_rx.ready() => Wake::Outbox(ready),
+                done = auth_rx.recv() => Wake::Done(done),
+                inbound = ws.next() => Wake::Inbound(inbound_step(&mut s, &mut traffic, cfg, inbound)),
+                () = &mut timer => Wake::Timer,
+            };
+            match wake {
+                Wake::Signal(Signal::Stop) => {
+                    break Box::pin(s.shut_down(&mut ws, &mut out_rx)).await;
                 }
-            }
-            done = auth_rx.recv() => {
-                let expiry = s.next_expiry();
-                let was_authenticated = s.authenticated();
-                if let Some(end) = Box::pin(s.on_done(*done)).await { break end; }
-                if (!was_authenticated && s.authenticated()) || s.next_expiry() != expiry {
-                    // the authentication deadline no longer applies, or credentials now end
-                    // earlier: re-arm for the earliest deadline
-                    timer.as_mut().reset(s.next_deadline(next_ping, next_app_ping));
-                }
-            }
-            inbound = ws.next() => {
-                let end = match inbound {
-                    None => Some(End::Gone),
-                    Some(Err(tungstenite::Error::Capacity(e))) => {
-                        info!(error = %e, "message too big");
-                        Some(End::Close(Close::MessageTooBig))
+                Wake::Signal(Signal::Revoked) => Box::pin(s.refuse_revoked()).await,
+                Wake::Outbox(ready) => {
+                    if !ready {
+                        break s.slow_reader(&out_rx);
                     }
-                    Some(Err(e)) => { debug!(error = %e, "read failed"); Some(End::Gone) }
-                    Some(Ok(msg)) => {
-                        s.last_inbound = Instant::now();
-                        match msg {
-                            // every message counts, pings included
-                            msg if !traffic.allow(cfg, msg.len(), s.last_inbound) => {
-                                Some(Box::pin(s.rate_limited()).await)
-                            }
-                            Message::Binary(bytes) => {
-                                let expiry = s.next_expiry();
-                                let end = Box::pin(s.on_frame(bytes)).await;
-                                if s.next_expiry() != expiry {
-                                    // a token sync moved an expiry
-                                    timer.as_mut().reset(s.next_deadline(next_ping, next_app_ping));
-                                }
-                                end
-                            }
-                            Message::Text(_) => {
-                                info!("text frame refused");
-                                Some(End::Close(Close::UnsupportedData))
-                            }
-                            Message::Close(_) => Some(End::Gone),
-                            _ => None, // ping (auto-ponged) / pong: liveness only
+                    match write_guarded(&mut ws, Write::Batch, &mut out_rx, &mut signals).await {
+                        Ok(Err(e)) => {
+                            debug!(error = %e, "write failed");
+                            break End::Gone;
                         }
-                    }
-                };
-                if let Some(end) = end { break end; }
-            }
-            () = &mut timer => {
-                let now = Instant::now();
-                if s.next_expiry().is_some_and(|e| e <= now) {
-                    Box::pin(s.expire(now)).await;
-                }
-                if !s.authenticated() && now >= s.auth_deadline() {
-                    info!("no document authenticated before the deadline");
-                    break End::Close(Close::ConnectionTimeout);
-                }
-                if now >= s.idle_deadline() {
-                    info!("idle timeout");
-                    break Box::pin(s.idle_timeout(&mut ws, &mut out_rx)).await;
-                }
-                if let (Some(at), Some(every)) = (next_ping, cfg.effective_ping_interval()) && now >= at {
-                    next_ping = Some(now + every);
-                    match write_guarded(&mut ws, Write::Ping, &mut out_rx, &mut signals).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(_)) => break End::Gone,
+                        Ok(Ok(controls)) => {
+                            if let Some(end) = s.on_controls(controls) {
+                                break end;
+                            }
+                        }
                         Err(Stop::Overflow) => break s.slow_reader(&out_rx),
                         Err(Stop::Shutdown) => break End::Close(Close::ResetConnection),
                     }
                 }
-                if let (Some(at), Some(every)) = (next_app_ping, app_ping_interval(cfg)) && now >= at {
-                    next_app_ping = Some(now + every);
-                    if s.provider_v4 {
-                        s.outbox.send(Bytes::from_static(&[PING_FRAME]));
+                Wake::Done(done) => {
+                    let expiry = s.next_expiry();
+                    let was_authenticated = s.authenticated();
+                    if let Some(end) = Box::pin(s.on_done(*done)).await {
+                        break end;
+                    }
+                    if (!was_authenticated && s.authenticated()) || s.next_expiry() != expiry {
+                        // the authentication deadline no longer applies, or credentials now end
+                        // earlier: re-arm for the earliest deadline
+                        timer
+                            .as_mut()
+                            .reset(s.next_deadline(next_ping, next_app_ping));
                     }
                 }
-                timer.as_mut().reset(s.next_deadline(next_ping, next_app_ping));
+                Wake::Inbound(Inbound::End(end)) => break end,
+                Wake::Inbound(Inbound::RateLimited) => break Box::pin(s.rate_limited()).await,
+                Wake::Inbound(Inbound::Frame(bytes)) => {
+                    let expiry = s.next_expiry();
+                    if let Some(end) = Box::pin(s.on_frame(bytes)).await {
+                        break end;
+                    }
+                    if s.next_expiry() != expiry {
+                        // a token sync moved an expiry
+                        timer
+                            .as_mut()
+                            .reset(s.next_deadline(next_ping, next_app_ping));
+                    }
+                }
+                Wake::Inbound(Inbound::Nothing) => {}
+                Wake::Timer => {
+                    let now = Instant::now();
+                    if s.next_expiry().is_some_and(|e| e <= now) {
+                        Box::pin(s.expire(now)).await;
+                    }
+                    if !s.authenticated() && now >= s.auth_deadline() {
+                        info!("no document authenticated before the deadline");
+                        break End::Close(Close::ConnectionTimeout);
+                    }
+                    if now >= s.idle_deadline() {
+                        info!("idle timeout");
+                        break Box::pin(s.idle_timeout(&mut ws, &mut out_rx)).await;
+                    }
+                    if let (Some(at), Some(every)) = (next_ping, cfg.effective_ping_interval())
+                        && now >= at
+                    {
+                        next_ping = Some(now + every);
+                        match write_guarded(&mut ws, Write::Ping, &mut out_rx, &mut signals).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(_)) => break End::Gone,
+                            Err(Stop::Overflow) => break s.slow_reader(&out_rx),
+                            Err(Stop::Shutdown) => break End::Close(Close::ResetConnection),
+                        }
+                    }
+                    if let (Some(at), Some(every)) = (next_app_ping, app_ping_interval(cfg))
+                        && now >= at
+                    {
+                        next_app_ping = Some(now + every);
+                        if s.provider_v4 {
+                            s.outbox.send(Bytes::from_static(&[PING_FRAME]));
+                        }
+                    }
+                    timer
+                        .as_mut()
+                        .reset(s.next_deadline(next_ping, next_app_ping));
+                }
+            }
+        };
+
+        s.detach_all();
+        shared.metrics.sockets.dec();
+        if let End::Close(how) = end {
+            shared
+                .metrics
+                .closes
+                .with_label_values(&[&how.code().to_string()])
+                .inc();
+            debug!(code = how.code(), reason = how.reason(), "closing socket");
+            Box::pin(close(*ws, how)).await;
+        } else {
+            debug!("socket gone");
+        }
+    }
+}
+
+/// What woke a socket's loop.
+enum Wake {
+    /// A server-wide event: stop, or a grown revocation list.
+    Signal(Signal),
+    /// The outbox has frames to write (`false`: it overflowed).
+    Outbox(bool),
+    /// An authentication finished.
+    Done(Box<Done>),
+    /// The client sent something, already classified.
+    Inbound(Inbound),
+    /// The socket's timer fired.
+    Timer,
+}
+
+/// What a message read from the client asks of its socket.
+enum Inbound {
+    /// Close, or stop: the client went away or broke the protocol.
+    End(End),
+    /// Over the traffic limit.
+    RateLimited,
+    /// A Hocuspocus frame to handle.
+    Frame(Bytes),
+    /// Liveness only (a ping, auto-ponged, or a pong).
+    Nothing,
+}
+
+/// Classifies what `ws.next()` returned. A plain function: the message stays in its frame,
+/// not in the socket's future.
+fn inbound_step(
+    s: &mut Socket,
+    traffic: &mut TrafficLimit,
+    cfg: &crate::config::Config,
+    inbound: Option<Result<Message, tungstenite::Error>>,
+) -> Inbound {
+    match inbound {
+        None => Inbound::End(End::Gone),
+        Some(Err(tungstenite::Error::Capacity(e))) => {
+            info!(error = %e, "message too big");
+            Inbound::End(End::Close(Close::MessageTooBig))
+        }
+        Some(Err(e)) => {
+            debug!(error = %e, "read failed");
+            Inbound::End(End::Gone)
+        }
+        Some(Ok(msg)) => {
+            s.last_inbound = Instant::now();
+            match msg {
+                // every message counts, pings included
+                msg if !traffic.allow(cfg, msg.len(), s.last_inbound) => Inbound::RateLimited,
+                Message::Binary(bytes) => Inbound::Frame(bytes),
+                Message::Text(_) => {
+                    info!("text frame refused");
+                    Inbound::End(End::Close(Close::UnsupportedData))
+                }
+                Message::Close(_) => Inbound::End(End::Gone),
+                _ => Inbound::Nothing, // ping (auto-ponged) / pong: liveness only
             }
         }
-    };
-
-    s.detach_all();
-    shared.metrics.sockets.dec();
-    if let End::Close(how) = end {
-        shared
-            .metrics
-            .closes
-            .with_label_values(&[&how.code().to_string()])
-            .inc();
-        debug!(code = how.code(), reason = how.reason(), "closing socket");
-        Box::pin(close(*ws, how)).await;
-    } else {
-        debug!("socket gone");
     }
 }
 

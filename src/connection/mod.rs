@@ -211,17 +211,20 @@ pub(crate) enum Write {
 /// outbox (in order after the frames before them). A revocation seen meanwhile is left for
 /// `signals` to report.
 ///
-/// One hand-written poll instead of nested `async fn`s: what the socket's future keeps
-/// while a write waits is a few references, not the batch's state twice over.
-pub(crate) async fn write_guarded(
-    ws: &mut Ws,
+/// One hand-written poll instead of nested `async fn`s, returned by a plain function: what
+/// the socket's future keeps while a write waits is three references and the controls met,
+/// not the batch's state (or the arguments) twice over.
+pub(crate) fn write_guarded<'a>(
+    ws: &'a mut Ws,
     what: Write,
-    rx: &mut OutboxReceiver,
-    signals: &mut SignalWait<'_>,
-) -> Result<Result<Vec<Outgoing>, tokio_tungstenite::tungstenite::Error>, Stop> {
+    rx: &'a mut OutboxReceiver,
+    signals: &'a mut SignalWait<'_>,
+) -> impl std::future::Future<
+    Output = Result<Result<Vec<Outgoing>, tokio_tungstenite::tungstenite::Error>, Stop>,
+> + 'a {
     // `None` until tungstenite's own buffer (a pong) is written and the batch formatted
     let mut controls: Option<Vec<Outgoing>> = None;
-    std::future::poll_fn(|cx| {
+    std::future::poll_fn(move |cx| {
         loop {
             match poll_flush(ws, cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Ok(Err(e))),
@@ -253,7 +256,6 @@ pub(crate) async fn write_guarded(
             return Poll::Pending;
         }
     })
-    .await
 }
 
 /// Formats `first` and what else is ready (up to one batch) into the out buffer; returns the
@@ -380,9 +382,13 @@ mod tests {
         // Every open socket holds its task's future for its whole life. Hocuspocus sockets:
         // 3,000 bytes in a release build with the WebSocket inline and every step awaited in
         // place, 1,288 with rare steps boxed; with one waiter for stop and revocation and a
-        // hand-written write, 720 in a debug build and about 880 in a release build.
+        // hand-written write, 720 in a debug build and about 880 in a release build; with the
+        // select only picking the wake-up and the loop an `async` block, 512 in a release
+        // build. The runtime rounds a task's allocation up to a multiple of 128 bytes, and
+        // at most 520 here keeps it at 640.
         let hocuspocus = future_size!(super::hocuspocus::serve, A, B, C);
-        assert!(hocuspocus <= 800, "Hocuspocus socket: {hocuspocus} bytes");
+        let bound = if cfg!(debug_assertions) { 800 } else { 520 };
+        assert!(hocuspocus <= bound, "Hocuspocus socket: {hocuspocus} bytes");
         let yws = future_size!(super::yws::serve, A, B, C, D);
         assert!(yws <= 1_500, "y-websocket socket: {yws} bytes");
     }
