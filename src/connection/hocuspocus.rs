@@ -421,8 +421,8 @@ enum Inbound {
     Nothing,
 }
 
-/// Classifies what `ws.next()` returned. A plain function: the message stays in its frame,
-/// not in the socket's future.
+/// Classifies what `ws.next()` returned. A plain function: the message it matches lives on
+/// its stack, not in the socket's future.
 fn inbound_step(
     s: &mut Socket,
     traffic: &mut TrafficLimit,
