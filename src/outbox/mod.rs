@@ -37,11 +37,24 @@ pub enum Outgoing {
     CloseSocket(Close),
 }
 
-#[derive(Debug)]
+/// What every handle of one outbox shares, in the queue's own allocation: a handle is one
+/// pointer (documents keep one per connection).
 struct Shared {
     queued: AtomicUsize,
     limit: usize,
     overflowed: AtomicBool,
+    direct: Option<Direct>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("queued", &self.queued)
+            .field("limit", &self.limit)
+            .field("overflowed", &self.overflowed)
+            .field("direct", &self.direct.is_some())
+            .finish()
+    }
 }
 
 /// The direct path of an outbox: sends a frame now, or returns false to have it queued. Runs
@@ -51,16 +64,15 @@ pub type Direct = Arc<dyn Fn(&Bytes) -> bool + Send + Sync>;
 /// Sender side; cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
-    /// The queue, whose header also holds the byte accounting ([`Shared`]).
+    /// The queue, whose header also holds the byte accounting and the direct path
+    /// ([`Shared`]).
     tx: QueueSender<Outgoing, Shared>,
-    direct: Option<Direct>,
 }
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox")
             .field("shared", self.tx.extra())
-            .field("direct", &self.direct.is_some())
             .finish()
     }
 }
@@ -86,8 +98,9 @@ fn build(limit: usize, direct: Option<Direct>) -> (Outbox, OutboxReceiver) {
         queued: AtomicUsize::new(0),
         limit,
         overflowed: AtomicBool::new(false),
+        direct,
     });
-    (Outbox { tx, direct }, OutboxReceiver { rx })
+    (Outbox { tx }, OutboxReceiver { rx })
 }
 
 impl Outbox {
@@ -109,7 +122,7 @@ impl Outbox {
             self.tx.wake();
             return false;
         }
-        let sent = match &self.direct {
+        let sent = match &shared.direct {
             None => self.tx.send(Outgoing::Frame(frame)).map(|()| false),
             Some(direct) => self.tx.send_or_pass(Outgoing::Frame(frame), |m| match m {
                 Outgoing::Frame(f) => direct(f),
@@ -235,6 +248,12 @@ impl OutboxReceiver {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_handle_is_one_pointer() {
+        // documents keep a handle per connection; what the handles share lives in the queue
+        assert_eq!(std::mem::size_of::<Outbox>(), std::mem::size_of::<usize>());
+    }
 
     #[tokio::test]
     async fn overflow_is_reported_not_dropped_silently() {
