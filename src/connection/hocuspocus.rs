@@ -29,6 +29,7 @@ use super::placement::{Link, LinkClient, Route};
 use super::shared::Shared;
 use super::signals::Signal;
 use super::stand_in::{StandInInput, ToEdge};
+use super::tasks::Tasks;
 use super::traffic::TrafficLimit;
 use super::{Stop, Write, Ws, close, flush_final, write_guarded};
 use crate::doc::{
@@ -37,7 +38,6 @@ use crate::doc::{
 use crate::hooks::{
     AuthPayload, ConnectionOps, ConnectionRef, Context, DocumentPayload, HookError, MessagePayload,
 };
-use crate::outbox::queue::{QueueReceiver, QueueSender, queue};
 use crate::outbox::{Outbox, OutboxReceiver, Outgoing, outbox, outbox_direct};
 use crate::protocol::Close;
 use crate::protocol::lib0::DecodeError;
@@ -213,10 +213,12 @@ struct Socket {
     provider_v4: bool,
     opened: Instant,
     last_inbound: Instant,
-    /// Auth results from the per-address auth tasks (boxed: they are large and rare).
-    auth_tx: QueueSender<Box<Done>>,
-    /// Set by the cluster when an owner answered `Authenticated` for a proxied address.
-    remote_authenticated: Arc<AtomicBool>,
+    /// Results of the authentications and token syncs it started (boxed: they are large
+    /// and rare).
+    tasks: Tasks<Box<Done>>,
+    /// Set by the cluster when an owner answered `Authenticated` for a proxied address; only
+    /// a socket that may be proxied (an edge of a cluster) has one.
+    remote_authenticated: Option<Arc<AtomicBool>>,
     /// True for an owner-side socket standing in for a client of another node: never re-route.
     stand_in: bool,
 }
@@ -244,9 +246,8 @@ pub(crate) fn serve(
     let id: Arc<str> = Arc::from(uuid::Uuid::now_v7().to_string());
     let span = info_span!("socket", socket = %id, node = %shared.config.node_id);
     let (outbox, out_rx) = outbox(shared.config.outbound_queue_bytes);
-    let (auth_tx, auth_rx) = queue();
-    let s = Socket::new(shared.clone(), id, request, outbox, auth_tx, false);
-    run(shared, Box::new(ws), s, out_rx, auth_rx).instrument(span)
+    let s = Socket::new(shared.clone(), id, request, outbox, false);
+    run(shared, Box::new(ws), s, out_rx).instrument(span)
 }
 
 /// The socket's loop: the select decides what woke it, the match does the work.
@@ -259,7 +260,6 @@ fn run(
     mut ws: Box<Ws>,
     mut s: Socket,
     mut out_rx: OutboxReceiver,
-    mut auth_rx: QueueReceiver<Box<Done>>,
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
         shared.metrics.sockets.inc();
@@ -284,7 +284,7 @@ fn run(
                 biased;
                 signal = &mut signals => Wake::Signal(signal),
                 ready = out_rx.ready() => Wake::Outbox(ready),
-                done = auth_rx.recv() => Wake::Done(done),
+                done = s.tasks.next() => Wake::Done(done),
                 inbound = ws.next() => Wake::Inbound(inbound_step(&mut s, &mut traffic, cfg, inbound)),
                 () = &mut timer => Wake::Timer,
             };
@@ -553,10 +553,11 @@ impl Socket {
         id: Arc<str>,
         request: Arc<RequestInfo>,
         outbox: Outbox,
-        auth_tx: QueueSender<Box<Done>>,
         stand_in: bool,
     ) -> Self {
         let now = Instant::now();
+        let remote_authenticated =
+            (!stand_in && shared.placement.is_some()).then(|| Arc::new(AtomicBool::new(false)));
         Socket {
             shared,
             id,
@@ -569,14 +570,18 @@ impl Socket {
             provider_v4: false,
             opened: now,
             last_inbound: now,
-            auth_tx,
-            remote_authenticated: Arc::new(AtomicBool::new(false)),
+            tasks: Tasks::default(),
+            remote_authenticated,
             stand_in,
         }
     }
 
     fn authenticated(&self) -> bool {
-        self.authenticated_once || self.remote_authenticated.load(Ordering::Acquire)
+        self.authenticated_once
+            || self
+                .remote_authenticated
+                .as_ref()
+                .is_some_and(|a| a.load(Ordering::Acquire))
     }
 
     /// Leaves every document (local: detach; remote: tell the owner).
@@ -749,7 +754,7 @@ impl Socket {
                 version,
                 self.stand_in,
             );
-            let tx = self.auth_tx.clone();
+            let tx = self.tasks.sender();
             tokio::spawn(
                 async move {
                     let result = task.await;
@@ -985,7 +990,7 @@ impl Socket {
         let (name, context, read_only, conn) =
             (e.name.clone(), e.context.clone(), e.read_only, e.conn);
         let address = address.to_owned();
-        let tx = self.auth_tx.clone();
+        let tx = self.tasks.sender();
         tokio::spawn(
             async move {
                 let mut payload = AuthPayload {
@@ -1167,7 +1172,7 @@ async fn authenticate(
     socket_id: Arc<str>,
     request: Arc<RequestInfo>,
     outbox: Outbox,
-    remote_authenticated: Arc<AtomicBool>,
+    remote_authenticated: Option<Arc<AtomicBool>>,
     address: String,
     token: String,
     version: Option<String>,
@@ -1219,10 +1224,14 @@ async fn authenticate(
         && let Some(placement) = &shared.placement
         && valid_document_name(name, shared.config.max_document_name_bytes)
     {
+        // every socket of a cluster's edge has the flag (`Socket::new`)
+        let Some(remote_authenticated) = &remote_authenticated else {
+            return Err(AuthFailure::RouteFailed);
+        };
         let client = LinkClient {
             request: &request,
             outbox: &outbox,
-            authenticated: &remote_authenticated,
+            authenticated: remote_authenticated,
         };
         match placement.route(name, client).await {
             Ok(Route::Local) => {}
@@ -1318,8 +1327,7 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
     };
     let (outbox, mut out_rx) = outbox_direct(shared.config.outbound_queue_bytes, direct);
     let mut signals = shared.signals.wait();
-    let (auth_tx, mut auth_rx) = queue();
-    let mut s = Socket::new(shared.clone(), id, request, outbox, auth_tx, true);
+    let mut s = Socket::new(shared.clone(), id, request, outbox, true);
     debug!("proxied attachment open");
     let end = loop {
         // while the queue to the edge is full the outbox is not drained, so a client that
@@ -1373,7 +1381,7 @@ pub(crate) async fn serve_stand_in<E: ToEdge>(
             () = sleep_until_or_never(s.next_expiry()) => {
                 Box::pin(s.expire(Instant::now())).await;
             }
-            done = auth_rx.recv() => {
+            done = s.tasks.next() => {
                 if let Some(end) = Box::pin(s.on_done(*done)).await { break Some(end); }
             }
             next = input.recv() => match next {

@@ -14,6 +14,7 @@ pub(crate) mod placement;
 pub(crate) mod shared;
 pub(crate) mod signals;
 pub(crate) mod stand_in;
+pub(crate) mod tasks;
 pub(crate) mod traffic;
 pub mod yws;
 

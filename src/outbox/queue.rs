@@ -124,6 +124,11 @@ impl<T, X> QueueSender<T, X> {
 }
 
 impl<T, X> QueueReceiver<T, X> {
+    /// Another sender to this queue.
+    pub fn sender(&self) -> QueueSender<T, X> {
+        QueueSender(self.0.clone())
+    }
+
     /// The state shared with the senders ([`queue_with`]).
     pub fn extra(&self) -> &X {
         &self.0.extra
@@ -155,6 +160,7 @@ impl<T, X> QueueReceiver<T, X> {
     }
 
     /// Waits for the next item. Cancel-safe: an item is removed only when it is returned.
+    #[cfg(test)]
     pub async fn recv(&mut self) -> T {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
