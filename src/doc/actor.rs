@@ -1376,3 +1376,15 @@ impl std::fmt::Debug for Actor {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_connection_entry_stays_small() {
+        // A document's map holds one entry per connection inline, in a table up to half
+        // empty, so each byte here costs an idle connection up to two. 128 with the outbox
+        // handle one pointer and the awareness rate 24 bytes.
+        let size = std::mem::size_of::<super::Conn>();
+        assert!(size <= 128, "a document's connection entry: {size} bytes");
+    }
+}

@@ -327,39 +327,87 @@ pub struct Applied {
 }
 
 /// A token bucket for one connection's awareness messages: `per_sec` tokens a second, holding
-/// at most two seconds' worth.
+/// at most two seconds' worth. Every document connection has one, so it is kept small: the
+/// burst is derived from the rate, and single precision is ample for a few seconds' tokens.
 #[derive(Debug, Clone)]
 pub struct RateLimit {
-    tokens: f64,
-    per_sec: f64,
-    burst: f64,
+    tokens: f32,
+    per_sec: f32,
     last: Instant,
 }
 
 impl RateLimit {
     /// A full bucket.
     pub fn new(per_sec: u32, now: Instant) -> Self {
-        let per_sec = f64::from(per_sec.max(1));
-        let burst = per_sec * 2.0;
+        // exact up to 2^24 a second; larger rates are rounded, far past any useful limit
+        let per_sec = per_sec.max(1) as f32;
         Self {
-            tokens: burst,
+            tokens: per_sec * 2.0,
             per_sec,
-            burst,
             last: now,
         }
     }
 
     /// Takes one token; false when the bucket is empty.
     pub fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f32();
         self.last = self.last.max(now);
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.per_sec * 2.0);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+}
+
+/// The client ids one connection speaks for. Nearly always one (a provider publishes its own
+/// state), kept inline: a set is allocated only for a connection that speaks for several.
+#[derive(Debug)]
+enum OwnedIds {
+    One(u64),
+    #[allow(
+        clippy::box_collection,
+        reason = "boxed, the common one-id entry of the owners' map is 16 bytes, not 56"
+    )]
+    Many(Box<HashSet<u64>>),
+}
+
+impl OwnedIds {
+    fn contains(&self, id: u64) -> bool {
+        match self {
+            OwnedIds::One(one) => *one == id,
+            OwnedIds::Many(set) => set.contains(&id),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            OwnedIds::One(_) => 1,
+            OwnedIds::Many(set) => set.len(),
+        }
+    }
+
+    fn insert(&mut self, id: u64) {
+        match self {
+            OwnedIds::One(one) => {
+                if *one != id {
+                    *self = OwnedIds::Many(Box::new(HashSet::from([*one, id])));
+                }
+            }
+            OwnedIds::Many(set) => {
+                set.insert(id);
+            }
+        }
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = u64> {
+        let (one, many) = match self {
+            OwnedIds::One(one) => (Some(one), None),
+            OwnedIds::Many(set) => (None, Some(*set)),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
     }
 }
 
@@ -386,7 +434,7 @@ pub struct Awareness {
     limits: Limits,
     meta: HashMap<u64, Meta>,
     /// Client ids each connection published (or tried to publish) a state for.
-    owners: HashMap<Owner, HashSet<u64>>,
+    owners: HashMap<Owner, OwnedIds>,
     /// Clients in the order their state went away, with that time; an entry whose client
     /// changed since (or is forgotten) is stale and skipped. Used to evict the longest-absent
     /// client when the document is full.
@@ -525,12 +573,22 @@ impl Awareness {
         text: &str,
         now: Instant,
     ) -> Result<(), Denied> {
-        let ids = self.owners.entry(owner).or_default();
-        if !ids.contains(&client) {
-            if ids.len() >= self.limits.per_owner {
-                return Err(Denied::Violation(Violation::TooManyClients));
+        match self.owners.entry(owner) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                if self.limits.per_owner == 0 {
+                    return Err(Denied::Violation(Violation::TooManyClients));
+                }
+                v.insert(OwnedIds::One(client));
             }
-            ids.insert(client);
+            std::collections::hash_map::Entry::Occupied(o) => {
+                let ids = o.into_mut();
+                if !ids.contains(client) {
+                    if ids.len() >= self.limits.per_owner {
+                        return Err(Denied::Violation(Violation::TooManyClients));
+                    }
+                    ids.insert(client);
+                }
+            }
         }
         let (was_known, old_len) = match self.meta.get(&client) {
             Some(m) => (
@@ -614,7 +672,7 @@ impl Awareness {
         let Some(ids) = self.owners.remove(&owner) else {
             return change;
         };
-        for client in ids {
+        for client in ids.into_iter() {
             let Some(m) = self.meta.get_mut(&client) else {
                 continue;
             };
@@ -939,6 +997,27 @@ mod tests {
     }
 
     #[test]
+    fn a_set_is_kept_only_for_a_connection_of_several_clients() {
+        let mut a = Awareness::with_limits(limits(3, 100, 1 << 20));
+        let now = Instant::now();
+        a.apply(A, &upd(&[(1, 1, Some("{}"))]), now);
+        a.apply(A, &upd(&[(1, 2, Some("{}"))]), now);
+        assert!(matches!(a.owners[&A], OwnedIds::One(1)));
+        a.apply(A, &upd(&[(2, 1, Some("{}"))]), now);
+        assert!(matches!(&a.owners[&A], OwnedIds::Many(set) if set.len() == 2));
+        let change = a.remove_owner(A, now);
+        let mut removed = change.removed.clone();
+        removed.sort_unstable();
+        assert_eq!(removed, vec![1, 2]);
+        // no client at all for a connection that may speak for none
+        let mut none = Awareness::with_limits(limits(0, 100, 1 << 20));
+        let r = none.apply(B, &upd(&[(5, 1, Some("{}"))]), now);
+        assert_eq!(r.violation, Some(Violation::TooManyClients));
+        assert!(none.owners.is_empty());
+        check(&none);
+    }
+
+    #[test]
     fn a_full_document_refuses_new_clients_but_keeps_known_ones() {
         let mut a = Awareness::with_limits(limits(8, 4, 1 << 20));
         let t0 = Instant::now();
@@ -1031,6 +1110,12 @@ mod tests {
         let r = b.apply(A, &upd(&[(1, 1, Some(&state))]), now);
         assert_eq!(r.refused.document_bytes, 1);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_rate_limit_is_small() {
+        // a document keeps one per connection
+        assert!(std::mem::size_of::<RateLimit>() <= 24);
     }
 
     #[test]
