@@ -43,6 +43,10 @@ use crate::connection::{hocuspocus, yws};
 use crate::limits::{ConnectionSlot, IpAdmission};
 use crate::request::RequestInfo;
 
+/// Capacity of a WebSocket's read buffer: one allocation size class below 512 bytes, so an
+/// idle socket holds 128 bytes less (docs/benchmarks.md, "An idle connection's last bytes").
+const READ_BUFFER_BYTES: usize = 384;
+
 /// Path prefix of the y-websocket endpoint.
 pub const YWS_PREFIX: &str = "/y/";
 
@@ -165,7 +169,10 @@ pub(crate) async fn handle(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let cfg = &shared.config;
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(512) // grows to the frame being read; small keeps idle sockets cheap
+        // Every socket keeps this buffer for its life, and tungstenite reads at most this much
+        // per call (a frame larger than it takes several reads, into a buffer grown to the
+        // frame). Typing updates and awareness states are usually smaller than this.
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_write_buffer_size(usize::MAX) // bounded by the outbox instead; a frame may be any size
         .max_message_size(Some(cfg.max_message_bytes))
