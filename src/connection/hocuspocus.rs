@@ -216,8 +216,9 @@ struct Socket {
     /// Results of the authentications and token syncs it started (boxed: they are large
     /// and rare).
     tasks: Tasks<Box<Done>>,
-    /// Set by the cluster when an owner answered `Authenticated` for a proxied address; only
-    /// a socket that may be proxied (an edge of a cluster) has one.
+    /// Set by the cluster when an owner answered `Authenticated` for a proxied address. Only
+    /// a socket whose documents may be routed to another node (an edge of a cluster, not a
+    /// stand-in) has one: its presence is what marks such a socket.
     remote_authenticated: Option<Arc<AtomicBool>>,
     /// True for an owner-side socket standing in for a client of another node: never re-route.
     stand_in: bool,
@@ -734,7 +735,7 @@ impl Socket {
                 .is_some_and(|m| m >= 4);
             // An edge in a cluster learns only after authentication whether the document is
             // served here (then the client is a v4 provider of this socket) or proxied.
-            let routed = !self.stand_in && self.shared.placement.is_some();
+            let routed = self.remote_authenticated.is_some();
             if v4 && !routed {
                 self.provider_v4 = true;
             }
@@ -1165,7 +1166,8 @@ pub(crate) fn valid_document_name(name: &str, max: usize) -> bool {
 
 /// Auth for one address: the ban check, the hooks, then (on an edge of a cluster) the route,
 /// then `Authenticated`, load, attach. `stand_in`: an owner-side socket of a client on another
-/// node, whose edge checked the ban and routed already.
+/// node, whose edge checked the ban and routed already. `remote_authenticated`: the socket's
+/// flag, present exactly on an edge's socket, whose documents are routed.
 #[allow(clippy::too_many_arguments)]
 async fn authenticate(
     shared: Arc<Shared>,
@@ -1220,14 +1222,10 @@ async fn authenticate(
         ));
     }
     // Authenticated: only now may the cluster do work for this document (Redis, a claim).
-    if !stand_in
+    if let Some(remote_authenticated) = &remote_authenticated
         && let Some(placement) = &shared.placement
         && valid_document_name(name, shared.config.max_document_name_bytes)
     {
-        // every socket of a cluster's edge has the flag (`Socket::new`)
-        let Some(remote_authenticated) = &remote_authenticated else {
-            return Err(AuthFailure::RouteFailed);
-        };
         let client = LinkClient {
             request: &request,
             outbox: &outbox,
