@@ -50,8 +50,8 @@ use bytes::Bytes;
 use fred::prelude::{Builder, ClientLike};
 use hearth_lock::{Acquire, HolderId, LockClient, LockGuard, LockTiming};
 use hearth_proxy::{
-    Body, CloseDoc, ConnId, Inbound, Incarnation, NodeAddr, NodeId, OpenMeta, Route, RouteCache,
-    Rpc, RpcErrorCode, RpcFailure, RpcRequest, Session, Transport,
+    Body, CloseDoc, ConnId, Inbound, Incarnation, NodeAddr, NodeId, OpenMeta, ProxyError, Route,
+    RouteCache, Rpc, RpcErrorCode, RpcFailure, RpcRequest, Session, Transport,
 };
 use prometheus::{IntCounterVec, IntGauge, Opts};
 use tokio::time::Instant;
@@ -401,10 +401,16 @@ impl Cluster {
         }
     }
 
-    /// Sends and waits for the publish; returns the receiver count (0 = destination gone).
-    async fn send(&self, to: &NodeAddr, body: Body) -> u64 {
+    /// Sends and waits for the publish. `Ok(0)` means the destination is gone (its inbox has no
+    /// subscriber); an error means the publish failed and nothing is known about the
+    /// destination, so callers must not treat it as gone.
+    async fn send(&self, to: &NodeAddr, body: Body) -> Result<u64, ProxyError> {
         let kind = kind_of(&body);
         self.metrics.envelopes_out.with_label_values(&[kind]).inc();
-        self.transport.send(to, body).await.unwrap_or(0)
+        let sent = self.transport.send(to, body).await;
+        if let Err(e) = &sent {
+            warn!(to = %to, kind, error = %e, "publish failed");
+        }
+        sent
     }
 }

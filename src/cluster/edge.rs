@@ -168,7 +168,9 @@ impl Cluster {
     }
 
     /// Attaches a client address to a remote owner: registers the client and sends `open`.
-    /// Returns it, or `None` when the owner is unreachable (route invalidated).
+    /// Fails when the owner is gone (its routes are invalidated) or when the publish failed
+    /// (nothing is known about the owner: only this client is given up, and the owner is told
+    /// in case the `open` reached it).
     async fn open_remote(
         &self,
         owner: &NodeAddr,
@@ -176,7 +178,7 @@ impl Cluster {
         meta: OpenMeta,
         outbox: Outbox,
         authenticated: Arc<AtomicBool>,
-    ) -> Option<Arc<EdgeClient>> {
+    ) -> Result<Arc<EdgeClient>, RouteError> {
         let session = Session {
             conn: ConnId::generate(),
             doc: doc.to_owned(),
@@ -200,23 +202,30 @@ impl Cluster {
         });
         lock_map(&self.edge_sessions).insert(session.conn, client.clone());
         self.metrics.edge_sessions.inc();
-        if self
-            .send(
-                owner,
-                Body::Open {
-                    session: session.clone(),
-                    meta,
-                },
-            )
-            .await
-            == 0
-        {
-            warn!(doc, owner = %owner, "owner unreachable; forgetting its routes");
-            self.routes.invalidate_node(owner);
-            self.forget_edge(&session.conn);
-            return None;
+        let open = Body::Open {
+            session: session.clone(),
+            meta,
+        };
+        match self.send(owner, open).await {
+            Ok(0) => {
+                warn!(doc, owner = %owner, "owner unreachable; forgetting its routes");
+                self.routes.invalidate_node(owner);
+                self.forget_edge(&session.conn);
+                Err(format!("owner {owner} is unreachable").into())
+            }
+            Ok(_) => Ok(client),
+            Err(e) => {
+                self.forget_edge(&session.conn);
+                self.post(
+                    owner,
+                    Body::Detach {
+                        session,
+                        reason: "open failed".into(),
+                    },
+                );
+                Err(format!("cannot open a session on owner {owner}: {e}").into())
+            }
         }
-        Some(client)
     }
 
     /// Forwards a raw client frame to the owner, charging it to the client's `edge_out` queue
@@ -518,8 +527,20 @@ impl Cluster {
             session: session.clone(),
             meta: client.meta.clone(),
         };
-        if self.send(&owner, open).await == 0 {
-            return false;
+        match self.send(&owner, open).await {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(_) => {
+                // the open may have reached the owner: tell it the client is gone
+                self.post(
+                    &owner,
+                    Body::Detach {
+                        session,
+                        reason: "open failed".into(),
+                    },
+                );
+                return false;
+            }
         }
         let mut st = client.state();
         if st.closed {
@@ -589,8 +610,7 @@ impl Placement for ClusterPlacement {
                 client.outbox.clone(),
                 client.authenticated.clone(),
             )
-            .await
-            .ok_or_else(|| format!("owner {owner} is unreachable"))?;
+            .await?;
         Ok(Route::Remote(Box::new(EdgeLink {
             cluster: self.cluster.clone(),
             client: edge,

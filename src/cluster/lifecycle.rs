@@ -116,8 +116,10 @@ impl Cluster {
         self.refresh_node_key().await;
         self.forget_ended_owner_sessions();
         for owner in self.owners_of_edge_sessions() {
-            // edge → owner keepalive: no receiver means the owner is gone
-            if self.send(&owner, Body::Keepalive { session: None }).await == 0 {
+            // edge → owner keepalive: no receiver means the owner is gone; a failed publish
+            // says nothing about it (the silence check below still applies)
+            let sent = self.send(&owner, Body::Keepalive { session: None }).await;
+            if sent.as_ref().is_ok_and(|&n| n == 0) {
                 warn!(owner = %owner, "owner unreachable; moving its clients here to the new owners");
                 self.rehome_edges_of(shared, &owner);
             } else if !self.heard_from_within(&owner, self.lock_ttl) {
