@@ -63,8 +63,12 @@ async fn a_failed_publish_neither_moves_nor_resets_a_proxied_client() -> anyhow:
         channels.iter().any(|c| c.starts_with(&owner_inbox)),
         "the owner's inbox is subscribed: {channels:?}"
     );
-    let mut revoke: Vec<String> = vec!["ACL".into(), "SETUSER".into(), USER.into()];
-    revoke.push("resetchannels".into());
+    let mut revoke: Vec<String> = vec![
+        "ACL".into(),
+        "SETUSER".into(),
+        USER.into(),
+        "resetchannels".into(),
+    ];
     revoke.extend(
         channels
             .iter()

@@ -215,14 +215,8 @@ impl Cluster {
             }
             Ok(_) => Ok(client),
             Err(e) => {
-                self.forget_edge(&session.conn);
-                self.post(
-                    owner,
-                    Body::Detach {
-                        session,
-                        reason: "open failed".into(),
-                    },
-                );
+                // the open may have reached the owner: tell it the client is gone
+                self.detach_remote(&client);
                 Err(format!("cannot open a session on owner {owner}: {e}").into())
             }
         }

@@ -119,7 +119,7 @@ impl Cluster {
             // edge → owner keepalive: no receiver means the owner is gone; a failed publish
             // says nothing about it (the silence check below still applies)
             let sent = self.send(&owner, Body::Keepalive { session: None }).await;
-            if sent.as_ref().is_ok_and(|&n| n == 0) {
+            if matches!(sent, Ok(0)) {
                 warn!(owner = %owner, "owner unreachable; moving its clients here to the new owners");
                 self.rehome_edges_of(shared, &owner);
             } else if !self.heard_from_within(&owner, self.lock_ttl) {
